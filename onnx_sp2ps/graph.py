@@ -1,0 +1,872 @@
+"""Load an ONNX classifier, find its image input, feature map and logits, and edit it.
+
+Everything here works on in-memory copies of :class:`onnx.ModelProto`; the user's file
+is only ever read.  No onnxruntime import: running the edited models is
+:mod:`onnx_sp2ps.runtime`'s job.
+
+Detection (DESIGN.md, "Load and inspect"):
+
+* **image input**: the single graph input that is not an initializer (or the one named);
+* **logits**: walking back from the graph output through Identity / Reshape / Flatten /
+  Squeeze / Unsqueeze, the input of a final Softmax / LogSoftmax / Sigmoid when there is
+  one, else the graph output itself;
+* **feature map**: walking back from the logits along the data path (never into weights),
+  the first tensor met whose spatial extent is greater than 1, i.e. the last one on the
+  way forward: the input of the GlobalAveragePool / ReduceMean / AveragePool / Flatten /
+  Reshape that starts the head.  When that tensor is the output of a 1x1 Conv classifier
+  (as many output channels as classes, SqueezeNet style), the feature map is that Conv's
+  input instead, so that the map explains the trunk and not the class scores.
+
+Layouts of 4-D tensors are propagated forward from the input: ONNX Conv and pooling
+produce NCHW; Transposes with the NHWC<->NCHW permutations switch; other ops keep the
+layout of their data input.  This is how tf2onnx graphs (NHWC, Transposes around every
+Conv, ReduceMean over axes [1, 2]) are read correctly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from onnx_sp2ps.errors import DetectionError, ModelError
+
+__all__ = [
+    "TensorInfo",
+    "ModelSpec",
+    "PreparedModel",
+    "load_model",
+    "analyse_model",
+    "prepare_model",
+    "add_outputs",
+    "extract_head",
+    "FINAL_ACTIVATIONS",
+]
+
+#: Ops read through when looking for the logits behind the graph output.
+PASS_THROUGH_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout")
+#: Ops whose input is taken as the logits when a model ends in one.
+FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+#: Element-wise ops skipped when looking behind the feature map for a 1x1 Conv classifier.
+_ELEMENTWISE_OPS = (
+    "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Identity",
+    "Dropout", "BatchNormalization", "Transpose",
+)
+#: Ops whose output is NCHW whatever the layout of their input (ONNX semantics).
+_NCHW_PRODUCERS = (
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool",
+    "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
+    "QLinearGlobalAveragePool", "InstanceNormalization", "LRN",
+)
+_TO_NCHW = [0, 3, 1, 2]
+_TO_NHWC = [0, 2, 3, 1]
+#: Size used for symbolic height and width while shapes are inferred for detection.
+PROBE_SIZE = 224
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor of the graph: its name, element type and shape as the graph declares it.
+
+    ``shape`` holds ints for static dimensions, strings for symbolic ones and None for
+    unknown ones; it is None when the rank itself is unknown.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...] | None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": None if self.shape is None else list(self.shape),
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What was found in a model: input, layouts, feature map, logits and head."""
+
+    input: TensorInfo
+    layout: str
+    feature_map: TensorInfo
+    feature_layout: str
+    logits: TensorInfo
+    activation: str | None
+    num_classes: int | None
+    head_ops: tuple[str, ...]
+    opset: int
+    ir_version: int
+    producer: str
+    detected: dict = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> tuple[int | None, int | None]:
+        """(H, W) of the image input, None where symbolic."""
+        return _spatial(self.input.shape, self.layout)
+
+    @property
+    def input_channels(self) -> int | None:
+        shape = self.input.shape
+        if shape is None or len(shape) != 4:
+            return None
+        dim = shape[1] if self.layout == "NCHW" else shape[3]
+        return dim if isinstance(dim, int) else None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        shape = self.input.shape
+        if shape and isinstance(shape[0], int) and shape[0] > 0:
+            return shape[0]
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "input": {**self.input.to_dict(), "layout": self.layout},
+            "feature_map": {**self.feature_map.to_dict(), "layout": self.feature_layout},
+            "logits": {
+                **self.logits.to_dict(),
+                "activation": self.activation,
+                "num_classes": self.num_classes,
+            },
+            "head": {"ops": list(self.head_ops)},
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "producer": self.producer,
+            "detected": dict(self.detected),
+        }
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model ready to run: the spec, the model with the feature map and logits as
+    outputs, and the head (feature map -> logits) as a model of its own."""
+
+    path: str | None
+    spec: ModelSpec
+    audit_model: onnx.ModelProto
+    head_model: onnx.ModelProto
+    size_bytes: int | None
+    parameters: int
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read and check an ONNX model file without ever writing to it.
+
+    Raises
+    ------
+    ModelError
+        When the path is missing, a folder, unreadable, empty, not ONNX, or fails the
+        ONNX checker.  The message says which, and what to do.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model file not found: {p} (check the path)")
+    if p.is_dir():
+        raise ModelError(f"{p} is a folder, not an ONNX model file: name the .onnx file")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read model {p}: {exc.strerror or exc}") from exc
+    if not data:
+        raise ModelError(f"model file {p} is empty: export the model again")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        raise ModelError(
+            f"{p} is not a readable ONNX model ({type(exc).__name__}): "
+            "is it truncated or another format?"
+        ) from exc
+    if not model.graph.node:
+        raise ModelError(f"{p} is not an ONNX model with a graph (no nodes found)")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        try:
+            onnx.load_external_data_for_model(model, str(p.resolve().parent))
+        except Exception as exc:
+            raise ModelError(f"cannot load the external weights of {p}: {exc}") from exc
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{p} fails the ONNX checker: {first}") from exc
+    return model
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:
+        return "undefined"
+
+
+def _shape_of(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
+    if not type_proto.HasField("tensor_type"):
+        return None
+    tt = type_proto.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def _spatial(shape: tuple[Dim, ...] | None, layout: str) -> tuple[Dim, Dim]:
+    if shape is None or len(shape) != 4:
+        return (None, None)
+    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+    return (h if isinstance(h, int) else None, w if isinstance(w, int) else None)
+
+
+class _Graph:
+    """Index of a graph: producers, consumers, constants, value infos."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.initializers = {t.name for t in g.initializer}
+        self.initializers |= {t.values.name for t in g.sparse_initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in g.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(node)
+        self.infos: dict[str, onnx.ValueInfoProto] = {}
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            self.infos[vi.name] = vi
+        self.inputs = [i.name for i in g.input if i.name not in self.initializers]
+        self.outputs = [o.name for o in g.output]
+        self._const_cache: dict[str, bool] = {}
+
+    def is_constant(self, name: str) -> bool:
+        """True for initializers, Constant outputs and anything computed from them only."""
+        if name in self._const_cache:
+            return self._const_cache[name]
+        result = False
+        if name == "" or name in self.initializers:
+            result = True
+        elif name in self.producer:
+            node = self.producer[name]
+            if node.op_type == "Constant":
+                result = True
+            elif node.op_type in ("Shape", "Size"):
+                result = False
+            else:
+                self._const_cache[name] = False  # cycle guard
+                result = all(self.is_constant(i) for i in node.input if i)
+        self._const_cache[name] = result
+        return result
+
+    def data_inputs(self, node: onnx.NodeProto) -> list[str]:
+        """The inputs of ``node`` that carry data (not weights, shapes or constants)."""
+        if node.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Expand", "Tile", "Slice",
+                            "Pad", "Resize", "Upsample", "Gather"):
+            return [node.input[0]] if node.input and not self.is_constant(node.input[0]) else []
+        return [i for i in node.input if i and not self.is_constant(i)]
+
+    def info(self, name: str) -> TensorInfo:
+        vi = self.infos.get(name)
+        if vi is None:
+            return TensorInfo(name=name, dtype="undefined", shape=None)
+        return TensorInfo(
+            name=name,
+            dtype=_dtype_name(vi.type.tensor_type.elem_type),
+            shape=_shape_of(vi.type),
+        )
+
+    def tensor_names(self) -> set[str]:
+        names = set(self.initializers) | set(self.inputs)
+        for node in self.model.graph.node:
+            names.update(o for o in node.output if o)
+        return names
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that never raises: on failure the model is returned as it is."""
+    try:
+        return shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                            data_prop=True)
+    except Exception:
+        return model
+
+
+def _with_static_input(model: onnx.ModelProto, input_name: str, layout: str,
+                       size: tuple[int, int] | None) -> onnx.ModelProto:
+    """A copy whose image input has concrete dims (batch 1, probe H/W) for inference."""
+    probe = copy.deepcopy(model)
+    del probe.graph.value_info[:]
+    h, w = size if size else (PROBE_SIZE, PROBE_SIZE)
+    for inp in probe.graph.input:
+        if inp.name != input_name:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) != 4:
+            break
+        spatial = (2, 3) if layout == "NCHW" else (1, 2)
+        chan = 1 if layout == "NCHW" else 3
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            value = 1 if i == 0 else 3 if i == chan else (h if i == spatial[0] else w)
+            d.Clear()
+            d.dim_value = value
+    return _infer(probe)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _constant_value(g: _Graph, name: str) -> np.ndarray | None:
+    for t in g.model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+            if a.name in ("value_float", "value_int"):
+                return np.asarray(helper.get_attribute_value(a))
+            if a.name in ("value_floats", "value_ints"):
+                return np.asarray(helper.get_attribute_value(a))
+    return None
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _find_input(g: _Graph, input_name: str | None) -> str:
+    if input_name is not None:
+        if input_name not in g.inputs:
+            raise DetectionError(
+                f"input {input_name!r} not found; the model's inputs are: "
+                + ", ".join(g.inputs)
+            )
+        return input_name
+    if not g.inputs:
+        raise DetectionError("the model has no input that is not a weight")
+    if len(g.inputs) > 1:
+        raise DetectionError(
+            "the model has several inputs (" + ", ".join(g.inputs)
+            + "): name the image input with --input-name"
+        )
+    return g.inputs[0]
+
+
+def _input_layout(g: _Graph, name: str, shape: tuple[Dim, ...] | None) -> str:
+    if shape is None or len(shape) != 4:
+        rank = "unknown" if shape is None else len(shape)
+        raise DetectionError(
+            f"input {name!r} has rank {rank}; an image input (N,C,H,W) or (N,H,W,C) "
+            "is needed (use --input-name to choose another input)"
+        )
+    first = [n.op_type for n in g.consumers.get(name, [])]
+    for node in g.consumers.get(name, []):
+        if node.op_type == "Transpose" and list(_attr(node, "perm", [])) == _TO_NCHW:
+            return "NHWC"
+    if any(op in ("Conv", "ConvInteger", "MaxPool", "AveragePool") for op in first):
+        return "NCHW"
+
+    def chan(d):
+        return isinstance(d, int) and d in (1, 3, 4)
+
+    if chan(shape[3]) and not chan(shape[1]):
+        return "NHWC"
+    return "NCHW"
+
+
+def _propagate_layouts(g: _Graph, input_name: str, layout: str) -> dict[str, str]:
+    """Layout ('NCHW'/'NHWC') of every 4-D activation reachable from the input."""
+    layouts = {input_name: layout}
+    for node in g.model.graph.node:  # graph nodes are topologically sorted
+        data = [i for i in node.input if i in layouts]
+        if not data:
+            continue
+        src = layouts[data[0]]
+        if node.op_type in _NCHW_PRODUCERS:
+            out = "NCHW"
+        elif node.op_type == "Transpose":
+            perm = list(_attr(node, "perm", []))
+            if perm == _TO_NCHW:
+                out = "NCHW"
+            elif perm == _TO_NHWC:
+                out = "NHWC"
+            else:
+                out = src
+        else:
+            out = src
+        for o in node.output:
+            if o:
+                layouts[o] = out
+    return layouts
+
+
+def _find_logits(g: _Graph, logits_name: str | None) -> tuple[str, str | None]:
+    if logits_name is not None:
+        if logits_name not in g.tensor_names():
+            raise DetectionError(
+                f"logits tensor {logits_name!r} not found in the model; graph outputs: "
+                + ", ".join(g.outputs)
+            )
+        node = g.producer.get(logits_name)
+        consumers = g.consumers.get(logits_name, [])
+        act = next((c.op_type for c in consumers if c.op_type in FINAL_ACTIVATIONS), None)
+        del node
+        return logits_name, act
+    if not g.outputs:
+        raise DetectionError("the model has no outputs")
+    out = g.outputs[0]
+    if len(g.outputs) > 1:
+        # Prefer the first output whose chain ends in a classifier activation.
+        for cand in g.outputs:
+            name, act = _walk_to_logits(g, cand)
+            if act is not None:
+                return name, act
+    return _walk_to_logits(g, out)
+
+
+def _walk_to_logits(g: _Graph, name: str) -> tuple[str, str | None]:
+    current = name
+    seen = set()
+    while current not in seen:
+        seen.add(current)
+        node = g.producer.get(current)
+        if node is None:
+            break
+        if node.op_type in FINAL_ACTIVATIONS:
+            return node.input[0], node.op_type
+        if node.op_type in PASS_THROUGH_OPS:
+            current = node.input[0]
+            continue
+        break
+    return name, None
+
+
+def _is_spatial(shape: tuple[Dim, ...] | None, layout: str) -> bool:
+    if shape is None or len(shape) != 4:
+        return False
+    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+    hv = h if isinstance(h, int) else 2  # unknown spatial dims count as > 1
+    wv = w if isinstance(w, int) else 2
+    return hv * wv > 1
+
+
+def _find_feature_map(g: _Graph, probe: _Graph, logits: str, layouts: dict[str, str],
+                      num_classes: int | None) -> str:
+    found: list[str] = []
+    queue = deque([logits])
+    visited = set()
+    while queue:
+        name = queue.popleft()
+        if name in visited:
+            continue
+        visited.add(name)
+        layout = layouts.get(name)
+        if layout is not None and name != logits and _is_spatial(probe.info(name).shape, layout):
+            found.append(name)
+            continue
+        node = g.producer.get(name)
+        if node is None:
+            continue
+        queue.extend(g.data_inputs(node))
+    if not found:
+        raise DetectionError(
+            f"no feature map found: no tensor with spatial extent > 1 feeds the logits "
+            f"{logits!r}; name one with --feature-layer"
+        )
+    if len(set(found)) > 1:
+        raise DetectionError(
+            "several tensors feed the head (" + ", ".join(sorted(set(found)))
+            + "): choose one with --feature-layer"
+        )
+    feature = found[0]
+    return _behind_classifier_conv(g, feature, num_classes)
+
+
+def _behind_classifier_conv(g: _Graph, feature: str, num_classes: int | None) -> str:
+    """Step behind a 1x1 Conv classifier (out channels == classes) ending the trunk."""
+    if not num_classes:
+        return feature
+    current = feature
+    for _ in range(8):
+        node = g.producer.get(current)
+        if node is None:
+            return feature
+        if node.op_type in _ELEMENTWISE_OPS:
+            data = g.data_inputs(node)
+            if len(data) != 1:
+                return feature
+            current = data[0]
+            continue
+        if node.op_type == "Conv" and len(node.input) >= 2:
+            weight = _constant_value(g, node.input[1])
+            group = _attr(node, "group", 1)
+            if (weight is not None and weight.ndim == 4 and weight.shape[2:] == (1, 1)
+                    and weight.shape[0] == num_classes and group == 1):
+                return node.input[0]
+        return feature
+    return feature
+
+
+def _head_nodes(g: _Graph, feature: str, logits: str,
+                image_input: str | None = None) -> list[onnx.NodeProto]:
+    """Nodes computing ``logits`` from ``feature``, in graph order; raises if the head
+    needs any other activation of the model (a skip connection around the feature map).
+    Graph inputs other than ``image_input`` are allowed (the caller decides)."""
+    needed: set[int] = set()
+    index = {id(n): i for i, n in enumerate(g.model.graph.node)}
+    stack = [logits]
+    seen = set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name == feature or name == "":
+            continue
+        seen.add(name)
+        if name in g.initializers:
+            continue
+        node = g.producer.get(name)
+        if node is None and name in g.inputs and name != image_input:
+            continue
+        if node is None:
+            raise DetectionError(
+                f"the head from {feature!r} to {logits!r} also reads the model input "
+                f"{name!r}; choose a feature map that everything after it depends on "
+                "(--feature-layer)"
+            )
+        if not g.is_constant(name) and feature not in _ancestors(g, name, feature):
+            raise DetectionError(
+                f"the head from {feature!r} to {logits!r} also reads {name!r}, which "
+                "does not come from the feature map; choose a later --feature-layer"
+            )
+        needed.add(index[id(node)])
+        stack.extend(i for i in node.input if i)
+        for attr in node.attribute:  # names used inside subgraphs (If/Loop)
+            if attr.type == onnx.AttributeProto.GRAPH:
+                stack.extend(_outer_names(attr.g))
+    return [g.model.graph.node[i] for i in sorted(needed)]
+
+
+def _ancestors(g: _Graph, name: str, stop: str) -> set[str]:
+    """Tensors ``name`` depends on, stopping at ``stop`` (included when reached)."""
+    cache = getattr(g, "_anc_cache", None)
+    if cache is None:
+        cache = g._anc_cache = {}
+    key = (name, stop)
+    if key in cache:
+        return cache[key]
+    out: set[str] = set()
+    stack = [name]
+    while stack:
+        t = stack.pop()
+        if t in out:
+            continue
+        out.add(t)
+        if t == stop:
+            continue
+        node = g.producer.get(t)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    cache[key] = out
+    return out
+
+
+def _outer_names(graph: onnx.GraphProto) -> list[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names = []
+    for node in graph.node:
+        local.update(node.output)
+        names.extend(i for i in node.input if i and i not in local)
+    return names
+
+
+def analyse_model(model: onnx.ModelProto, *, input_name: str | None = None,
+                  feature_layer: str | None = None, logits: str | None = None,
+                  size: tuple[int, int] | None = None) -> ModelSpec:
+    """Find the image input, its layout, the feature map and the logits of ``model``.
+
+    Parameters
+    ----------
+    model
+        The classifier; it is not modified.
+    input_name, feature_layer, logits
+        Tensor names overriding detection.
+    size
+        (H, W) used to infer intermediate shapes when the input size is symbolic.
+
+    Raises
+    ------
+    DetectionError
+        When something cannot be determined; the message lists the choices.
+    """
+    inferred = _infer(model)
+    g = _Graph(inferred)
+    name = _find_input(g, input_name)
+    in_info = g.info(name)
+    layout = _input_layout(g, name, in_info.shape)
+    probe = _Graph(_with_static_input(model, name, layout, size))
+    layouts = _propagate_layouts(g, name, layout)
+
+    logits_name, activation = _find_logits(g, logits)
+    logits_info = _best_info(g, probe, logits_name)
+    num_classes = _num_classes(logits_info.shape)
+    if logits_name in layouts and _is_spatial(probe.info(logits_name).shape,
+                                              layouts[logits_name]) and logits is None:
+        raise DetectionError(
+            f"the output {logits_name!r} has spatial extent (shape "
+            f"{list(probe.info(logits_name).shape)}): this is not an image classifier; "
+            "name the logits with --logits"
+        )
+
+    if feature_layer is not None:
+        if feature_layer not in g.tensor_names():
+            spatial = _spatial_candidates(g, probe, layouts, logits_name)
+            raise DetectionError(
+                f"feature map {feature_layer!r} not found; tensors with spatial extent "
+                "on the way to the logits, last first: " + ", ".join(spatial[:12])
+            )
+        feature = feature_layer
+    else:
+        feature = _find_feature_map(g, probe, logits_name, layouts, num_classes)
+    if feature not in layouts:
+        raise DetectionError(
+            f"feature map {feature!r} does not depend on the input {name!r}"
+        )
+    if logits_name not in _descendants(g, feature):
+        raise DetectionError(
+            f"the logits {logits_name!r} do not depend on the feature map {feature!r}"
+        )
+    f_info = _best_info(g, probe, feature)
+    f_layout = layouts[feature]
+    if f_info.shape is not None and len(f_info.shape) != 4:
+        raise DetectionError(
+            f"feature map {feature!r} has shape {list(f_info.shape)}; a 4-D "
+            "(N,C,H,W) or (N,H,W,C) tensor is needed"
+        )
+    head = _head_nodes(g, feature, logits_name, name)
+    producer = " ".join(x for x in (model.producer_name, model.producer_version) if x)
+    return ModelSpec(
+        input=in_info,
+        layout=layout,
+        feature_map=f_info,
+        feature_layout=f_layout,
+        logits=logits_info,
+        activation=activation,
+        num_classes=num_classes,
+        head_ops=tuple(n.op_type for n in head if n.op_type != "Constant"),
+        opset=_opset(model),
+        ir_version=int(model.ir_version),
+        producer=producer,
+        detected={
+            "input": input_name is None,
+            "feature_map": feature_layer is None,
+            "logits": logits is None,
+        },
+    )
+
+
+def _num_classes(shape: tuple[Dim, ...] | None) -> int | None:
+    if not shape:
+        return None
+    rest = [d for d in shape[1:]]
+    if all(isinstance(d, int) for d in rest):
+        return int(np.prod(rest)) if rest else 1
+    return None
+
+
+def _best_info(g: _Graph, probe: _Graph, name: str) -> TensorInfo:
+    """Declared info, with dims the symbolic-input inference left unknown filled from the
+    probe inference where they do not depend on the input size (channels, classes)."""
+    info = g.info(name)
+    pinfo = probe.info(name)
+    if info.shape is None and pinfo.shape is not None:
+        # Keep only what does not depend on the probe: batch and spatial become None.
+        info = TensorInfo(name, pinfo.dtype, tuple([None] + list(pinfo.shape[1:])))
+    if info.dtype == "undefined" and pinfo.dtype != "undefined":
+        info = TensorInfo(name, pinfo.dtype, info.shape)
+    return info
+
+
+def _descendants(g: _Graph, name: str) -> set[str]:
+    out: set[str] = set()
+    stack = [name]
+    while stack:
+        t = stack.pop()
+        if t in out:
+            continue
+        out.add(t)
+        for node in g.consumers.get(t, []):
+            stack.extend(o for o in node.output if o)
+    return out
+
+
+def _spatial_candidates(g: _Graph, probe: _Graph, layouts: dict[str, str],
+                        logits: str) -> list[str]:
+    ancestors = _ancestors(g, logits, "")
+    names = []
+    for node in reversed(g.model.graph.node):
+        for o in node.output:
+            if o in ancestors and o in layouts and _is_spatial(probe.info(o).shape, layouts[o]):
+                names.append(o)
+    return names
+
+
+# --------------------------------------------------------------------------- editing
+
+
+def _value_info(g: _Graph, probe: _Graph, name: str, *, batch: str | None = None
+                ) -> onnx.ValueInfoProto:
+    info = _best_info(g, probe, name)
+    vi = g.infos.get(name) or probe.infos.get(name)
+    elem = vi.type.tensor_type.elem_type if vi is not None else onnx.TensorProto.FLOAT
+    if elem == onnx.TensorProto.UNDEFINED:
+        elem = onnx.TensorProto.FLOAT
+    shape = info.shape
+    if shape is not None and batch is not None:
+        shape = (batch,) + tuple(shape[1:])
+    return helper.make_tensor_value_info(name, elem, None if shape is None else list(shape))
+
+
+def add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``names`` added as graph outputs, keeping their real
+    element type and shape (as shape inference gives them)."""
+    out = copy.deepcopy(model)
+    inferred = _Graph(_infer(model))
+    existing = {o.name for o in out.graph.output}
+    for name in names:
+        if name in existing:
+            continue
+        out.graph.output.append(_value_info(inferred, inferred, name))
+        existing.add(name)
+    return out
+
+
+def extract_head(model: onnx.ModelProto, feature: str, logits: str) -> onnx.ModelProto:
+    """The subgraph computing ``logits`` from ``feature`` as a model of its own.
+
+    Initializers and Constant nodes it needs are copied; the batch dimension of the
+    feature input and the logits output is symbolic (``N``) so that perturbed maps can be
+    run in batches.
+    """
+    inferred = _infer(model)
+    g = _Graph(inferred)
+    nodes = _head_nodes(g, feature, logits)
+    used = {i for n in nodes for i in n.input if i}
+    for n in nodes:
+        for attr in n.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                used.update(_outer_names(attr.g))
+    inits = [copy.deepcopy(t) for t in model.graph.initializer if t.name in used]
+    sparse = [copy.deepcopy(t) for t in model.graph.sparse_initializer
+              if t.values.name in used]
+    f_vi = _value_info(g, g, feature, batch="N")
+    l_vi = _value_info(g, g, logits, batch="N")
+    head_graph = helper.make_graph(
+        [copy.deepcopy(n) for n in nodes],
+        "head",
+        [f_vi],
+        [l_vi],
+        initializer=inits,
+        sparse_initializer=sparse,
+    )
+    head = helper.make_model(
+        head_graph,
+        opset_imports=[copy.deepcopy(o) for o in model.opset_import],
+        producer_name="onnx-sp2ps",
+        ir_version=model.ir_version,
+    )
+    for f in model.functions:
+        head.functions.append(copy.deepcopy(f))
+    return head
+
+
+def _check(model: onnx.ModelProto, what: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DetectionError(f"the {what} is not a valid ONNX model: {first}") from exc
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Number of weight values: elements of initializers and of Constant tensors."""
+    total = 0
+    for t in model.graph.initializer:
+        total += int(np.prod(t.dims)) if len(t.dims) else 1
+    for t in model.graph.sparse_initializer:
+        total += int(np.prod(t.values.dims)) if len(t.values.dims) else 1
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    total += int(np.prod(a.t.dims)) if len(a.t.dims) else 1
+    return total
+
+
+def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | None = None,
+                  feature_layer: str | None = None, logits: str | None = None,
+                  size: tuple[int, int] | None = None) -> PreparedModel:
+    """Load (if a path), analyse and edit a model: everything needed to run it."""
+    path = None
+    size_bytes = None
+    if isinstance(source, onnx.ModelProto):
+        model = source
+    else:
+        path = str(source)
+        model = load_model(source)
+        size_bytes = Path(source).stat().st_size
+    spec = analyse_model(model, input_name=input_name, feature_layer=feature_layer,
+                         logits=logits, size=size)
+    others = [i for i in _Graph(model).inputs if i != spec.input.name]
+    if others:
+        raise ModelError(
+            f"the model needs inputs besides the image ({', '.join(others)}) that onnx-sp2ps "
+            "cannot fill: export it with the image as its only input, or give those "
+            "inputs default values as initializers"
+        )
+    audit_model = add_outputs(model, [spec.feature_map.name, spec.logits.name])
+    head = extract_head(model, spec.feature_map.name, spec.logits.name)
+    _check(audit_model, "model with added outputs")
+    _check(head, "head subgraph")
+    return PreparedModel(
+        path=path,
+        spec=spec,
+        audit_model=audit_model,
+        head_model=head,
+        size_bytes=size_bytes,
+        parameters=count_parameters(model),
+    )

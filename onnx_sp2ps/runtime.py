@@ -1,0 +1,261 @@
+"""ONNX Runtime sessions: provider choice, the edited model and its head.
+
+No graph edits here (that is :mod:`onnx_sp2ps.graph`).  Nothing is printed: the one
+line about a CUDA fallback is returned in :attr:`ProviderChoice.note` for the CLI.
+
+Activations are handed out in NCHW whatever the model's feature layout, so that the CAM
+code has one convention; :meth:`ModelRunner.run_head` takes NCHW and converts back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from onnx_sp2ps.errors import ModelError, UsageError
+from onnx_sp2ps.graph import PreparedModel
+
+__all__ = [
+    "PROVIDERS",
+    "ProviderChoice",
+    "available_providers",
+    "resolve_providers",
+    "create_session",
+    "ModelRunner",
+]
+
+PROVIDERS = ("auto", "cpu", "cuda")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+#: Bytes of perturbed feature maps sent to the head in one run.
+HEAD_CHUNK_BYTES = 64 * 2**20
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers (not all may be usable)."""
+    return list(_ort().get_available_providers())
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    """What was asked for and what the sessions really run on."""
+
+    requested: str
+    providers: tuple[str, ...]
+    note: str | None = None
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers and self.providers[0] == CUDA else "cpu"
+
+    def to_dict(self) -> dict:
+        return {"requested": self.requested, "used": list(self.providers), "note": self.note}
+
+
+def resolve_providers(requested: str, offered: Sequence[str]) -> tuple[list[str], str | None]:
+    """Providers to try for ``requested`` given the ``offered`` ones, and a note when
+    CUDA was asked for explicitly but is not offered.
+
+    ``auto`` tries CUDA when offered; ``cuda`` tries it and says when it is not offered;
+    ``cpu`` never tries it.
+    """
+    if requested not in PROVIDERS:
+        raise UsageError(f"unknown provider {requested!r}: choose one of {', '.join(PROVIDERS)}")
+    if requested == "cpu":
+        return [CPU], None
+    if CUDA in offered:
+        return [CUDA, CPU], None
+    note = None
+    if requested == "cuda":
+        note = ("CUDA requested but this onnxruntime build has no CUDA provider "
+                "(install onnxruntime-gpu); running on CPU")
+    return [CPU], note
+
+
+@contextlib.contextmanager
+def _quiet_ort():
+    """Silence onnxruntime's own logging (CUDA load failures print many lines)."""
+    ort = _ort()
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(3)
+
+
+def _session_options(threads: int | None):
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
+                   threads: int | None = None, what: str = "model"):
+    """An onnxruntime session and the :class:`ProviderChoice` it really got.
+
+    When CUDA is tried but the session does not get it (no GPU, missing CUDA/cuDNN
+    libraries), the session runs on CPU and the note says so in one line.
+
+    Raises
+    ------
+    ModelError
+        When onnxruntime cannot load or run the model (unsupported opset, IR version or
+        operator), with onnxruntime's reason shortened to one line.
+    """
+    ort = _ort()
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be 1 or more")
+    tried, note = resolve_providers(provider, ort.get_available_providers())
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    with _quiet_ort():
+        try:
+            session = ort.InferenceSession(data, _session_options(threads), providers=tried)
+        except Exception as exc:
+            if CUDA in tried:
+                try:
+                    session = ort.InferenceSession(data, _session_options(threads),
+                                                   providers=[CPU])
+                except Exception as exc2:
+                    raise ModelError(_ort_reason(what, exc2)) from exc2
+            else:
+                raise ModelError(_ort_reason(what, exc)) from exc
+    got = tuple(session.get_providers())
+    if CUDA in tried and CUDA not in got and provider == "cuda":
+        note = ("CUDA requested but not usable here (no GPU or CUDA/cuDNN libraries "
+                "missing); running on CPU")
+    return session, ProviderChoice(requested=provider, providers=got, note=note)
+
+
+def _ort_reason(what: str, exc: Exception) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    for marker in ("failed:", "FAIL :", "INVALID_GRAPH :", "NOT_IMPLEMENTED :"):
+        if marker in text:
+            text = text.split(marker, 1)[1].strip()
+    if " onnxruntime::" in text:
+        # Drop C++ source locations, keep the message after them.
+        text = text.split(")")[-1].strip() or text
+    return f"onnxruntime cannot run the {what}: {text[:300]}"
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+class ModelRunner:
+    """Runs a :class:`PreparedModel`: the full model with its feature map and logits,
+    and the head on (perturbed) feature maps.
+
+    Parameters
+    ----------
+    prepared
+        From :func:`onnx_sp2ps.graph.prepare_model`.
+    provider, threads
+        See :func:`create_session`.
+    """
+
+    def __init__(self, prepared: PreparedModel, *, provider: str = "auto",
+                 threads: int | None = None):
+        self.prepared = prepared
+        spec = prepared.spec
+        name = prepared.path or "model"
+        self.session, self.provider = create_session(
+            prepared.audit_model, provider=provider, threads=threads, what=f"model {name}")
+        self.head_session, _ = create_session(
+            prepared.head_model, provider=self.provider.device, threads=threads,
+            what=f"head of {name}")
+        self._input = spec.input.name
+        self._input_dtype = _np_dtype(spec.input.dtype)
+        self._outputs = [spec.feature_map.name, spec.logits.name]
+        self._nhwc = spec.feature_layout == "NHWC"
+        head_in = self.head_session.get_inputs()[0]
+        self._head_input = head_in.name
+        self._head_dtype = _np_dtype(spec.feature_map.dtype)
+        self._head_output = self.head_session.get_outputs()[0].name
+        self.batch_limit = spec.fixed_batch
+        self.head_batch_limit: int | None = None
+        self._head_checked = False
+
+    # -- full model ----------------------------------------------------------------
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Activations (N, C, h, w) float32 and logits (N, K) float32 for a batch."""
+        acts, logits = [], []
+        step = self.batch_limit or len(inputs)
+        for start in range(0, len(inputs), max(step, 1)):
+            chunk = inputs[start:start + step].astype(self._input_dtype, copy=False)
+            a, y = self.session.run(self._outputs, {self._input: chunk})
+            acts.append(a)
+            logits.append(y)
+        activations = _as_float32(np.concatenate(acts))
+        if self._nhwc:
+            activations = np.ascontiguousarray(activations.transpose(0, 3, 1, 2))
+        out = _as_float32(np.concatenate(logits))
+        return activations, out.reshape(len(out), -1)
+
+    def run_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        """Logits (N, K) only, for full-model runs on masked inputs."""
+        return self.run(inputs)[1]
+
+    # -- head ----------------------------------------------------------------------
+
+    def run_head(self, activations: np.ndarray) -> np.ndarray:
+        """Logits (M, K) float32 of the head for feature maps (M, C, h, w) in NCHW."""
+        if not self._head_checked:
+            self._probe_head_batch(activations)
+        step = self.head_batch_limit or len(activations)
+        outs = []
+        for start in range(0, len(activations), max(step, 1)):
+            outs.append(self._head(activations[start:start + step]))
+        y = _as_float32(np.concatenate(outs)) if outs else np.zeros((0, 0), np.float32)
+        return y.reshape(len(activations), -1)
+
+    def _head(self, activations: np.ndarray) -> np.ndarray:
+        a = activations.transpose(0, 2, 3, 1) if self._nhwc else activations
+        a = np.ascontiguousarray(a, dtype=self._head_dtype)
+        return self.head_session.run([self._head_output], {self._head_input: a})[0]
+
+    def _probe_head_batch(self, activations: np.ndarray) -> None:
+        """Find whether the head takes batches > 1 (some exports hard-code batch 1)."""
+        self._head_checked = True
+        if len(activations) < 2:
+            return
+        try:
+            y = self._head(activations[:2])
+            if len(y) != 2:
+                raise ValueError("batch not preserved")
+        except Exception:
+            self.head_batch_limit = 1
+
+    def head_chunk(self, per_item_shape: tuple[int, ...]) -> int:
+        """How many feature maps of ``per_item_shape`` fit in one head run."""
+        per_item = int(np.prod(per_item_shape)) * 4
+        return max(1, HEAD_CHUNK_BYTES // max(per_item, 1))
+
+    def map_head(self, make: Callable[[int, int], np.ndarray], total: int,
+                 per_item_shape: tuple[int, ...]) -> np.ndarray:
+        """Run the head on ``total`` maps made chunk by chunk by ``make(start, stop)``,
+        so that memory stays bounded; returns the logits (total, K)."""
+        step = self.head_chunk(per_item_shape)
+        outs = [self.run_head(make(s, min(s + step, total))) for s in range(0, total, step)]
+        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name in ("undefined", "", None):
+        return np.dtype(np.float32)
+    return np.dtype(name)

@@ -1,0 +1,28 @@
+"""Shared test setup: the tests folder on sys.path (for onnx_builders), paths, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+SAMPLES = ROOT / "sample_models"
+FIXTURES = TESTS / "fixtures"
+
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    if not (SAMPLES / "gap_original.onnx").exists():
+        pytest.fail("sample_models/ is missing: run scripts/build_sample_models.py")
+    return SAMPLES

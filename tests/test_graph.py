@@ -1,0 +1,154 @@
+"""Detection of input, feature map and logits; graph edits; head extraction."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnx_builders import all_variants, build_cnn, run_model
+from onnx_sp2ps.errors import DetectionError, ModelError
+from onnx_sp2ps.graph import analyse_model, load_model, prepare_model
+from onnx_sp2ps.runtime import ModelRunner
+
+VARIANTS = [(vid, kw) for vid, kw in all_variants() if not kw.get("extra_input")]
+
+
+def _size(built):
+    shape = built.input_shape
+    return tuple(shape[2:4]) if built.layout == "NCHW" else tuple(shape[1:3])
+
+
+def _expected_logits(built, kw):
+    # DESIGN/issue rule: the input of a final activation, else the graph output itself.
+    return built.logits if built.activation else built.output_name
+
+
+@pytest.mark.parametrize("vid,kw", VARIANTS, ids=[v for v, _ in VARIANTS])
+def test_detects_input_feature_map_and_logits(vid, kw):
+    built = build_cnn(**kw)
+    spec = analyse_model(built.model, size=_size(built))
+    assert spec.input.name == built.input_name
+    assert spec.layout == built.layout
+    assert spec.feature_map.name == built.feature_map
+    assert spec.feature_layout == built.feature_layout
+    assert spec.logits.name == _expected_logits(built, kw)
+    assert spec.activation == built.activation
+    assert spec.num_classes == built.num_classes
+
+
+@pytest.mark.parametrize("vid,kw", VARIANTS, ids=[v for v, _ in VARIANTS])
+def test_prepared_model_outputs_match_the_original_graph(vid, kw):
+    built = build_cnn(**kw)
+    prepared = prepare_model(built.model, size=_size(built))
+    x = built.random_input(seed=3)
+    ref = run_model(built, x, outputs=(built.feature_map, _expected_logits(built, kw)))
+    runner = ModelRunner(prepared, provider="cpu")
+    acts, logits = runner.run(x)
+    feature = ref[built.feature_map]
+    if built.feature_layout == "NHWC":
+        feature = feature.transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(acts, feature, rtol=1e-6, atol=1e-6)
+    expected = ref[_expected_logits(built, kw)].reshape(len(x), -1)
+    np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
+    # The head alone maps the feature map to the same logits.
+    np.testing.assert_allclose(runner.run_head(acts), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_edits_work_on_copies_and_keep_declared_types():
+    built = build_cnn(head="gap_gemm")
+    before = built.model.SerializeToString()
+    prepared = prepare_model(built.model)
+    assert built.model.SerializeToString() == before
+    outputs = {o.name: o for o in prepared.audit_model.graph.output}
+    fm = outputs[built.feature_map].type.tensor_type
+    assert fm.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_value for d in fm.shape.dim][1:] == [16, 8, 8]
+    head_in = prepared.head_model.graph.input[0]
+    assert head_in.name == built.feature_map
+    assert head_in.type.tensor_type.shape.dim[0].dim_param == "N"
+    assert prepared.head_model.ir_version == built.model.ir_version
+
+
+def test_several_inputs_need_input_name():
+    built = build_cnn(extra_input=True)
+    with pytest.raises(DetectionError, match="--input-name"):
+        analyse_model(built.model)
+    spec = analyse_model(built.model, input_name=built.input_name)
+    assert spec.feature_map.name == built.feature_map
+    with pytest.raises(DetectionError, match="temperature"):
+        analyse_model(built.model, input_name="nope")
+
+
+def test_extra_required_input_is_refused_with_a_reason():
+    built = build_cnn(extra_input=True)
+    with pytest.raises(ModelError, match="temperature"):
+        prepare_model(built.model, input_name=built.input_name)
+
+
+def test_overrides_pick_the_named_tensors():
+    built = build_cnn(head="gap_gemm")
+    names = [n.output[0] for n in built.model.graph.node if n.op_type == "Relu"]
+    earlier = names[-2]
+    spec = analyse_model(built.model, feature_layer=earlier)
+    assert spec.feature_map.name == earlier
+    assert spec.detected["feature_map"] is False
+    # A trunk op joins the head, which still computes the same logits.
+    assert "Conv" in spec.head_ops
+
+
+def test_unknown_override_lists_candidates():
+    built = build_cnn(head="gap_gemm")
+    with pytest.raises(DetectionError) as info:
+        analyse_model(built.model, feature_layer="no_such_tensor")
+    assert built.feature_map in str(info.value)
+    with pytest.raises(DetectionError, match="no_such_logits"):
+        analyse_model(built.model, logits="no_such_logits")
+
+
+def _dense_only_model():
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 1, 1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])
+    w = onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]),
+             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "dense", [x], [y], initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_no_spatial_tensor_is_a_detection_error():
+    with pytest.raises(DetectionError, match="no feature map"):
+        analyse_model(_dense_only_model())
+
+
+def test_load_model_refuses_bad_files(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(ModelError, match="folder"):
+        load_model(tmp_path)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="empty"):
+        load_model(empty)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\xffthis is not a protobuf" * 10)
+    with pytest.raises(ModelError):
+        load_model(junk)
+    good = tmp_path / "good.onnx"
+    onnx.save(build_cnn().model, good)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ModelError):
+        load_model(truncated)
+
+
+def test_sample_models_are_detected(samples):
+    gap = analyse_model(load_model(samples / "gap_original.onnx"))
+    assert gap.activation == "Softmax"
+    assert gap.head_ops[0] in ("GlobalAveragePool", "ReduceMean")
+    assert gap.feature_map.shape[2:] == (8, 8)
+    fc = analyse_model(load_model(samples / "fc_original.onnx"))
+    assert fc.activation is None
+    assert fc.head_ops[0] in ("Flatten", "Reshape")
+    assert "Relu" in fc.head_ops
