@@ -1,0 +1,489 @@
+"""Orchestration: models and images in, a result object out.  Never prints.
+
+:func:`audit` streams the images in batches through the original and every candidate,
+computes both CAMs per image for the same target class, scores each pair
+(:mod:`onnx_sp2ps.similarity`) and returns an :class:`AuditResult`.  :func:`compute_cams`
+does the first half for a single model.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from onnx_sp2ps import __version__
+from onnx_sp2ps.cams import get_method
+from onnx_sp2ps.cams.base import normalise_maps, upsample_bilinear
+from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
+from onnx_sp2ps.errors import MismatchError, NonFiniteError, UsageError
+from onnx_sp2ps.graph import ModelSpec, PreparedModel, prepare_model
+from onnx_sp2ps.runtime import ModelRunner
+from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
+from onnx_sp2ps.targets import select_targets
+
+__all__ = [
+    "ModelOptions",
+    "AuditSettings",
+    "ModelMaps",
+    "ModelInfo",
+    "CandidateResult",
+    "AuditResult",
+    "input_spec",
+    "compute_cams",
+    "audit",
+    "SCHEMA_VERSION",
+]
+
+#: Version of the report.json layout (see README, "report.json").
+SCHEMA_VERSION = 1
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Detection overrides for one model (tensor names)."""
+
+    input_name: str | None = None
+    feature_layer: str | None = None
+    logits: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """How maps are computed and compared."""
+
+    method: str = "gradcam"
+    target: str | int = "original"
+    batch_size: int = 16
+    provider: str = "auto"
+    threads: int | None = None
+    threshold: float | None = None
+    strict: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "target": self.target,
+            "batch_size": self.batch_size,
+            "provider": self.provider,
+            "threads": self.threads,
+            "threshold": self.threshold,
+            "strict": self.strict,
+        }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model as the report describes it."""
+
+    path: str | None
+    spec: ModelSpec
+    size_bytes: int | None
+    parameters: int
+    providers: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name if self.path else "model"
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "name": self.name,
+            "size_bytes": self.size_bytes,
+            "parameters": self.parameters,
+            "providers": list(self.providers),
+            **self.spec.to_dict(),
+        }
+
+
+@dataclass
+class ModelMaps:
+    """CAMs of one model over a data set (the keys of ``cams.npz``)."""
+
+    paths: list[str]
+    targets: np.ndarray  # (N,) int64
+    logits: np.ndarray   # (N, K) float32
+    raw: np.ndarray      # (N, h, w) float32, ReLU(R) at feature resolution
+    maps: np.ndarray     # (N, H, W) float32, normalised CAM images
+    flat: np.ndarray     # (N,) bool
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "paths": np.asarray(self.paths, dtype=str),
+            "targets": self.targets,
+            "logits": self.logits,
+            "raw": self.raw,
+            "maps": self.maps,
+        }
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """Scores of one candidate against the original."""
+
+    model: ModelInfo
+    scores: PairScores
+    summary: ScoreSummary
+    targets: np.ndarray          # (N,) target class used for the candidate's maps
+    predictions: np.ndarray      # (N,) candidate's top-1
+    confidence: np.ndarray       # (N,) candidate's probability of the original's target
+    agreement: float             # top-1 agreement with the original
+    accuracy: float | None       # when labels are known
+    confidence_drop: float       # mean over images of p_orig[c] - p_cand[c]
+    non_finite_paths: tuple[str, ...]
+    maps: ModelMaps | None = None
+
+    def passed(self, fail_under: float | None) -> bool:
+        if fail_under is None:
+            return True
+        value = self.summary.mean
+        return value is not None and np.isfinite(value) and value >= fail_under
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """Everything an audit found; :mod:`onnx_sp2ps.report` writes it out."""
+
+    settings: AuditSettings
+    preprocess: dict
+    images: ImageSet
+    original: ModelInfo
+    original_targets: np.ndarray
+    original_predictions: np.ndarray
+    original_confidence: np.ndarray
+    original_accuracy: float | None
+    candidates: tuple[CandidateResult, ...]
+    indices: np.ndarray  # (N,) positions in ``images`` of the images scored
+    provider_note: str | None
+    versions: dict = field(default_factory=dict)
+    original_maps: ModelMaps | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.images.paths[i] for i in self.indices]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if self.images.labels is None:
+            return None
+        return np.asarray(self.images.labels)[self.indices]
+
+    def passed(self, fail_under: float | None = None) -> bool:
+        threshold = self.settings.threshold if fail_under is None else fail_under
+        return all(c.passed(threshold) for c in self.candidates)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {
+        "onnx_sp2ps": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def input_spec(spec: ModelSpec, layout: str | None = None) -> InputSpec:
+    """What :mod:`onnx_sp2ps.data` needs to know of a model's image input."""
+    layout = layout or spec.layout
+    shape = spec.input.shape or (None, None, None, None)
+
+    def static(d):
+        return d if isinstance(d, int) and d > 0 else None
+
+    if layout == "NCHW":
+        c, h, w = shape[1], shape[2], shape[3]
+    else:
+        h, w, c = shape[1], shape[2], shape[3]
+    return InputSpec(layout=layout, channels=static(c), height=static(h), width=static(w),
+                     batch=spec.fixed_batch)
+
+
+def _probabilities(logits: np.ndarray, activation: str | None) -> np.ndarray:
+    x = logits.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if activation == "Sigmoid":
+            return 1.0 / (1.0 + np.exp(-x))
+        x = x - np.max(x, axis=1, keepdims=True)
+        e = np.exp(x)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def _check_compatible(original: ModelSpec, candidate: ModelSpec, name: str) -> None:
+    problems = []
+    if original.layout != candidate.layout:
+        problems.append(f"input layout {original.layout} vs {candidate.layout}")
+    a, b = original.input.shape, candidate.input.shape
+    if a is not None and b is not None and len(a) == len(b) == 4:
+        for i, (da, db) in enumerate(zip(a, b)):
+            if i and isinstance(da, int) and isinstance(db, int) and da != db:
+                problems.append(f"input shape {list(a)} vs {list(b)}")
+                break
+    if (original.num_classes and candidate.num_classes
+            and original.num_classes != candidate.num_classes):
+        problems.append(f"{original.num_classes} vs {candidate.num_classes} classes")
+    if problems:
+        raise MismatchError(f"candidate {name} does not match the original: "
+                            + "; ".join(problems))
+
+
+class _Explainer:
+    """One model's runner and CAM method."""
+
+    def __init__(self, prepared: PreparedModel, settings: AuditSettings):
+        self.prepared = prepared
+        self.runner = ModelRunner(prepared, provider=settings.provider,
+                                  threads=settings.threads)
+        self.cam = get_method(settings.method)(self.runner)
+        self.info = ModelInfo(
+            path=prepared.path, spec=prepared.spec, size_bytes=prepared.size_bytes,
+            parameters=prepared.parameters, providers=self.runner.provider.providers)
+
+    def maps(self, activations: np.ndarray, targets: np.ndarray, logits: np.ndarray,
+             size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raw = self.cam(activations, targets)
+        bad = ~np.isfinite(logits).all(axis=1)
+        raw[bad] = np.nan
+        images, flat = normalise_maps(upsample_bilinear(raw, size))
+        return raw, images, flat
+
+
+class _Collector:
+    """Accumulates per-batch arrays and concatenates them at the end."""
+
+    def __init__(self):
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def add(self, **arrays: np.ndarray) -> None:
+        for key, value in arrays.items():
+            self.parts.setdefault(key, []).append(value)
+
+    def get(self, key: str) -> np.ndarray:
+        return np.concatenate(self.parts[key])
+
+    def has(self, key: str) -> bool:
+        return key in self.parts
+
+
+def _open(images, spec: ModelSpec, preprocess: Preprocess, class_names, strict) -> ImageSet:
+    if isinstance(images, ImageSet):
+        return images
+    return open_images(images, spec=input_spec(spec, preprocess.layout),
+                       preprocess=preprocess, class_names=class_names, strict=strict)
+
+
+def _batches(image_set: ImageSet, batch_size: int):
+    if batch_size < 1:
+        raise UsageError("--batch-size must be 1 or more")
+    yield from image_set.iter_batches(batch_size)
+
+
+# --------------------------------------------------------------------------- API
+
+
+def compute_cams(model: str | Path | PreparedModel, images, *,
+                 preprocess: Preprocess = Preprocess(), method: str = "gradcam",
+                 target: str | int = "own", options: ModelOptions = ModelOptions(),
+                 class_names=None, batch_size: int = 16, provider: str = "auto",
+                 threads: int | None = None, strict: bool = False,
+                 progress: Progress | None = None) -> tuple[ModelMaps, ModelInfo, ImageSet]:
+    """CAMs of one model over a folder of images or an array file.
+
+    Parameters
+    ----------
+    model
+        Path to an ONNX model, or a :class:`PreparedModel`.
+    images
+        Folder, ``.npy``/``.npz`` path, or an :class:`ImageSet`.
+    target
+        ``"own"`` (top-1), ``"label"`` or a class index.
+
+    Returns
+    -------
+    maps, model_info, image_set
+    """
+    if target == "original":
+        raise UsageError("target 'original' is for audits; use own, label or a class index")
+    prepared = model if isinstance(model, PreparedModel) else prepare_model(
+        model, input_name=options.input_name, feature_layer=options.feature_layer,
+        logits=options.logits, size=preprocess.size)
+    settings = AuditSettings(method=method, target=target, batch_size=batch_size,
+                             provider=provider, threads=threads, strict=strict)
+    explainer = _Explainer(prepared, settings)
+    image_set = _open(images, prepared.spec, preprocess, class_names, strict)
+    size = image_set.preprocess.size
+    out = _Collector()
+    done = 0
+    for batch in _batches(image_set, batch_size):
+        acts, logits = explainer.runner.run(batch.inputs)
+        labels = None if image_set.labels is None else np.asarray(image_set.labels)[batch.indices]
+        targets = select_targets(target, logits=logits, labels=labels)
+        raw, maps, flat = explainer.maps(acts, targets, logits, size)
+        out.add(indices=batch.indices, targets=targets, logits=logits, raw=raw, maps=maps,
+                flat=flat)
+        done += len(batch.indices)
+        if progress:
+            progress(done, len(image_set))
+    if not out.has("indices"):
+        raise NonFiniteError("no image could be read: nothing to explain")
+    indices = out.get("indices")
+    result = ModelMaps(paths=[image_set.paths[i] for i in indices],
+                       targets=out.get("targets"), logits=out.get("logits"),
+                       raw=out.get("raw"), maps=out.get("maps"), flat=out.get("flat"))
+    return result, explainer.info, image_set
+
+
+def audit(original: str | Path | PreparedModel,
+          candidates: Sequence[str | Path | PreparedModel], images, *,
+          preprocess: Preprocess = Preprocess(), settings: AuditSettings = AuditSettings(),
+          original_options: ModelOptions = ModelOptions(),
+          candidate_options: ModelOptions = ModelOptions(), class_names=None,
+          keep_maps: bool = False, progress: Progress | None = None) -> AuditResult:
+    """Score each candidate's CAMs against the original's, image by image.
+
+    Parameters
+    ----------
+    original, candidates
+        Paths to ONNX models (or :class:`PreparedModel` objects).
+    images
+        Folder of images, ``.npy``/``.npz`` file, or an :class:`ImageSet`.
+    preprocess, settings
+        How images are prepared; how maps are made and compared.
+    original_options, candidate_options
+        Tensor-name overrides (pruned graphs may rename tensors).
+    keep_maps
+        Keep every model's maps in the result (for ``--save-maps``; memory grows with
+        the number of images).
+    progress
+        Called as ``progress(done, total)`` after each batch.
+
+    Raises
+    ------
+    InputError
+        (and subclasses) when a model or the images are not usable.
+    """
+    if not candidates:
+        raise UsageError("give at least one candidate model")
+    if settings.target not in ("original", "label", "own"):
+        raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
+
+    def prep(m, opts):
+        if isinstance(m, PreparedModel):
+            return m
+        return prepare_model(m, input_name=opts.input_name, feature_layer=opts.feature_layer,
+                             logits=opts.logits, size=preprocess.size)
+
+    orig_prep = prep(original, original_options)
+    cand_preps = [prep(c, candidate_options) for c in candidates]
+    for cp in cand_preps:
+        _check_compatible(orig_prep.spec, cp.spec, Path(cp.path).name if cp.path else "model")
+    image_set = _open(images, orig_prep.spec, preprocess, class_names, settings.strict)
+    size = image_set.preprocess.size
+
+    orig = _Explainer(orig_prep, settings)
+    cands = [_Explainer(cp, settings) for cp in cand_preps]
+    o_out = _Collector()
+    c_out = [_Collector() for _ in cands]
+    done = 0
+    for batch in _batches(image_set, settings.batch_size):
+        labels = None if image_set.labels is None else np.asarray(image_set.labels)[batch.indices]
+        o_acts, o_logits = orig.runner.run(batch.inputs)
+        o_targets = select_targets(settings.target, logits=o_logits, labels=labels,
+                                   reference_logits=o_logits)
+        o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size)
+        o_prob = _probabilities(o_logits, orig_prep.spec.activation)
+        o_out.add(indices=batch.indices, targets=o_targets, logits=o_logits,
+                  pred=np.argmax(np.nan_to_num(o_logits, nan=-np.inf), axis=1),
+                  conf=o_prob[np.arange(len(o_targets)), o_targets])
+        if keep_maps:
+            o_out.add(raw=o_raw, maps=o_maps, flat=o_flat)
+        for cand, out in zip(cands, c_out):
+            c_acts, c_logits = cand.runner.run(batch.inputs)
+            c_targets = select_targets(settings.target, logits=c_logits, labels=labels,
+                                       reference_logits=o_logits)
+            c_raw, c_maps, c_flat = cand.maps(c_acts, c_targets, c_logits, size)
+            pair = score_pairs(o_maps, c_maps)
+            c_prob = _probabilities(c_logits, cand.prepared.spec.activation)
+            out.add(targets=c_targets, logits=c_logits,
+                    pred=np.argmax(np.nan_to_num(c_logits, nan=-np.inf), axis=1),
+                    conf=c_prob[np.arange(len(o_targets)), o_targets],
+                    spatial=pair.spatial, spectral=pair.spectral, score=pair.score,
+                    finite=pair.finite, flat_a=pair.flat_a, flat_b=pair.flat_b)
+            if keep_maps:
+                out.add(raw=c_raw, maps=c_maps, flat=c_flat)
+        done += len(batch.indices)
+        if progress:
+            progress(done, len(image_set))
+    if not o_out.has("indices"):
+        raise NonFiniteError("no image could be read: nothing to audit")
+
+    indices = o_out.get("indices")
+    paths = [image_set.paths[i] for i in indices]
+    labels = None if image_set.labels is None else np.asarray(image_set.labels)[indices]
+    known = None if labels is None else labels >= 0
+    o_pred = o_out.get("pred")
+    o_targets = o_out.get("targets")
+
+    def accuracy(pred):
+        if known is None or not known.any():
+            return None
+        return float(np.mean(pred[known] == labels[known]))
+
+    def model_maps(out: _Collector, targets, logits):
+        if not keep_maps:
+            return None
+        return ModelMaps(paths=paths, targets=targets, logits=logits, raw=out.get("raw"),
+                         maps=out.get("maps"), flat=out.get("flat"))
+
+    results = []
+    for cand, out in zip(cands, c_out):
+        scores = PairScores(spatial=out.get("spatial"), spectral=out.get("spectral"),
+                            score=out.get("score"), finite=out.get("finite"),
+                            flat_a=out.get("flat_a"), flat_b=out.get("flat_b"))
+        if not scores.finite.any():
+            raise NonFiniteError(
+                f"every image gave non-finite logits or maps for {cand.info.name} or the "
+                "original: check the models and the preprocessing")
+        summary = summarise_scores(scores, o_targets, threshold=settings.threshold)
+        c_pred = out.get("pred")
+        drop = o_out.get("conf") - out.get("conf")
+        results.append(CandidateResult(
+            model=cand.info,
+            scores=scores,
+            summary=summary,
+            targets=out.get("targets"),
+            predictions=c_pred,
+            confidence=out.get("conf"),
+            agreement=float(np.mean(c_pred == o_pred)),
+            accuracy=accuracy(c_pred),
+            confidence_drop=float(np.nanmean(drop)) if np.isfinite(drop).any() else float("nan"),
+            non_finite_paths=tuple(p for p, ok in zip(paths, scores.finite) if not ok),
+            maps=model_maps(out, out.get("targets"), out.get("logits")),
+        ))
+    return AuditResult(
+        settings=settings,
+        preprocess=image_set.preprocess.to_dict(),
+        images=image_set,
+        original=orig.info,
+        original_targets=o_targets,
+        original_predictions=o_pred,
+        original_confidence=o_out.get("conf"),
+        original_accuracy=accuracy(o_pred),
+        candidates=tuple(results),
+        indices=indices,
+        provider_note=orig.runner.provider.note,
+        versions=versions(),
+        original_maps=model_maps(o_out, o_targets, o_out.get("logits")),
+    )

@@ -1,0 +1,512 @@
+"""The ``onnx-sp2ps`` command: the only module that prints or exits.
+
+Exit codes (DESIGN.md): 0 passed, 1 gate failed, 2 usage error, 3 input not usable,
+4 internal error (traceback only with ``--debug``), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from onnx_sp2ps import __version__
+from onnx_sp2ps.errors import InputError, Sp2psError, UsageError
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+# --------------------------------------------------------------------------- option groups
+
+
+def _parse_floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(_parse_number(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}")
+
+
+def _parse_number(text: str) -> float:
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _parse_scale(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        scale = _parse_number(value)
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"expected a number such as 0.0039 or 1/255, got {value!r}")
+    if not scale > 0:
+        raise click.BadParameter("must be greater than 0")
+    return scale
+
+
+def _parse_size_option(ctx, param, value):
+    if value is None:
+        return None
+    from onnx_sp2ps.data import parse_size
+
+    try:
+        return parse_size(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc))
+
+
+def preprocess_options(f):
+    """Options that build a :class:`onnx_sp2ps.data.Preprocess`."""
+    options = [
+        click.option("--preprocess", "pre_preset", type=click.Choice(["unit", "imagenet", "raw"]),
+                     default="unit", show_default=True,
+                     help="Preset: unit x/255; imagenet x/255 then ImageNet mean/std; raw x."),
+        click.option("--size", "pre_size", callback=_parse_size_option, metavar="HxW",
+                     help="Input size (default: the model's static input size)."),
+        click.option("--center-crop", "pre_center_crop", is_flag=True,
+                     help="Resize the shorter side to size/0.875, then crop the centre."),
+        click.option("--scale", "pre_scale", callback=_parse_scale, metavar="X",
+                     help="Multiply pixels by X (default from the preset, e.g. 1/255)."),
+        click.option("--mean", "pre_mean", callback=_parse_floats, metavar="M[,M,M]",
+                     help="Subtract per channel, after scaling."),
+        click.option("--std", "pre_std", callback=_parse_floats, metavar="S[,S,S]",
+                     help="Divide per channel, after the mean."),
+        click.option("--bgr", "pre_bgr", is_flag=True, help="Feed channels in BGR order."),
+        click.option("--layout", "pre_layout", type=click.Choice(["NCHW", "NHWC"]),
+                     help="Input layout (default: detected from the model)."),
+        click.option("--class-names", type=click.Path(dir_okay=False, path_type=Path),
+                     help="File with one class name per line, in class order; image "
+                          "sub-folders named after classes give the labels."),
+        click.option("--strict", is_flag=True,
+                     help="Stop (exit 3) on an unreadable image instead of skipping it."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _preprocess(kwargs: dict):
+    from onnx_sp2ps.data import Preprocess
+
+    return Preprocess(
+        preset=kwargs.pop("pre_preset"), size=kwargs.pop("pre_size"),
+        center_crop=kwargs.pop("pre_center_crop"), scale=kwargs.pop("pre_scale"),
+        mean=kwargs.pop("pre_mean"), std=kwargs.pop("pre_std"), bgr=kwargs.pop("pre_bgr"),
+        layout=kwargs.pop("pre_layout"))
+
+
+def model_options(candidates: bool):
+    """--input-name/--feature-layer/--logits (and --candidate-* variants)."""
+
+    def decorate(f):
+        opts = [
+            click.option("--input-name", metavar="NAME",
+                         help="Image input tensor (when the model has several inputs)."),
+            click.option("--feature-layer", metavar="NAME",
+                         help="Feature-map tensor, overriding detection."),
+            click.option("--logits", "logits_name", metavar="NAME",
+                         help="Logits tensor, overriding detection."),
+        ]
+        if candidates:
+            opts += [
+                click.option("--candidate-input-name", metavar="NAME",
+                             help="Like --input-name, for the candidates."),
+                click.option("--candidate-feature-layer", metavar="NAME",
+                             help="Like --feature-layer, for the candidates (pruned graphs "
+                                  "may rename tensors)."),
+                click.option("--candidate-logits", metavar="NAME",
+                             help="Like --logits, for the candidates."),
+            ]
+        for option in reversed(opts):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _model_options(kwargs: dict, prefix: str = ""):
+    from onnx_sp2ps.audit import ModelOptions
+
+    return ModelOptions(input_name=kwargs.pop(f"{prefix}input_name"),
+                        feature_layer=kwargs.pop(f"{prefix}feature_layer"),
+                        logits=kwargs.pop(f"{prefix}logits" if prefix else "logits_name"))
+
+
+def runtime_options(f):
+    options = [
+        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True, help="Execution provider; CUDA falls back to CPU."),
+        click.option("--threads", type=click.IntRange(min=1), metavar="N",
+                     help="onnxruntime intra-op threads (default: all cores)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Images per batch."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def common_options(f):
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress bar or diagnostics.")(f)
+    f = click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")(f)
+    return f
+
+
+@dataclass
+class _Console:
+    quiet: bool
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            _err(message)
+
+    def progress(self, label: str):
+        """A progress callback drawing a bar on a terminal stderr, else nothing."""
+        if self.quiet or not sys.stderr.isatty():
+            return None, lambda: None
+        state: dict = {}
+
+        def update(done: int, total: int) -> None:
+            bar = state.get("bar")
+            if bar is None:
+                bar = click.progressbar(length=total, label=label, file=sys.stderr,
+                                        show_pos=True, show_eta=True)
+                bar.__enter__()
+                state["bar"] = bar
+                state["done"] = 0
+            bar.update(done - state["done"])
+            state["done"] = done
+
+        def close() -> None:
+            if "bar" in state:
+                state["bar"].__exit__(None, None, None)
+
+        return update, close
+
+
+def _format_choice(f):
+    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+                        show_default=True, help="Output on stdout.")(f)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnx-sp2ps")
+def cli():
+    """Compare the class activation maps of an ONNX classifier and its compressed copy
+    (Sp2PS score), and gate releases on it."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@_format_choice
+@model_options(candidates=False)
+@click.option("--size", "size", callback=_parse_size_option, metavar="HxW",
+              help="Input size used to infer shapes when the model's is symbolic.")
+@common_options
+def inspect(model, fmt, size, quiet, debug, **kwargs):
+    """Show what was detected in MODEL: input, layout, feature map, logits, head ops, and
+    the execution providers available."""
+    from onnx_sp2ps.graph import prepare_model
+    from onnx_sp2ps.runtime import available_providers
+
+    opts = _model_options(kwargs)
+    prepared = prepare_model(model, input_name=opts.input_name,
+                             feature_layer=opts.feature_layer, logits=opts.logits, size=size)
+    data = {"model": str(model), "size_bytes": prepared.size_bytes,
+            "parameters": prepared.parameters, **prepared.spec.to_dict(),
+            "providers": available_providers()}
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return EXIT_OK
+    spec = prepared.spec
+    lines = [
+        f"model        {model}  ({prepared.parameters:,} parameters, "
+        f"{(prepared.size_bytes or 0) / 1024:.1f} KiB, opset {spec.opset}, "
+        f"producer {spec.producer or '?'})",
+        f"input        {spec.input.name}  {_shape(spec.input.shape)}  {spec.layout}  "
+        f"{spec.input.dtype}",
+        f"feature map  {spec.feature_map.name}  {_shape(spec.feature_map.shape)}  "
+        f"{spec.feature_layout}",
+        f"logits       {spec.logits.name}  {_shape(spec.logits.shape)}"
+        + (f"  (read before {spec.activation})" if spec.activation else ""),
+        f"head         {' -> '.join(spec.head_ops) or '(none)'}",
+        f"providers    {', '.join(data['providers'])}",
+    ]
+    click.echo("\n".join(lines))
+    return EXIT_OK
+
+
+def _shape(shape) -> str:
+    if shape is None:
+        return "[?]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _target_option(f):
+    return click.option("--target", default="own", show_default=True, metavar="own|label|K",
+                        help="Class explained: each image's top-1, its label, or class K.")(f)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for cams.npz (and overlays).")
+@click.option("--method", type=click.Choice(["gradcam", "eigencam"]), default="gradcam",
+              show_default=True)
+@_target_option
+@click.option("--overlays", is_flag=True, help="Also write one PNG per image: the map over it.")
+@preprocess_options
+@model_options(candidates=False)
+@runtime_options
+@common_options
+def cam(model, images, out, method, target, overlays, provider, threads, batch_size, quiet,
+        debug, class_names, strict, **kwargs):
+    """Compute CAMs of MODEL on images; write OUT/cams.npz (paths, targets, logits, raw,
+    maps)."""
+    from onnx_sp2ps.audit import compute_cams
+    from onnx_sp2ps.report import overlay_image, prepare_out_dir, write_npz, write_png
+    from onnx_sp2ps.targets import parse_target
+
+    console = _Console(quiet)
+    preprocess = _preprocess(kwargs)
+    opts = _model_options(kwargs)
+    try:
+        chosen = parse_target(target, allow_original=False)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target")
+    out_dir = prepare_out_dir(out)
+    _refuse_foreign(out_dir / "cams.npz")
+    update, close = console.progress("cam")
+    try:
+        maps, info, image_set = compute_cams(
+            model, images, preprocess=preprocess, method=method, target=chosen, options=opts,
+            class_names=class_names, batch_size=batch_size, provider=provider,
+            threads=threads, strict=strict, progress=update)
+    finally:
+        close()
+    console.info(f"preprocess: {image_set.preprocess.describe()}")
+    _provider_note(console, info.providers, provider)
+    path = write_npz(out_dir / "cams.npz", maps.arrays())
+    if overlays:
+        index = {p: i for i, p in enumerate(image_set.paths)}
+        for k, p in enumerate(maps.paths):
+            rgb = image_set.display_image(index[p])
+            name = _safe_name(str(Path(p).with_suffix(""))) + ".png"
+            write_png(out_dir / "overlays" / name, overlay_image(rgb, maps.maps[k]))
+    _report_skipped(console, image_set)
+    click.echo(f"{len(maps.paths)} maps ({method}) written to {path}")
+    return EXIT_OK
+
+
+def _safe_name(path: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path)
+    return keep.strip("._") or "image"
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Never overwrite a file this tool did not write."""
+    from onnx_sp2ps.errors import ReportError
+
+    if not path.exists():
+        return
+    if path.suffix == ".json":
+        try:
+            ours = json.loads(path.read_text(encoding="utf-8")).get("tool") == "onnx-sp2ps"
+        except Exception:
+            ours = False
+    else:
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                ours = {"paths", "targets", "raw", "maps"} <= set(data.files)
+        except Exception:
+            ours = False
+    if not ours:
+        raise ReportError(f"{path} exists and was not written by onnx-sp2ps: choose another "
+                          "--out folder")
+
+
+def _provider_note(console: _Console, providers, requested: str) -> None:
+    from onnx_sp2ps.runtime import CUDA
+
+    if requested == "cuda" and CUDA not in providers:
+        _err("note: CUDA requested but not usable here; running on CPU")
+    else:
+        console.info(f"providers: {', '.join(providers)}")
+
+
+def _report_skipped(console: _Console, image_set) -> None:
+    if image_set.skipped:
+        _err(f"skipped {len(image_set.skipped)} unreadable image(s), e.g. "
+             f"{image_set.skipped[0][0]}: {image_set.skipped[0][1]}")
+
+
+@cli.command()
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for report.json (and maps).")
+@_format_choice
+@click.option("--fail-under", type=float, metavar="X",
+              help="Gate: fail (exit 1) when a candidate's Sp2PS mean is below X.")
+@click.option("--save-maps", is_flag=True,
+              help="With --out: write OUT/maps/<model>.npz for every model.")
+@click.option("--method", type=click.Choice(["gradcam", "eigencam"]), default="gradcam",
+              show_default=True)
+@click.option("--target", type=click.Choice(["original", "label", "own"]), default="original",
+              show_default=True,
+              help="Class explained: the original's top-1 (both models), the label, or each "
+                   "model's own top-1.")
+@preprocess_options
+@model_options(candidates=True)
+@runtime_options
+@common_options
+def audit(original, candidates, images, out, fmt, fail_under, save_maps, method, target,
+          provider, threads, batch_size, quiet, debug, class_names, strict, **kwargs):
+    """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
+    from onnx_sp2ps import audit as audit_module
+    from onnx_sp2ps.report import audit_to_dict, format_table, prepare_out_dir, write_json
+
+    console = _Console(quiet)
+    if save_maps and out is None:
+        raise click.UsageError("--save-maps needs --out")
+    if fail_under is not None and not 0.0 <= fail_under <= 1.0:
+        raise click.BadParameter("must be between 0 and 1", param_hint="--fail-under")
+    preprocess = _preprocess(kwargs)
+    orig_opts = _model_options(kwargs)
+    cand_opts = _model_options(kwargs, prefix="candidate_")
+    cand_opts = type(cand_opts)(
+        input_name=cand_opts.input_name or orig_opts.input_name,
+        feature_layer=cand_opts.feature_layer or orig_opts.feature_layer,
+        logits=cand_opts.logits or orig_opts.logits)
+    out_dir = None
+    if out is not None:
+        out_dir = prepare_out_dir(out)
+        _refuse_foreign(out_dir / "report.json")
+    settings = audit_module.AuditSettings(method=method, target=target, batch_size=batch_size,
+                                          provider=provider, threads=threads,
+                                          threshold=fail_under, strict=strict)
+    update, close = console.progress("audit")
+    try:
+        result = audit_module.audit(
+            original, list(candidates), images, preprocess=preprocess, settings=settings,
+            original_options=orig_opts, candidate_options=cand_opts, class_names=class_names,
+            keep_maps=save_maps, progress=update)
+    finally:
+        close()
+    console.info(f"preprocess: {result.images.preprocess.describe()}")
+    _provider_note(console, result.original.providers, provider)
+    _report_skipped(console, result.images)
+    report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION)
+    if out_dir is not None:
+        write_json(out_dir / "report.json", report)
+        if save_maps:
+            _save_maps(out_dir, result)
+        console.info(f"report written to {out_dir / 'report.json'}")
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2, allow_nan=False))
+    else:
+        click.echo(format_table(report))
+    if fail_under is None:
+        return EXIT_OK
+    return _gate(report, fail_under, to_stderr=fmt == "json")
+
+
+def _save_maps(out_dir: Path, result) -> None:
+    from onnx_sp2ps.report import write_npz
+
+    used: set[str] = set()
+    models = [(result.original, result.original_maps)] + [
+        (c.model, c.maps) for c in result.candidates]
+    for info, maps in models:
+        stem = Path(info.path).stem if info.path else "model"
+        name, k = stem, 2
+        while name in used:
+            name, k = f"{stem}_{k}", k + 1
+        used.add(name)
+        target = out_dir / "maps" / f"{name}.npz"
+        _refuse_foreign(target)
+        write_npz(target, maps.arrays())
+
+
+def _gate(report: dict, fail_under: float, *, to_stderr: bool = False) -> int:
+    from onnx_sp2ps.report import check_report, gate_lines
+
+    checks = check_report(report, fail_under=fail_under)
+    for line in gate_lines(checks):
+        click.echo(line, err=to_stderr)
+    return EXIT_OK if all(c.passed for c in checks) else EXIT_GATE
+
+
+@cli.command()
+@click.argument("report", type=click.Path(path_type=Path))
+@click.option("--fail-under", type=float, required=True, metavar="X",
+              help="Fail (exit 1) when a candidate's Sp2PS mean is below X.")
+@common_options
+def gate(report, fail_under, quiet, debug):
+    """Re-check a saved REPORT.json against a threshold without re-running the models."""
+    from onnx_sp2ps.report import load_report
+
+    if not 0.0 <= fail_under <= 1.0:
+        raise click.BadParameter("must be between 0 and 1", param_hint="--fail-under")
+    return _gate(load_report(report), fail_under)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI and exit with its code; see the module docstring for the codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        code = cli.main(args=args, prog_name="onnx-sp2ps", standalone_mode=False)
+    except click.exceptions.Abort:
+        _err("interrupted")
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        _err("interrupted")
+        code = EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
+    except InputError as exc:
+        _err(f"error: {exc}")
+        code = EXIT_INPUT
+    except UsageError as exc:
+        _err(f"usage error: {exc}")
+        code = EXIT_USAGE
+    except Sp2psError as exc:
+        _err(f"error: {exc}")
+        code = EXIT_INTERNAL
+    except Exception as exc:  # a bug: never let it look like a failed gate
+        if debug:
+            traceback.print_exc()
+        _err(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
+             "traceback, and please report it)")
+        code = EXIT_INTERNAL
+    if code is None:
+        code = EXIT_OK
+    sys.exit(int(code))
+
+
+functools.update_wrapper(main, main)

@@ -1,0 +1,1220 @@
+"""Images and arrays -> float32 batches in a model's layout, with labels.
+
+Two sources are accepted:
+
+* a **folder** of images (searched recursively), decoded and preprocessed here:
+  EXIF orientation, colour mode, resize (or resize + centre crop), scale, mean/std,
+  optional BGR order, channels-first or channels-last;
+* a **preprocessed array file** (``.npy`` or ``.npz``) whose values are used as given.
+
+Labels come from the first-level sub-folder of each image (integer folder names, or
+folder names looked up in a list of class names), or from the ``labels`` array of an
+``.npz`` file.
+
+The module never prints; problems raise :class:`~onnx_sp2ps.errors.DataError`
+(unusable images or arrays), :class:`~onnx_sp2ps.errors.UsageError` (contradictory
+settings) or :class:`~onnx_sp2ps.errors.MismatchError` (a size the model cannot take).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from onnx_sp2ps.errors import DataError, MismatchError, UsageError
+
+__all__ = [
+    "LAYOUTS",
+    "PRESETS",
+    "IMAGE_SUFFIXES",
+    "ARRAY_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "InputSpec",
+    "Preprocess",
+    "ResolvedPreprocess",
+    "Batch",
+    "ImageSet",
+    "parse_size",
+    "preprocess_image",
+    "display_image",
+    "open_images",
+]
+
+LAYOUTS = ("NCHW", "NHWC")
+PRESETS: dict[str, dict[str, Any]] = {
+    "unit": dict(scale=1 / 255, mean=(0.0,), std=(1.0,)),
+    "imagenet": dict(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    "raw": dict(scale=1.0, mean=(0.0,), std=(1.0,)),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ARRAY_SUFFIXES = (".npy", ".npz")
+#: Images with more pixels than this are refused (decompression-bomb guard); the value
+#: is Pillow's default ``Image.MAX_IMAGE_PIXELS``. Pillow's own global is left alone.
+MAX_IMAGE_PIXELS = 89_478_485
+#: Preset name recorded for array files, whose values are used as given.
+ARRAY_PRESET = "array"
+#: Ratio of crop size to resized shorter side in centre-crop mode (224 -> 256).
+CROP_RATIO = 0.875
+
+_NPZ_INPUT_KEYS = ("images", "inputs", "x")
+_NPZ_LABEL_KEYS = ("labels", "y")
+_DECODE_WORKERS = 2
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_PLAIN_MODES = ("1", "L", "LA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV", "LAB")
+_INTEGER_NAME = re.compile(r"[0-9]+")
+# Image.open runs Pillow's decompression-bomb check, which may warn; the warning is
+# turned into an error under this lock so that it never reaches stderr.
+_OPEN_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model's image input takes, as read from the ONNX graph.
+
+    Parameters
+    ----------
+    layout : str
+        ``"NCHW"`` or ``"NHWC"``.
+    channels, height, width : int or None
+        Static sizes, or None where the graph leaves them symbolic.
+    batch : int or None, default None
+        Fixed batch size of the model, or None if dynamic. Recorded only:
+        :meth:`ImageSet.iter_batches` yields the batch size the caller asks for, and the
+        caller splits or pads batches for a model with a fixed batch.
+    """
+
+    layout: str
+    channels: int | None
+    height: int | None
+    width: int | None
+    batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise UsageError(
+                f"input layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}"
+            )
+        for name in ("channels", "height", "width", "batch"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise UsageError(f"input {name} must be a positive integer or None; got {value!r}")
+
+    @property
+    def static_size(self) -> tuple[int, int] | None:
+        """(H, W) when both are static, else None."""
+        if self.height is None or self.width is None:
+            return None
+        return (self.height, self.width)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    """How images are turned into model inputs, as asked by the user.
+
+    Every option left at None takes its value from the preset or from the model;
+    :meth:`resolved` fills them in and validates the whole.
+
+    Parameters
+    ----------
+    preset : {"unit", "imagenet", "raw"}, default "unit"
+        Scale, mean and std to start from (see :data:`PRESETS`).
+    size : (int, int) or None
+        Input size (H, W); None takes the model's static size.
+    center_crop : bool, default False
+        Resize the shorter side to ``round(max(H, W) / 0.875)`` keeping the aspect ratio,
+        then crop the central H x W (the usual ImageNet evaluation transform).
+        Otherwise the image is resized to H x W directly.
+    scale : float or None
+        Pixel values (0..255) are multiplied by it before normalisation.
+    mean, std : tuple of float or None
+        ``x = (pixel * scale - mean) / std`` per channel; one value or one per channel,
+        in RGB order (as in the presets) even with ``bgr``.
+    bgr : bool, default False
+        Feed 3-channel models in BGR order instead of RGB: the channels are reversed
+        after normalisation.
+    layout : {"NCHW", "NHWC"} or None
+        Override of the layout read from the model.
+    """
+
+    preset: str = "unit"
+    size: tuple[int, int] | None = None
+    center_crop: bool = False
+    scale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    bgr: bool = False
+    layout: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise UsageError(
+                f"unknown preprocessing preset {self.preset!r}: use one of {', '.join(PRESETS)}"
+            )
+        if self.size is not None:
+            object.__setattr__(self, "size", _check_size(self.size))
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if self.scale is not None:
+            scale = _check_float("scale", self.scale)
+            if scale <= 0:
+                raise UsageError(f"scale must be positive; got {self.scale!r}")
+            object.__setattr__(self, "scale", scale)
+        if self.mean is not None:
+            object.__setattr__(self, "mean", _check_values("mean", self.mean))
+        if self.std is not None:
+            std = _check_values("std", self.std)
+            if any(v == 0 for v in std):
+                raise UsageError(f"std must be nonzero; got {', '.join(f'{v:g}' for v in std)}")
+            object.__setattr__(self, "std", std)
+
+    def resolved(self, spec: InputSpec) -> ResolvedPreprocess:
+        """Fill every value from the preset and the model, and validate them together.
+
+        Parameters
+        ----------
+        spec : InputSpec
+            The model's image input.
+
+        Returns
+        -------
+        ResolvedPreprocess
+
+        Raises
+        ------
+        UsageError
+            The model's size is dynamic and no size was given; mean or std have a wrong
+            number of values; BGR asked for a 1-channel model.
+        MismatchError
+            A size was given that differs from the model's static size.
+        DataError
+            The model takes a channel count other than 1 or 3, which images cannot feed.
+        """
+        layout = self.layout or spec.layout
+        size = _resolve_size(self.size, spec)
+        channels = 3 if spec.channels is None else spec.channels
+        if channels not in (1, 3):
+            raise DataError(
+                f"the model takes {channels}-channel inputs; image folders can feed 1-channel "
+                "(grey) or 3-channel (RGB) models only: save the inputs as a .npy array in the "
+                "model's layout and pass that instead"
+            )
+        if self.bgr and channels != 3:
+            raise UsageError(
+                "BGR order needs a 3-channel model; this model takes 1 channel: drop --bgr"
+            )
+        scale, mean, std = _values(self, channels)
+        return ResolvedPreprocess(
+            preset=self.preset,
+            size=size,
+            center_crop=self.center_crop,
+            scale=scale,
+            mean=mean,
+            std=std,
+            bgr=self.bgr,
+            layout=layout,
+            channels=channels,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedPreprocess:
+    """Preprocessing with every value filled in; what was actually applied.
+
+    Parameters
+    ----------
+    preset : str
+        Name of the preset the values started from, or ``"array"`` for array files,
+        whose values are used as given (then ``scale``, ``mean``, ``std`` and ``bgr``
+        only say how the array was made, to invert it for display).
+    size : (int, int)
+        Input size (H, W).
+    center_crop : bool
+        Resize the shorter side to :attr:`resize_shorter`, then crop the centre.
+    scale : float
+    mean, std : tuple of float
+        One value per channel.
+    bgr : bool
+    layout : {"NCHW", "NHWC"}
+    channels : int
+    """
+
+    preset: str
+    size: tuple[int, int]
+    center_crop: bool
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    bgr: bool
+    layout: str
+    channels: int
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise UsageError(f"mean and std must have one value per channel ({self.channels})")
+
+    @property
+    def applied(self) -> bool:
+        """False for array files, whose values are used as given."""
+        return self.preset != ARRAY_PRESET
+
+    @property
+    def resize_shorter(self) -> int | None:
+        """Shorter side before the centre crop, or None without centre crop."""
+        if not self.center_crop:
+            return None
+        return int(round(max(self.size) / CROP_RATIO))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description, for the report.
+
+        Returns
+        -------
+        dict
+            The fields, plus ``applied`` and ``resize_shorter``.
+        """
+        return {
+            "preset": self.preset,
+            "applied": self.applied,
+            "size": [int(self.size[0]), int(self.size[1])],
+            "center_crop": bool(self.center_crop),
+            "resize_shorter": self.resize_shorter,
+            "scale": float(self.scale),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "bgr": bool(self.bgr),
+            "layout": self.layout,
+            "channels": int(self.channels),
+        }
+
+    def describe(self) -> str:
+        """One line, e.g. ``"unit: 64x64 RGB NCHW, x*0.00392157, mean 0 std 1"``.
+
+        Returns
+        -------
+        str
+        """
+        height, width = self.size
+        if not self.applied:
+            return (
+                f"{self.preset}: {height}x{width} {self.channels}-channel {self.layout}, "
+                "values as given (no preprocessing)"
+            )
+        colour = {1: "grey", 3: "BGR" if self.bgr else "RGB"}.get(
+            self.channels, f"{self.channels}-channel"
+        )
+        crop = f", resize {self.resize_shorter} + centre crop" if self.center_crop else ""
+        return (
+            f"{self.preset}: {height}x{width} {colour} {self.layout}{crop}, x*{self.scale:.6g}, "
+            f"mean {_format_values(self.mean)} std {_format_values(self.std)}"
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_size(size: object) -> tuple[int, int]:
+    if not isinstance(size, Sequence) or isinstance(size, str) or len(size) != 2:
+        raise UsageError(f"size must be (height, width); got {size!r}")
+    if not all(_is_int(v) and v > 0 for v in size):
+        raise UsageError(f"size must be two positive integers (height, width); got {size!r}")
+    return (int(size[0]), int(size[1]))
+
+
+def _check_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UsageError(f"{name} must be a number; got {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise UsageError(f"{name} must be finite; got {value!r}")
+    return result
+
+
+def _check_values(name: str, values: object) -> tuple[float, ...]:
+    if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
+        values = (values,)
+    if not isinstance(values, Sequence) or isinstance(values, str) or len(values) == 0:
+        raise UsageError(f"{name} must be one number or one per channel; got {values!r}")
+    return tuple(_check_float(name, v) for v in values)
+
+
+def _per_channel(name: str, values: Sequence[float], channels: int) -> tuple[float, ...]:
+    if len(values) == 1:
+        return tuple(float(values[0]) for _ in range(channels))
+    if len(values) != channels:
+        raise UsageError(
+            f"{name} has {len(values)} values but the model takes {channels} channel(s): "
+            f"give 1 value or {channels}"
+        )
+    return tuple(float(v) for v in values)
+
+
+def _values(pre: Preprocess, channels: int) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
+    """Scale, mean and std (one per channel) from the preset and the overrides."""
+    preset = PRESETS[pre.preset]
+    scale = float(preset["scale"] if pre.scale is None else pre.scale)
+    mean = _per_channel("mean", preset["mean"] if pre.mean is None else pre.mean, channels)
+    std = _per_channel("std", preset["std"] if pre.std is None else pre.std, channels)
+    return scale, mean, std
+
+
+def _format_values(values: Sequence[float]) -> str:
+    if all(v == values[0] for v in values):
+        return f"{values[0]:g}"
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _format_size(size: tuple[int | None, int | None]) -> str:
+    return "x".join("?" if v is None else str(v) for v in size)
+
+
+def _resolve_size(size: tuple[int, int] | None, spec: InputSpec) -> tuple[int, int]:
+    model = (spec.height, spec.width)
+    if size is None:
+        if spec.static_size is None:
+            raise UsageError(
+                f"the model's input size is dynamic ({_format_size(model)}): pass --size HxW"
+            )
+        return spec.static_size
+    if any(m is not None and m != s for m, s in zip(model, size)):
+        raise MismatchError(
+            f"the model takes {_format_size(model)} inputs but the size asked is "
+            f"{size[0]}x{size[1]}: drop --size or pass {_format_size(model)}"
+        )
+    return size
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse an input size given on the command line.
+
+    Parameters
+    ----------
+    text : str
+        ``"HxW"`` (e.g. ``"224x160"``) or a single number for a square size.
+
+    Returns
+    -------
+    (int, int)
+        (H, W).
+
+    Raises
+    ------
+    UsageError
+        The text is not one or two positive integers.
+
+    Examples
+    --------
+    >>> parse_size("224x160")
+    (224, 160)
+    >>> parse_size("64")
+    (64, 64)
+    """
+    parts = re.split(r"\s*[xX×]\s*", str(text).strip())
+    if len(parts) in (1, 2) and all(re.fullmatch(r"[0-9]+", p) for p in parts):
+        values = [int(p) for p in parts]
+        if all(v > 0 for v in values):
+            return (values[0], values[-1])
+    raise UsageError(f"size must be HxW or one number, e.g. 224x224 or 224; got {text!r}")
+
+
+# --------------------------------------------------------------------------- images
+
+
+class _DecodeFailure(Exception):
+    """An image file cannot be used; the message is the reason."""
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greys to 8-bit 'L'.
+
+    'I;16*' and 'I' are read as 16-bit (0..65535 -> 0..255, values outside clipped);
+    'F' is read as 0..1 when its maximum is at most 1, as 0..255 when at most 255,
+    else as 16-bit. NaN becomes 0.
+    """
+    values = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        peak = float(values.max()) if values.size else 0.0
+        if peak <= 1.0:
+            values = values * 255.0
+        elif peak > 255.0:
+            values = values / 257.0
+    else:
+        values = values / 257.0
+    return Image.fromarray(np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8))
+
+
+def _to_model_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Apply the EXIF orientation and convert to 'RGB' (3 channels) or 'L' (1 channel).
+
+    Alpha is dropped (not composited); palette images go through RGBA; CMYK, YCbCr,
+    HSV and LAB through RGB; deep greys are scaled to 0..255 (see :func:`_high_depth_to_l`).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _HIGH_DEPTH_MODES:
+        image = _high_depth_to_l(image)
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    elif image.mode not in _PLAIN_MODES:
+        raise _DecodeFailure(f"unsupported image mode {image.mode!r}")
+    if channels == 3:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode in ("L", "1", "LA"):
+        return image.convert("L")
+    return image.convert("RGB").convert("L")
+
+
+def _resize(image: Image.Image, pre: ResolvedPreprocess) -> Image.Image:
+    """Resize to pre.size, or resize the shorter side and crop the centre."""
+    height, width = pre.size
+    if not pre.center_crop:
+        return image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+    shorter = pre.resize_shorter
+    assert shorter is not None
+    old_w, old_h = image.size
+    # Same arithmetic as torchvision's Resize(int) and CenterCrop.
+    if old_w <= old_h:
+        new_w, new_h = shorter, int(shorter * old_h / old_w)
+    else:
+        new_w, new_h = int(shorter * old_w / old_h), shorter
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    top = int(round((new_h - height) / 2.0))
+    left = int(round((new_w - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
+def _normalise(pixels: np.ndarray, pre: ResolvedPreprocess) -> np.ndarray:
+    """uint8 (H, W) or (H, W, C) -> float32 model input of one image."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if abs(pre.scale * 255.0 - 1.0) < 1e-12:
+        x = pixels.astype(np.float32) / np.float32(255.0)  # equals torch's x.float() / 255.0
+    else:
+        x = pixels.astype(np.float32) * np.float32(pre.scale)
+    mean = np.asarray(pre.mean, dtype=np.float32)
+    std = np.asarray(pre.std, dtype=np.float32)
+    if np.any(mean != 0):
+        x = x - mean
+    if np.any(std != 1):
+        x = x / std
+    if pre.bgr:
+        x = x[:, :, ::-1]
+    if pre.layout == "NCHW":
+        x = x.transpose(2, 0, 1)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def preprocess_image(image: Image.Image, pre: ResolvedPreprocess) -> np.ndarray:
+    """Turn one image into one model input.
+
+    Steps: EXIF orientation; colour mode ('RGB' for 3-channel models, 'L' for 1-channel;
+    alpha dropped; 16-bit and float greys scaled to 0..255); resize to ``pre.size`` with
+    bilinear filtering (or shorter side to ``pre.resize_shorter`` then centre crop);
+    then, per channel,
+
+    .. math:: x = (p \\cdot \\mathrm{scale} - \\mathrm{mean}) / \\mathrm{std}
+
+    in float32 (with scale 1/255 computed as ``p / 255``, which equals PyTorch's
+    ``x.float() / 255.0`` bit for bit); BGR order if asked; channels first for NCHW.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+    pre : ResolvedPreprocess
+
+    Returns
+    -------
+    numpy.ndarray
+        (C, H, W) for NCHW or (H, W, C) for NHWC, float32, C-contiguous.
+
+    Raises
+    ------
+    DataError
+        The image's colour mode is not supported.
+    """
+    return _normalise(_model_pixels(image, pre), pre)
+
+
+def display_image(image: Image.Image, pre: ResolvedPreprocess) -> np.ndarray:
+    """The image as the model sees it, for overlays: same orientation, resize and crop.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+    pre : ResolvedPreprocess
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W, 3) uint8 RGB; grey (for 1-channel models) replicated to 3 channels.
+
+    Raises
+    ------
+    DataError
+        The image's colour mode is not supported.
+    """
+    return _as_rgb(_model_pixels(image, pre))
+
+
+def _model_pixels(image: Image.Image, pre: ResolvedPreprocess) -> np.ndarray:
+    """uint8 pixels in the model's colour mode, resized/cropped to the model's size."""
+    try:
+        image = _to_model_mode(image, pre.channels)
+    except _DecodeFailure as exc:
+        raise DataError(f"cannot use the image: {exc}") from None
+    return np.asarray(_resize(image, pre))
+
+
+def _as_rgb(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> (H, W, 3) uint8, C-contiguous."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] not in (1, 3):  # other channel counts (arrays only): their mean
+        pixels = np.rint(pixels.mean(axis=2, keepdims=True))
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return np.ascontiguousarray(pixels, dtype=np.uint8)
+
+
+def _open_image(path: Path, channels: int) -> Image.Image:
+    """Open, size-check, decode and convert one file (see :func:`_to_model_mode`).
+
+    Any failure is a :class:`_DecodeFailure`: the file is refused before decoding when it
+    has more than :data:`MAX_IMAGE_PIXELS` pixels, and whatever Pillow raises on a
+    corrupt or truncated file is caught.
+    """
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = Image.open(path)
+        with handle as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _DecodeFailure(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{MAX_IMAGE_PIXELS} (decompression-bomb guard)"
+                )
+            image.load()
+            return _to_model_mode(image, channels)
+    except _DecodeFailure:
+        raise
+    except MemoryError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _DecodeFailure(f"refused as a possible decompression bomb: {exc}") from None
+    except Exception as exc:  # Pillow raises many types on corrupt files
+        raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- image set
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A run of consecutive images of an :class:`ImageSet`, minus any that were skipped.
+
+    Attributes
+    ----------
+    indices : numpy.ndarray
+        (B,) int64 positions in the ImageSet of the images in this batch.
+    inputs : numpy.ndarray
+        (B, C, H, W) or (B, H, W, C) float32, C-contiguous.
+    """
+
+    indices: np.ndarray
+    inputs: np.ndarray
+
+
+class ImageSet:
+    """Images to feed a model: where they are, their labels and how they are prepared.
+
+    Made by :func:`open_images`.
+
+    Attributes
+    ----------
+    source : str
+        The folder or array file as given.
+    kind : {"folder", "array"}
+    paths : list of str
+        Display names: path relative to the folder (posix) or ``"file.npy[i]"``.
+    labels : numpy.ndarray or None
+        (N,) int64, -1 where unknown; None when no image has a label.
+    class_names : list of str or None
+    label_source : str
+        Where the labels came from, or why there are none (for diagnostics).
+    preprocess : ResolvedPreprocess
+    spec : InputSpec
+        The model's input, as given to :func:`open_images`.
+    strict : bool
+        Raise on the first image that cannot be decoded instead of skipping it.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        kind: Literal["folder", "array"],
+        paths: list[str],
+        labels: np.ndarray | None,
+        class_names: list[str] | None,
+        label_source: str,
+        preprocess: ResolvedPreprocess,
+        spec: InputSpec,
+        strict: bool = False,
+        files: list[Path] | None = None,
+        array: np.ndarray | None = None,
+    ) -> None:
+        self.source = source
+        self.kind = kind
+        self.paths = paths
+        self.labels = labels
+        self.class_names = class_names
+        self.label_source = label_source
+        self.preprocess = preprocess
+        self.spec = spec
+        self.strict = strict
+        self._files = files
+        self._array = array
+        self._failures: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageSet({self.source!r}, kind={self.kind!r}, n={len(self)}, "
+            f"{self.preprocess.describe()!r})"
+        )
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of the images that could not be decoded, in order.
+
+        Filled as batches are read: complete only after a full pass of
+        :meth:`iter_batches`.
+        """
+        return [(self.paths[i], reason) for i, reason in sorted(self._failures.items())]
+
+    def iter_batches(self, batch_size: int) -> Iterator[Batch]:
+        """Yield the images as float32 batches, in order.
+
+        Folder images are decoded by a pool of 2 threads; the next batch is decoded while
+        the caller works on the current one. Each batch covers the next ``batch_size``
+        positions; images that cannot be decoded are left out (and listed in
+        :attr:`skipped`), so a batch may be smaller, and a batch with no usable image is
+        not yielded. The batch size is not adjusted to :attr:`InputSpec.batch`: a caller
+        feeding a model with a fixed batch splits or pads.
+
+        Parameters
+        ----------
+        batch_size : int
+            Images per batch, at least 1.
+
+        Yields
+        ------
+        Batch
+
+        Raises
+        ------
+        UsageError
+            batch_size is not a positive integer.
+        DataError
+            With ``strict``, the first image that cannot be decoded (named).
+        """
+        if not _is_int(batch_size) or batch_size < 1:
+            raise UsageError(f"batch size must be a positive integer; got {batch_size!r}")
+        if self.kind == "array":
+            return self._iter_array(int(batch_size))
+        return self._iter_folder(int(batch_size))
+
+    def _iter_array(self, batch_size: int) -> Iterator[Batch]:
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield Batch(
+                indices=np.arange(start, stop, dtype=np.int64),
+                inputs=self._array_inputs(slice(start, stop)),
+            )
+
+    def _array_inputs(self, index: slice) -> np.ndarray:
+        assert self._array is not None
+        inputs = np.asarray(self._array[index])
+        if inputs.ndim == 3:  # (N, H, W) grey
+            inputs = inputs[:, None] if self.preprocess.layout == "NCHW" else inputs[..., None]
+        return np.ascontiguousarray(inputs, dtype=np.float32)
+
+    def _load(self, index: int) -> tuple[np.ndarray | None, str | None]:
+        assert self._files is not None
+        try:
+            image = _open_image(self._files[index], self.preprocess.channels)
+            image = _resize(image, self.preprocess)
+        except _DecodeFailure as exc:
+            return None, str(exc)
+        return _normalise(np.asarray(image), self.preprocess), None
+
+    def _iter_folder(self, batch_size: int) -> Iterator[Batch]:
+        pool = ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="sp2ps-decode")
+        starts = iter(range(0, len(self), batch_size))
+        pending: list[Future] = []
+
+        def submit(start: int | None) -> list[Future]:
+            if start is None:
+                return []
+            stop = min(start + batch_size, len(self))
+            return [pool.submit(self._load, i) for i in range(start, stop)]
+
+        try:
+            first = next(starts, None)
+            offset = first
+            pending = submit(first)
+            while pending:
+                results = [future.result() for future in pending]
+                assert offset is not None
+                following = next(starts, None)
+                pending = submit(following)  # decodes while the caller works on this batch
+                batch = self._collect(offset, results)
+                offset = following
+                if batch is not None:
+                    yield batch
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _collect(
+        self, start: int, results: list[tuple[np.ndarray | None, str | None]]
+    ) -> Batch | None:
+        indices: list[int] = []
+        inputs: list[np.ndarray] = []
+        for index, (values, reason) in enumerate(results, start):
+            if values is None:
+                if self.strict:
+                    raise DataError(
+                        f"cannot use image {self.paths[index]} in {self.source}: {reason}"
+                    )
+                self._failures[index] = str(reason)
+                continue
+            self._failures.pop(index, None)
+            indices.append(index)
+            inputs.append(values)
+        if not indices:
+            return None
+        return Batch(indices=np.asarray(indices, dtype=np.int64), inputs=np.stack(inputs))
+
+    def display_image(self, index: int) -> np.ndarray:
+        """One image as the model sees it, for overlays.
+
+        For folders the file is decoded again and resized/cropped as for the model.
+        For arrays the recorded scale, mean and std are inverted, values clipped to
+        0..255 (NaN -> 0), BGR swapped back and grey replicated.
+
+        Parameters
+        ----------
+        index : int
+            Position in the set (negative counts from the end).
+
+        Returns
+        -------
+        numpy.ndarray
+            (H, W, 3) uint8 RGB.
+
+        Raises
+        ------
+        IndexError
+            index is out of range.
+        DataError
+            The image file cannot be decoded.
+        """
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"image index {index} out of range for {len(self)} images")
+        index = int(index) % len(self)
+        pre = self.preprocess
+        if self.kind == "folder":
+            assert self._files is not None
+            try:
+                image = _open_image(self._files[index], pre.channels)
+            except _DecodeFailure as exc:
+                raise DataError(
+                    f"cannot use image {self.paths[index]} in {self.source}: {exc}"
+                ) from None
+            return _as_rgb(np.asarray(_resize(image, pre)))
+        x = self._array_inputs(slice(index, index + 1))[0].astype(np.float64)
+        if pre.layout == "NCHW":
+            x = x.transpose(1, 2, 0)
+        if pre.bgr and x.shape[2] == 3:
+            x = x[:, :, ::-1]  # back to RGB, the order of mean and std
+        x = x * np.asarray(pre.std) + np.asarray(pre.mean)
+        x = np.nan_to_num(x / pre.scale, nan=0.0, posinf=255.0, neginf=0.0)
+        return _as_rgb(np.rint(np.clip(x, 0.0, 255.0)).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_images(
+    path: str | os.PathLike[str],
+    *,
+    spec: InputSpec,
+    preprocess: Preprocess = Preprocess(),
+    class_names: str | os.PathLike[str] | list[str] | None = None,
+    strict: bool = False,
+) -> ImageSet:
+    """Open a folder of images or a preprocessed array file for a model.
+
+    Nothing is decoded yet (array files are memory-mapped): decoding happens in
+    :meth:`ImageSet.iter_batches`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A folder, searched recursively for :data:`IMAGE_SUFFIXES` (any case; hidden files
+        and folders ignored; sorted by relative posix path), or a ``.npy`` / ``.npz``
+        file of float inputs in the model's layout.
+    spec : InputSpec
+        The model's image input.
+    preprocess : Preprocess, optional
+        How to prepare images. For array files nothing is applied; scale, mean, std and
+        bgr then say how the array was made (used to display it), and ``size`` and
+        ``center_crop`` must not ask for a change.
+    class_names : path, list of str or None
+        Class names, a file with one per line (blank lines ignored) or a list. Sub-folder
+        names are looked up in them (an integer folder name is also taken as an index).
+        Without them, labels come from sub-folders only when all are named by integers.
+    strict : bool, default False
+        Raise on the first image that cannot be decoded instead of skipping it.
+
+    Returns
+    -------
+    ImageSet
+
+    Raises
+    ------
+    DataError
+        The path is missing, holds no images, is not a folder nor an array file; a
+        sub-folder name is not a known class; an array is unusable.
+    UsageError
+        Contradictory settings (see :meth:`Preprocess.resolved`).
+    MismatchError
+        The size asked or the array's shape does not fit the model.
+    """
+    root = Path(path)
+    names = _read_class_names(class_names)
+    if not root.exists():
+        raise DataError(
+            f"image path {root} does not exist: pass a folder of images "
+            f"({', '.join(IMAGE_SUFFIXES)}) or a .npy/.npz array file"
+        )
+    if root.is_dir():
+        opener = _open_folder
+    elif root.suffix.lower() in ARRAY_SUFFIXES:
+        opener = _open_array
+    else:
+        raise DataError(
+            f"{root} is neither a folder of images nor a .npy/.npz array file: "
+            "put the images in a folder and pass the folder"
+        )
+    return opener(root, spec=spec, preprocess=preprocess, class_names=names, strict=strict)
+
+
+def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) -> list[str] | None:
+    if class_names is None:
+        return None
+    if isinstance(class_names, (str, os.PathLike)):
+        source = Path(class_names)
+        try:
+            text = source.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read the class names file {source}: {exc}") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not names:
+            raise DataError(
+                f"the class names file {source} is empty: write one class name per line"
+            )
+        return names
+    names = [str(name).strip() for name in class_names]
+    if not names:
+        raise DataError("the list of class names is empty")
+    return names
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[str]]:
+    """Relative posix paths of the images under root, sorted; and some other suffixes."""
+    found: list[str] = []
+    others: set[str] = set()
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        relative = PurePosixPath(Path(folder).relative_to(root).as_posix())
+        for name in files:
+            if name.startswith("."):
+                continue
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_SUFFIXES:
+                found.append((relative / name).as_posix())
+            elif len(others) < 5:
+                others.add(suffix or name)
+    return sorted(found), sorted(others)
+
+
+def _folder_labels(
+    paths: list[str], class_names: list[str] | None
+) -> tuple[np.ndarray | None, str]:
+    folders = [p.split("/")[0] if "/" in p else None for p in paths]
+    used = sorted({f for f in folders if f is not None})
+    if not used:
+        return None, "none: the images are not in sub-folders"
+    if class_names is None:
+        if not all(_INTEGER_NAME.fullmatch(f) for f in used):
+            return None, (
+                "none: sub-folder names are not class indices; pass class names to use "
+                "them as labels"
+            )
+        mapping = {f: int(f) for f in used}
+        source = "integer sub-folder names"
+    else:
+        positions: dict[str, list[int]] = {}
+        for i, name in enumerate(class_names):
+            positions.setdefault(name, []).append(i)
+        mapping = {}
+        unknown: list[str] = []
+        for f in used:
+            if f in positions:
+                if len(positions[f]) > 1:
+                    raise DataError(
+                        f"sub-folder {f!r} is ambiguous: the class names list it at positions "
+                        f"{', '.join(map(str, positions[f]))}; rename the folder to its index"
+                    )
+                mapping[f] = positions[f][0]
+            elif _INTEGER_NAME.fullmatch(f) and int(f) < len(class_names):
+                mapping[f] = int(f)
+            else:
+                unknown.append(f)
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:10])
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise DataError(
+                f"{len(unknown)} sub-folder name(s) are not among the {len(class_names)} class "
+                f"names nor a class index: {shown}{more}; rename the folders or fix the class names"
+            )
+        source = "sub-folder names looked up in the class names"
+    labels = np.asarray([-1 if f is None else mapping[f] for f in folders], dtype=np.int64)
+    return labels, source
+
+
+def _open_folder(
+    root: Path,
+    *,
+    spec: InputSpec,
+    preprocess: Preprocess,
+    class_names: list[str] | None,
+    strict: bool,
+) -> ImageSet:
+    pre = preprocess.resolved(spec)
+    paths, others = _scan_folder(root)
+    if not paths:
+        hint = f" (found only {', '.join(others)} files)" if others else ""
+        raise DataError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root} or its sub-folders{hint}: "
+            "pass a folder that holds images, or a .npy/.npz array file"
+        )
+    labels, source = _folder_labels(paths, class_names)
+    return ImageSet(
+        source=str(root),
+        kind="folder",
+        paths=paths,
+        labels=labels,
+        class_names=class_names,
+        label_source=source,
+        preprocess=pre,
+        spec=spec,
+        strict=strict,
+        files=[root / p for p in paths],
+    )
+
+
+def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(inputs, labels or None, description of where they came from)."""
+    try:
+        if path.suffix.lower() == ".npy":
+            inputs = np.load(path, mmap_mode="r", allow_pickle=False)
+            return inputs, None, "none: a .npy file holds no labels"
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.files)
+            input_key = next((k for k in _NPZ_INPUT_KEYS if k in keys), None)
+            label_key = next((k for k in _NPZ_LABEL_KEYS if k in keys), None)
+            if input_key is None:
+                rest = [k for k in keys if k != label_key]
+                if len(rest) != 1:
+                    raise DataError(
+                        f"{path} holds arrays {', '.join(keys) or '(none)'}: name the inputs "
+                        f"'images' (or {' or '.join(repr(k) for k in _NPZ_INPUT_KEYS[1:])}) "
+                        "and the labels 'labels'"
+                    )
+                input_key = rest[0]
+            inputs = archive[input_key]
+            labels = None if label_key is None else archive[label_key]
+            source = f"no labels in {path.name}" if label_key is None else f"array {label_key!r}"
+            return inputs, labels, source
+    except ValueError as exc:
+        if "object" in str(exc).lower() or "pickle" in str(exc).lower():
+            raise DataError(
+                f"{path}: arrays with Python objects are refused; save plain float arrays"
+            ) from None
+        raise DataError(f"cannot read {path}: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    except Exception as exc:  # zipfile.BadZipFile and friends on corrupt files
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_array_shape(
+    path: Path, inputs: np.ndarray, spec: InputSpec, layout: str
+) -> tuple[int, int, int]:
+    """Validate an input array against the model; return its (C, H, W)."""
+    if inputs.dtype.hasobject:
+        raise DataError(f"{path}: arrays with Python objects are refused; save plain float arrays")
+    if not np.issubdtype(inputs.dtype, np.floating):
+        raise DataError(
+            f"{path} holds {inputs.dtype} values; arrays are used as given, so they must be "
+            "preprocessed floats (float16/32/64): save float32 inputs, or pass a folder of images"
+        )
+    grey_ok = spec.channels in (None, 1)
+    if inputs.ndim == 3 and grey_ok:
+        n, height, width = inputs.shape
+        channels = 1
+    elif inputs.ndim == 4:
+        if layout == "NCHW":
+            n, channels, height, width = inputs.shape
+        else:
+            n, height, width, channels = inputs.shape
+    else:
+        expected = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
+        extra = " or (N, H, W) for a 1-channel model" if grey_ok else ""
+        raise DataError(
+            f"{path} holds a {inputs.ndim}-D array of shape {tuple(inputs.shape)}; inputs must be "
+            f"{expected}{extra}, in the model's {layout} layout"
+        )
+    if n == 0:
+        raise DataError(f"{path} holds no inputs (shape {tuple(inputs.shape)}): save at least one")
+    if min(channels, height, width) < 1:
+        raise DataError(f"{path} holds inputs of empty shape {tuple(inputs.shape)}")
+    model = (spec.channels, spec.height, spec.width)
+    if any(m is not None and m != g for m, g in zip(model, (channels, height, width))):
+        want = "x".join("?" if v is None else str(v) for v in model)
+        got = f"{channels}x{height}x{width}"
+        hint = ""
+        if inputs.ndim == 4:  # would the other layout fit?
+            _, a, b, c = inputs.shape
+            other, name, axes = ((c, a, b), "NHWC", "(0, 3, 1, 2)") if layout == "NCHW" else (
+                (a, b, c), "NCHW", "(0, 2, 3, 1)"
+            )
+            if all(m is None or m == g for m, g in zip(model, other)):
+                hint = f"; the array looks {name}: use np.transpose(x, {axes})"
+        raise MismatchError(
+            f"{path} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as {layout}) "
+            f"but the model takes {want}{hint}"
+        )
+    return int(channels), int(height), int(width)
+
+
+def _check_array_labels(
+    path: Path, labels: np.ndarray, n: int, class_names: list[str] | None
+) -> np.ndarray | None:
+    labels = np.asarray(labels)
+    if labels.dtype.hasobject or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: labels must be integers; got {labels.dtype}: save them as int64")
+    if labels.shape != (n,):
+        raise DataError(
+            f"{path}: labels have shape {labels.shape} but there are {n} inputs: save (N,) labels"
+        )
+    labels = labels.astype(np.int64)
+    if np.any(labels < -1):
+        raise DataError(
+            f"{path}: labels must be class indices, or -1 where unknown; "
+            f"found {int(labels.min())}"
+        )
+    if class_names is not None and labels.size and int(labels.max()) >= len(class_names):
+        raise DataError(
+            f"{path}: label {int(labels.max())} is out of range for the "
+            f"{len(class_names)} class names"
+        )
+    if np.all(labels == -1):
+        return None
+    return labels
+
+
+def _open_array(
+    path: Path,
+    *,
+    spec: InputSpec,
+    preprocess: Preprocess,
+    class_names: list[str] | None,
+    strict: bool,
+) -> ImageSet:
+    layout = preprocess.layout or spec.layout
+    inputs, raw_labels, label_source = _load_arrays(path)
+    channels, height, width = _check_array_shape(path, inputs, spec, layout)
+    if preprocess.center_crop:
+        raise UsageError(
+            "arrays are used as given, so centre crop cannot apply: drop --center-crop"
+        )
+    if preprocess.size is not None and preprocess.size != (height, width):
+        raise UsageError(
+            f"arrays are used as given: {path.name} holds {height}x{width} inputs but the "
+            f"size asked is {preprocess.size[0]}x{preprocess.size[1]}: drop --size"
+        )
+    if preprocess.bgr and channels != 3:
+        raise UsageError(f"BGR order needs 3 channels; {path.name} holds {channels}: drop --bgr")
+    scale, mean, std = _values(preprocess, channels)
+    n = int(inputs.shape[0])
+    labels = None if raw_labels is None else _check_array_labels(path, raw_labels, n, class_names)
+    if raw_labels is not None and labels is None:
+        label_source = f"none: every label in {label_source} is -1"
+    pre = ResolvedPreprocess(
+        preset=ARRAY_PRESET,
+        size=(height, width),
+        center_crop=False,
+        scale=scale,
+        mean=mean,
+        std=std,
+        bgr=preprocess.bgr,
+        layout=layout,
+        channels=channels,
+    )
+    return ImageSet(
+        source=str(path),
+        kind="array",
+        paths=[f"{path.name}[{i}]" for i in range(n)],
+        labels=labels,
+        class_names=class_names,
+        label_source=label_source,
+        preprocess=pre,
+        spec=spec,
+        strict=strict,
+        array=inputs,
+    )

@@ -1,0 +1,322 @@
+"""Results out: report.json, the text table, maps (.npz) and PNG overlays.
+
+Files are written atomically (a temporary file in the same folder, then renamed), so an
+interrupted run never leaves a half-written report.  This module chooses no exit code
+and prints nothing: it returns strings and writes files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from onnx_sp2ps.errors import ReportError
+
+__all__ = [
+    "audit_to_dict",
+    "format_table",
+    "gate_lines",
+    "GateCheck",
+    "check_report",
+    "load_report",
+    "write_atomic",
+    "write_json",
+    "write_npz",
+    "overlay_image",
+    "write_png",
+    "prepare_out_dir",
+    "colormap",
+]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def prepare_out_dir(path: str | Path) -> Path:
+    """Create ``path`` (and parents) and check it can be written, before a long run."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ReportError(f"--out {p} is a file, not a folder: choose a folder path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".sp2ps-write-test-"):
+            pass
+    except OSError as exc:
+        raise ReportError(f"cannot write to --out {p}: {exc.strerror or exc}") from exc
+    return p
+
+
+def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write a file through ``write(handle)`` into a temporary file, then rename it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return p
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    text = json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    return write_atomic(path, lambda h: h.write(text.encode("utf-8")))
+
+
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    return write_atomic(path, lambda h: np.savez_compressed(h, **arrays))
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _num(x) -> float | None:
+    """A JSON-safe float: None for missing or non-finite values."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def audit_to_dict(result, *, schema_version: int) -> dict:
+    """report.json content of an :class:`onnx_sp2ps.audit.AuditResult` (README documents
+    the schema)."""
+    labels = result.labels
+    paths = result.paths
+    candidates = []
+    for cand in result.candidates:
+        rows = []
+        for i, path in enumerate(paths):
+            rows.append({
+                "path": path,
+                "label": None if labels is None or labels[i] < 0 else int(labels[i]),
+                "target": int(cand.targets[i]),
+                "target_original": int(result.original_targets[i]),
+                "prediction_original": int(result.original_predictions[i]),
+                "prediction_candidate": int(cand.predictions[i]),
+                "confidence_original": _num(result.original_confidence[i]),
+                "confidence_candidate": _num(cand.confidence[i]),
+                "spatial": _num(cand.scores.spatial[i]),
+                "spectral": _num(cand.scores.spectral[i]),
+                "score": _num(cand.scores.score[i]),
+                "finite": bool(cand.scores.finite[i]),
+                "flat_original": bool(cand.scores.flat_a[i]),
+                "flat_candidate": bool(cand.scores.flat_b[i]),
+            })
+        summary = {k: (_num(v) if isinstance(v, float) else v)
+                   for k, v in cand.summary.to_dict().items()}
+        threshold = result.settings.threshold
+        candidates.append({
+            "model": cand.model.to_dict(),
+            "sp2ps": summary,
+            "agreement": _num(cand.agreement),
+            "accuracy": _num(cand.accuracy),
+            "confidence_drop": _num(cand.confidence_drop),
+            "non_finite_images": list(cand.non_finite_paths),
+            "gate": None if threshold is None else {
+                "fail_under": threshold,
+                "passed": bool(cand.passed(threshold)),
+            },
+            "images": rows,
+        })
+    return {
+        "schema_version": schema_version,
+        "tool": "onnx-sp2ps",
+        "versions": dict(result.versions),
+        "settings": result.settings.to_dict(),
+        "preprocess": result.preprocess,
+        "providers": {
+            "requested": result.settings.provider,
+            "used": list(result.original.providers),
+            "note": result.provider_note,
+        },
+        "images": {
+            "source": result.images.source,
+            "scored": int(len(result.indices)),
+            "skipped": [{"path": p, "reason": r} for p, r in result.images.skipped],
+            "labelled": labels is not None and bool((labels >= 0).any()),
+        },
+        "original": {
+            "model": result.original.to_dict(),
+            "accuracy": _num(result.original_accuracy),
+        },
+        "candidates": candidates,
+        "passed": (None if result.settings.threshold is None
+                   else bool(result.passed(result.settings.threshold))),
+    }
+
+
+def load_report(path: str | Path) -> dict:
+    """Read a report.json written by ``audit`` (ReportError when it is not one)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"report not found: {p}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read report {p}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("tool") != "onnx-sp2ps" \
+            or not isinstance(data.get("candidates"), list):
+        raise ReportError(f"{p} is not an onnx-sp2ps report.json")
+    return data
+
+
+# --------------------------------------------------------------------------- gate
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One candidate against one threshold."""
+
+    candidate: str
+    criterion: str
+    value: float | None
+    threshold: float
+    passed: bool
+
+
+def check_report(report: dict, *, fail_under: float) -> list[GateCheck]:
+    """Sp2PS mean of every candidate against ``fail_under``; missing or NaN fails."""
+    checks = []
+    for cand in report.get("candidates", []):
+        name = (cand.get("model") or {}).get("name") or "candidate"
+        value = (cand.get("sp2ps") or {}).get("mean")
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= fail_under
+        checks.append(GateCheck(candidate=name, criterion="sp2ps mean",
+                                value=float(value) if isinstance(value, (int, float)) else None,
+                                threshold=float(fail_under), passed=bool(ok)))
+    if not checks:
+        checks.append(GateCheck("(none)", "sp2ps mean", None, float(fail_under), False))
+    return checks
+
+
+def gate_lines(checks: list[GateCheck]) -> list[str]:
+    """One line per check, then the verdict: ``PASSED | ...`` or ``FAILED | ...``."""
+    lines = []
+    for c in checks:
+        value = "missing" if c.value is None else f"{c.value:.6f}"
+        op = ">=" if c.passed else "<" if c.value is not None else "vs"
+        lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.candidate}: {c.criterion} "
+                     f"{value} {op} {c.threshold:.6f}")
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        worst = ", ".join(f"{c.candidate} {c.criterion} "
+                          f"{'missing' if c.value is None else f'{c.value:.6f}'}"
+                          for c in failed)
+        lines.append(f"FAILED | {len(failed)}/{len(checks)} below {checks[0].threshold:.6f} "
+                     f"| {worst}")
+    else:
+        low = min(checks, key=lambda c: c.value)
+        lines.append(f"PASSED | {len(checks)}/{len(checks)} at or above "
+                     f"{checks[0].threshold:.6f} | lowest {low.candidate} {low.value:.6f}")
+    return lines
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan"
+    return f"{x:.{digits}f}"
+
+
+def format_table(report: dict) -> str:
+    """The audit table printed on stdout, from the report dict."""
+    orig = report["original"]
+    lines = [
+        f"original: {orig['model']['name']}  accuracy {_fmt(orig['accuracy'], 3)}  "
+        f"images scored {report['images']['scored']}, skipped "
+        f"{len(report['images']['skipped'])}  method {report['settings']['method']}, "
+        f"target {report['settings']['target']}",
+    ]
+    header = ["candidate", "sp2ps", "balanced", "median", "p5", "min", "S", "F",
+              "flat o/c", "agree", "acc", "conf drop", "non-finite"]
+    rows = []
+    order = sorted(report["candidates"],
+                   key=lambda c: -(c["sp2ps"]["mean"] if c["sp2ps"]["mean"] is not None
+                                   else -1.0))
+    for c in order:
+        s = c["sp2ps"]
+        rows.append([
+            c["model"]["name"], _fmt(s["mean"]), _fmt(s["class_balanced_mean"]),
+            _fmt(s["median"]), _fmt(s["p5"]), _fmt(s["minimum"]),
+            _fmt(s["spatial_mean"]), _fmt(s["spectral_mean"]),
+            f"{s['flat_original']}/{s['flat_candidate']}",
+            _fmt(c["agreement"], 3), _fmt(c["accuracy"], 3),
+            _fmt(c["confidence_drop"], 4), str(s["non_finite"]),
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines.append("  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i])
+                           for i, h in enumerate(header)))
+    for r in rows:
+        lines.append("  ".join(v.ljust(widths[i]) if i == 0 else v.rjust(widths[i])
+                               for i, v in enumerate(r)))
+    for c in report["candidates"]:
+        if c["non_finite_images"]:
+            names = ", ".join(c["non_finite_images"][:5])
+            more = len(c["non_finite_images"]) - 5
+            lines.append(f"non-finite for {c['model']['name']}: {names}"
+                         + (f" (+{more} more)" if more > 0 else ""))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- images
+
+# Polynomial fit of matplotlib's viridis (perceptually uniform), coefficients c0..c6.
+_VIRIDIS = np.array([
+    [0.2777273272234177, 0.005407344544966578, 0.3340998053353061],
+    [0.1050930431085774, 1.404613529898575, 1.384590162594685],
+    [-0.3308618287255563, 0.214847559468213, 0.09509516302823659],
+    [-4.634230498983486, -5.799100973351585, -19.33244095627987],
+    [6.228269936347081, 14.17993336680509, 56.69055260068105],
+    [4.776384997670288, -13.74514537774601, -65.35303263337234],
+    [-5.435455855934631, 4.645852612178535, 26.3124352495832],
+])
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Viridis colours ``(..., 3)`` uint8 for values in [0, 1] (NaN shown as grey)."""
+    v = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(v)
+    t = np.clip(np.where(bad, 0.0, v), 0.0, 1.0)[..., None]
+    rgb = np.zeros(t.shape[:-1] + (3,))
+    for coeff in _VIRIDIS[::-1]:
+        rgb = rgb * t + coeff
+    rgb = np.clip(rgb, 0.0, 1.0)
+    rgb[bad] = 0.5
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def overlay_image(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
+    """The CAM ``(H, W)`` in [0, 1] over an image ``(H, W, 3)`` uint8."""
+    colours = colormap(cam).astype(np.float64)
+    mixed = (1.0 - alpha) * image.astype(np.float64) + alpha * colours
+    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    def write(handle):
+        Image.fromarray(rgb).save(handle, format="PNG")
+
+    return write_atomic(path, write)

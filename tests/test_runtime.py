@@ -1,0 +1,103 @@
+"""Provider choice, CUDA fallback, batching of fixed-batch models and heads."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnx_builders import build_cnn, run_model
+from onnx_sp2ps.errors import ModelError, UsageError
+from onnx_sp2ps.graph import prepare_model
+from onnx_sp2ps.runtime import (CPU, CUDA, ModelRunner, available_providers,
+                                create_session, resolve_providers)
+
+
+def test_cpu_never_tries_cuda():
+    assert resolve_providers("cpu", [CUDA, CPU]) == ([CPU], None)
+
+
+def test_auto_tries_cuda_when_offered_and_is_silent_otherwise():
+    assert resolve_providers("auto", [CUDA, CPU]) == ([CUDA, CPU], None)
+    assert resolve_providers("auto", [CPU]) == ([CPU], None)
+
+
+def test_cuda_without_a_cuda_build_says_so_in_one_line():
+    tried, note = resolve_providers("cuda", [CPU])
+    assert tried == [CPU]
+    assert "CPU" in note and "\n" not in note
+
+
+def test_unknown_provider_is_a_usage_error():
+    with pytest.raises(UsageError, match="auto, cpu, cuda"):
+        resolve_providers("tpu", [CPU])
+
+
+def test_requesting_cuda_gets_cuda_or_an_honest_cpu_fallback(capfd):
+    built = build_cnn()
+    session, choice = create_session(built.model, provider="cuda")
+    got = session.get_providers()
+    assert tuple(got) == choice.providers
+    if got[0] == CUDA:  # a machine with a usable GPU
+        assert choice.device == "cuda" and choice.note is None
+    else:
+        assert choice.device == "cpu"
+        assert choice.note and "CPU" in choice.note and "\n" not in choice.note
+    # onnxruntime's own error spam about missing CUDA libraries is silenced.
+    captured = capfd.readouterr()
+    assert "onnxruntime" not in captured.err and "CUDA" not in captured.err
+    x = built.random_input()
+    out = session.run(None, {built.input_name: x})[0]
+    np.testing.assert_allclose(out, run_model(built, x)[built.output_name], rtol=1e-6)
+
+
+def test_auto_on_this_machine_runs(capfd):
+    built = build_cnn()
+    session, choice = create_session(built.model, provider="auto")
+    assert CPU in choice.providers
+    assert choice.note is None
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_available_providers_lists_cpu():
+    assert CPU in available_providers()
+
+
+def test_threads_must_be_positive():
+    with pytest.raises(UsageError):
+        create_session(build_cnn().model, threads=0)
+
+
+def test_a_model_onnxruntime_cannot_load_is_a_model_error():
+    model = build_cnn().model
+    model.ir_version = 99
+    with pytest.raises(ModelError, match="onnxruntime cannot run"):
+        create_session(model, provider="cpu")
+
+
+def test_fixed_batch_one_model_runs_any_number_of_images():
+    built = build_cnn(fixed_batch=1)
+    runner = ModelRunner(prepare_model(built.model), provider="cpu")
+    rng = np.random.default_rng(0)
+    x = rng.random((5,) + tuple(built.input_shape[1:]), dtype=np.float32)
+    acts, logits = runner.run(x)
+    assert acts.shape[0] == 5 and logits.shape == (5, built.num_classes)
+    one = np.concatenate([runner.run(x[i:i + 1])[1] for i in range(5)])
+    np.testing.assert_allclose(logits, one, rtol=1e-6)
+
+
+def test_head_with_a_hard_coded_batch_is_run_one_map_at_a_time():
+    built = build_cnn(head="gap_reshape_matmul", fixed_batch=1)
+    model = built.model
+    for t in model.graph.initializer:  # export-style Reshape to [1, C]
+        arr = numpy_helper.to_array(t)
+        if arr.dtype == np.int64 and arr.tolist() == [-1, 16]:
+            t.CopyFrom(numpy_helper.from_array(np.array([1, 16], np.int64), t.name))
+    onnx.checker.check_model(model)
+    runner = ModelRunner(prepare_model(model), provider="cpu")
+    acts, logits = runner.run(built.random_input())
+    many = np.repeat(acts, 6, axis=0)
+    out = runner.run_head(many)
+    assert runner.head_batch_limit == 1
+    np.testing.assert_allclose(out, np.repeat(logits, 6, axis=0), rtol=1e-5, atol=1e-6)
