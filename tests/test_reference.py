@@ -57,9 +57,8 @@ def test_gradcam_weights_match_autograd(computed):
     stem, ref, _, weights, _ = computed
     scale = np.abs(ref["weights"]).max(axis=1, keepdims=True)
     err = np.abs(weights - ref["weights"]) / scale
-    # Linear GAP heads: exact up to float32 rounding; ReLU MLP heads: first order.
-    limit = 1e-3 if stem.startswith("gap") else 2e-2
-    assert err.max() < limit, f"{stem}: max relative weight error {err.max():.2e}"
+    # Measured: <= 1.3e-4 (GAP heads), <= 8e-4 (ReLU MLP heads, after kink refinement).
+    assert err.max() < 2e-3, f"{stem}: max relative weight error {err.max():.2e}"
 
 
 def test_gradcam_maps_correlate_with_autograd_per_image(computed):
