@@ -86,6 +86,7 @@ class ModelInfo:
     size_bytes: int | None
     parameters: int
     providers: tuple[str, ...]
+    provider_note: str | None = None
 
     @property
     def name(self) -> str:
@@ -249,7 +250,8 @@ class _Explainer:
         self.cam = get_method(settings.method)(self.runner)
         self.info = ModelInfo(
             path=prepared.path, spec=prepared.spec, size_bytes=prepared.size_bytes,
-            parameters=prepared.parameters, providers=self.runner.provider.providers)
+            parameters=prepared.parameters, providers=self.runner.provider.providers,
+            provider_note=self.runner.provider.note)
 
     def maps(self, activations: np.ndarray, targets: np.ndarray, logits: np.ndarray,
              size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

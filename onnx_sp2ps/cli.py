@@ -6,9 +6,9 @@ Exit codes (DESIGN.md): 0 passed, 1 gate failed, 2 usage error, 3 input not usab
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,20 +172,22 @@ class _Console:
         if not self.quiet:
             _err(message)
 
-    def progress(self, label: str):
-        """A progress callback drawing a bar on a terminal stderr, else nothing."""
+    def progress(self, label: str, *, delay: float = 2.0):
+        """A progress callback drawing a bar on a terminal stderr once the run has taken
+        ``delay`` seconds; nothing when stderr is not a terminal or with ``-q``."""
         if self.quiet or not sys.stderr.isatty():
             return None, lambda: None
-        state: dict = {}
+        state: dict = {"start": time.monotonic(), "done": 0}
 
         def update(done: int, total: int) -> None:
             bar = state.get("bar")
             if bar is None:
+                if time.monotonic() - state["start"] < delay:
+                    return
                 bar = click.progressbar(length=total, label=label, file=sys.stderr,
                                         show_pos=True, show_eta=True)
                 bar.__enter__()
                 state["bar"] = bar
-                state["done"] = 0
             bar.update(done - state["done"])
             state["done"] = done
 
@@ -302,7 +304,7 @@ def cam(model, images, out, method, target, overlays, provider, threads, batch_s
     finally:
         close()
     console.info(f"preprocess: {image_set.preprocess.describe()}")
-    _provider_note(console, info.providers, provider)
+    _provider_note(console, info)
     path = write_npz(out_dir / "cams.npz", maps.arrays())
     if overlays:
         index = {p: i for i, p in enumerate(image_set.paths)}
@@ -344,13 +346,12 @@ def _refuse_foreign(path: Path) -> None:
                           "--out folder")
 
 
-def _provider_note(console: _Console, providers, requested: str) -> None:
-    from onnx_sp2ps.runtime import CUDA
-
-    if requested == "cuda" and CUDA not in providers:
-        _err("note: CUDA requested but not usable here; running on CPU")
+def _provider_note(console: _Console, info) -> None:
+    """The one line about a CUDA fallback (always shown), else the providers used."""
+    if info.provider_note:
+        _err(f"note: {info.provider_note}")
     else:
-        console.info(f"providers: {', '.join(providers)}")
+        console.info(f"providers: {', '.join(info.providers)}")
 
 
 def _report_skipped(console: _Console, image_set) -> None:
@@ -414,7 +415,7 @@ def audit(original, candidates, images, out, fmt, fail_under, save_maps, method,
     finally:
         close()
     console.info(f"preprocess: {result.images.preprocess.describe()}")
-    _provider_note(console, result.original.providers, provider)
+    _provider_note(console, result.original)
     _report_skipped(console, result.images)
     report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION)
     if out_dir is not None:
@@ -508,5 +509,3 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_OK
     sys.exit(int(code))
 
-
-functools.update_wrapper(main, main)
