@@ -224,8 +224,8 @@ def _shape_of(type_proto: onnx.TypeProto) -> tuple[Dim, ...] | None:
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
             dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
+        elif d.HasField("dim_param") and d.dim_param and not d.dim_param.startswith("unk__"):
+            dims.append(d.dim_param)  # (unk__N names are made up by shape inference)
         else:
             dims.append(None)
     return tuple(dims)

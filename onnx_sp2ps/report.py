@@ -236,7 +236,8 @@ def _fmt(x, digits: int = 4) -> str:
         return "-"
     if isinstance(x, float) and not math.isfinite(x):
         return "nan"
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0000"
 
 
 def format_table(report: dict) -> str:
