@@ -87,6 +87,8 @@ class ModelInfo:
     parameters: int
     providers: tuple[str, ...]
     provider_note: str | None = None
+    gradient: str = "finite-difference"
+    gradient_note: str | None = None
 
     @property
     def name(self) -> str:
@@ -100,6 +102,7 @@ class ModelInfo:
             "parameters": self.parameters,
             "providers": list(self.providers),
             **self.spec.to_dict(),
+            "gradient": {"path": self.gradient, "reason": self.gradient_note},
         }
 
 
@@ -251,7 +254,8 @@ class _Explainer:
         self.info = ModelInfo(
             path=prepared.path, spec=prepared.spec, size_bytes=prepared.size_bytes,
             parameters=prepared.parameters, providers=self.runner.provider.providers,
-            provider_note=self.runner.provider.note)
+            provider_note=self.runner.provider.note, gradient=self.runner.gradient_path,
+            gradient_note=self.runner.gradient_note)
 
     def maps(self, activations: np.ndarray, targets: np.ndarray, logits: np.ndarray,
              size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -224,14 +224,17 @@ def inspect(model, fmt, size, quiet, debug, **kwargs):
     """Show what was detected in MODEL: input, layout, feature map, logits, head ops, and
     the execution providers available."""
     from onnx_sp2ps.graph import prepare_model
-    from onnx_sp2ps.runtime import available_providers
+    from onnx_sp2ps.runtime import ModelRunner, available_providers
 
     opts = _model_options(kwargs)
     prepared = prepare_model(model, input_name=opts.input_name,
                              feature_layer=opts.feature_layer, logits=opts.logits, size=size)
+    runner = ModelRunner(prepared, provider="cpu")
     data = {"model": str(model), "size_bytes": prepared.size_bytes,
             "parameters": prepared.parameters, **prepared.spec.to_dict(),
             "providers": available_providers()}
+    data["head"]["gradient"] = runner.gradient_path
+    data["head"]["gradient_reason"] = runner.gradient_note
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
         return EXIT_OK
@@ -247,6 +250,8 @@ def inspect(model, fmt, size, quiet, debug, **kwargs):
         f"logits       {spec.logits.name}  {_shape(spec.logits.shape)}"
         + (f"  (read before {spec.activation})" if spec.activation else ""),
         f"head         {' -> '.join(spec.head_ops) or '(none)'}",
+        f"gradient     {runner.gradient_path}"
+        + (f" ({runner.gradient_note})" if runner.gradient_note else ""),
         f"providers    {', '.join(data['providers'])}",
     ]
     click.echo("\n".join(lines))

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
+from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient
 from onnx_sp2ps.errors import ModelError, UsageError
 from onnx_sp2ps.graph import PreparedModel
 
@@ -189,6 +190,16 @@ class ModelRunner:
         self.batch_limit = spec.fixed_batch
         self.head_batch_limit: int | None = None
         self._head_checked = False
+        self.gradient_path, self.gradient_note = "finite-difference", None
+        self._grad = None
+        try:
+            grad = build_head_gradient(prepared.head_model)
+            session, _ = create_session(grad.model, provider=self.provider.device,
+                                        threads=threads, what=f"head gradient of {name}")
+            self._grad = (grad, session)
+            self.gradient_path = "exact"
+        except (UnsupportedHead, ModelError) as exc:
+            self.gradient_note = str(exc)
 
     # -- full model ----------------------------------------------------------------
 
@@ -240,6 +251,33 @@ class ModelRunner:
                 raise ValueError("batch not preserved")
         except Exception:
             self.head_batch_limit = 1
+
+    @property
+    def has_exact_gradient(self) -> bool:
+        return self._grad is not None
+
+    def head_gradients(self, activations: np.ndarray, targets: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, K) and exact gradients d logit_target / dA (N, C, h, w) in NCHW, in
+        one run of the head's backward graph; ``targets`` -1 means each image's top-1."""
+        if self._grad is None:
+            raise UsageError(f"no exact gradient for this head ({self.gradient_note})")
+        grad, session = self._grad
+        step = self.head_batch_limit or len(activations)
+        logits, grads = [], []
+        for start in range(0, len(activations), max(step, 1)):
+            a = activations[start:start + step]
+            a = a.transpose(0, 2, 3, 1) if self._nhwc else a
+            y, g = session.run([grad.logits, grad.gradient], {
+                grad.feature: np.ascontiguousarray(a, dtype=np.float32),
+                grad.target: np.asarray(targets[start:start + step], dtype=np.int64)})
+            logits.append(y)
+            grads.append(g)
+        g = np.concatenate(grads)
+        if self._nhwc:
+            g = g.transpose(0, 3, 1, 2)
+        y = _as_float32(np.concatenate(logits))
+        return y.reshape(len(y), -1), _as_float32(g)
 
     def head_chunk(self, per_item_shape: tuple[int, ...]) -> int:
         """How many feature maps of ``per_item_shape`` fit in one head run."""

@@ -114,6 +114,10 @@ class BaseCAM:
         """Channel weights ``(N, C)``."""
         raise NotImplementedError
 
+    def gradients(self, activations: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Exact d y_target / dA ``(N, C, h, w)`` from the head's backward graph."""
+        return self.runner.head_gradients(activations, targets)[1].astype(np.float64)
+
     def compute_raw(self, activations: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """The raw map R ``(N, h, w)`` before ReLU: the weighted sum of the channels."""
         weights = self.get_cam_weights(activations, targets)

@@ -90,12 +90,14 @@ class GradCAM(BaseCAM):
               \qquad R = \sum_k \alpha_k A_k
 
     :math:`y_c` is the logit (before any Softmax) of target class :math:`c`.  The
-    gradient sums come from :func:`channel_gradient_sums` (finite differences on the
-    head subgraph; no autograd).
+    gradients come from the head's backward graph (:mod:`onnx_sp2ps.backward`) where its
+    ops allow, else from :func:`channel_gradient_sums` (finite differences on the head).
     """
 
     name = "gradcam"
 
     def get_cam_weights(self, activations, targets):
+        if self.runner.has_exact_gradient:
+            return self.gradients(activations, targets).mean(axis=(2, 3), dtype=np.float64)
         h, w = activations.shape[2:]
         return channel_gradient_sums(self.runner, activations, targets) / (h * w)

@@ -1,0 +1,555 @@
+"""Exact gradients of a classifier head, built as an ONNX graph (no autograd at run time).
+
+:func:`build_head_gradient` takes the head model that :func:`onnx_sp2ps.graph.extract_head`
+cuts out (feature map -> logits) and returns a model with inputs
+
+* the feature map ``A`` (same name, type and layout as in the head), and
+* ``target`` (N,) int64: the class to explain per image, or -1 for the image's top-1,
+
+and outputs ``logits`` and ``gradient`` = dy_target / dA, the shape of ``A``.  One run
+gives the exact per-position gradients that Grad-CAM's relatives need.
+
+The backward pass is written op by op (reverse-mode differentiation) for the ops
+classifier heads use: GlobalAveragePool, GlobalMaxPool, AveragePool and MaxPool (when
+they reduce to 1x1 or tile without overlap), ReduceMean/ReduceSum/ReduceMax, Flatten,
+Reshape, Squeeze, Unsqueeze, Transpose, Identity, Dropout, Gemm, MatMul, Add, Sub, Mul,
+Div, BatchNormalization, Relu, LeakyRelu, Clip, HardSigmoid, HardSwish, Sigmoid, Conv with
+1x1 kernels, Concat.  Weights may be initializers or Constant nodes (or computed from
+them).  For any other op, :class:`UnsupportedHead` says which, and the caller falls back
+to finite differences.  No onnxruntime here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+__all__ = ["GRADIENT_OPS", "UnsupportedHead", "HeadGradient", "build_head_gradient"]
+
+TARGET = "sp2ps_target"
+LOGITS_OUT = "sp2ps_logits"
+GRADIENT_OUT = "sp2ps_gradient"
+MIN_OPSET = 11
+
+GRADIENT_OPS = (
+    "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "ReduceMean",
+    "ReduceSum", "ReduceMax", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose",
+    "Identity", "Dropout", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
+    "BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish",
+    "Sigmoid", "Conv", "Concat",
+)
+
+
+class UnsupportedHead(Exception):
+    """The head contains an op (or an op form) with no backward rule here."""
+
+
+@dataclass(frozen=True)
+class HeadGradient:
+    """The gradient model and the names of its inputs and outputs."""
+
+    model: onnx.ModelProto
+    feature: str
+    target: str = TARGET
+    logits: str = LOGITS_OUT
+    gradient: str = GRADIENT_OUT
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+class _Builder:
+    def __init__(self, head: onnx.ModelProto):
+        self.head = head
+        self.opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if self.opset < MIN_OPSET:
+            raise UnsupportedHead(f"opset {self.opset} < {MIN_OPSET}")
+        if any(o.domain not in ("", "ai.onnx") for o in head.opset_import
+               if any(n.domain == o.domain for n in head.graph.node)):
+            raise UnsupportedHead("ops from a custom domain")
+        try:
+            inferred = shape_inference.infer_shapes(head, strict_mode=False, data_prop=True)
+        except Exception:
+            inferred = head
+        self.shapes: dict[str, tuple | None] = {}
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) \
+                + list(inferred.graph.output):
+            dims = None
+            if vi.type.tensor_type.HasField("shape"):
+                dims = tuple(d.dim_value if d.HasField("dim_value") else None
+                             for d in vi.type.tensor_type.shape.dim)
+            self.shapes[vi.name] = dims
+        g = head.graph
+        self.feature = g.input[0].name
+        self.logits = g.output[0].name
+        self.initializers = {t.name: t for t in g.initializer}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.grads: dict[str, list[str]] = {}
+        self.count = 0
+        self.active = self._active_tensors()
+        self._shape_cache: dict[str, str] = {}
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"sp2ps_bw/{hint}_{self.count}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
+           **attrs) -> str | list[str]:
+        outs = [self.name(hint or op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, hint: str = "c", dtype=np.float32) -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def shape(self, tensor: str) -> str:
+        if tensor not in self._shape_cache:
+            self._shape_cache[tensor] = self.op("Shape", [tensor], "shape")
+        return self._shape_cache[tensor]
+
+    def static_shape(self, tensor: str) -> tuple | None:
+        shape = self.shapes.get(tensor)
+        if shape is None and tensor in self.initializers:
+            shape = tuple(self.initializers[tensor].dims)
+        if shape is None:
+            value = self.constant_value(tensor)
+            shape = None if value is None else tuple(value.shape)
+        return shape
+
+    def is_constant(self, tensor: str) -> bool:
+        return tensor not in self.active
+
+    def constant_value(self, tensor: str) -> np.ndarray | None:
+        if tensor in self.initializers:
+            return numpy_helper.to_array(self.initializers[tensor])
+        node = self.producer.get(tensor)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+                    return np.asarray(helper.get_attribute_value(a))
+        return None
+
+    def _active_tensors(self) -> set[str]:
+        """Tensors that depend on the feature map (the ones with gradients)."""
+        active = {self.feature}
+        for node in self.head.graph.node:
+            if any(i in active for i in node.input):
+                active.update(o for o in node.output if o)
+        return active
+
+    def add_grad(self, tensor: str, grad: str) -> None:
+        if tensor and tensor in self.active:
+            self.grads.setdefault(tensor, []).append(grad)
+
+    def grad(self, tensor: str) -> str | None:
+        parts = self.grads.get(tensor)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            total = self.op("Sum", parts, "sum")
+            self.grads[tensor] = [total]
+        return self.grads[tensor][0]
+
+    def reduce_sum(self, tensor: str, axes: list[int], keepdims: int) -> str:
+        if self.opset >= 13:
+            return self.op("ReduceSum", [tensor, self.const(axes, "axes", np.int64)], "rsum",
+                           keepdims=keepdims)
+        return self.op("ReduceSum", [tensor], "rsum", axes=axes, keepdims=keepdims)
+
+    def unbroadcast(self, grad: str, x: str, y: str) -> str:
+        """Sum ``grad`` (shape of y) down to the shape of x (numpy broadcasting)."""
+        xs, ys = self.static_shape(x), self.static_shape(y)
+        if xs is not None and ys is not None and xs == ys and None not in xs:
+            return grad
+        if xs is None or ys is None or None in xs or None in ys[1:]:
+            if xs is not None and ys is not None and len(xs) == len(ys) and all(
+                    a == b for a, b in zip(xs[1:], ys[1:])) and None not in xs[1:]:
+                return grad  # equal but for a symbolic batch
+            raise UnsupportedHead(f"broadcast of {x!r} with unknown shapes")
+        lead = len(ys) - len(xs)
+        axes = list(range(lead))
+        for i, d in enumerate(xs):
+            if d == 1 and ys[lead + i] != 1:
+                axes.append(lead + i)
+        out = grad
+        if axes:
+            out = self.reduce_sum(out, axes, keepdims=1)
+        if lead or axes:
+            out = self.op("Reshape", [out, self.shape(x)], "unb")
+        return out
+
+    # -- build ---------------------------------------------------------------------
+
+    def build(self) -> HeadGradient:
+        g = self.head.graph
+        logits = self.logits
+        flat = self.op("Flatten", [logits], "logits_flat", axis=1)
+        top1 = self.op("ArgMax", [flat], "top1", axis=1, keepdims=0)
+        negative = self.op("Less", [TARGET, self.const(0, "zero", np.int64)], "own")
+        target = self.op("Where", [negative, top1, TARGET], "target")
+        depth = self.op("Gather", [self.op("Shape", [flat], "kshape"),
+                                   self.const(1, "one", np.int64)], "depth")
+        seed = self.op("OneHot", [target, depth, self.const([0.0, 1.0], "onoff")], "seed",
+                       axis=-1)
+        seed = self.op("Reshape", [seed, self.shape(logits)], "seed_shaped")
+        self.add_grad(logits, seed)
+        for node in reversed(list(g.node)):
+            outs = [o for o in node.output if o in self.grads]
+            if not outs or not any(i in self.active for i in node.input):
+                continue
+            rule = getattr(self, f"_bw_{node.op_type}", None)
+            if rule is None or node.domain not in ("", "ai.onnx"):
+                raise UnsupportedHead(f"no gradient rule for {node.op_type}")
+            dy = self.grad(node.output[0])
+            if dy is None:
+                continue
+            rule(node, dy)
+        grad = self.grad(self.feature)
+        if grad is None:
+            grad = self.op("Mul", [self.feature, self.const(0.0, "zero_f")], "nograd")
+        nodes = [copy.deepcopy(n) for n in g.node] + self.nodes
+        nodes.append(helper.make_node("Identity", [logits], [LOGITS_OUT]))
+        nodes.append(helper.make_node("Identity", [grad], [GRADIENT_OUT]))
+        f_in = copy.deepcopy(g.input[0])
+        t_in = helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, ["N"])
+        logits_vi = copy.deepcopy(g.output[0])
+        logits_vi.name = LOGITS_OUT
+        grad_vi = copy.deepcopy(g.input[0])
+        grad_vi.name = GRADIENT_OUT
+        outputs = [logits_vi, grad_vi]
+        graph = helper.make_graph(nodes, "head_gradient", [f_in, t_in], outputs,
+                                  initializer=[copy.deepcopy(t) for t in g.initializer]
+                                  + self.inits)
+        model = helper.make_model(graph, opset_imports=[copy.deepcopy(o) for o in
+                                                         self.head.opset_import],
+                                  ir_version=self.head.ir_version, producer_name="onnx-sp2ps")
+        onnx.checker.check_model(model)
+        return HeadGradient(model=model, feature=self.feature)
+
+    def data(self, node) -> list[int]:
+        return [i for i, t in enumerate(node.input) if t and t in self.active]
+
+    # -- rules: shape only -----------------------------------------------------------
+
+    def _pass(self, node, dy):
+        self.add_grad(node.input[0], dy)
+
+    _bw_Identity = _pass
+    _bw_Dropout = _pass
+
+    def _reshape_back(self, node, dy):
+        x = node.input[0]
+        self.add_grad(x, self.op("Reshape", [dy, self.shape(x)], "unshape"))
+
+    _bw_Flatten = _reshape_back
+    _bw_Reshape = _reshape_back
+    _bw_Squeeze = _reshape_back
+    _bw_Unsqueeze = _reshape_back
+
+    def _bw_Transpose(self, node, dy):
+        perm = _attr(node, "perm")
+        if perm is None:
+            rank = len(self.static_shape(node.input[0]) or ())
+            if not rank:
+                raise UnsupportedHead("Transpose of unknown rank")
+            perm = list(reversed(range(rank)))
+        self.add_grad(node.input[0], self.op("Transpose", [dy], "untranspose",
+                                             perm=[int(i) for i in np.argsort(perm)]))
+
+    def _bw_Concat(self, node, dy):
+        axis = _attr(node, "axis")
+        start = 0
+        for x in node.input:
+            shape = self.static_shape(x)
+            if shape is None or axis >= len(shape) or shape[axis] is None:
+                raise UnsupportedHead("Concat of inputs with unknown sizes")
+            size = shape[axis]
+            if x in self.active:
+                part = self.op("Slice", [dy, self.const([start], "s", np.int64),
+                                         self.const([start + size], "e", np.int64),
+                                         self.const([axis], "a", np.int64)], "unconcat")
+                self.add_grad(x, part)
+            start += size
+
+    # -- rules: pooling and reductions -------------------------------------------------
+
+    def _mean_back(self, x, y, dy):
+        """dx = expand(dy) * size(y) / size(x), dy already shaped with kept dims."""
+        scale = self.op("Div", [self.op("Cast", [self.op("Size", [y])], to=onnx.TensorProto.FLOAT),
+                                self.op("Cast", [self.op("Size", [x])], to=onnx.TensorProto.FLOAT)],
+                        "inv_count")
+        return self.op("Mul", [self.op("Expand", [dy, self.shape(x)], "expand"), scale], "mean_bw")
+
+    def _keepdims_shape(self, node) -> str:
+        """Shape of the node's result with keepdims=1 (a copy of the node computes it)."""
+        twin = copy.deepcopy(node)
+        twin.name = ""
+        out = self.name("keep")
+        del twin.output[:]
+        twin.output.append(out)
+        for a in twin.attribute:
+            if a.name == "keepdims":
+                a.i = 1
+        if not any(a.name == "keepdims" for a in twin.attribute):
+            twin.attribute.append(helper.make_attribute("keepdims", 1))
+        self.nodes.append(twin)
+        return self.shape(out)
+
+    def _bw_GlobalAveragePool(self, node, dy):
+        x, y = node.input[0], node.output[0]
+        self.add_grad(x, self._mean_back(x, y, dy))
+
+    def _bw_ReduceMean(self, node, dy):
+        x, y = node.input[0], node.output[0]
+        dy = self.op("Reshape", [dy, self._keepdims_shape(node)], "keep_dy")
+        y_keep = self.op("Reshape", [y, self._keepdims_shape(node)], "keep_y")
+        self.add_grad(x, self._mean_back(x, y_keep, dy))
+
+    def _bw_ReduceSum(self, node, dy):
+        x = node.input[0]
+        dy = self.op("Reshape", [dy, self._keepdims_shape(node)], "keep_dy")
+        self.add_grad(x, self.op("Expand", [dy, self.shape(x)], "expand"))
+
+    def _max_back(self, x, y_keep, dy_keep):
+        ys = self.op("Expand", [y_keep, self.shape(x)], "expand_y")
+        mask = self.op("Cast", [self.op("Equal", [x, ys], "is_max")], "mask",
+                       to=onnx.TensorProto.FLOAT)
+        return self.op("Mul", [self.op("Expand", [dy_keep, self.shape(x)], "expand"), mask],
+                       "max_bw")
+
+    def _bw_GlobalMaxPool(self, node, dy):
+        self.add_grad(node.input[0], self._max_back(node.input[0], node.output[0], dy))
+
+    def _bw_ReduceMax(self, node, dy):
+        keep = self._keepdims_shape(node)
+        y_keep = self.op("Reshape", [node.output[0], keep], "keep_y")
+        dy_keep = self.op("Reshape", [dy, keep], "keep_dy")
+        self.add_grad(node.input[0], self._max_back(node.input[0], y_keep, dy_keep))
+
+    def _pool_form(self, node) -> str:
+        """'global' when the pool's output is 1x1 over a known input, 'tiled' when its
+        windows tile the input without overlap or padding; else unsupported."""
+        xs = self.static_shape(node.input[0])
+        kernel = list(_attr(node, "kernel_shape", []))
+        strides = list(_attr(node, "strides", [1] * len(kernel)))
+        pads = list(_attr(node, "pads", [0] * 2 * len(kernel)))
+        dil = list(_attr(node, "dilations", [1] * len(kernel)))
+        auto = _attr(node, "auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if len(node.output) > 1 and node.output[1]:
+            raise UnsupportedHead(f"{node.op_type} with indices output")
+        if any(d != 1 for d in dil) or any(pads) or auto not in ("NOTSET", "VALID"):
+            raise UnsupportedHead(f"{node.op_type} with padding or dilation")
+        if xs is not None and len(xs) == 2 + len(kernel) and all(
+                isinstance(d, int) and d for d in xs[2:]):
+            if all(k == d for k, d in zip(kernel, xs[2:])):
+                return "global"
+        if kernel == strides and xs is not None and xs[1]:
+            return "tiled"
+        raise UnsupportedHead(f"{node.op_type} with overlapping windows or unknown sizes")
+
+    def _tile_up(self, node, t: str) -> str:
+        """Repeat each pooled value over its window and pad the remainder with zeros."""
+        kernel = list(_attr(node, "kernel_shape"))
+        channels = self.static_shape(node.input[0])[1]
+        ones = self.const(np.ones([channels, 1] + kernel), "ones")
+        up = self.op("ConvTranspose", [t, ones], "tile", strides=kernel, group=channels)
+        # Pad to x's size (floor mode leaves a remainder that gets no gradient).
+        diff = self.op("Sub", [self.shape(node.input[0]), self.shape(up)], "rem")
+        zeros = self.const([0] * (2 + len(kernel)), "z", np.int64)
+        pads = self.op("Concat", [zeros, diff], "pads", axis=0)
+        return self.op("Pad", [up, pads], "pad")
+
+    def _bw_AveragePool(self, node, dy):
+        x = node.input[0]
+        if self._pool_form(node) == "global":
+            self.add_grad(x, self._mean_back(x, node.output[0], dy))
+            return
+        size = float(np.prod(_attr(node, "kernel_shape")))
+        scaled = self.op("Mul", [dy, self.const(1.0 / size, "inv_k")], "avg_scale")
+        self.add_grad(x, self._tile_up(node, scaled))
+
+    def _bw_MaxPool(self, node, dy):
+        x = node.input[0]
+        if self._pool_form(node) == "global":
+            self.add_grad(x, self._max_back(x, node.output[0], dy))
+            return
+        ys = self._tile_up(node, node.output[0])
+        dys = self._tile_up(node, dy)
+        mask = self.op("Cast", [self.op("Equal", [x, ys], "is_max")], "mask",
+                       to=onnx.TensorProto.FLOAT)
+        self.add_grad(x, self.op("Mul", [dys, mask], "maxpool_bw"))
+
+    # -- rules: linear algebra ----------------------------------------------------------
+
+    def _bw_Gemm(self, node, dy):
+        a, b = node.input[0], node.input[1]
+        alpha = float(_attr(node, "alpha", 1.0))
+        trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+        if len(node.input) > 2 and node.input[2] in self.active:
+            raise UnsupportedHead("Gemm with a computed bias")
+        if b in self.active:
+            raise UnsupportedHead("Gemm with computed weights")
+        # d op(A) = alpha * dY @ op(B)^T
+        da = self.op("Gemm", [dy, b], "gemm_bw", alpha=alpha, transB=0 if trans_b else 1)
+        if trans_a:
+            da = self.op("Transpose", [da], "gemm_bwT", perm=[1, 0])
+        self.add_grad(a, da)
+
+    def _bw_MatMul(self, node, dy):
+        a, b = node.input
+        if b in self.active and a in self.active:
+            raise UnsupportedHead("MatMul of two computed tensors")
+        if a in self.active:
+            bs = self.static_shape(b)
+            if bs is None or len(bs) != 2:
+                raise UnsupportedHead("MatMul with weights that are not 2-D")
+            self.add_grad(a, self.op("MatMul", [dy, self.op("Transpose", [b], perm=[1, 0])],
+                                     "matmul_bw"))
+        else:
+            as_ = self.static_shape(a)
+            if as_ is None or len(as_) != 2:
+                raise UnsupportedHead("MatMul with weights that are not 2-D")
+            self.add_grad(b, self.op("MatMul", [self.op("Transpose", [a], perm=[1, 0]), dy],
+                                     "matmul_bw"))
+
+    def _bw_Add(self, node, dy):
+        for i in self.data(node):
+            self.add_grad(node.input[i], self.unbroadcast(dy, node.input[i], node.output[0]))
+
+    def _bw_Sub(self, node, dy):
+        for i in self.data(node):
+            g = dy if i == 0 else self.op("Neg", [dy], "neg")
+            self.add_grad(node.input[i], self.unbroadcast(g, node.input[i], node.output[0]))
+
+    def _bw_Mul(self, node, dy):
+        a, b = node.input
+        y = node.output[0]
+        if a in self.active:
+            self.add_grad(a, self.unbroadcast(self.op("Mul", [dy, b], "mul_bw"), a, y))
+        if b in self.active:
+            self.add_grad(b, self.unbroadcast(self.op("Mul", [dy, a], "mul_bw"), b, y))
+
+    def _bw_Div(self, node, dy):
+        a, b = node.input
+        y = node.output[0]
+        if a in self.active:
+            self.add_grad(a, self.unbroadcast(self.op("Div", [dy, b], "div_bw"), a, y))
+        if b in self.active:  # d(a/b)/db = -y / b
+            g = self.op("Neg", [self.op("Div", [self.op("Mul", [dy, y]), b])], "div_bw")
+            self.add_grad(b, self.unbroadcast(g, b, y))
+
+    def _bw_BatchNormalization(self, node, dy):
+        x, scale, _, _, var = node.input[:5]
+        if any(t in self.active for t in (scale, var)):
+            raise UnsupportedHead("BatchNormalization with computed statistics")
+        eps = float(_attr(node, "epsilon", 1e-5))
+        factor = self.op("Div", [scale, self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])],
+                         "bn_factor")
+        rank = len(self.static_shape(x) or ()) or 4
+        factor = self.op("Reshape", [factor, self.const([1, -1] + [1] * (rank - 2), "bn_shape",
+                                                         np.int64)], "bn_factor_b")
+        self.add_grad(x, self.op("Mul", [dy, factor], "bn_bw"))
+
+    def _bw_Conv(self, node, dy):
+        x, w = node.input[0], node.input[1]
+        if w in self.active or (len(node.input) > 2 and node.input[2] in self.active):
+            raise UnsupportedHead("Conv with computed weights")
+        ws = self.static_shape(w)
+        if ws is None:
+            value = self.constant_value(w)
+            ws = None if value is None else value.shape
+        strides = list(_attr(node, "strides", [1, 1]))
+        pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+        if (ws is None or len(ws) != 4 or tuple(ws[2:]) != (1, 1) or int(_attr(node, "group", 1)) != 1
+                or any(s != 1 for s in strides) or any(pads)):
+            raise UnsupportedHead("Conv other than 1x1, stride 1, group 1")
+        wt = self.op("Transpose", [w], "conv_wT", perm=[1, 0, 2, 3])
+        self.add_grad(x, self.op("Conv", [dy, wt], "conv_bw"))
+
+    # -- rules: activations ---------------------------------------------------------
+
+    def _where(self, cond: str, yes: str, no: str) -> str:
+        return self.op("Where", [cond, yes, no], "where")
+
+    def _bw_Relu(self, node, dy):
+        x = node.input[0]
+        self.add_grad(x, self._where(self.op("Greater", [x, self.const(0.0)]), dy,
+                                     self.const(0.0)))
+
+    def _bw_LeakyRelu(self, node, dy):
+        x = node.input[0]
+        alpha = float(_attr(node, "alpha", 0.01))
+        self.add_grad(x, self._where(self.op("Greater", [x, self.const(0.0)]), dy,
+                                     self.op("Mul", [dy, self.const(alpha)])))
+
+    def _bw_Clip(self, node, dy):
+        x = node.input[0]
+        if self.opset >= 11:
+            lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+            hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        else:  # pragma: no cover - MIN_OPSET is 11
+            lo, hi = self.const(_attr(node, "min", -3.4e38)), self.const(_attr(node, "max", 3.4e38))
+        conds = []
+        if lo:
+            conds.append(self.op("Greater", [x, lo]))
+        if hi:
+            conds.append(self.op("Less", [x, hi]))
+        if not conds:
+            self.add_grad(x, dy)
+            return
+        cond = conds[0] if len(conds) == 1 else self.op("And", conds)
+        self.add_grad(x, self._where(cond, dy, self.const(0.0)))
+
+    def _bw_HardSigmoid(self, node, dy):
+        x = node.input[0]
+        alpha = float(_attr(node, "alpha", 0.2))
+        beta = float(_attr(node, "beta", 0.5))
+        z = self.op("Add", [self.op("Mul", [x, self.const(alpha)]), self.const(beta)])
+        cond = self.op("And", [self.op("Greater", [z, self.const(0.0)]),
+                               self.op("Less", [z, self.const(1.0)])])
+        self.add_grad(x, self._where(cond, self.op("Mul", [dy, self.const(alpha)]),
+                                     self.const(0.0)))
+
+    def _bw_HardSwish(self, node, dy):
+        # As torch: 0 for x < -3, x/3 + 1/2 for -3 <= x <= 3, 1 above.
+        x = node.input[0]
+        mid = self.op("Add", [self.op("Div", [x, self.const(3.0)]), self.const(0.5)])
+        slope = self._where(self.op("Less", [x, self.const(-3.0)]), self.const(0.0),
+                            self._where(self.op("Greater", [x, self.const(3.0)]),
+                                        self.const(1.0), mid))
+        self.add_grad(x, self.op("Mul", [dy, slope], "hswish_bw"))
+
+    def _bw_Sigmoid(self, node, dy):
+        y = node.output[0]
+        slope = self.op("Mul", [y, self.op("Sub", [self.const(1.0), y])])
+        self.add_grad(node.input[0], self.op("Mul", [dy, slope], "sigmoid_bw"))
+
+
+def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:
+    """The gradient model of ``head`` (see the module docstring).
+
+    Raises
+    ------
+    UnsupportedHead
+        When an op of the head has no backward rule; the message names it.
+    """
+    if head.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise UnsupportedHead("feature map not float32")
+    return _Builder(head).build()

@@ -1,0 +1,226 @@
+"""Exact head gradients (ONNX backward graph) against per-position finite differences.
+
+The reference here never uses onnx_sp2ps.backward: it perturbs every position of the
+feature map by +-eps and runs the head model itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnx_builders import all_variants, build_cnn
+from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient
+from onnx_sp2ps.graph import extract_head, prepare_model
+from onnx_sp2ps.runtime import ModelRunner, create_session
+
+RNG = np.random.default_rng(0)
+C, H, W, K = 6, 4, 4, 3
+
+
+EPS = 3e-3
+
+
+def fd_gradient(head: onnx.ModelProto, a: np.ndarray, target: int, eps: float = EPS):
+    """d y_target / dA of one map by central differences (float32 head runs)."""
+    session = create_session(head, provider="cpu")[0]
+    name = head.graph.input[0].name
+    flat = a.reshape(-1)
+    rows = np.repeat(flat[None], 2 * flat.size, axis=0)
+    idx = np.arange(flat.size)
+    rows[idx, idx] += eps
+    rows[flat.size + idx, idx] -= eps
+    y = session.run(None, {name: rows.reshape((-1,) + a.shape).astype(np.float32)})[0]
+    y = y.reshape(len(y), -1)[:, target].astype(np.float64)
+    return ((y[:flat.size] - y[flat.size:]) / (2 * eps)).reshape(a.shape)
+
+
+def tolerance(ref: np.ndarray, y: np.ndarray) -> float:
+    """2e-3 of the largest gradient plus the float32 rounding noise of the reference."""
+    noise = 20 * np.finfo(np.float32).eps * float(np.abs(y).max()) / EPS
+    return 2e-3 * float(np.abs(ref).max()) + noise
+
+
+def exact_gradient(head: onnx.ModelProto, a: np.ndarray, targets: np.ndarray):
+    grad = build_head_gradient(head)
+    session = create_session(grad.model, provider="cpu")[0]
+    y, g = session.run([grad.logits, grad.gradient],
+                       {grad.feature: a.astype(np.float32), grad.target: targets})
+    return y, g
+
+
+def make_head(middle, *, shape=(None, C, H, W), pool="gap", opset=17, extra_inits=()):
+    """feature (N, C, H, W) -> middle ops -> pool -> Flatten -> Gemm -> logits."""
+    x = helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["N"] + list(shape[1:]))
+    y = helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", K])
+    nodes, inits = list(middle["nodes"]), list(middle.get("inits", [])) + list(extra_inits)
+    out = middle["out"]
+    channels = middle.get("channels", C)
+    if pool == "gap":
+        nodes.append(helper.make_node("GlobalAveragePool", [out], ["pooled"]))
+        nodes.append(helper.make_node("Flatten", [out if False else "pooled"], ["flat"]))
+        fan_in = channels
+    else:
+        nodes.append(helper.make_node("Flatten", [out], ["flat"]))
+        fan_in = middle["flat_size"]
+    inits += [numpy_helper.from_array(RNG.normal(size=(K, fan_in)).astype(np.float32), "fc_w"),
+              numpy_helper.from_array(RNG.normal(size=K).astype(np.float32), "fc_b")]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1))
+    graph = helper.make_graph(nodes, "head", [x], [y], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def separated(shape) -> np.ndarray:
+    """Random maps whose values are >= 0.04 apart: no max ties or kinks within +-EPS,
+    where finite differences (the reference) would be wrong."""
+    n = int(np.prod(shape))
+    values = RNG.permutation(np.linspace(-2.0, 2.0, n)) + 0.011
+    # Boundaries of the activations below (ReLU 0, Clip -0.5/0.6, HardSigmoid +-1.25,
+    # HardSwish of 3A at +-1): keep values 2 EPS away from them.
+    for kink in (0.0, -0.5, 0.6, -1.25, 1.25, -1.0, 1.0):
+        near = np.abs(values - kink) < 2 * EPS
+        values[near] = kink + 2.5 * EPS
+    return values.reshape(shape).astype(np.float32)
+
+
+def arr(name, value):
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def node(op, inputs, output="m", **attrs):
+    return helper.make_node(op, inputs, [output], **attrs)
+
+
+MIDDLES = {
+    "identity": dict(nodes=[node("Identity", ["A"])], out="m"),
+    "relu": dict(nodes=[node("Relu", ["A"])], out="m"),
+    "leaky_relu": dict(nodes=[node("LeakyRelu", ["A"], alpha=0.1)], out="m"),
+    "clip": dict(nodes=[node("Clip", ["A", "lo", "hi"])], out="m",
+                 inits=[arr("lo", -0.5), arr("hi", 0.6)]),
+    "hard_sigmoid": dict(nodes=[node("HardSigmoid", ["A"], alpha=0.4, beta=0.5)], out="m"),
+    "hard_swish": dict(nodes=[node("Mul", ["A", "three"], "A3"),
+                              node("HardSwish", ["A3"])], out="m", inits=[arr("three", 3.0)]),
+    "sigmoid": dict(nodes=[node("Sigmoid", ["A"])], out="m"),
+    "batchnorm": dict(nodes=[node("BatchNormalization", ["A", "s", "b", "mu", "var"],
+                                  epsilon=1e-3)], out="m",
+                      inits=[arr("s", RNG.normal(size=C)), arr("b", RNG.normal(size=C)),
+                             arr("mu", RNG.normal(size=C)), arr("var", RNG.uniform(0.5, 2, C))]),
+    "mul_div_sub_const": dict(nodes=[node("Mul", ["A", "k"], "a1"), node("Div", ["a1", "d"], "a2"),
+                                     node("Sub", ["a2", "bias"], "m")], out="m",
+                              inits=[arr("k", RNG.normal(size=(1, C, 1, 1))), arr("d", 1.7),
+                                     arr("bias", RNG.normal(size=(C, 1, 1)))]),
+    "mul_both_data": dict(nodes=[node("Sigmoid", ["A"], "s"), node("Mul", ["A", "s"])], out="m"),
+    "div_by_data": dict(nodes=[node("Sigmoid", ["A"], "s"), node("Add", ["s", "one"], "s1"),
+                               node("Div", ["A", "s1"])], out="m", inits=[arr("one", 1.0)]),
+    "residual_add": dict(nodes=[node("Relu", ["A"], "r"), node("Add", ["A", "r"])], out="m"),
+    "conv1x1": dict(nodes=[node("Conv", ["A", "cw", "cb"])], out="m", channels=5,
+                    inits=[arr("cw", RNG.normal(size=(5, C, 1, 1))), arr("cb", RNG.normal(size=5))]),
+    "conv1x1_constant_node": dict(
+        nodes=[helper.make_node("Constant", [], ["cw"], value=arr("cwv", RNG.normal(size=(5, C, 1, 1)))),
+               node("Conv", ["A", "cw"])], out="m", channels=5),
+    "transpose_pair": dict(nodes=[node("Transpose", ["A"], "t", perm=[0, 2, 3, 1]),
+                                  node("Relu", ["t"], "tr"),
+                                  node("Transpose", ["tr"], "m", perm=[0, 3, 1, 2])], out="m"),
+    "concat": dict(nodes=[node("Relu", ["A"], "r"), node("Concat", ["A", "r"], axis=1)], out="m",
+                   channels=2 * C),
+    "maxpool_tiled": dict(nodes=[node("MaxPool", ["A"], kernel_shape=[2, 2], strides=[2, 2])],
+                          out="m"),
+    "avgpool_tiled": dict(nodes=[node("AveragePool", ["A"], kernel_shape=[2, 2], strides=[2, 2])],
+                          out="m"),
+    "reshape_roundtrip": dict(nodes=[node("Reshape", ["A", "shp"], "r"),
+                                     node("Reshape", ["r", "back"])], out="m",
+                              inits=[numpy_helper.from_array(np.array([0, C, -1], np.int64), "shp"),
+                                     numpy_helper.from_array(np.array([0, C, H, W], np.int64), "back")]),
+}
+
+
+@pytest.mark.parametrize("name", list(MIDDLES))
+def test_exact_gradient_equals_finite_differences(name):
+    head = make_head(MIDDLES[name])
+    a = separated((3, C, H, W))
+    targets = np.array([0, 2, -1], np.int64)
+    y, g = exact_gradient(head, a, targets)
+    own = int(np.argmax(y[2]))
+    for i, t in enumerate([0, 2, own]):
+        ref = fd_gradient(head, a[i], t)
+        close = np.abs(g[i] - ref) <= tolerance(ref, y)
+        # Kinks (ReLU, Clip, pooling ties) may sit within eps of a few positions.
+        assert close.all(), f"{name}: {(~close).sum()} positions differ"
+        assert np.corrcoef(g[i].ravel(), ref.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("pool", ["gap", "flatten"])
+def test_reductions_and_global_pools(pool):
+    for op, attrs in [("ReduceMean", dict(axes=[2, 3], keepdims=1)),
+                      ("ReduceSum", dict(axes=[3], keepdims=1)),
+                      ("ReduceMax", dict(axes=[2], keepdims=1)),
+                      ("GlobalMaxPool", {})]:
+        out_hw = {"ReduceMean": 1, "ReduceSum": H, "ReduceMax": W, "GlobalMaxPool": 1}[op]
+        middle = dict(nodes=[helper.make_node(op, ["A"], ["m"], **attrs)], out="m",
+                      flat_size=C * out_hw)
+        head = make_head(middle, pool=pool, opset=12)  # axes as attributes
+        a = separated((2, C, H, W))
+        _, g = exact_gradient(head, a, np.array([1, 0], np.int64))
+        for i, t in enumerate([1, 0]):
+            ref = fd_gradient(head, a[i], t)
+            np.testing.assert_allclose(g[i], ref, atol=tolerance(ref, _), err_msg=op)
+
+
+VARIANTS = [(vid, kw) for vid, kw in all_variants()
+            if not kw.get("extra_input") and not kw.get("symbolic")]
+
+
+@pytest.mark.parametrize("vid,kw", VARIANTS, ids=[v for v, _ in VARIANTS])
+def test_builder_heads_have_exact_gradients(vid, kw):
+    built = build_cnn(**kw)
+    prepared = prepare_model(built.model)
+    runner = ModelRunner(prepared, provider="cpu")
+    assert runner.gradient_path == "exact", runner.gradient_note
+    x = built.random_input(seed=4)
+    acts, logits = runner.run(x)
+    y, g = runner.head_gradients(acts, np.full(len(acts), -1))
+    np.testing.assert_allclose(y, logits, rtol=1e-5, atol=1e-6)
+    ref = fd_gradient(prepared.head_model, acts[0].transpose(1, 2, 0)
+                      if built.feature_layout == "NHWC" else acts[0], int(np.argmax(logits[0])))
+    if built.feature_layout == "NHWC":
+        ref = ref.transpose(2, 0, 1)
+    close = np.abs(g[0] - ref) <= tolerance(ref, logits)
+    assert close.mean() >= 0.98
+
+
+def test_unsupported_ops_are_named_and_fall_back():
+    middle = dict(nodes=[node("Softsign", ["A"])], out="m")
+    head = make_head(middle)
+    with pytest.raises(UnsupportedHead, match="Softsign"):
+        build_head_gradient(head)
+    conv3 = dict(nodes=[node("Conv", ["A", "w3"], pads=[1, 1, 1, 1])], out="m",
+                 inits=[arr("w3", RNG.normal(size=(C, C, 3, 3)))])
+    with pytest.raises(UnsupportedHead, match="1x1"):
+        build_head_gradient(make_head(conv3))
+
+
+def test_runner_reports_the_finite_difference_path_when_needed():
+    built = build_cnn(head="gap_gemm")
+    model = built.model
+    # Insert a Softsign between GAP's output and Flatten: no backward rule for it.
+    index = next(i for i, n in enumerate(model.graph.node) if n.op_type == "Flatten")
+    flatten = model.graph.node[index]
+    model.graph.node.insert(index, helper.make_node("Softsign", [flatten.input[0]], ["soft"]))
+    flatten.input[0] = "soft"
+    onnx.checker.check_model(model)
+    runner = ModelRunner(prepare_model(model), provider="cpu")
+    assert runner.gradient_path == "finite-difference"
+    assert "Softsign" in runner.gradient_note
+
+
+def test_old_opsets_use_finite_differences():
+    head = extract_head(build_cnn(opset=13).model, *(lambda b: (b.feature_map, b.logits))(
+        build_cnn(opset=13)))
+    head.opset_import[0].version = 10
+    with pytest.raises(UnsupportedHead, match="opset"):
+        build_head_gradient(head)
