@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from onnx_sp2ps import __version__
-from onnx_sp2ps.cams import get_method
+from onnx_sp2ps.cams import make_cam
 from onnx_sp2ps.cams.base import normalise_maps, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
 from onnx_sp2ps.errors import MismatchError, NonFiniteError, UsageError
@@ -64,10 +64,12 @@ class AuditSettings:
     threads: int | None = None
     threshold: float | None = None
     strict: bool = False
+    scorecam_channels: int | None = None
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
+            "scorecam_channels": self.scorecam_channels,
             "target": self.target,
             "batch_size": self.batch_size,
             "provider": self.provider,
@@ -250,7 +252,8 @@ class _Explainer:
         self.prepared = prepared
         self.runner = ModelRunner(prepared, provider=settings.provider,
                                   threads=settings.threads)
-        self.cam = get_method(settings.method)(self.runner)
+        self.cam = make_cam(settings.method, self.runner,
+                            scorecam_channels=settings.scorecam_channels)
         self.info = ModelInfo(
             path=prepared.path, spec=prepared.spec, size_bytes=prepared.size_bytes,
             parameters=prepared.parameters, providers=self.runner.provider.providers,
@@ -258,8 +261,9 @@ class _Explainer:
             gradient_note=self.runner.gradient_note)
 
     def maps(self, activations: np.ndarray, targets: np.ndarray, logits: np.ndarray,
-             size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        raw = self.cam(activations, targets)
+             size: tuple[int, int], inputs: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raw = self.cam(activations, targets, inputs)
         bad = ~np.isfinite(logits).all(axis=1)
         raw[bad] = np.nan
         images, flat = normalise_maps(upsample_bilinear(raw, size))
@@ -304,6 +308,7 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
                  target: str | int = "own", options: ModelOptions = ModelOptions(),
                  class_names=None, batch_size: int = 16, provider: str = "auto",
                  threads: int | None = None, strict: bool = False,
+                 scorecam_channels: int | None = None,
                  progress: Progress | None = None) -> tuple[ModelMaps, ModelInfo, ImageSet]:
     """CAMs of one model over a folder of images or an array file.
 
@@ -326,7 +331,8 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
         model, input_name=options.input_name, feature_layer=options.feature_layer,
         logits=options.logits, size=preprocess.size)
     settings = AuditSettings(method=method, target=target, batch_size=batch_size,
-                             provider=provider, threads=threads, strict=strict)
+                             provider=provider, threads=threads, strict=strict,
+                             scorecam_channels=scorecam_channels)
     explainer = _Explainer(prepared, settings)
     image_set = _open(images, prepared.spec, preprocess, class_names, strict)
     size = image_set.preprocess.size
@@ -336,7 +342,7 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
         acts, logits = explainer.runner.run(batch.inputs)
         labels = None if image_set.labels is None else np.asarray(image_set.labels)[batch.indices]
         targets = select_targets(target, logits=logits, labels=labels)
-        raw, maps, flat = explainer.maps(acts, targets, logits, size)
+        raw, maps, flat = explainer.maps(acts, targets, logits, size, batch.inputs)
         out.add(indices=batch.indices, targets=targets, logits=logits, raw=raw, maps=maps,
                 flat=flat)
         done += len(batch.indices)
@@ -408,7 +414,7 @@ def audit(original: str | Path | PreparedModel,
         o_acts, o_logits = orig.runner.run(batch.inputs)
         o_targets = select_targets(settings.target, logits=o_logits, labels=labels,
                                    reference_logits=o_logits)
-        o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size)
+        o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size, batch.inputs)
         o_prob = _probabilities(o_logits, orig_prep.spec.activation)
         o_out.add(indices=batch.indices, targets=o_targets, logits=o_logits,
                   pred=np.argmax(np.nan_to_num(o_logits, nan=-np.inf), axis=1),
@@ -419,7 +425,7 @@ def audit(original: str | Path | PreparedModel,
             c_acts, c_logits = cand.runner.run(batch.inputs)
             c_targets = select_targets(settings.target, logits=c_logits, labels=labels,
                                        reference_logits=o_logits)
-            c_raw, c_maps, c_flat = cand.maps(c_acts, c_targets, c_logits, size)
+            c_raw, c_maps, c_flat = cand.maps(c_acts, c_targets, c_logits, size, batch.inputs)
             pair = score_pairs(o_maps, c_maps)
             c_prob = _probabilities(c_logits, cand.prepared.spec.activation)
             out.add(targets=c_targets, logits=c_logits,

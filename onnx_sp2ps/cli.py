@@ -264,6 +264,15 @@ def _shape(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def _method_options(f):
+    from onnx_sp2ps.cams import METHODS
+
+    f = click.option("--scorecam-channels", type=click.IntRange(min=1), metavar="N",
+                     help="Score-CAM: use the N channels with the largest mean activation.")(f)
+    return click.option("--method", type=click.Choice(list(METHODS)), default="gradcam",
+                        show_default=True, help="CAM method.")(f)
+
+
 def _target_option(f):
     return click.option("--target", default="own", show_default=True, metavar="own|label|K",
                         help="Class explained: each image's top-1, its label, or class K.")(f)
@@ -275,16 +284,15 @@ def _target_option(f):
               help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for cams.npz (and overlays).")
-@click.option("--method", type=click.Choice(["gradcam", "eigencam"]), default="gradcam",
-              show_default=True)
+@_method_options
 @_target_option
 @click.option("--overlays", is_flag=True, help="Also write one PNG per image: the map over it.")
 @preprocess_options
 @model_options(candidates=False)
 @runtime_options
 @common_options
-def cam(model, images, out, method, target, overlays, provider, threads, batch_size, quiet,
-        debug, class_names, strict, **kwargs):
+def cam(model, images, out, method, scorecam_channels, target, overlays, provider, threads,
+        batch_size, quiet, debug, class_names, strict, **kwargs):
     """Compute CAMs of MODEL on images; write OUT/cams.npz (paths, targets, logits, raw,
     maps)."""
     from onnx_sp2ps.audit import compute_cams
@@ -305,7 +313,8 @@ def cam(model, images, out, method, target, overlays, provider, threads, batch_s
         maps, info, image_set = compute_cams(
             model, images, preprocess=preprocess, method=method, target=chosen, options=opts,
             class_names=class_names, batch_size=batch_size, provider=provider,
-            threads=threads, strict=strict, progress=update)
+            threads=threads, strict=strict, scorecam_channels=scorecam_channels,
+            progress=update)
     finally:
         close()
     console.info(f"preprocess: {image_set.preprocess.describe()}")
@@ -376,8 +385,7 @@ def _report_skipped(console: _Console, image_set) -> None:
               help="Gate: fail (exit 1) when a candidate's Sp2PS mean is below X.")
 @click.option("--save-maps", is_flag=True,
               help="With --out: write OUT/maps/<model>.npz for every model.")
-@click.option("--method", type=click.Choice(["gradcam", "eigencam"]), default="gradcam",
-              show_default=True)
+@_method_options
 @click.option("--target", type=click.Choice(["original", "label", "own"]), default="original",
               show_default=True,
               help="Class explained: the original's top-1 (both models), the label, or each "
@@ -386,8 +394,9 @@ def _report_skipped(console: _Console, image_set) -> None:
 @model_options(candidates=True)
 @runtime_options
 @common_options
-def audit(original, candidates, images, out, fmt, fail_under, save_maps, method, target,
-          provider, threads, batch_size, quiet, debug, class_names, strict, **kwargs):
+def audit(original, candidates, images, out, fmt, fail_under, save_maps, method,
+          scorecam_channels, target, provider, threads, batch_size, quiet, debug, class_names,
+          strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     from onnx_sp2ps import audit as audit_module
     from onnx_sp2ps.report import audit_to_dict, format_table, prepare_out_dir, write_json
@@ -410,7 +419,8 @@ def audit(original, candidates, images, out, fmt, fail_under, save_maps, method,
         _refuse_foreign(out_dir / "report.json")
     settings = audit_module.AuditSettings(method=method, target=target, batch_size=batch_size,
                                           provider=provider, threads=threads,
-                                          threshold=fail_under, strict=strict)
+                                          threshold=fail_under, strict=strict,
+                                          scorecam_channels=scorecam_channels)
     update, close = console.progress("audit")
     try:
         result = audit_module.audit(

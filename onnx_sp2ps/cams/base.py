@@ -106,26 +106,38 @@ class BaseCAM:
     name = "base"
     #: True when the map depends on the target class.
     uses_target = True
+    #: True when the method needs per-position gradients (not only their channel sums).
+    needs_exact_gradient = False
+    #: True when the method runs the full model on (masked) inputs.
+    needs_inputs = False
 
     def __init__(self, runner):
         self.runner = runner
 
-    def get_cam_weights(self, activations: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    def get_cam_weights(self, activations: np.ndarray, targets: np.ndarray,
+                        inputs: np.ndarray | None = None) -> np.ndarray:
         """Channel weights ``(N, C)``."""
         raise NotImplementedError
 
     def gradients(self, activations: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Exact d y_target / dA ``(N, C, h, w)`` from the head's backward graph."""
-        return self.runner.head_gradients(activations, targets)[1].astype(np.float64)
+        """d y_target / dA ``(N, C, h, w)``: exact from the head's backward graph, or by
+        central differences position by position when the head has ops without a
+        backward rule (2 C h w head runs per image, chunked)."""
+        if self.runner.has_exact_gradient:
+            return self.runner.head_gradients(activations, targets)[1].astype(np.float64)
+        return position_gradients(self.runner, activations, targets)
 
-    def compute_raw(self, activations: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    def compute_raw(self, activations: np.ndarray, targets: np.ndarray,
+                    inputs: np.ndarray | None = None) -> np.ndarray:
         """The raw map R ``(N, h, w)`` before ReLU: the weighted sum of the channels."""
-        weights = self.get_cam_weights(activations, targets)
+        weights = self.get_cam_weights(activations, targets, inputs)
         return np.einsum("nc,nchw->nhw", weights.astype(np.float64),
                          activations.astype(np.float64)).astype(np.float32)
 
-    def __call__(self, activations: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """ReLU(R) ``(N, h, w)`` float32: the ``raw`` maps of the reports."""
+    def __call__(self, activations: np.ndarray, targets: np.ndarray,
+                 inputs: np.ndarray | None = None) -> np.ndarray:
+        """ReLU(R) ``(N, h, w)`` float32: the ``raw`` maps of the reports.  ``inputs``
+        (the model inputs of the batch) are needed by methods with ``needs_inputs``."""
         activations = np.asarray(activations, dtype=np.float32)
         targets = np.asarray(targets, dtype=np.int64)
         if activations.ndim != 4:
@@ -133,4 +145,30 @@ class BaseCAM:
         if targets.shape != (len(activations),):
             raise UsageError(f"need one target per image: {targets.shape} for "
                              f"{len(activations)} images")
-        return relu(self.compute_raw(activations, targets))
+        if self.needs_inputs and inputs is None:
+            raise UsageError(f"{self.name} needs the model inputs")
+        return relu(self.compute_raw(activations, targets, inputs))
+
+
+def position_gradients(runner, activations: np.ndarray, targets: np.ndarray, *,
+                       rel_eps: float = 1e-3) -> np.ndarray:
+    """Per-position central differences of the target logit, ``(N, C, h, w)``: the
+    fallback for heads whose ops have no backward rule."""
+    n = len(activations)
+    out = np.zeros(activations.shape, dtype=np.float64)
+    for i in range(n):
+        a = activations[i]
+        size = a.size
+        rms = float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+        eps = np.float32(rel_eps * (rms if rms > 0 else 1.0))
+
+        def make(start, stop, a=a, eps=eps):
+            rows = np.arange(start, stop)
+            out_ = np.repeat(a[None], stop - start, axis=0).reshape(stop - start, -1)
+            pos = rows % size
+            out_[np.arange(stop - start), pos] += np.where(rows < size, eps, -eps)
+            return out_.reshape((stop - start,) + a.shape)
+
+        y = runner.map_head(make, 2 * size, a.shape)[:, int(targets[i])].astype(np.float64)
+        out[i] = ((y[:size] - y[size:]) / (2.0 * float(eps))).reshape(a.shape)
+    return out

@@ -23,7 +23,7 @@ class EigenCAM(BaseCAM):
     name = "eigencam"
     uses_target = False
 
-    def compute_raw(self, activations, targets):
+    def compute_raw(self, activations, targets, inputs=None):
         n, c, h, w = activations.shape
         x = activations.reshape(n, c, h * w).transpose(0, 2, 1).astype(np.float64)
         x = x - x.mean(axis=1, keepdims=True)

@@ -96,8 +96,8 @@ class GradCAM(BaseCAM):
 
     name = "gradcam"
 
-    def get_cam_weights(self, activations, targets):
+    def get_cam_weights(self, activations, targets, inputs=None):
         if self.runner.has_exact_gradient:
-            return self.gradients(activations, targets).mean(axis=(2, 3), dtype=np.float64)
+            return self.gradients(activations, targets).mean(axis=(2, 3))
         h, w = activations.shape[2:]
         return channel_gradient_sums(self.runner, activations, targets) / (h * w)
