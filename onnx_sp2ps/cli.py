@@ -198,6 +198,39 @@ class _Console:
         return update, close
 
 
+def _unit_interval(ctx, param, value):
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise click.BadParameter("must be between 0 and 1")
+    return value
+
+
+def gate_options(f):
+    """The gate criteria, shared by ``audit`` and ``gate``."""
+    options = [
+        click.option("--fail-under", type=float, metavar="X", callback=_unit_interval,
+                     help="Gate: each candidate's Sp2PS mean must be >= X."),
+        click.option("--fail-under-p5", type=float, metavar="X", callback=_unit_interval,
+                     help="Gate: the 5th percentile of per-image Sp2PS must be >= X."),
+        click.option("--min-agreement", type=float, metavar="X", callback=_unit_interval,
+                     help="Gate: top-1 agreement with the original must be >= X."),
+        click.option("--max-accuracy-drop", type=float, metavar="X", callback=_unit_interval,
+                     help="Gate: original accuracy minus candidate accuracy must be <= X "
+                          "(absolute; needs labels)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _criteria(kwargs: dict):
+    from onnx_sp2ps.report import GateCriteria
+
+    return GateCriteria(fail_under=kwargs.pop("fail_under"),
+                        fail_under_p5=kwargs.pop("fail_under_p5"),
+                        min_agreement=kwargs.pop("min_agreement"),
+                        max_accuracy_drop=kwargs.pop("max_accuracy_drop"))
+
+
 def _format_choice(f):
     return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
                         show_default=True, help="Output on stdout.")(f)
@@ -381,8 +414,7 @@ def _report_skipped(console: _Console, image_set) -> None:
               help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for report.json (and maps).")
 @_format_choice
-@click.option("--fail-under", type=float, metavar="X",
-              help="Gate: fail (exit 1) when a candidate's Sp2PS mean is below X.")
+@gate_options
 @click.option("--save-maps", is_flag=True,
               help="With --out: write OUT/maps/<model>.npz for every model.")
 @_method_options
@@ -394,9 +426,8 @@ def _report_skipped(console: _Console, image_set) -> None:
 @model_options(candidates=True)
 @runtime_options
 @common_options
-def audit(original, candidates, images, out, fmt, fail_under, save_maps, method,
-          scorecam_channels, target, provider, threads, batch_size, quiet, debug, class_names,
-          strict, **kwargs):
+def audit(original, candidates, images, out, fmt, save_maps, method, scorecam_channels, target,
+          provider, threads, batch_size, quiet, debug, class_names, strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     from onnx_sp2ps import audit as audit_module
     from onnx_sp2ps.report import audit_to_dict, format_table, prepare_out_dir, write_json
@@ -404,8 +435,8 @@ def audit(original, candidates, images, out, fmt, fail_under, save_maps, method,
     console = _Console(quiet)
     if save_maps and out is None:
         raise click.UsageError("--save-maps needs --out")
-    if fail_under is not None and not 0.0 <= fail_under <= 1.0:
-        raise click.BadParameter("must be between 0 and 1", param_hint="--fail-under")
+    criteria = _criteria(kwargs)
+    fail_under = criteria.fail_under
     preprocess = _preprocess(kwargs)
     orig_opts = _model_options(kwargs)
     cand_opts = _model_options(kwargs, prefix="candidate_")
@@ -432,7 +463,8 @@ def audit(original, candidates, images, out, fmt, fail_under, save_maps, method,
     console.info(f"preprocess: {result.images.preprocess.describe()}")
     _provider_note(console, result.original)
     _report_skipped(console, result.images)
-    report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION)
+    report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION,
+                           criteria=criteria)
     if out_dir is not None:
         write_json(out_dir / "report.json", report)
         if save_maps:
@@ -442,9 +474,9 @@ def audit(original, candidates, images, out, fmt, fail_under, save_maps, method,
         click.echo(json.dumps(report, indent=2, allow_nan=False))
     else:
         click.echo(format_table(report))
-    if fail_under is None:
+    if not criteria.any():
         return EXIT_OK
-    return _gate(report, fail_under, to_stderr=fmt == "json")
+    return _gate(report, criteria, to_stderr=fmt == "json")
 
 
 def _save_maps(out_dir: Path, result) -> None:
@@ -464,27 +496,28 @@ def _save_maps(out_dir: Path, result) -> None:
         write_npz(target, maps.arrays())
 
 
-def _gate(report: dict, fail_under: float, *, to_stderr: bool = False) -> int:
+def _gate(report: dict, criteria, *, to_stderr: bool = False) -> int:
     from onnx_sp2ps.report import check_report, gate_lines
 
-    checks = check_report(report, fail_under=fail_under)
+    checks = check_report(report, criteria)
     for line in gate_lines(checks):
         click.echo(line, err=to_stderr)
-    return EXIT_OK if all(c.passed for c in checks) else EXIT_GATE
+    return EXIT_OK if checks and all(c.passed for c in checks) else EXIT_GATE
 
 
 @cli.command()
 @click.argument("report", type=click.Path(path_type=Path))
-@click.option("--fail-under", type=float, required=True, metavar="X",
-              help="Fail (exit 1) when a candidate's Sp2PS mean is below X.")
+@gate_options
 @common_options
-def gate(report, fail_under, quiet, debug):
-    """Re-check a saved REPORT.json against a threshold without re-running the models."""
+def gate(report, quiet, debug, **kwargs):
+    """Re-check a saved REPORT.json against gate criteria without re-running the models."""
     from onnx_sp2ps.report import load_report
 
-    if not 0.0 <= fail_under <= 1.0:
-        raise click.BadParameter("must be between 0 and 1", param_hint="--fail-under")
-    return _gate(load_report(report), fail_under)
+    criteria = _criteria(kwargs)
+    if not criteria.any():
+        raise click.UsageError("give at least one criterion (--fail-under, --fail-under-p5, "
+                               "--min-agreement, --max-accuracy-drop)")
+    return _gate(load_report(report), criteria)
 
 
 # --------------------------------------------------------------------------- entry point

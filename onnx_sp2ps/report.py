@@ -25,6 +25,7 @@ __all__ = [
     "format_table",
     "gate_lines",
     "GateCheck",
+    "GateCriteria",
     "check_report",
     "load_report",
     "write_atomic",
@@ -94,9 +95,11 @@ def _num(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def audit_to_dict(result, *, schema_version: int) -> dict:
+def audit_to_dict(result, *, schema_version: int,
+                  criteria: "GateCriteria | None" = None) -> dict:
     """report.json content of an :class:`onnx_sp2ps.audit.AuditResult` (README documents
-    the schema)."""
+    the schema); with ``criteria``, each candidate's ``gate`` and the top-level
+    ``passed`` are filled in."""
     labels = result.labels
     paths = result.paths
     candidates = []
@@ -121,7 +124,6 @@ def audit_to_dict(result, *, schema_version: int) -> dict:
             })
         summary = {k: (_num(v) if isinstance(v, float) else v)
                    for k, v in cand.summary.to_dict().items()}
-        threshold = result.settings.threshold
         candidates.append({
             "model": cand.model.to_dict(),
             "sp2ps": summary,
@@ -129,13 +131,10 @@ def audit_to_dict(result, *, schema_version: int) -> dict:
             "accuracy": _num(cand.accuracy),
             "confidence_drop": _num(cand.confidence_drop),
             "non_finite_images": list(cand.non_finite_paths),
-            "gate": None if threshold is None else {
-                "fail_under": threshold,
-                "passed": bool(cand.passed(threshold)),
-            },
+            "gate": None,
             "images": rows,
         })
-    return {
+    report = {
         "schema_version": schema_version,
         "tool": "onnx-sp2ps",
         "versions": dict(result.versions),
@@ -157,9 +156,25 @@ def audit_to_dict(result, *, schema_version: int) -> dict:
             "accuracy": _num(result.original_accuracy),
         },
         "candidates": candidates,
-        "passed": (None if result.settings.threshold is None
-                   else bool(result.passed(result.settings.threshold))),
+        "passed": None,
     }
+    if criteria is not None and criteria.any():
+        apply_gate(report, criteria)
+    return report
+
+
+def apply_gate(report: dict, criteria: GateCriteria) -> list[GateCheck]:
+    """Check ``criteria`` and record them in the report dict (``gate`` per candidate,
+    ``passed`` and ``gate_criteria`` at the top level)."""
+    checks = check_report(report, criteria)
+    for cand in report.get("candidates", []):
+        name = (cand.get("model") or {}).get("name")
+        mine = [c for c in checks if c.candidate == name]
+        cand["gate"] = {"passed": all(c.passed for c in mine),
+                        "checks": [c.to_dict() for c in mine]}
+    report["gate_criteria"] = criteria.to_dict()
+    report["passed"] = bool(checks) and all(c.passed for c in checks)
+    return checks
 
 
 def load_report(path: str | Path) -> dict:
@@ -181,50 +196,100 @@ def load_report(path: str | Path) -> dict:
 
 
 @dataclass(frozen=True)
+class GateCriteria:
+    """Thresholds a release gate checks; every one given must pass for every candidate.
+
+    ``fail_under``: Sp2PS mean >= X; ``fail_under_p5``: its 5th percentile >= X;
+    ``min_agreement``: top-1 agreement with the original >= X; ``max_accuracy_drop``:
+    original accuracy minus candidate accuracy <= X (absolute; needs labels).
+    """
+
+    fail_under: float | None = None
+    fail_under_p5: float | None = None
+    min_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in self.to_dict().values())
+
+    def to_dict(self) -> dict:
+        return {"fail_under": self.fail_under, "fail_under_p5": self.fail_under_p5,
+                "min_agreement": self.min_agreement,
+                "max_accuracy_drop": self.max_accuracy_drop}
+
+
+@dataclass(frozen=True)
 class GateCheck:
-    """One candidate against one threshold."""
+    """One candidate against one criterion."""
 
     candidate: str
     criterion: str
     value: float | None
+    op: str
     threshold: float
     passed: bool
 
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "value": _num(self.value), "op": self.op,
+                "threshold": self.threshold, "passed": self.passed}
 
-def check_report(report: dict, *, fail_under: float) -> list[GateCheck]:
-    """Sp2PS mean of every candidate against ``fail_under``; missing or NaN fails."""
+
+def _finite(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _accuracy_drop(report: dict, cand: dict) -> float | None:
+    original = _finite((report.get("original") or {}).get("accuracy"))
+    candidate = _finite(cand.get("accuracy"))
+    if original is None or candidate is None:
+        return None
+    return original - candidate
+
+
+def check_report(report: dict, criteria: GateCriteria) -> list[GateCheck]:
+    """Every criterion for every candidate of a report dict; a missing or non-finite
+    figure fails its criterion.  With no candidate at all, the gate fails."""
+    table = [
+        ("sp2ps mean", criteria.fail_under, ">=", lambda c: (c.get("sp2ps") or {}).get("mean")),
+        ("sp2ps p5", criteria.fail_under_p5, ">=", lambda c: (c.get("sp2ps") or {}).get("p5")),
+        ("agreement", criteria.min_agreement, ">=", lambda c: c.get("agreement")),
+        ("accuracy drop", criteria.max_accuracy_drop, "<=",
+         lambda c: _accuracy_drop(report, c)),
+    ]
     checks = []
-    for cand in report.get("candidates", []):
-        name = (cand.get("model") or {}).get("name") or "candidate"
-        value = (cand.get("sp2ps") or {}).get("mean")
-        ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= fail_under
-        checks.append(GateCheck(candidate=name, criterion="sp2ps mean",
-                                value=float(value) if isinstance(value, (int, float)) else None,
-                                threshold=float(fail_under), passed=bool(ok)))
-    if not checks:
-        checks.append(GateCheck("(none)", "sp2ps mean", None, float(fail_under), False))
+    candidates = report.get("candidates") or [{}]
+    for cand in candidates:
+        name = (cand.get("model") or {}).get("name") or "(no candidate)"
+        for label, threshold, op, get in table:
+            if threshold is None:
+                continue
+            value = _finite(get(cand)) if cand else None
+            ok = value is not None and (value >= threshold if op == ">=" else value <= threshold)
+            checks.append(GateCheck(name, label, value, op, float(threshold), bool(ok)))
     return checks
 
 
 def gate_lines(checks: list[GateCheck]) -> list[str]:
-    """One line per check, then the verdict: ``PASSED | ...`` or ``FAILED | ...``."""
+    """One line per check, then the verdict: ``PASSED | ...`` or ``FAILED | ...``, with
+    values and thresholds printed to six decimals."""
     lines = []
     for c in checks:
         value = "missing" if c.value is None else f"{c.value:.6f}"
-        op = ">=" if c.passed else "<" if c.value is not None else "vs"
         lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.candidate}: {c.criterion} "
-                     f"{value} {op} {c.threshold:.6f}")
+                     f"{value} (must be {c.op} {c.threshold:.6f})")
     failed = [c for c in checks if not c.passed]
+    names = sorted({c.candidate for c in checks})
     if failed:
-        worst = ", ".join(f"{c.candidate} {c.criterion} "
-                          f"{'missing' if c.value is None else f'{c.value:.6f}'}"
-                          for c in failed)
-        lines.append(f"FAILED | {len(failed)}/{len(checks)} below {checks[0].threshold:.6f} "
-                     f"| {worst}")
+        worst = "; ".join(
+            f"{c.candidate} {c.criterion} "
+            f"{'missing' if c.value is None else f'{c.value:.6f}'} {c.op} {c.threshold:.6f} fails"
+            for c in failed)
+        lines.append(f"FAILED | {len(failed)} of {len(checks)} checks on {len(names)} "
+                     f"candidate(s) | {worst}")
     else:
-        low = min(checks, key=lambda c: c.value)
-        lines.append(f"PASSED | {len(checks)}/{len(checks)} at or above "
-                     f"{checks[0].threshold:.6f} | lowest {low.candidate} {low.value:.6f}")
+        lines.append(f"PASSED | {len(checks)} checks on {len(names)} candidate(s) | "
+                     + "; ".join(f"{c.candidate} {c.criterion} {c.value:.6f}"
+                                 for c in checks))
     return lines
 
 

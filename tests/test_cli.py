@@ -128,7 +128,10 @@ def test_json_format_prints_only_json_on_stdout(capsys, samples):
                          "--format", "json", "--fail-under", "0.0")
     assert code == 0
     data = json.loads(out)
-    assert data["candidates"][0]["gate"] == {"fail_under": 0.0, "passed": True}
+    gate = data["candidates"][0]["gate"]
+    assert gate["passed"] is True and data["passed"] is True
+    assert gate["checks"][0]["criterion"] == "sp2ps mean"
+    assert gate["checks"][0]["threshold"] == 0.0
     assert "PASSED" in err
 
 
