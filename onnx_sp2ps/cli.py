@@ -380,6 +380,11 @@ def _refuse_foreign(path: Path) -> None:
             ours = json.loads(path.read_text(encoding="utf-8")).get("tool") == "onnx-sp2ps"
         except Exception:
             ours = False
+    elif path.suffix == ".csv":
+        from onnx_sp2ps.report import SAMPLE_COLUMNS
+
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            ours = handle.readline().strip() == ",".join(SAMPLE_COLUMNS)
     else:
         import numpy as np
 
@@ -415,6 +420,10 @@ def _report_skipped(console: _Console, image_set) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for report.json (and maps).")
 @_format_choice
 @gate_options
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write JUnit XML (one test case per candidate and criterion).")
+@click.option("--summary-md", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write a short Markdown summary (pull-request comment, CI job summary).")
 @click.option("--save-maps", is_flag=True,
               help="With --out: write OUT/maps/<model>.npz for every model.")
 @_method_options
@@ -426,11 +435,14 @@ def _report_skipped(console: _Console, image_set) -> None:
 @model_options(candidates=True)
 @runtime_options
 @common_options
-def audit(original, candidates, images, out, fmt, save_maps, method, scorecam_channels, target,
-          provider, threads, batch_size, quiet, debug, class_names, strict, **kwargs):
+def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, method,
+          scorecam_channels, target, provider, threads, batch_size, quiet, debug, class_names,
+          strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     from onnx_sp2ps import audit as audit_module
-    from onnx_sp2ps.report import audit_to_dict, format_table, prepare_out_dir, write_json
+    from onnx_sp2ps.report import (audit_to_dict, check_report, format_table, junit_xml,
+                                   prepare_out_dir, samples_csv, summary_markdown,
+                                   write_atomic, write_json)
 
     console = _Console(quiet)
     if save_maps and out is None:
@@ -448,6 +460,10 @@ def audit(original, candidates, images, out, fmt, save_maps, method, scorecam_ch
     if out is not None:
         out_dir = prepare_out_dir(out)
         _refuse_foreign(out_dir / "report.json")
+        _refuse_foreign(out_dir / "samples.csv")
+    for extra in (junit, summary_md):
+        if extra is not None:
+            prepare_out_dir(extra.parent if str(extra.parent) else Path("."))
     settings = audit_module.AuditSettings(method=method, target=target, batch_size=batch_size,
                                           provider=provider, threads=threads,
                                           threshold=fail_under, strict=strict,
@@ -465,11 +481,17 @@ def audit(original, candidates, images, out, fmt, save_maps, method, scorecam_ch
     _report_skipped(console, result.images)
     report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION,
                            criteria=criteria)
+    checks = check_report(report, criteria) if criteria.any() else []
     if out_dir is not None:
         write_json(out_dir / "report.json", report)
+        write_atomic(out_dir / "samples.csv", lambda h: h.write(samples_csv(report).encode()))
         if save_maps:
             _save_maps(out_dir, result)
         console.info(f"report written to {out_dir / 'report.json'}")
+    if junit is not None:
+        write_atomic(junit, lambda h: h.write(junit_xml(report, checks).encode()))
+    if summary_md is not None:
+        write_atomic(summary_md, lambda h: h.write(summary_markdown(report, checks).encode()))
     if fmt == "json":
         click.echo(json.dumps(report, indent=2, allow_nan=False))
     else:

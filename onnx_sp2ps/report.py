@@ -386,3 +386,112 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
         Image.fromarray(rgb).save(handle, format="PNG")
 
     return write_atomic(path, write)
+
+
+# --------------------------------------------------------------------------- CSV, JUnit, Markdown
+
+#: Columns of samples.csv, one row per image and candidate.
+SAMPLE_COLUMNS = ("candidate", "path", "label", "target", "target_original",
+                  "prediction_original", "prediction_candidate", "confidence_original",
+                  "confidence_candidate", "spatial", "spectral", "score", "finite",
+                  "flat_original", "flat_candidate")
+
+
+def samples_csv(report: dict) -> str:
+    """samples.csv: one row per image and candidate (empty cells for missing values)."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SAMPLE_COLUMNS)
+    for cand in report["candidates"]:
+        name = cand["model"]["name"]
+        for row in cand["images"]:
+            writer.writerow([name] + ["" if row.get(k) is None else row[k]
+                                      for k in SAMPLE_COLUMNS[1:]])
+    return buffer.getvalue()
+
+
+def junit_xml(report: dict, checks: list[GateCheck], *, timestamp: str | None = None) -> str:
+    """JUnit XML: one test case per candidate and criterion (a failed gate is a
+    ``<failure>``); without criteria, one passing test case per candidate.
+    ``timestamp`` (ISO 8601, default now in UTC) is the suite's; report.json itself has
+    none, so that the same run gives the same report."""
+    import datetime
+    from xml.etree import ElementTree as ET
+
+    if timestamp is None:
+        timestamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+    suites = ET.Element("testsuites", name="onnx-sp2ps")
+    suite = ET.SubElement(suites, "testsuite", name="onnx-sp2ps audit",
+                          timestamp=timestamp, hostname="localhost")
+    props = ET.SubElement(suite, "properties")
+    for key in ("method", "target"):
+        ET.SubElement(props, "property", name=key,
+                      value=str((report.get("settings") or {}).get(key)))
+    ET.SubElement(props, "property", name="original",
+                  value=str(report["original"]["model"]["name"]))
+    cases = []
+    if checks:
+        for c in checks:
+            case = ET.SubElement(suite, "testcase", classname=f"onnx-sp2ps.{c.candidate}",
+                                 name=f"{c.criterion} {c.op} {c.threshold:.6f}", time="0")
+            value = "missing" if c.value is None else f"{c.value:.6f}"
+            if not c.passed:
+                failure = ET.SubElement(case, "failure", type="GateFailure",
+                                        message=f"{c.criterion} {value}, must be {c.op} "
+                                                f"{c.threshold:.6f}")
+                failure.text = f"{c.candidate}: {c.criterion} = {value}"
+            ET.SubElement(case, "system-out").text = f"{c.criterion} = {value}"
+            cases.append(c.passed)
+    else:
+        for cand in report["candidates"]:
+            case = ET.SubElement(suite, "testcase",
+                                 classname=f"onnx-sp2ps.{cand['model']['name']}",
+                                 name="audit", time="0")
+            ET.SubElement(case, "system-out").text = (
+                f"sp2ps mean = {_fmt(cand['sp2ps']['mean'], 6)}")
+            cases.append(True)
+    failures = str(sum(1 for ok in cases if not ok))
+    for element in (suites, suite):
+        element.set("tests", str(len(cases)))
+        element.set("failures", failures)
+        element.set("errors", "0")
+        element.set("time", "0")
+    suite.set("skipped", "0")
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(
+        suites, encoding="unicode") + "\n"
+
+
+def summary_markdown(report: dict, checks: list[GateCheck]) -> str:
+    """A short Markdown summary for pull-request comments or CI job summaries."""
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+
+    verdict = ""
+    if checks:
+        verdict = "**PASSED**" if all(c.passed for c in checks) else "**FAILED**"
+    lines = [f"### onnx-sp2ps audit {verdict}".rstrip(), "",
+             f"Original `{cell(report['original']['model']['name'])}`, accuracy "
+             f"{_fmt(report['original']['accuracy'], 3)}; {report['images']['scored']} images "
+             f"({len(report['images']['skipped'])} skipped); method "
+             f"{cell(report['settings']['method'])}.", "",
+             "| candidate | Sp2PS | p5 | S | F | agreement | accuracy | gate |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    order = sorted(report["candidates"], key=lambda c: -(c["sp2ps"]["mean"] or -1.0))
+    for c in order:
+        name = c["model"]["name"]
+        mine = [k for k in checks if k.candidate == name]
+        gate = "-" if not mine else ("pass" if all(k.passed for k in mine) else "**fail**")
+        s = c["sp2ps"]
+        lines.append(f"| `{cell(name)}` | {_fmt(s['mean'])} | {_fmt(s['p5'])} | "
+                     f"{_fmt(s['spatial_mean'])} | {_fmt(s['spectral_mean'])} | "
+                     f"{_fmt(c['agreement'], 3)} | {_fmt(c['accuracy'], 3)} | {gate} |")
+    failed = [k for k in checks if not k.passed]
+    if failed:
+        lines += [""] + [f"- `{cell(k.candidate)}`: {k.criterion} "
+                         f"{'missing' if k.value is None else f'{k.value:.6f}'} "
+                         f"(must be {k.op} {k.threshold:.6f})" for k in failed]
+    return "\n".join(lines) + "\n"
