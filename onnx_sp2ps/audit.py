@@ -31,6 +31,7 @@ __all__ = [
     "ModelMaps",
     "ModelInfo",
     "CandidateResult",
+    "WorstImages",
     "AuditResult",
     "input_spec",
     "compute_cams",
@@ -129,6 +130,35 @@ class ModelMaps:
         }
 
 
+@dataclass
+class WorstImages:
+    """The lowest-scoring images of a candidate and both models' maps for them, kept
+    while streaming so memory does not grow with the data set."""
+
+    limit: int
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    original_maps: np.ndarray | None = None   # (n, H, W)
+    candidate_maps: np.ndarray | None = None  # (n, H, W)
+
+    def add(self, positions, scores, original_maps, candidate_maps) -> None:
+        if self.limit <= 0:
+            return
+        if self.original_maps is None:
+            self.original_maps = original_maps[:0]
+            self.candidate_maps = candidate_maps[:0]
+        pos = np.concatenate([self.positions, positions])
+        sc = np.concatenate([self.scores, scores])
+        om = np.concatenate([self.original_maps, original_maps])
+        cm = np.concatenate([self.candidate_maps, candidate_maps])
+        keep = np.lexsort((pos, sc))[:self.limit]  # lowest score first, then order
+        self.positions, self.scores = pos[keep], sc[keep]
+        self.original_maps, self.candidate_maps = om[keep], cm[keep]
+
+
+MapsCallback = Callable[[ImageSet, np.ndarray, np.ndarray, list], None]
+
+
 @dataclass(frozen=True)
 class CandidateResult:
     """Scores of one candidate against the original."""
@@ -144,6 +174,7 @@ class CandidateResult:
     confidence_drop: float       # mean over images of p_orig[c] - p_cand[c]
     non_finite_paths: tuple[str, ...]
     maps: ModelMaps | None = None
+    worst: "WorstImages | None" = None
 
     def passed(self, fail_under: float | None) -> bool:
         if fail_under is None:
@@ -362,7 +393,8 @@ def audit(original: str | Path | PreparedModel,
           preprocess: Preprocess = Preprocess(), settings: AuditSettings = AuditSettings(),
           original_options: ModelOptions = ModelOptions(),
           candidate_options: ModelOptions = ModelOptions(), class_names=None,
-          keep_maps: bool = False, progress: Progress | None = None) -> AuditResult:
+          keep_maps: bool = False, worst: int = 0, on_maps: MapsCallback | None = None,
+          progress: Progress | None = None) -> AuditResult:
     """Score each candidate's CAMs against the original's, image by image.
 
     Parameters
@@ -378,6 +410,14 @@ def audit(original: str | Path | PreparedModel,
     keep_maps
         Keep every model's maps in the result (for ``--save-maps``; memory grows with
         the number of images).
+    worst
+        Keep, per candidate, the maps of the ``worst`` lowest-scoring images
+        (:class:`WorstImages`) for reports.
+    on_maps
+        Called after each batch as ``on_maps(image_set, indices, original_maps,
+        candidate_maps)`` with the image-set positions (B,), the original's CAM images
+        (B, H, W) and a list of each candidate's: a way to stream maps (overlays)
+        without keeping them.
     progress
         Called as ``progress(done, total)`` after each batch.
 
@@ -408,6 +448,8 @@ def audit(original: str | Path | PreparedModel,
     cands = [_Explainer(cp, settings) for cp in cand_preps]
     o_out = _Collector()
     c_out = [_Collector() for _ in cands]
+    worsts = [WorstImages(worst) for _ in cands]
+    scored = 0
     done = 0
     for batch in _batches(image_set, settings.batch_size):
         labels = None if image_set.labels is None else np.asarray(image_set.labels)[batch.indices]
@@ -421,7 +463,8 @@ def audit(original: str | Path | PreparedModel,
                   conf=o_prob[np.arange(len(o_targets)), o_targets])
         if keep_maps:
             o_out.add(raw=o_raw, maps=o_maps, flat=o_flat)
-        for cand, out in zip(cands, c_out):
+        batch_maps = []
+        for cand, out, wst in zip(cands, c_out, worsts):
             c_acts, c_logits = cand.runner.run(batch.inputs)
             c_targets = select_targets(settings.target, logits=c_logits, labels=labels,
                                        reference_logits=o_logits)
@@ -435,6 +478,11 @@ def audit(original: str | Path | PreparedModel,
                     finite=pair.finite, flat_a=pair.flat_a, flat_b=pair.flat_b)
             if keep_maps:
                 out.add(raw=c_raw, maps=c_maps, flat=c_flat)
+            wst.add(scored + np.arange(len(batch.indices)), pair.score, o_maps, c_maps)
+            batch_maps.append(c_maps)
+        if on_maps is not None:
+            on_maps(image_set, batch.indices, o_maps, batch_maps)
+        scored += len(batch.indices)
         done += len(batch.indices)
         if progress:
             progress(done, len(image_set))
@@ -460,7 +508,7 @@ def audit(original: str | Path | PreparedModel,
                          maps=out.get("maps"), flat=out.get("flat"))
 
     results = []
-    for cand, out in zip(cands, c_out):
+    for cand, out, wst in zip(cands, c_out, worsts):
         scores = PairScores(spatial=out.get("spatial"), spectral=out.get("spectral"),
                             score=out.get("score"), finite=out.get("finite"),
                             flat_a=out.get("flat_a"), flat_b=out.get("flat_b"))
@@ -483,6 +531,7 @@ def audit(original: str | Path | PreparedModel,
             confidence_drop=float(np.nanmean(drop)) if np.isfinite(drop).any() else float("nan"),
             non_finite_paths=tuple(p for p, ok in zip(paths, scores.finite) if not ok),
             maps=model_maps(out, out.get("targets"), out.get("logits")),
+            worst=wst if worst > 0 else None,
         ))
     return AuditResult(
         settings=settings,

@@ -426,6 +426,11 @@ def _report_skipped(console: _Console, image_set) -> None:
               help="Write a short Markdown summary (pull-request comment, CI job summary).")
 @click.option("--save-maps", is_flag=True,
               help="With --out: write OUT/maps/<model>.npz for every model.")
+@click.option("--worst", type=click.IntRange(min=0), default=12, show_default=True,
+              metavar="N", help="With --out: show the N lowest-scoring images per candidate.")
+@click.option("--overlays", "overlay_mode", type=click.Choice(["worst", "all", "none"]),
+              default="worst", show_default=True,
+              help="With --out: PNG overlays under OUT/overlays/ for the worst N or all images.")
 @_method_options
 @click.option("--target", type=click.Choice(["original", "label", "own"]), default="original",
               show_default=True,
@@ -435,14 +440,14 @@ def _report_skipped(console: _Console, image_set) -> None:
 @model_options(candidates=True)
 @runtime_options
 @common_options
-def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, method,
-          scorecam_channels, target, provider, threads, batch_size, quiet, debug, class_names,
-          strict, **kwargs):
+def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, worst,
+          overlay_mode, method, scorecam_channels, target, provider, threads, batch_size, quiet,
+          debug, class_names, strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     from onnx_sp2ps import audit as audit_module
-    from onnx_sp2ps.report import (audit_to_dict, check_report, format_table, junit_xml,
-                                   prepare_out_dir, samples_csv, summary_markdown,
-                                   write_atomic, write_json)
+    from onnx_sp2ps.report import (audit_to_dict, check_report, format_table, html_report,
+                                   junit_xml, prepare_out_dir, samples_csv,
+                                   summary_markdown, write_atomic, write_json)
 
     console = _Console(quiet)
     if save_maps and out is None:
@@ -469,11 +474,14 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
                                           threshold=fail_under, strict=strict,
                                           scorecam_channels=scorecam_channels)
     update, close = console.progress("audit")
+    streamer = _OverlayStreamer(out_dir, original, candidates) if (
+        out_dir is not None and overlay_mode == "all") else None
     try:
         result = audit_module.audit(
             original, list(candidates), images, preprocess=preprocess, settings=settings,
             original_options=orig_opts, candidate_options=cand_opts, class_names=class_names,
-            keep_maps=save_maps, progress=update)
+            keep_maps=save_maps, worst=worst if out_dir is not None else 0,
+            on_maps=streamer, progress=update)
     finally:
         close()
     console.info(f"preprocess: {result.images.preprocess.describe()}")
@@ -485,6 +493,9 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
     if out_dir is not None:
         write_json(out_dir / "report.json", report)
         write_atomic(out_dir / "samples.csv", lambda h: h.write(samples_csv(report).encode()))
+        worst_images = _worst_images(result, out_dir if overlay_mode == "worst" else None)
+        page = html_report(report, worst_images, class_names=result.images.class_names)
+        write_atomic(out_dir / "report.html", lambda h: h.write(page.encode("utf-8")))
         if save_maps:
             _save_maps(out_dir, result)
         console.info(f"report written to {out_dir / 'report.json'}")
@@ -501,18 +512,78 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
     return _gate(report, criteria, to_stderr=fmt == "json")
 
 
-def _save_maps(out_dir: Path, result) -> None:
-    from onnx_sp2ps.report import write_npz
-
+def _stems(paths) -> list[str]:
+    """Distinct file stems for models (a second ``model.onnx`` becomes ``model_2``)."""
     used: set[str] = set()
-    models = [(result.original, result.original_maps)] + [
-        (c.model, c.maps) for c in result.candidates]
-    for info, maps in models:
-        stem = Path(info.path).stem if info.path else "model"
+    names = []
+    for path in paths:
+        stem = Path(path).stem if path else "model"
         name, k = stem, 2
         while name in used:
             name, k = f"{stem}_{k}", k + 1
         used.add(name)
+        names.append(name)
+    return names
+
+
+def _overlay_name(path: str) -> str:
+    return _safe_name(str(Path(path).with_suffix(""))) + ".png"
+
+
+class _OverlayStreamer:
+    """``on_maps`` callback writing every image's overlays as batches are scored."""
+
+    def __init__(self, out_dir: Path, original, candidates):
+        self.dirs = [out_dir / "overlays" / s for s in _stems([original, *candidates])]
+
+    def __call__(self, image_set, indices, original_maps, candidate_maps) -> None:
+        from onnx_sp2ps.report import overlay_image, write_png
+
+        for k, index in enumerate(indices):
+            rgb = image_set.display_image(int(index))
+            name = _overlay_name(image_set.paths[int(index)])
+            for folder, maps in zip(self.dirs, [original_maps, *candidate_maps]):
+                write_png(folder / name, overlay_image(rgb, maps[k]))
+
+
+def _worst_images(result, out_dir: Path | None) -> dict:
+    """Worst images per candidate for the HTML page (and their PNG overlays)."""
+    from onnx_sp2ps.report import WorstImage, overlay_image, png_bytes, write_png
+
+    stems = _stems([result.original.path] + [c.model.path for c in result.candidates])
+    labels = result.labels
+    out: dict = {}
+    for cand, stem in zip(result.candidates, stems[1:]):
+        rows = []
+        w = cand.worst
+        if w is None:
+            continue
+        for k, pos in enumerate(w.positions):
+            index = int(result.indices[pos])
+            rgb = result.images.display_image(index)
+            over_o = overlay_image(rgb, w.original_maps[k])
+            over_c = overlay_image(rgb, w.candidate_maps[k])
+            path = result.images.paths[index]
+            if out_dir is not None:
+                write_png(out_dir / "overlays" / stems[0] / _overlay_name(path), over_o)
+                write_png(out_dir / "overlays" / stem / _overlay_name(path), over_c)
+            label = None if labels is None or labels[pos] < 0 else int(labels[pos])
+            rows.append(WorstImage(
+                path=path, image_png=png_bytes(rgb), original_png=png_bytes(over_o),
+                candidate_png=png_bytes(over_c), spatial=float(cand.scores.spatial[pos]),
+                spectral=float(cand.scores.spectral[pos]), score=float(cand.scores.score[pos]),
+                prediction_original=int(result.original_predictions[pos]),
+                prediction_candidate=int(cand.predictions[pos]), label=label))
+        out[cand.model.name] = rows
+    return out
+
+
+def _save_maps(out_dir: Path, result) -> None:
+    from onnx_sp2ps.report import write_npz
+
+    models = [(result.original, result.original_maps)] + [
+        (c.model, c.maps) for c in result.candidates]
+    for name, (_, maps) in zip(_stems([info.path for info, _ in models]), models):
         target = out_dir / "maps" / f"{name}.npz"
         _refuse_foreign(target)
         write_npz(target, maps.arrays())

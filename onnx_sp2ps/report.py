@@ -495,3 +495,178 @@ def summary_markdown(report: dict, checks: list[GateCheck]) -> str:
                          f"{'missing' if k.value is None else f'{k.value:.6f}'} "
                          f"(must be {k.op} {k.threshold:.6f})" for k in failed]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- HTML
+
+@dataclass(frozen=True)
+class WorstImage:
+    """One row of the report's worst-images section."""
+
+    path: str
+    image_png: bytes
+    original_png: bytes
+    candidate_png: bytes
+    spatial: float | None
+    spectral: float | None
+    score: float | None
+    prediction_original: int
+    prediction_candidate: int
+    label: int | None
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _histogram_svg(scores: list[float], threshold: float | None, bins: int = 20) -> str:
+    counts, edges = np.histogram(np.clip(np.asarray(scores, dtype=float), 0, 1),
+                                 bins=bins, range=(0.0, 1.0))
+    width, height, pad = 420, 160, 28
+    top = max(int(counts.max()) if len(counts) else 0, 1)
+    bar_w = (width - 2 * pad) / bins
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'role="img" aria-label="histogram of per-image Sp2PS">']
+    for i, count in enumerate(counts):
+        h = (height - 2 * pad) * count / top
+        x = pad + i * bar_w
+        parts.append(f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{bar_w - 1:.1f}" '
+                     f'height="{h:.1f}" fill="#3b528b"><title>{edges[i]:.2f}-'
+                     f'{edges[i + 1]:.2f}: {int(count)}</title></rect>')
+    parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" '
+                 f'y2="{height - pad}" stroke="#333"/>')
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = pad + tick * (width - 2 * pad)
+        parts.append(f'<text x="{x:.1f}" y="{height - pad + 14}" font-size="10" '
+                     f'text-anchor="middle">{tick:.2f}</text>')
+    parts.append(f'<text x="{pad}" y="{pad - 10}" font-size="10">{top} max</text>')
+    if threshold is not None:
+        x = pad + threshold * (width - 2 * pad)
+        parts.append(f'<line x1="{x:.1f}" y1="{pad - 4}" x2="{x:.1f}" y2="{height - pad}" '
+                     f'stroke="#c0392b" stroke-dasharray="4 2"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _per_class_rows(cand: dict) -> list[list[str]]:
+    groups: dict[int, list[dict]] = {}
+    for row in cand["images"]:
+        groups.setdefault(row["target_original"], []).append(row)
+    rows = []
+    for cls in sorted(groups):
+        items = groups[cls]
+
+        def mean(key, items=items):
+            values = [r[key] for r in items if r[key] is not None]
+            return float(np.mean(values)) if values else None
+
+        agree = float(np.mean([r["prediction_candidate"] == r["prediction_original"]
+                               for r in items]))
+        rows.append([str(cls), str(len(items)), _fmt(mean("score")), _fmt(mean("spatial")),
+                     _fmt(mean("spectral")), _fmt(agree, 3)])
+    return rows
+
+
+def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
+                class_names: list[str] | None = None) -> str:
+    """report.html: one self-contained page (no network, no JavaScript): settings,
+    ranking, and per candidate a histogram, a per-class table and the worst images."""
+    import base64
+    from html import escape
+
+    def e(x) -> str:
+        return escape(str(x), quote=True)
+
+    def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+        head = "".join(f"<th>{e(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in r) + "</tr>" for r in rows)
+        return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+    def img(data: bytes, alt: str) -> str:
+        src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        return f'<img src="{src}" alt="{e(alt)}" width="128" height="128">'
+
+    def name_of(cls) -> str:
+        if cls is None:
+            return "-"
+        if class_names and 0 <= int(cls) < len(class_names):
+            return f"{cls} {class_names[int(cls)]}"
+        return str(cls)
+
+    orig = report["original"]
+    verdict = report.get("passed")
+    status = "" if verdict is None else ("PASSED" if verdict else "FAILED")
+    threshold = (report.get("gate_criteria") or {}).get("fail_under")
+    settings_rows = [[k, json.dumps(v)] for k, v in report["settings"].items()]
+    settings_rows += [[f"preprocess.{k}", json.dumps(v)] for k, v in report["preprocess"].items()]
+    settings_rows += [["providers", ", ".join(report["providers"]["used"])],
+                      ["images", f"{report['images']['source']}: {report['images']['scored']} "
+                                 f"scored, {len(report['images']['skipped'])} skipped"]]
+    settings_rows += [[f"version.{k}", v] for k, v in report["versions"].items()]
+    ranking = []
+    order = sorted(report["candidates"], key=lambda c: -(c["sp2ps"]["mean"] or -1.0))
+    for c in order:
+        s = c["sp2ps"]
+        gate = c.get("gate")
+        ranking.append([c["model"]["name"], _fmt(s["mean"]), _fmt(s["class_balanced_mean"]),
+                        _fmt(s["p5"]), _fmt(s["spatial_mean"]), _fmt(s["spectral_mean"]),
+                        _fmt(c["agreement"], 3), _fmt(c["accuracy"], 3),
+                        _fmt(c["confidence_drop"]),
+                        "-" if gate is None else ("pass" if gate["passed"] else "FAIL")])
+    sections = []
+    for c in order:
+        name = c["model"]["name"]
+        scores = [r["score"] if r["score"] is not None else 0.0 for r in c["images"]]
+        rows = []
+        for w in worst.get(name, []):
+            rows.append(
+                "<tr>"
+                f"<td>{img(w.image_png, 'input ' + w.path)}<br><code>{e(w.path)}</code></td>"
+                f"<td>{img(w.original_png, 'original map')}<br>pred {e(name_of(w.prediction_original))}</td>"
+                f"<td>{img(w.candidate_png, 'candidate map')}<br>pred {e(name_of(w.prediction_candidate))}</td>"
+                f"<td>S {e(_fmt(w.spatial))}<br>F {e(_fmt(w.spectral))}<br>"
+                f"<b>Sp2PS {e(_fmt(w.score))}</b><br>label {e(name_of(w.label))}</td>"
+                "</tr>")
+        worst_html = ("<table class=worst><thead><tr><th>input</th><th>original's map</th>"
+                      "<th>candidate's map</th><th>scores</th></tr></thead><tbody>"
+                      + "".join(rows) + "</tbody></table>") if rows else "<p>(no images)</p>"
+        params = c["model"].get("parameters")
+        size = c["model"].get("size_bytes")
+        rel = []
+        if params and orig["model"].get("parameters"):
+            rel.append(f"{params / orig['model']['parameters']:.1%} of the original's parameters")
+        if size and orig["model"].get("size_bytes"):
+            rel.append(f"{size / orig['model']['size_bytes']:.1%} of its file size")
+        sections.append(
+            f'<section class="candidate"><h2>{e(name)}</h2>'
+            f"<p>{e('; '.join(rel))}</p>"
+            f"<h3>Per-image Sp2PS</h3>{_histogram_svg(scores, threshold)}"
+            f"<h3>Per class (original's target)</h3>"
+            + table(["class", "images", "Sp2PS", "S", "F", "agreement"],
+                    [[name_of(r[0])] + r[1:] for r in _per_class_rows(c)])
+            + f"<h3>Lowest-scoring images</h3>{worst_html}</section>")
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}"
+             "th:first-child,td:first-child{text-align:left}"
+             ".worst td{text-align:center}.verdict{font-size:1.4em;font-weight:bold}"
+             ".PASSED{color:#1e7b34}.FAILED{color:#c0392b}img{image-rendering:pixelated}"
+             "code{font-size:.85em}")
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>onnx-sp2ps audit of {e(orig['model']['name'])}</title>"
+        f"<style>{style}</style></head><body>"
+        f"<h1>onnx-sp2ps audit of <code>{e(orig['model']['name'])}</code></h1>"
+        + (f'<p class="verdict {status}">{status}</p>' if status else "")
+        + f"<p>Original accuracy {e(_fmt(orig['accuracy'], 3))}; method "
+        f"{e(report['settings']['method'])}, target {e(report['settings']['target'])}.</p>"
+        "<h2>Ranking</h2>"
+        + table(["candidate", "Sp2PS", "balanced", "p5", "S", "F", "agreement", "accuracy",
+                 "conf. drop", "gate"], ranking, "ranking")
+        + "".join(sections)
+        + "<h2>Settings</h2>" + table(["setting", "value"], settings_rows, "settings")
+        + "</body></html>\n")
