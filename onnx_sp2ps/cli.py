@@ -137,7 +137,7 @@ def model_options(candidates: bool):
 
 
 def _model_options(kwargs: dict, prefix: str = ""):
-    from onnx_sp2ps.audit import ModelOptions
+    from onnx_sp2ps.pipeline import ModelOptions
 
     return ModelOptions(input_name=kwargs.pop(f"{prefix}input_name"),
                         feature_layer=kwargs.pop(f"{prefix}feature_layer"),
@@ -159,6 +159,10 @@ def runtime_options(f):
 
 
 def common_options(f):
+    f = click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+                     expose_value=False, metavar="FILE",
+                     help="TOML file of settings (long option names as keys); the "
+                          "command line wins.")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar or diagnostics.")(f)
     f = click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")(f)
     return f
@@ -239,11 +243,116 @@ def _format_choice(f):
 # --------------------------------------------------------------------------- commands
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+CONFIG_TABLE = "onnx-sp2ps"
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    from onnx_sp2ps.errors import InputError
+
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"cannot read config file {path}: {exc}") from exc
+
+
+def _config_settings(args: list[str]) -> tuple[dict, str | None]:
+    """Settings from ``[tool.onnx-sp2ps]`` of ./pyproject.toml, overlaid by the file of
+    ``--config`` (anywhere in ``args``); and a description of where they came from."""
+    settings: dict = {}
+    sources = []
+    pyproject = Path("pyproject.toml")
+    if pyproject.is_file():
+        table = _load_toml(pyproject).get("tool", {}).get(CONFIG_TABLE)
+        if table:
+            settings.update(table)
+            sources.append(str(pyproject))
+    for i, arg in enumerate(args):
+        path = None
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path:
+            data = _load_toml(Path(path))
+            settings.update(data.get("tool", {}).get(CONFIG_TABLE, data))
+            sources.append(path)
+    return settings, " + ".join(sources) or None
+
+
+def _default_map(command: click.Command, settings: dict, source: str) -> dict:
+    """Config keys (option names, with - or _) -> click parameter names of ``command``."""
+    params = {}
+    for p in command.params:
+        if isinstance(p, click.Option):
+            for opt in p.opts:
+                params[opt.lstrip("-")] = p
+    known_anywhere = set()
+    for cmd in cli.commands.values():
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                known_anywhere.update(o.lstrip("-") for o in p.opts)
+    out = {}
+    for key, value in settings.items():
+        name = str(key).replace("_", "-")
+        if name not in known_anywhere or name == "config":
+            raise click.UsageError(f"unknown setting {key!r} in {source}: use the long option "
+                                   "names of the command line, e.g. fail-under = 0.8")
+        param = params.get(name)
+        if param is None:
+            continue  # a setting of another command
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        out[param.name] = value
+    return out
+
+
+class _Group(click.Group):
+    """Applies config-file settings as defaults of the invoked command."""
+
+    def invoke(self, ctx):
+        args = list(ctx._protected_args if hasattr(ctx, "_protected_args")
+                    else ctx.protected_args) + list(ctx.args)
+        settings, source = _config_settings(args)
+        if settings and args:
+            command = self.get_command(ctx, args[0])
+            if command is not None:
+                ctx.default_map = {args[0]: _default_map(command, settings, source)}
+        ctx.meta["config_source"] = source
+        return super().invoke(ctx)
+
+
+def setting_sources(ctx: click.Context) -> dict:
+    """Where each setting of the running command came from (for the report)."""
+    from click.core import ParameterSource
+
+    names = {ParameterSource.COMMANDLINE: "command line",
+             ParameterSource.ENVIRONMENT: "environment",
+             ParameterSource.DEFAULT_MAP: ctx.find_root().meta.get("config_source") or "config",
+             ParameterSource.DEFAULT: "default"}
+    out = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.name not in ("quiet", "debug", "config"):
+            long = max(p.opts, key=len).lstrip("-")
+            out[long] = names.get(ctx.get_parameter_source(p.name), "default")
+    return out
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnx-sp2ps")
 def cli():
     """Compare the class activation maps of an ONNX classifier and its compressed copy
-    (Sp2PS score), and gate releases on it."""
+    (Sp2PS score), and gate releases on it.
+
+    Any option can also be set in a TOML file (--config FILE, keys = long option
+    names) or in a [tool.onnx-sp2ps] table of ./pyproject.toml; the command line wins.
+    """
 
 
 @cli.command()
@@ -328,7 +437,7 @@ def cam(model, images, out, method, scorecam_channels, target, overlays, provide
         batch_size, quiet, debug, class_names, strict, **kwargs):
     """Compute CAMs of MODEL on images; write OUT/cams.npz (paths, targets, logits, raw,
     maps)."""
-    from onnx_sp2ps.audit import compute_cams
+    from onnx_sp2ps.pipeline import compute_cams
     from onnx_sp2ps.report import overlay_image, prepare_out_dir, write_npz, write_png
     from onnx_sp2ps.targets import parse_target
 
@@ -444,7 +553,7 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
           overlay_mode, method, scorecam_channels, target, provider, threads, batch_size, quiet,
           debug, class_names, strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
-    from onnx_sp2ps import audit as audit_module
+    from onnx_sp2ps import pipeline as audit_module
     from onnx_sp2ps.report import (audit_to_dict, check_report, format_table, html_report,
                                    junit_xml, prepare_out_dir, samples_csv,
                                    summary_markdown, write_atomic, write_json)
@@ -489,6 +598,7 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
     _report_skipped(console, result.images)
     report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION,
                            criteria=criteria)
+    report["setting_sources"] = setting_sources(click.get_current_context())
     checks = check_report(report, criteria) if criteria.any() else []
     if out_dir is not None:
         write_json(out_dir / "report.json", report)

@@ -97,7 +97,7 @@ def _num(x) -> float | None:
 
 def audit_to_dict(result, *, schema_version: int,
                   criteria: "GateCriteria | None" = None) -> dict:
-    """report.json content of an :class:`onnx_sp2ps.audit.AuditResult` (README documents
+    """report.json content of an :class:`onnx_sp2ps.pipeline.AuditResult` (README documents
     the schema); with ``criteria``, each candidate's ``gate`` and the top-level
     ``passed`` are filled in."""
     labels = result.labels
@@ -315,13 +315,19 @@ def format_table(report: dict) -> str:
         f"target {report['settings']['target']}",
     ]
     header = ["candidate", "sp2ps", "balanced", "median", "p5", "min", "S", "F",
-              "flat o/c", "agree", "acc", "conf drop", "non-finite"]
+              "flat o/c", "agree", "acc", "conf drop", "non-finite", "size", "params", "gate"]
     rows = []
     order = sorted(report["candidates"],
                    key=lambda c: -(c["sp2ps"]["mean"] if c["sp2ps"]["mean"] is not None
                                    else -1.0))
+
+    def ratio(cand: dict, key: str) -> str:
+        a, b = cand["model"].get(key), orig["model"].get(key)
+        return f"{a / b:.0%}" if a and b else "-"
+
     for c in order:
         s = c["sp2ps"]
+        gate = c.get("gate")
         rows.append([
             c["model"]["name"], _fmt(s["mean"]), _fmt(s["class_balanced_mean"]),
             _fmt(s["median"]), _fmt(s["p5"]), _fmt(s["minimum"]),
@@ -329,6 +335,8 @@ def format_table(report: dict) -> str:
             f"{s['flat_original']}/{s['flat_candidate']}",
             _fmt(c["agreement"], 3), _fmt(c["accuracy"], 3),
             _fmt(c["confidence_drop"], 4), str(s["non_finite"]),
+            ratio(c, "size_bytes"), ratio(c, "parameters"),
+            "-" if gate is None else ("pass" if gate["passed"] else "FAIL"),
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines.append("  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i])

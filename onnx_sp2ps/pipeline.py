@@ -1,4 +1,6 @@
-"""Orchestration: models and images in, a result object out.  Never prints.
+"""Orchestration (DESIGN.md's ``audit.py``): models and images in, a result object out.
+Never prints.  Named ``pipeline`` so that ``from onnx_sp2ps import audit`` can be the
+function without shadowing a module.
 
 :func:`audit` streams the images in batches through the original and every candidate,
 computes both CAMs per image for the same target class, scores each pair
@@ -33,6 +35,7 @@ __all__ = [
     "CandidateResult",
     "WorstImages",
     "AuditResult",
+    "ImageRecord",
     "input_spec",
     "compute_cams",
     "audit",
@@ -184,6 +187,21 @@ class CandidateResult:
 
 
 @dataclass(frozen=True)
+class ImageRecord:
+    """One image of one candidate's audit."""
+
+    path: str
+    label: int | None
+    target: int
+    prediction_original: int
+    prediction_candidate: int
+    spatial: float
+    spectral: float
+    score: float
+    finite: bool
+
+
+@dataclass(frozen=True)
 class AuditResult:
     """Everything an audit found; :mod:`onnx_sp2ps.report` writes it out."""
 
@@ -214,6 +232,32 @@ class AuditResult:
     def passed(self, fail_under: float | None = None) -> bool:
         threshold = self.settings.threshold if fail_under is None else fail_under
         return all(c.passed(threshold) for c in self.candidates)
+
+    def records(self, candidate: int = 0) -> list[ImageRecord]:
+        """Per-image results of candidate number ``candidate``."""
+        cand = self.candidates[candidate]
+        labels = self.labels
+        return [ImageRecord(
+            path=path, label=None if labels is None or labels[i] < 0 else int(labels[i]),
+            target=int(cand.targets[i]),
+            prediction_original=int(self.original_predictions[i]),
+            prediction_candidate=int(cand.predictions[i]),
+            spatial=float(cand.scores.spatial[i]), spectral=float(cand.scores.spectral[i]),
+            score=float(cand.scores.score[i]), finite=bool(cand.scores.finite[i]))
+            for i, path in enumerate(self.paths)]
+
+    def to_dict(self, criteria=None) -> dict:
+        """The report.json content (see README); ``criteria`` a
+        :class:`onnx_sp2ps.report.GateCriteria` to record a gate."""
+        from onnx_sp2ps.report import audit_to_dict
+
+        return audit_to_dict(self, schema_version=SCHEMA_VERSION, criteria=criteria)
+
+    def to_json(self, criteria=None) -> str:
+        """:meth:`to_dict` as JSON text (non-finite numbers as null)."""
+        import json
+
+        return json.dumps(self.to_dict(criteria), indent=2, allow_nan=False)
 
 
 # --------------------------------------------------------------------------- helpers
