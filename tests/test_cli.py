@@ -233,7 +233,7 @@ def test_a_foreign_report_json_is_never_overwritten(capsys, samples, tmp_path):
 
 
 def test_internal_errors_are_exit_4_with_traceback_only_in_debug(capsys, samples, monkeypatch):
-    import onnx_sp2ps.audit as audit_module
+    import onnx_sp2ps.pipeline as audit_module
 
     def boom(*a, **k):
         raise RuntimeError("simulated bug")
