@@ -467,6 +467,8 @@ def write_readme(rows: list[dict], n_images: int, total_kb: float, epochs: int, 
         "```",
         "pip install -r scripts/requirements-dev.txt   # torch==2.13.0 (CPU), onnx, onnxruntime, numpy, pillow",
         "python scripts/build_sample_models.py",
+        "python scripts/make_reference_cams.py   # also run by the line above: "
+        "tests/fixtures/cams_*.npz (pytorch-grad-cam, see requirements-dev.txt)",
         "```",
         "",
         "(fixed seeds, deterministic algorithms, 2 CPU threads; PyTorch is needed only for this",
