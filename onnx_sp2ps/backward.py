@@ -38,7 +38,7 @@ MIN_OPSET = 11
 GRADIENT_OPS = (
     "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "ReduceMean",
     "ReduceSum", "ReduceMax", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose",
-    "Identity", "Dropout", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
+    "Identity", "Dropout", "Cast", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
     "BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish",
     "Sigmoid", "Conv", "Concat",
 )
@@ -252,6 +252,13 @@ class _Builder:
 
     _bw_Identity = _pass
     _bw_Dropout = _pass
+
+    def _bw_Cast(self, node, dy):
+        # Between float types (the head is float32 throughout: graph.float32_head) the
+        # gradient passes unchanged; a cast to an integer type has none.
+        if _attr(node, "to") in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                 onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            self.add_grad(node.input[0], dy)
 
     def _reshape_back(self, node, dy):
         x = node.input[0]

@@ -8,7 +8,7 @@ Detection (DESIGN.md, "Load and inspect"):
 
 * **image input**: the single graph input that is not an initializer (or the one named);
 * **logits**: walking back from the graph output through Identity / Reshape / Flatten /
-  Squeeze / Unsqueeze, the input of a final Softmax / LogSoftmax / Sigmoid when there is
+  Squeeze / Unsqueeze / Cast (fp16 models with fp32 outputs), the input of a final Softmax / LogSoftmax / Sigmoid when there is
   one, else the graph output itself;
 * **feature map**: walking back from the logits along the data path (never into weights),
   the first tensor met whose spatial extent is greater than 1, i.e. the last one on the
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Ops read through when looking for the logits behind the graph output.
-PASS_THROUGH_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout")
+PASS_THROUGH_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "Cast")
 #: Ops whose input is taken as the logits when a model ends in one.
 FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
 #: Element-wise ops skipped when looking behind the feature map for a 1x1 Conv classifier.
@@ -200,8 +200,48 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "topologically sorted" in first:
+            # Some converters (e.g. onnxruntime's float16 tool) emit nodes out of order;
+            # onnxruntime runs such graphs, so sort them (in memory) rather than refuse.
+            sorted_model = _toposorted(model)
+            if sorted_model is not None:
+                try:
+                    onnx.checker.check_model(sorted_model)
+                    return sorted_model
+                except Exception:
+                    pass
         raise ModelError(f"{p} fails the ONNX checker: {first}") from exc
     return model
+
+
+def _toposorted(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy whose nodes are in topological order; None when the graph has a cycle."""
+    g = model.graph
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    available |= {t.values.name for t in g.sparse_initializer}
+    pending = list(g.node)
+    ordered = []
+    while pending:
+        progress = []
+        rest = []
+        for node in pending:
+            needs = set(node.input)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    needs.update(_outer_names(attr.g))
+            if needs <= available:
+                progress.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if not progress:
+            return None
+        ordered.extend(progress)
+        pending = rest
+    out = copy.deepcopy(model)
+    del out.graph.node[:]
+    out.graph.node.extend(copy.deepcopy(n) for n in ordered)
+    return out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -814,6 +854,32 @@ def extract_head(model: onnx.ModelProto, feature: str, logits: str) -> onnx.Mode
     return head
 
 
+def float32_head(head: onnx.ModelProto) -> onnx.ModelProto:
+    """The head with float16/bfloat16 weights, casts and tensors turned into float32, so
+    that gradients and perturbations of fp16 models are computed in float32."""
+    low = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    out = copy.deepcopy(head)
+    g = out.graph
+
+    def convert(t: onnx.TensorProto) -> None:
+        if t.data_type in low:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32),
+                                               t.name))
+
+    for t in g.initializer:
+        convert(t)
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                convert(a.t)
+            if node.op_type in ("Cast", "CastLike") and a.name == "to" and a.i in low:
+                a.i = onnx.TensorProto.FLOAT
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.tensor_type.elem_type in low:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return out
+
+
 def _check(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model)
@@ -859,7 +925,7 @@ def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | Non
             "inputs default values as initializers"
         )
     audit_model = add_outputs(model, [spec.feature_map.name, spec.logits.name])
-    head = extract_head(model, spec.feature_map.name, spec.logits.name)
+    head = float32_head(extract_head(model, spec.feature_map.name, spec.logits.name))
     _check(audit_model, "model with added outputs")
     _check(head, "head subgraph")
     return PreparedModel(

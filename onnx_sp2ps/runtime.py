@@ -185,7 +185,7 @@ class ModelRunner:
         self._nhwc = spec.feature_layout == "NHWC"
         head_in = self.head_session.get_inputs()[0]
         self._head_input = head_in.name
-        self._head_dtype = _np_dtype(spec.feature_map.dtype)
+        self._head_dtype = np.dtype(np.float32)  # graph.float32_head: all head maths in fp32
         self._head_output = self.head_session.get_outputs()[0].name
         self.batch_limit = spec.fixed_batch
         self.head_batch_limit: int | None = None
