@@ -26,3 +26,13 @@ def samples() -> Path:
     if not (SAMPLES / "gap_original.onnx").exists():
         pytest.fail("sample_models/ is missing: run scripts/build_sample_models.py")
     return SAMPLES
+
+
+def run_cli(capsys, *args):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from onnx_sp2ps.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return info.value.code, out, err

@@ -11,17 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import ROOT, sha256
+from conftest import ROOT, run_cli as run, sha256
 from onnx_builders import build_cnn
 from onnx_sp2ps.cli import main
 
 
-def run(capsys, *args):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")

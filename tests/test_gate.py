@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from onnx_sp2ps.cli import main
+from conftest import run_cli as run
 from onnx_sp2ps.report import GateCriteria, apply_gate, check_report, gate_lines
 
 
@@ -78,11 +78,6 @@ def test_apply_gate_records_checks_in_the_report():
     assert gate["passed"] is False and len(gate["checks"]) == 2
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.mark.parametrize("option,value,code", [

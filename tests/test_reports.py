@@ -15,7 +15,7 @@ import xmlschema
 from onnx import numpy_helper
 from PIL import Image
 
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli as run
 from onnx_builders import build_cnn
 from onnx_sp2ps import AuditResult, GateCriteria, audit, compute_cams
 from onnx_sp2ps.cli import main
@@ -47,11 +47,6 @@ def workspace(tmp_path_factory):
     return root
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return info.value.code, out, err
 
 
 @pytest.fixture(scope="module")
