@@ -185,3 +185,17 @@ def test_cam_validates_its_arguments():
         cam(np.zeros((2, 3, 4, 4), np.float32), np.zeros(3))
     with pytest.raises(UsageError, match="gradcam"):
         get_method("nope")
+
+
+@pytest.mark.parametrize("positions,channels", [(49, 512), (64, 16)])
+def test_first_component_from_the_gram_matrix_equals_the_svd(positions, channels):
+    from onnx_sp2ps.cams.eigencam import _first_component_projection
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, positions, channels))
+    x -= x.mean(axis=1, keepdims=True)
+    got = _first_component_projection(x)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    want = np.einsum("npc,nc->np", x, vt[:, 0, :])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g * np.sign(g @ w), w, rtol=1e-8, atol=1e-8)
