@@ -28,11 +28,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-__all__ = ["GRADIENT_OPS", "UnsupportedHead", "HeadGradient", "build_head_gradient"]
+__all__ = ["GRADIENT_OPS", "UnsupportedHead", "HeadGradient", "build_head_gradient",
+           "fuse_gradient"]
 
 TARGET = "sp2ps_target"
 LOGITS_OUT = "sp2ps_logits"
 GRADIENT_OUT = "sp2ps_gradient"
+TARGET_USED = "sp2ps_target_used"
 MIN_OPSET = 11
 
 GRADIENT_OPS = (
@@ -57,6 +59,7 @@ class HeadGradient:
     target: str = TARGET
     logits: str = LOGITS_OUT
     gradient: str = GRADIENT_OUT
+    target_used: str = TARGET_USED
 
 
 def _attr(node, name, default=None):
@@ -226,13 +229,15 @@ class _Builder:
         nodes = [copy.deepcopy(n) for n in g.node] + self.nodes
         nodes.append(helper.make_node("Identity", [logits], [LOGITS_OUT]))
         nodes.append(helper.make_node("Identity", [grad], [GRADIENT_OUT]))
+        nodes.append(helper.make_node("Identity", [target], [TARGET_USED]))
         f_in = copy.deepcopy(g.input[0])
         t_in = helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, ["N"])
         logits_vi = copy.deepcopy(g.output[0])
         logits_vi.name = LOGITS_OUT
         grad_vi = copy.deepcopy(g.input[0])
         grad_vi.name = GRADIENT_OUT
-        outputs = [logits_vi, grad_vi]
+        outputs = [logits_vi, grad_vi,
+                   helper.make_tensor_value_info(TARGET_USED, onnx.TensorProto.INT64, ["N"])]
         graph = helper.make_graph(nodes, "head_gradient", [f_in, t_in], outputs,
                                   initializer=[copy.deepcopy(t) for t in g.initializer]
                                   + self.inits)
@@ -560,3 +565,25 @@ def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:
     if head.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise UnsupportedHead("feature map not float32")
     return _Builder(head).build()
+
+
+def fuse_gradient(model: onnx.ModelProto, grad: HeadGradient) -> onnx.ModelProto:
+    """``model`` (with the feature map and logits as outputs) plus the backward graph of
+    its head: one run gives activations, logits and gradients.  The head's forward nodes
+    are already in ``model`` under the same names, so only the backward part is added,
+    with the ``target`` input and the gradient outputs."""
+    fused = copy.deepcopy(model)
+    g = fused.graph
+    existing = {o for n in g.node for o in n.output}
+    names = {i.name for i in g.initializer}
+    g.node.extend(copy.deepcopy(n) for n in grad.model.graph.node
+                  if not any(o in existing for o in n.output))
+    g.initializer.extend(copy.deepcopy(t) for t in grad.model.graph.initializer
+                         if t.name not in names)
+    g.input.append(copy.deepcopy(next(i for i in grad.model.graph.input
+                                      if i.name == grad.target)))
+    outputs = {o.name: o for o in grad.model.graph.output}
+    for name in (grad.gradient, grad.target_used):
+        g.output.append(copy.deepcopy(outputs[name]))
+    onnx.checker.check_model(fused)
+    return fused

@@ -335,6 +335,13 @@ class _Explainer:
             provider_note=self.runner.provider.note, gradient=self.runner.gradient_path,
             gradient_note=self.runner.gradient_note)
 
+    def run(self, inputs: np.ndarray, targets: np.ndarray | None):
+        """Activations and logits; with the gradients in the same run when the method
+        uses them (``targets`` -1 = each image's top-1, resolved in the graph)."""
+        if targets is None or not self.cam.uses_gradients:
+            return self.runner.run(inputs)
+        return self.runner.run(inputs, targets=targets)
+
     def maps(self, activations: np.ndarray, targets: np.ndarray, logits: np.ndarray,
              size: tuple[int, int], inputs: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -360,6 +367,21 @@ class _Collector:
 
     def has(self, key: str) -> bool:
         return key in self.parts
+
+
+def _target_hint(target, labels, original_targets, n: int) -> np.ndarray | None:
+    """Targets known before a model runs (-1: its own top-1), or None when unknown."""
+    if target in ("own",) or (target == "original" and original_targets is None):
+        return np.full(n, -1, dtype=np.int64)
+    if target == "original":
+        return np.asarray(original_targets, dtype=np.int64)
+    if target == "label":
+        if labels is None or (np.asarray(labels) < 0).any():
+            return None
+        return np.asarray(labels, dtype=np.int64)
+    if isinstance(target, (int, np.integer)):
+        return np.full(n, int(target), dtype=np.int64)
+    return None
 
 
 def _open(images, spec: ModelSpec, preprocess: Preprocess, class_names, strict) -> ImageSet:
@@ -414,8 +436,9 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
     out = _Collector()
     done = 0
     for batch in _batches(image_set, batch_size):
-        acts, logits = explainer.runner.run(batch.inputs)
         labels = None if image_set.labels is None else np.asarray(image_set.labels)[batch.indices]
+        acts, logits = explainer.run(batch.inputs, _target_hint(target, labels, None,
+                                                                len(batch.indices)))
         targets = select_targets(target, logits=logits, labels=labels)
         raw, maps, flat = explainer.maps(acts, targets, logits, size, batch.inputs)
         out.add(indices=batch.indices, targets=targets, logits=logits, raw=raw, maps=maps,
@@ -497,7 +520,8 @@ def audit(original: str | Path | PreparedModel,
     done = 0
     for batch in _batches(image_set, settings.batch_size):
         labels = None if image_set.labels is None else np.asarray(image_set.labels)[batch.indices]
-        o_acts, o_logits = orig.runner.run(batch.inputs)
+        o_acts, o_logits = orig.run(batch.inputs, _target_hint(
+            settings.target, labels, None, len(batch.indices)))
         o_targets = select_targets(settings.target, logits=o_logits, labels=labels,
                                    reference_logits=o_logits)
         o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size, batch.inputs)
@@ -509,7 +533,8 @@ def audit(original: str | Path | PreparedModel,
             o_out.add(raw=o_raw, maps=o_maps, flat=o_flat)
         batch_maps = []
         for cand, out, wst in zip(cands, c_out, worsts):
-            c_acts, c_logits = cand.runner.run(batch.inputs)
+            c_acts, c_logits = cand.run(batch.inputs, _target_hint(
+                settings.target, labels, o_targets, len(batch.indices)))
             c_targets = select_targets(settings.target, logits=c_logits, labels=labels,
                                        reference_logits=o_logits)
             c_raw, c_maps, c_flat = cand.maps(c_acts, c_targets, c_logits, size, batch.inputs)

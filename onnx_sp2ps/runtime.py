@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient
+from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient, fuse_gradient
 from onnx_sp2ps.errors import ModelError, UsageError
 from onnx_sp2ps.graph import PreparedModel
 
@@ -192,6 +192,8 @@ class ModelRunner:
         self._head_checked = False
         self.gradient_path, self.gradient_note = "finite-difference", None
         self._grad = None
+        self._fused = None
+        self._cache: tuple | None = None
         try:
             grad = build_head_gradient(prepared.head_model)
             session, _ = create_session(grad.model, provider=self.provider.device,
@@ -200,23 +202,50 @@ class ModelRunner:
             self.gradient_path = "exact"
         except (UnsupportedHead, ModelError) as exc:
             self.gradient_note = str(exc)
+        if self._grad is not None and spec.feature_map.dtype == "float32":
+            # One run for activations, logits and gradients (see run(..., targets=)).
+            try:
+                fused = fuse_gradient(prepared.audit_model, self._grad[0])
+                self._fused = create_session(fused, provider=self.provider.device,
+                                             threads=threads, what=f"model {name}")[0]
+            except Exception:  # the separate head-gradient run still works
+                self._fused = None
 
     # -- full model ----------------------------------------------------------------
 
-    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Activations (N, C, h, w) float32 and logits (N, K) float32 for a batch."""
-        acts, logits = [], []
+    def run(self, inputs: np.ndarray, targets: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """Activations (N, C, h, w) float32 and logits (N, K) float32 for a batch.
+
+        With ``targets`` (N,) int64 (-1: each image's top-1) and an exact head gradient,
+        the same run also computes d logit_target / dA; :meth:`head_gradients` then
+        returns it for these activations without another run.
+        """
+        fused = self._fused is not None and targets is not None
+        names = self._outputs + ([self._grad[0].gradient, self._grad[0].target_used]
+                                 if fused else [])
+        session = self._fused if fused else self.session
+        parts: list[list[np.ndarray]] = [[] for _ in names]
         step = self.batch_limit or len(inputs)
         for start in range(0, len(inputs), max(step, 1)):
-            chunk = inputs[start:start + step].astype(self._input_dtype, copy=False)
-            a, y = self.session.run(self._outputs, {self._input: chunk})
-            acts.append(a)
-            logits.append(y)
-        activations = _as_float32(np.concatenate(acts))
-        if self._nhwc:
-            activations = np.ascontiguousarray(activations.transpose(0, 3, 1, 2))
-        out = _as_float32(np.concatenate(logits))
-        return activations, out.reshape(len(out), -1)
+            feed = {self._input: inputs[start:start + step].astype(self._input_dtype,
+                                                                    copy=False)}
+            if fused:
+                feed[self._grad[0].target] = np.asarray(targets[start:start + step],
+                                                        dtype=np.int64)
+            for part, value in zip(parts, session.run(names, feed)):
+                part.append(value)
+        activations = self._to_nchw(_as_float32(np.concatenate(parts[0])))
+        out = _as_float32(np.concatenate(parts[1]))
+        logits = out.reshape(len(out), -1)
+        self._cache = None
+        if fused:
+            grads = self._to_nchw(_as_float32(np.concatenate(parts[2])))
+            self._cache = (activations, np.concatenate(parts[3]), logits, grads)
+        return activations, logits
+
+    def _to_nchw(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if self._nhwc else a
 
     def run_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Logits (N, K) only, for full-model runs on masked inputs."""
@@ -262,6 +291,10 @@ class ModelRunner:
         one run of the head's backward graph; ``targets`` -1 means each image's top-1."""
         if self._grad is None:
             raise UsageError(f"no exact gradient for this head ({self.gradient_note})")
+        cache = self._cache
+        if (cache is not None and activations is cache[0]
+                and np.array_equal(np.asarray(targets), cache[1])):
+            return cache[2], cache[3]
         grad, session = self._grad
         step = self.head_batch_limit or len(activations)
         logits, grads = [], []

@@ -101,3 +101,27 @@ def test_head_with_a_hard_coded_batch_is_run_one_map_at_a_time():
     out = runner.run_head(many)
     assert runner.head_batch_limit == 1
     np.testing.assert_allclose(out, np.repeat(logits, 6, axis=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_gradients_from_the_fused_run_equal_the_head_gradient_run(layout):
+    built = build_cnn(head="flatten_mlp", layout=layout)
+    runner = ModelRunner(prepare_model(built.model), provider="cpu")
+    x = built.random_input(seed=9)
+    acts, logits = runner.run(x, targets=np.full(len(x), -1))
+    own = np.argmax(logits, axis=1)
+    _, cached = runner.head_gradients(acts, own)
+    separate = ModelRunner(prepare_model(built.model), provider="cpu")
+    plain_acts, _ = separate.run(x)
+    _, fresh = separate.head_gradients(plain_acts, own)
+    np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-7)
+
+    class Broken:
+        def run(self, *a, **k):
+            raise AssertionError("the fused run's gradients should have been used")
+
+    grad_model = runner._grad[0]
+    runner._grad = (grad_model, Broken())
+    runner.head_gradients(acts, own)  # served from the fused run
+    with pytest.raises(AssertionError):  # other targets: a new head-gradient run
+        runner.head_gradients(acts, (own + 1) % built.num_classes)

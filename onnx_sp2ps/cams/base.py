@@ -108,6 +108,9 @@ class BaseCAM:
     uses_target = True
     #: True when the method needs per-position gradients (not only their channel sums).
     needs_exact_gradient = False
+    #: True when the method uses gradients at all (the runner can then compute them in
+    #: the same run as the activations).
+    uses_gradients = False
     #: True when the method runs the full model on (masked) inputs.
     needs_inputs = False
 

@@ -95,6 +95,7 @@ class GradCAM(BaseCAM):
     """
 
     name = "gradcam"
+    uses_gradients = True
 
     def get_cam_weights(self, activations, targets, inputs=None):
         if self.runner.has_exact_gradient:

@@ -23,6 +23,7 @@ class GradCAMPlusPlus(BaseCAM):
     """
 
     name = "gradcam++"
+    uses_gradients = True
     needs_exact_gradient = True
 
     def get_cam_weights(self, activations, targets, inputs=None):

@@ -17,6 +17,7 @@ class HiResCAM(BaseCAM):
     """
 
     name = "hirescam"
+    uses_gradients = True
     needs_exact_gradient = True
 
     def compute_raw(self, activations, targets, inputs=None):

@@ -16,6 +16,7 @@ class LayerCAM(BaseCAM):
     """
 
     name = "layercam"
+    uses_gradients = True
     needs_exact_gradient = True
 
     def compute_raw(self, activations, targets, inputs=None):

@@ -19,6 +19,7 @@ class XGradCAM(BaseCAM):
     """
 
     name = "xgradcam"
+    uses_gradients = True
     needs_exact_gradient = True
 
     def get_cam_weights(self, activations, targets, inputs=None):
