@@ -75,21 +75,23 @@ def normalise_maps(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     maps : (N, H, W) float32
     flat : (N,) bool
     """
-    maps = np.asarray(maps, dtype=np.float64)
+    maps = np.asarray(maps, dtype=np.float32)
     n = len(maps)
     flat_view = maps.reshape(n, -1)
     finite = np.isfinite(flat_view).all(axis=1)
     with np.errstate(invalid="ignore"):
-        lo = np.where(finite, flat_view.min(axis=1, initial=np.inf), 0.0)
-        hi = np.where(finite, flat_view.max(axis=1, initial=-np.inf), 0.0)
+        lo = flat_view.min(axis=1) if flat_view.shape[1] else np.zeros(n, np.float32)
+        hi = flat_view.max(axis=1) if flat_view.shape[1] else np.zeros(n, np.float32)
+    lo = np.where(finite, lo, 0.0).astype(np.float64)
+    hi = np.where(finite, hi, 0.0).astype(np.float64)
     span = hi - lo
     scale = np.maximum(np.abs(hi), np.abs(lo))
     flat = finite & (span <= 1e-6 * scale)
-    safe = np.where(flat | ~finite, 1.0, span)
-    out = (maps - lo[:, None, None]) / safe[:, None, None]
-    out[flat] = 0.0
+    inv = np.where(flat | ~finite, 0.0, 1.0 / np.where(span > 0, span, 1.0))
+    out = (flat_view - lo[:, None].astype(np.float32)) * inv[:, None].astype(np.float32)
+    out = np.clip(out, 0.0, 1.0, out=out).reshape(maps.shape)
     out[~finite] = np.nan
-    return out.astype(np.float32), flat
+    return out, flat
 
 
 class BaseCAM:
