@@ -165,6 +165,9 @@ def floor_fn(model: onnx.ModelProto, threads: int):
 
 
 def cam_fn(runner: ModelRunner, cam, size: tuple[int, int], timers: Breakdown | None = None):
+    # As the audit pipeline does: methods that use gradients get them from the same run
+    # as the activations (targets -1 = each image's top-1, resolved in the graph).
+    uses_gradients = getattr(cam, "uses_gradients", False)
     run = runner.run
     up, norm = upsample_bilinear, normalise_maps
     if timers is not None:
@@ -174,7 +177,10 @@ def cam_fn(runner: ModelRunner, cam, size: tuple[int, int], timers: Breakdown | 
         norm = timers.wrap(norm, "upsample+normalise")
 
     def step(x):
-        acts, logits = run(x)
+        if uses_gradients:
+            acts, logits = run(x, targets=np.full(len(x), -1, dtype=np.int64))
+        else:
+            acts, logits = run(x)
         targets = logits.argmax(1)
         raw = cam(acts, targets, x)
         return norm(up(raw, size))
