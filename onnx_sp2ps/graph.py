@@ -673,8 +673,14 @@ def analyse_model(model: onnx.ModelProto, *, input_name: str | None = None,
     DetectionError
         When something cannot be determined; the message lists the choices.
     """
-    inferred = _infer(model)
-    g = _Graph(inferred)
+    return _analyse(model, _Graph(_infer(model)), input_name=input_name,
+                    feature_layer=feature_layer, logits=logits, size=size)
+
+
+def _analyse(model: onnx.ModelProto, g: _Graph, *, input_name: str | None,
+             feature_layer: str | None, logits: str | None,
+             size: tuple[int, int] | None) -> ModelSpec:
+    """:func:`analyse_model` on the index ``g`` of the shape-inferred ``model``."""
     name = _find_input(g, input_name)
     in_info = g.info(name)
     layout = _input_layout(g, name, in_info.shape)
@@ -804,8 +810,12 @@ def _value_info(g: _Graph, probe: _Graph, name: str, *, batch: str | None = None
 def add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``model`` with ``names`` added as graph outputs, keeping their real
     element type and shape (as shape inference gives them)."""
+    return _add_outputs(model, _Graph(_infer(model)), names)
+
+
+def _add_outputs(model: onnx.ModelProto, inferred: _Graph,
+                 names: Iterable[str]) -> onnx.ModelProto:
     out = copy.deepcopy(model)
-    inferred = _Graph(_infer(model))
     existing = {o.name for o in out.graph.output}
     for name in names:
         if name in existing:
@@ -822,8 +832,11 @@ def extract_head(model: onnx.ModelProto, feature: str, logits: str) -> onnx.Mode
     feature input and the logits output is symbolic (``N``) so that perturbed maps can be
     run in batches.
     """
-    inferred = _infer(model)
-    g = _Graph(inferred)
+    return _extract_head(model, _Graph(_infer(model)), feature, logits)
+
+
+def _extract_head(model: onnx.ModelProto, g: _Graph, feature: str,
+                  logits: str) -> onnx.ModelProto:
     nodes = _head_nodes(g, feature, logits)
     used = {i for n in nodes for i in n.input if i}
     for n in nodes:
@@ -915,17 +928,18 @@ def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | Non
         path = str(source)
         model = load_model(source)
         size_bytes = Path(source).stat().st_size
-    spec = analyse_model(model, input_name=input_name, feature_layer=feature_layer,
-                         logits=logits, size=size)
-    others = [i for i in _Graph(model).inputs if i != spec.input.name]
+    g = _Graph(_infer(model))  # shape inference once, for detection and both edits
+    spec = _analyse(model, g, input_name=input_name, feature_layer=feature_layer,
+                    logits=logits, size=size)
+    others = [i for i in g.inputs if i != spec.input.name]
     if others:
         raise ModelError(
             f"the model needs inputs besides the image ({', '.join(others)}) that onnx-sp2ps "
             "cannot fill: export it with the image as its only input, or give those "
             "inputs default values as initializers"
         )
-    audit_model = add_outputs(model, [spec.feature_map.name, spec.logits.name])
-    head = float32_head(extract_head(model, spec.feature_map.name, spec.logits.name))
+    audit_model = _add_outputs(model, g, [spec.feature_map.name, spec.logits.name])
+    head = float32_head(_extract_head(model, g, spec.feature_map.name, spec.logits.name))
     _check(audit_model, "model with added outputs")
     _check(head, "head subgraph")
     return PreparedModel(
