@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from onnx_sp2ps.graph import constant_value
+
 __all__ = ["GRADIENT_OPS", "UnsupportedHead", "HeadGradient", "build_head_gradient",
            "fuse_gradient"]
 
@@ -137,16 +139,7 @@ class _Builder:
         return tensor not in self.active
 
     def constant_value(self, tensor: str) -> np.ndarray | None:
-        if tensor in self.initializers:
-            return numpy_helper.to_array(self.initializers[tensor])
-        node = self.producer.get(tensor)
-        if node is not None and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-                if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
-                    return np.asarray(helper.get_attribute_value(a))
-        return None
+        return constant_value(self.head.graph, tensor, self.producer)
 
     def _active_tensors(self) -> set[str]:
         """Tensors that depend on the feature map (the ones with gradients)."""

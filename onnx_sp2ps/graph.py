@@ -46,6 +46,7 @@ __all__ = [
     "prepare_model",
     "add_outputs",
     "extract_head",
+    "constant_value",
     "FINAL_ACTIVATIONS",
 ]
 
@@ -391,18 +392,23 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _constant_value(g: _Graph, name: str) -> np.ndarray | None:
-    for t in g.model.graph.initializer:
+def constant_value(graph: onnx.GraphProto, name: str,
+                   producer: dict[str, onnx.NodeProto] | None = None) -> np.ndarray | None:
+    """The value of ``name`` when it is an initializer or a Constant node's output (the
+    two ways exporters store weights), else None.  ``producer`` (output name -> node) saves
+    a scan of the nodes when the caller has one."""
+    for t in graph.initializer:
         if t.name == name:
             return numpy_helper.to_array(t)
-    node = g.producer.get(name)
+    if producer is None:
+        node = next((n for n in graph.node if name in n.output), None)
+    else:
+        node = producer.get(name)
     if node is not None and node.op_type == "Constant":
         for a in node.attribute:
             if a.name == "value":
                 return numpy_helper.to_array(a.t)
-            if a.name in ("value_float", "value_int"):
-                return np.asarray(helper.get_attribute_value(a))
-            if a.name in ("value_floats", "value_ints"):
+            if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
                 return np.asarray(helper.get_attribute_value(a))
     return None
 
@@ -483,10 +489,8 @@ def _find_logits(g: _Graph, logits_name: str | None) -> tuple[str, str | None]:
                 f"logits tensor {logits_name!r} not found in the model; graph outputs: "
                 + ", ".join(g.outputs)
             )
-        node = g.producer.get(logits_name)
         consumers = g.consumers.get(logits_name, [])
         act = next((c.op_type for c in consumers if c.op_type in FINAL_ACTIVATIONS), None)
-        del node
         return logits_name, act
     if not g.outputs:
         raise DetectionError("the model has no outputs")
@@ -574,7 +578,7 @@ def _behind_classifier_conv(g: _Graph, feature: str, num_classes: int | None) ->
             current = data[0]
             continue
         if node.op_type == "Conv" and len(node.input) >= 2:
-            weight = _constant_value(g, node.input[1])
+            weight = constant_value(g.model.graph, node.input[1], g.producer)
             group = _attr(node, "group", 1)
             if (weight is not None and weight.ndim == 4 and weight.shape[2:] == (1, 1)
                     and weight.shape[0] == num_classes and group == 1):

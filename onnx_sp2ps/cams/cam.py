@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnx_sp2ps.cams.base import BaseCAM
 from onnx_sp2ps.errors import ModelError
+from onnx_sp2ps.graph import constant_value
 
 __all__ = ["ClassicCAM", "linear_classifier_weights"]
 
@@ -24,12 +24,6 @@ def linear_classifier_weights(head: onnx.ModelProto) -> np.ndarray:
         When the head is not global average pooling, shape ops, then one Gemm or MatMul
         (+ Add): classic CAM is defined for that form only.
     """
-    consts = {t.name: numpy_helper.to_array(t) for t in head.graph.initializer}
-    for n in head.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
     ops = [n for n in head.graph.node if n.op_type != "Constant"]
     kinds = [n.op_type for n in ops]
     wrong = ModelError("classic CAM needs a head of global average pooling and one linear "
@@ -42,7 +36,7 @@ def linear_classifier_weights(head: onnx.ModelProto) -> np.ndarray:
     if len(rest) > 2 or (len(rest) == 2 and rest[1].op_type != "Add"):
         raise wrong
     lin = rest[0]
-    w = consts.get(lin.input[1])
+    w = constant_value(head.graph, lin.input[1])
     if w is None or w.ndim != 2:
         raise wrong
     if lin.op_type == "Gemm":
