@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, SAMPLES
+from conftest import FIXTURES
 from onnx_sp2ps.cams import GradCAM
 from onnx_sp2ps.data import InputSpec, Preprocess, open_images
 from onnx_sp2ps.graph import prepare_model
