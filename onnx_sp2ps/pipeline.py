@@ -19,13 +19,13 @@ import numpy as np
 
 from onnx_sp2ps import __version__
 from onnx_sp2ps.cams import make_cam
-from onnx_sp2ps.cams.base import normalise_maps, upsample_bilinear
+from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
 from onnx_sp2ps.errors import MismatchError, NonFiniteError, UsageError
 from onnx_sp2ps.graph import ModelSpec, PreparedModel, prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
-from onnx_sp2ps.targets import select_targets
+from onnx_sp2ps.targets import select_targets, top1
 
 __all__ = [
     "ModelOptions",
@@ -293,13 +293,11 @@ def input_spec(spec: ModelSpec, layout: str | None = None) -> InputSpec:
 
 
 def _probabilities(logits: np.ndarray, activation: str | None) -> np.ndarray:
-    x = logits.astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if activation == "Sigmoid":
-            return 1.0 / (1.0 + np.exp(-x))
-        x = x - np.max(x, axis=1, keepdims=True)
-        e = np.exp(x)
-        return e / e.sum(axis=1, keepdims=True)
+    """The model's own probabilities: sigmoid for Sigmoid models, else softmax."""
+    if activation == "Sigmoid":
+        with np.errstate(over="ignore", invalid="ignore"):
+            return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return softmax(logits, axis=1)
 
 
 def _check_compatible(original: ModelSpec, candidate: ModelSpec, name: str) -> None:
@@ -527,7 +525,7 @@ def audit(original: str | Path | PreparedModel,
         o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size, batch.inputs)
         o_prob = _probabilities(o_logits, orig_prep.spec.activation)
         o_out.add(indices=batch.indices, targets=o_targets, logits=o_logits,
-                  pred=np.argmax(np.nan_to_num(o_logits, nan=-np.inf), axis=1),
+                  pred=top1(o_logits),
                   conf=o_prob[np.arange(len(o_targets)), o_targets])
         if keep_maps:
             o_out.add(raw=o_raw, maps=o_maps, flat=o_flat)
@@ -541,7 +539,7 @@ def audit(original: str | Path | PreparedModel,
             pair = score_pairs(o_maps, c_maps)
             c_prob = _probabilities(c_logits, cand.prepared.spec.activation)
             out.add(targets=c_targets, logits=c_logits,
-                    pred=np.argmax(np.nan_to_num(c_logits, nan=-np.inf), axis=1),
+                    pred=top1(c_logits),
                     conf=c_prob[np.arange(len(o_targets)), o_targets],
                     spatial=pair.spatial, spectral=pair.spectral, score=pair.score,
                     finite=pair.finite, flat_a=pair.flat_a, flat_b=pair.flat_b)

@@ -6,7 +6,7 @@ import numpy as np
 
 from onnx_sp2ps.errors import DataError, UsageError
 
-__all__ = ["AUDIT_TARGETS", "select_targets", "parse_target"]
+__all__ = ["AUDIT_TARGETS", "select_targets", "parse_target", "top1"]
 
 #: Choices of ``--target`` for audits.
 AUDIT_TARGETS = ("original", "label", "own")
@@ -31,6 +31,11 @@ def parse_target(text: str, *, allow_original: bool = True) -> str | int:
     return index
 
 
+def top1(logits: np.ndarray) -> np.ndarray:
+    """Each row's top-1 class ``(N,)`` int64; NaN logits never win."""
+    return np.argmax(np.nan_to_num(logits, nan=-np.inf), axis=1).astype(np.int64)
+
+
 def select_targets(target: str | int, *, logits: np.ndarray,
                    labels: np.ndarray | None = None,
                    reference_logits: np.ndarray | None = None) -> np.ndarray:
@@ -45,11 +50,11 @@ def select_targets(target: str | int, *, logits: np.ndarray,
     """
     n, k = logits.shape
     if target == "own":
-        return np.argmax(np.nan_to_num(logits, nan=-np.inf), axis=1).astype(np.int64)
+        return top1(logits)
     if target == "original":
         if reference_logits is None:
             raise UsageError("target 'original' needs the original model's logits")
-        return np.argmax(np.nan_to_num(reference_logits, nan=-np.inf), axis=1).astype(np.int64)
+        return top1(reference_logits)
     if target == "label":
         if labels is None:
             raise DataError("--target label needs labels: put images in class folders "

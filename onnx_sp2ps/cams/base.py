@@ -14,12 +14,22 @@ import numpy as np
 
 from onnx_sp2ps.errors import UsageError
 
-__all__ = ["BaseCAM", "bilinear_matrix", "upsample_bilinear", "normalise_maps", "relu"]
+__all__ = ["BaseCAM", "bilinear_matrix", "upsample_bilinear", "normalise_maps", "relu",
+           "softmax"]
 
 
 def relu(maps: np.ndarray) -> np.ndarray:
     """max(maps, 0), keeping NaN (so that non-finite maps stay visible)."""
     return np.where(maps > 0, maps, np.where(np.isnan(maps), maps, 0)).astype(np.float32)
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Softmax in float64 along ``axis`` (max subtracted; NaN rows stay NaN, quietly)."""
+    x = np.asarray(logits, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = x - np.max(x, axis=axis, keepdims=True)
+        e = np.exp(x)
+        return e / e.sum(axis=axis, keepdims=True)
 
 
 @lru_cache(maxsize=64)

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_sp2ps.cams.base import BaseCAM
+from onnx_sp2ps.cams.base import BaseCAM, softmax
 
 __all__ = ["ReciproCAM"]
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class ReciproCAM(BaseCAM):
@@ -44,5 +37,5 @@ class ReciproCAM(BaseCAM):
                 return mosaic.reshape(stop - start, c, h, w)
 
             logits = self.runner.map_head(make, h * w, a.shape)
-            out[i] = _softmax(logits)[:, int(targets[i])]
+            out[i] = softmax(logits, axis=1)[:, int(targets[i])]
         return out.reshape(n, h, w).astype(np.float32)

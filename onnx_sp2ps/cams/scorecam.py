@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx_sp2ps.cams.base import BaseCAM, bilinear_matrix
+from onnx_sp2ps.cams.base import BaseCAM, bilinear_matrix, softmax
 from onnx_sp2ps.errors import UsageError
 
 __all__ = ["ScoreCAM"]
@@ -61,8 +61,7 @@ class ScoreCAM(BaseCAM):
                 masked = x * (masks[:, :, :, None] if nhwc else masks[:, None, :, :])
                 logits = self.runner.run_inputs(masked)
                 scores[s:s + len(ks)] = logits[:, int(targets[i])]
-            e = np.exp(scores - scores.max())
-            weights[i, chosen] = e / e.sum()
+            weights[i, chosen] = softmax(scores)
         return weights
 
 
