@@ -225,9 +225,7 @@ class AuditResult:
 
     @property
     def labels(self) -> np.ndarray | None:
-        if self.images.labels is None:
-            return None
-        return np.asarray(self.images.labels)[self.indices]
+        return _labels_at(self.images, self.indices)
 
     def passed(self, fail_under: float | None = None) -> bool:
         threshold = self.settings.threshold if fail_under is None else fail_under
@@ -389,6 +387,18 @@ def _open(images, spec: ModelSpec, preprocess: Preprocess, class_names, strict) 
                        preprocess=preprocess, class_names=class_names, strict=strict)
 
 
+def _prepare(model, options: ModelOptions, preprocess: Preprocess) -> PreparedModel:
+    if isinstance(model, PreparedModel):
+        return model
+    return prepare_model(model, input_name=options.input_name,
+                         feature_layer=options.feature_layer, logits=options.logits,
+                         size=preprocess.size)
+
+
+def _labels_at(image_set: ImageSet, indices: np.ndarray) -> np.ndarray | None:
+    return None if image_set.labels is None else np.asarray(image_set.labels)[indices]
+
+
 def _batches(image_set: ImageSet, batch_size: int):
     if batch_size < 1:
         raise UsageError("--batch-size must be 1 or more")
@@ -422,9 +432,7 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
     """
     if target == "original":
         raise UsageError("target 'original' is for audits; use own, label or a class index")
-    prepared = model if isinstance(model, PreparedModel) else prepare_model(
-        model, input_name=options.input_name, feature_layer=options.feature_layer,
-        logits=options.logits, size=preprocess.size)
+    prepared = _prepare(model, options, preprocess)
     settings = AuditSettings(method=method, target=target, batch_size=batch_size,
                              provider=provider, threads=threads, strict=strict,
                              scorecam_channels=scorecam_channels)
@@ -434,7 +442,7 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
     out = _Collector()
     done = 0
     for batch in _batches(image_set, batch_size):
-        labels = None if image_set.labels is None else np.asarray(image_set.labels)[batch.indices]
+        labels = _labels_at(image_set, batch.indices)
         acts, logits = explainer.run(batch.inputs, _target_hint(target, labels, None,
                                                                 len(batch.indices)))
         targets = select_targets(target, logits=logits, labels=labels)
@@ -496,14 +504,8 @@ def audit(original: str | Path | PreparedModel,
     if settings.target not in ("original", "label", "own"):
         raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
 
-    def prep(m, opts):
-        if isinstance(m, PreparedModel):
-            return m
-        return prepare_model(m, input_name=opts.input_name, feature_layer=opts.feature_layer,
-                             logits=opts.logits, size=preprocess.size)
-
-    orig_prep = prep(original, original_options)
-    cand_preps = [prep(c, candidate_options) for c in candidates]
+    orig_prep = _prepare(original, original_options, preprocess)
+    cand_preps = [_prepare(c, candidate_options, preprocess) for c in candidates]
     for cp in cand_preps:
         _check_compatible(orig_prep.spec, cp.spec, Path(cp.path).name if cp.path else "model")
     image_set = _open(images, orig_prep.spec, preprocess, class_names, settings.strict)
@@ -514,10 +516,9 @@ def audit(original: str | Path | PreparedModel,
     o_out = _Collector()
     c_out = [_Collector() for _ in cands]
     worsts = [WorstImages(worst) for _ in cands]
-    scored = 0
-    done = 0
+    done = 0  # images scored so far: also the row of the batch's first image
     for batch in _batches(image_set, settings.batch_size):
-        labels = None if image_set.labels is None else np.asarray(image_set.labels)[batch.indices]
+        labels = _labels_at(image_set, batch.indices)
         o_acts, o_logits = orig.run(batch.inputs, _target_hint(
             settings.target, labels, None, len(batch.indices)))
         o_targets = select_targets(settings.target, logits=o_logits, labels=labels,
@@ -545,11 +546,10 @@ def audit(original: str | Path | PreparedModel,
                     finite=pair.finite, flat_a=pair.flat_a, flat_b=pair.flat_b)
             if keep_maps:
                 out.add(raw=c_raw, maps=c_maps, flat=c_flat)
-            wst.add(scored + np.arange(len(batch.indices)), pair.score, o_maps, c_maps)
+            wst.add(done + np.arange(len(batch.indices)), pair.score, o_maps, c_maps)
             batch_maps.append(c_maps)
         if on_maps is not None:
             on_maps(image_set, batch.indices, o_maps, batch_maps)
-        scored += len(batch.indices)
         done += len(batch.indices)
         if progress:
             progress(done, len(image_set))
@@ -558,7 +558,7 @@ def audit(original: str | Path | PreparedModel,
 
     indices = o_out.get("indices")
     paths = [image_set.paths[i] for i in indices]
-    labels = None if image_set.labels is None else np.asarray(image_set.labels)[indices]
+    labels = _labels_at(image_set, indices)
     known = None if labels is None else labels >= 0
     o_pred = o_out.get("pred")
     o_targets = o_out.get("targets")
