@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass
@@ -88,11 +89,18 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 def _num(x) -> float | None:
-    """A JSON-safe float: None for missing or non-finite values."""
-    if x is None:
+    """A JSON-safe float: None for anything missing, non-numeric or non-finite (in
+    results and in reports read back from disk alike)."""
+    if not isinstance(x, numbers.Real):
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _ranked(candidates: list[dict]) -> list[dict]:
+    """Candidates of a report dict, highest Sp2PS mean first, missing means last."""
+    return sorted(candidates, key=lambda c: -(c["sp2ps"]["mean"]
+                                              if c["sp2ps"]["mean"] is not None else -1.0))
 
 
 def audit_to_dict(result, *, schema_version: int,
@@ -234,13 +242,9 @@ class GateCheck:
                 "threshold": self.threshold, "passed": self.passed}
 
 
-def _finite(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
-
-
 def _accuracy_drop(report: dict, cand: dict) -> float | None:
-    original = _finite((report.get("original") or {}).get("accuracy"))
-    candidate = _finite(cand.get("accuracy"))
+    original = _num((report.get("original") or {}).get("accuracy"))
+    candidate = _num(cand.get("accuracy"))
     if original is None or candidate is None:
         return None
     return original - candidate
@@ -263,7 +267,7 @@ def check_report(report: dict, criteria: GateCriteria) -> list[GateCheck]:
         for label, threshold, op, get in table:
             if threshold is None:
                 continue
-            value = _finite(get(cand)) if cand else None
+            value = _num(get(cand)) if cand else None
             ok = value is not None and (value >= threshold if op == ">=" else value <= threshold)
             checks.append(GateCheck(name, label, value, op, float(threshold), bool(ok)))
     return checks
@@ -317,9 +321,7 @@ def format_table(report: dict) -> str:
     header = ["candidate", "sp2ps", "balanced", "median", "p5", "min", "S", "F",
               "flat o/c", "agree", "acc", "conf drop", "non-finite", "size", "params", "gate"]
     rows = []
-    order = sorted(report["candidates"],
-                   key=lambda c: -(c["sp2ps"]["mean"] if c["sp2ps"]["mean"] is not None
-                                   else -1.0))
+    order = _ranked(report["candidates"])
 
     def ratio(cand: dict, key: str) -> str:
         a, b = cand["model"].get(key), orig["model"].get(key)
@@ -488,7 +490,7 @@ def summary_markdown(report: dict, checks: list[GateCheck]) -> str:
              f"{cell(report['settings']['method'])}.", "",
              "| candidate | Sp2PS | p5 | S | F | agreement | accuracy | gate |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
-    order = sorted(report["candidates"], key=lambda c: -(c["sp2ps"]["mean"] or -1.0))
+    order = _ranked(report["candidates"])
     for c in order:
         name = c["model"]["name"]
         mine = [k for k in checks if k.candidate == name]
@@ -616,7 +618,7 @@ def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
                                  f"scored, {len(report['images']['skipped'])} skipped"]]
     settings_rows += [[f"version.{k}", v] for k, v in report["versions"].items()]
     ranking = []
-    order = sorted(report["candidates"], key=lambda c: -(c["sp2ps"]["mean"] or -1.0))
+    order = _ranked(report["candidates"])
     for c in order:
         s = c["sp2ps"]
         gate = c.get("gate")
