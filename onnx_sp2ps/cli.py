@@ -466,8 +466,7 @@ def cam(model, images, out, method, scorecam_channels, target, overlays, provide
         index = {p: i for i, p in enumerate(image_set.paths)}
         for k, p in enumerate(maps.paths):
             rgb = image_set.display_image(index[p])
-            name = _safe_name(str(Path(p).with_suffix(""))) + ".png"
-            write_png(out_dir / "overlays" / name, overlay_image(rgb, maps.maps[k]))
+            write_png(out_dir / "overlays" / _overlay_name(p), overlay_image(rgb, maps.maps[k]))
     _report_skipped(console, image_set)
     click.echo(f"{len(maps.paths)} maps ({method}) written to {path}")
     return EXIT_OK
@@ -577,7 +576,7 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
         _refuse_foreign(out_dir / "samples.csv")
     for extra in (junit, summary_md):
         if extra is not None:
-            prepare_out_dir(extra.parent if str(extra.parent) else Path("."))
+            prepare_out_dir(extra.parent)  # Path("x").parent is Path(".")
     settings = audit_module.AuditSettings(method=method, target=target, batch_size=batch_size,
                                           provider=provider, threads=threads,
                                           threshold=fail_under, strict=strict,
