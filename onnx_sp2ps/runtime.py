@@ -226,13 +226,10 @@ class ModelRunner:
                                  if fused else [])
         session = self._fused if fused else self.session
         parts: list[list[np.ndarray]] = [[] for _ in names]
-        step = self.batch_limit or len(inputs)
-        for start in range(0, len(inputs), max(step, 1)):
-            feed = {self._input: inputs[start:start + step].astype(self._input_dtype,
-                                                                    copy=False)}
+        for span in _spans(len(inputs), self.batch_limit):
+            feed = {self._input: inputs[span].astype(self._input_dtype, copy=False)}
             if fused:
-                feed[self._grad[0].target] = np.asarray(targets[start:start + step],
-                                                        dtype=np.int64)
+                feed[self._grad[0].target] = np.asarray(targets[span], dtype=np.int64)
             for part, value in zip(parts, session.run(names, feed)):
                 part.append(value)
         activations = self._to_nchw(_as_float32(np.concatenate(parts[0])))
@@ -247,6 +244,18 @@ class ModelRunner:
     def _to_nchw(self, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if self._nhwc else a
 
+    def _to_head_layout(self, a: np.ndarray) -> np.ndarray:
+        """NCHW maps in the layout and dtype the head takes."""
+        a = a.transpose(0, 2, 3, 1) if self._nhwc else a
+        return np.ascontiguousarray(a, dtype=self._head_dtype)
+
+    def _head_spans(self, activations: np.ndarray):
+        """Slices of ``activations`` the head can take in one run (1 when an export
+        hard-coded the batch; found on first use)."""
+        if not self._head_checked:
+            self._probe_head_batch(activations)
+        return _spans(len(activations), self.head_batch_limit)
+
     def run_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Logits (N, K) only, for full-model runs on masked inputs."""
         return self.run(inputs)[1]
@@ -255,19 +264,13 @@ class ModelRunner:
 
     def run_head(self, activations: np.ndarray) -> np.ndarray:
         """Logits (M, K) float32 of the head for feature maps (M, C, h, w) in NCHW."""
-        if not self._head_checked:
-            self._probe_head_batch(activations)
-        step = self.head_batch_limit or len(activations)
-        outs = []
-        for start in range(0, len(activations), max(step, 1)):
-            outs.append(self._head(activations[start:start + step]))
+        outs = [self._head(activations[span]) for span in self._head_spans(activations)]
         y = _as_float32(np.concatenate(outs)) if outs else np.zeros((0, 0), np.float32)
         return y.reshape(len(activations), -1)
 
     def _head(self, activations: np.ndarray) -> np.ndarray:
-        a = activations.transpose(0, 2, 3, 1) if self._nhwc else activations
-        a = np.ascontiguousarray(a, dtype=self._head_dtype)
-        return self.head_session.run([self._head_output], {self._head_input: a})[0]
+        return self.head_session.run([self._head_output],
+                                     {self._head_input: self._to_head_layout(activations)})[0]
 
     def _probe_head_batch(self, activations: np.ndarray) -> None:
         """Find whether the head takes batches > 1 (some exports hard-code batch 1)."""
@@ -296,21 +299,15 @@ class ModelRunner:
                 and np.array_equal(np.asarray(targets), cache[1])):
             return cache[2], cache[3]
         grad, session = self._grad
-        step = self.head_batch_limit or len(activations)
         logits, grads = [], []
-        for start in range(0, len(activations), max(step, 1)):
-            a = activations[start:start + step]
-            a = a.transpose(0, 2, 3, 1) if self._nhwc else a
+        for span in self._head_spans(activations):
             y, g = session.run([grad.logits, grad.gradient], {
-                grad.feature: np.ascontiguousarray(a, dtype=np.float32),
-                grad.target: np.asarray(targets[start:start + step], dtype=np.int64)})
+                grad.feature: self._to_head_layout(activations[span]),
+                grad.target: np.asarray(targets[span], dtype=np.int64)})
             logits.append(y)
             grads.append(g)
-        g = np.concatenate(grads)
-        if self._nhwc:
-            g = g.transpose(0, 3, 1, 2)
         y = _as_float32(np.concatenate(logits))
-        return y.reshape(len(y), -1), _as_float32(g)
+        return y.reshape(len(y), -1), self._to_nchw(_as_float32(np.concatenate(grads)))
 
     def head_chunk(self, per_item_shape: tuple[int, ...]) -> int:
         """How many feature maps of ``per_item_shape`` fit in one head run."""
@@ -324,6 +321,12 @@ class ModelRunner:
         step = self.head_chunk(per_item_shape)
         outs = [self.run_head(make(s, min(s + step, total))) for s in range(0, total, step)]
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def _spans(total: int, limit: int | None):
+    """Slices covering ``range(total)`` in steps of ``limit`` (all at once without one)."""
+    step = max(limit or total, 1)
+    return [slice(start, start + step) for start in range(0, total, step)]
 
 
 def _np_dtype(name: str) -> np.dtype:

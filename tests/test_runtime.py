@@ -101,6 +101,11 @@ def test_head_with_a_hard_coded_batch_is_run_one_map_at_a_time():
     out = runner.run_head(many)
     assert runner.head_batch_limit == 1
     np.testing.assert_allclose(out, np.repeat(logits, 6, axis=0), rtol=1e-5, atol=1e-6)
+    # The head's gradient graph keeps the hard-coded batch: it is run one map at a time too.
+    fresh = ModelRunner(prepare_model(model), provider="cpu")
+    y, grads = fresh.head_gradients(many, np.full(len(many), -1))
+    assert grads.shape == many.shape and fresh.head_batch_limit == 1
+    np.testing.assert_allclose(grads, np.repeat(grads[:1], 6, axis=0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
