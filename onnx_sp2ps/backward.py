@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from onnx_sp2ps.graph import constant_value
+from onnx_sp2ps.graph import check_model, constant_value
 
 __all__ = ["GRADIENT_OPS", "UnsupportedHead", "HeadGradient", "build_head_gradient",
            "fuse_gradient"]
@@ -237,7 +237,7 @@ class _Builder:
         model = helper.make_model(graph, opset_imports=[copy.deepcopy(o) for o in
                                                          self.head.opset_import],
                                   ir_version=self.head.ir_version, producer_name="onnx-sp2ps")
-        onnx.checker.check_model(model)
+        check_model(model)
         return HeadGradient(model=model, feature=self.feature)
 
     def data(self, node) -> list[int]:
@@ -578,5 +578,5 @@ def fuse_gradient(model: onnx.ModelProto, grad: HeadGradient) -> onnx.ModelProto
     outputs = {o.name: o for o in grad.model.graph.output}
     for name in (grad.gradient, grad.target_used):
         g.output.append(copy.deepcopy(outputs[name]))
-    onnx.checker.check_model(fused)
+    check_model(fused)
     return fused

@@ -47,6 +47,8 @@ __all__ = [
     "add_outputs",
     "extract_head",
     "constant_value",
+    "check_model",
+    "split_large_weights",
     "FINAL_ACTIVATIONS",
 ]
 
@@ -69,6 +71,12 @@ _TO_NCHW = [0, 3, 1, 2]
 _TO_NHWC = [0, 2, 3, 1]
 #: Size used for symbolic height and width while shapes are inferred for detection.
 PROBE_SIZE = 224
+#: Largest model protobuf can serialize (2 GiB - 1).  Bigger models (weights in external
+#: data files) are checked, shape-inferred and handed to onnxruntime without serializing
+#: their large weights: see :func:`split_large_weights`.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Initializers at least this large are the ones held aside for models over the limit.
+LARGE_TENSOR_BYTES = 1 << 20
 
 Dim = int | str | None
 
@@ -192,13 +200,9 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         ) from exc
     if not model.graph.node:
         raise ModelError(f"{p} is not an ONNX model with a graph (no nodes found)")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        try:
-            onnx.load_external_data_for_model(model, str(p.resolve().parent))
-        except Exception as exc:
-            raise ModelError(f"cannot load the external weights of {p}: {exc}") from exc
+    _load_external_data(model, p)
     try:
-        onnx.checker.check_model(model)
+        check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "topologically sorted" in first:
@@ -207,12 +211,100 @@ def load_model(path: str | Path) -> onnx.ModelProto:
             sorted_model = _toposorted(model)
             if sorted_model is not None:
                 try:
-                    onnx.checker.check_model(sorted_model)
+                    check_model(sorted_model)
                     return sorted_model
                 except Exception:
                     pass
         raise ModelError(f"{p} fails the ONNX checker: {first}") from exc
     return model
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Tensors of the main graph (initializers, sparse initializers, Constant values) whose
+    data lives in an external file."""
+    g = model.graph
+    tensors = list(g.initializer)
+    tensors += [t for s in g.sparse_initializer for t in (s.values, s.indices)]
+    tensors += [a.t for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read external weights into ``model``, only from files inside the model's folder.
+
+    Raises
+    ------
+    ModelError
+        When a location is absolute or leads outside the model's folder (also through a
+        symbolic link), or the file is missing or too short.
+    """
+    tensors = _external_tensors(model)
+    if not tensors:
+        return
+    folder = path.resolve().parent
+    for t in tensors:
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise ModelError(
+                f"{path}: weights of {t.name!r} point outside the model's folder "
+                f"({location!r}); refused: keep external data files next to the model"
+            )
+        if not target.is_file():
+            raise ModelError(
+                f"{path}: external weights file {location!r} of {t.name!r} not found in "
+                f"{folder}: copy it next to the model"
+            )
+    try:
+        onnx.load_external_data_for_model(model, str(folder))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the external weights of {path}: {first}") from exc
+
+
+def is_too_large(model: onnx.ModelProto) -> bool:
+    """True when ``model`` is over protobuf's 2 GB serialization limit."""
+    return model.ByteSize() > PROTOBUF_LIMIT
+
+
+def split_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` without the data of its large initializers, and that data.
+
+    The copy marks them as external; onnxruntime takes their values with
+    ``SessionOptions.add_external_initializers``.  Used for models over the 2 GB limit.
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    held: dict[str, np.ndarray] = {}
+    for t in light.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+            continue
+        if len(t.raw_data) < LARGE_TENSOR_BYTES:
+            continue
+        held[t.name] = numpy_helper.to_array(t)
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "held-in-memory-by-onnx-sp2ps"
+    return light, held
+
+
+def _as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A light copy of a model over the limit for the checker and shape inference: its
+    large initializers become graph inputs of the same type and shape."""
+    light, held = split_large_weights(model)
+    kept = [t for t in light.graph.initializer if t.name not in held]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(kept)
+    for name, value in held.items():
+        light.graph.input.append(helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+    return light
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` that also works for models over the 2 GB limit."""
+    onnx.checker.check_model(_as_inputs(model) if is_too_large(model) else model)
 
 
 def _toposorted(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -347,12 +439,20 @@ class _Graph:
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference that never raises: on failure the model is returned as it is."""
+    """Shape inference that never raises: on failure the model is returned as it is.
+    Models over the 2 GB limit are inferred on a light copy (see :func:`check_model`)."""
     try:
-        return shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
-                                            data_prop=True)
+        if not is_too_large(model):
+            return shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                                data_prop=True)
+        inferred = shape_inference.infer_shapes(_as_inputs(model), check_type=False,
+                                                strict_mode=False, data_prop=True)
     except Exception:
         return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.value_info.extend(inferred.graph.value_info)
+    return out
 
 
 def _with_static_input(model: onnx.ModelProto, input_name: str, layout: str,
@@ -899,7 +999,7 @@ def float32_head(head: onnx.ModelProto) -> onnx.ModelProto:
 
 def _check(model: onnx.ModelProto, what: str) -> None:
     try:
-        onnx.checker.check_model(model)
+        check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DetectionError(f"the {what} is not a valid ONNX model: {first}") from exc

@@ -18,7 +18,7 @@ import onnx
 
 from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient, fuse_gradient
 from onnx_sp2ps.errors import ModelError, UsageError
-from onnx_sp2ps.graph import PreparedModel
+from onnx_sp2ps.graph import PreparedModel, is_too_large, split_large_weights
 
 __all__ = [
     "PROVIDERS",
@@ -122,15 +122,21 @@ def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
     if threads is not None and threads < 1:
         raise UsageError("--threads must be 1 or more")
     tried, note = resolve_providers(provider, ort.get_available_providers())
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data, held = _serialized(model)
+
+    def options():
+        so = _session_options(threads)
+        if held:
+            so.add_external_initializers(list(held), list(held.values()))
+        return so
+
     with _quiet_ort():
         try:
-            session = ort.InferenceSession(data, _session_options(threads), providers=tried)
+            session = ort.InferenceSession(data, options(), providers=tried)
         except Exception as exc:
             if CUDA in tried:
                 try:
-                    session = ort.InferenceSession(data, _session_options(threads),
-                                                   providers=[CPU])
+                    session = ort.InferenceSession(data, options(), providers=[CPU])
                 except Exception as exc2:
                     raise ModelError(_ort_reason(what, exc2)) from exc2
             else:
@@ -139,7 +145,22 @@ def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
     if CUDA in tried and CUDA not in got and provider == "cuda":
         note = ("CUDA requested but not usable here (no GPU or CUDA/cuDNN libraries "
                 "missing); running on CPU")
+    # onnxruntime reads the held weights in place: they must live as long as the session.
+    session.sp2ps_held_weights = held
     return session, ProviderChoice(requested=provider, providers=got, note=note)
+
+
+def _serialized(model: onnx.ModelProto | bytes) -> tuple[bytes, dict]:
+    """The model's bytes, and the large weights (as OrtValues, by name) held outside them
+    when the model is over protobuf's 2 GB limit."""
+    if isinstance(model, bytes):
+        return model, {}
+    if not is_too_large(model):
+        return model.SerializeToString(), {}
+    light, held = split_large_weights(model)
+    ort = _ort()
+    return light.SerializeToString(), {name: ort.OrtValue.ortvalue_from_numpy(value)
+                                       for name, value in held.items()}
 
 
 def _ort_reason(what: str, exc: Exception) -> str:

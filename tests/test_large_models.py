@@ -1,0 +1,143 @@
+"""Models whose weights live in external data files, and models over protobuf's 2 GB limit.
+
+A real 2 GB model is too big for the test suite; the over-limit path is exercised by
+lowering ``graph.PROTOBUF_LIMIT`` so that the sample models take it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli, sha256
+from onnx_sp2ps import audit, graph, runtime
+from onnx_sp2ps.errors import ModelError
+
+IMAGES_PER_CLASS = 2
+
+
+@pytest.fixture(scope="module")
+def images(samples, tmp_path_factory):
+    """A small labelled copy of the sample images (two per class)."""
+    root = tmp_path_factory.mktemp("images")
+    for folder in sorted(p for p in (samples / "images").iterdir() if p.is_dir()):
+        (root / folder.name).mkdir()
+        for image in sorted(folder.iterdir())[:IMAGES_PER_CLASS]:
+            shutil.copy(image, root / folder.name / image.name)
+    return root
+
+
+def _save_external(model_path, folder, location="weights.bin"):
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(model_path))
+    out = folder / "model.onnx"
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return out
+
+
+def _scores(result):
+    return np.array([(r.spatial, r.spectral, r.score) for r in result.records()])
+
+
+def _set_location(model_path, location):
+    """Point every external tensor of the model file at ``location``."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    model_path.write_bytes(model.SerializeToString())
+
+
+def test_external_weights_are_loaded_from_the_models_folder(samples, images, tmp_path):
+    path = _save_external(samples / "gap_l1_30.onnx", tmp_path / "exported")
+    stored = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer)
+    before = {p.name: sha256(p) for p in path.parent.iterdir()}
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)  # locations resolve against the model's folder, not the cwd
+        external = audit(samples / "gap_original.onnx", [path], images)
+    finally:
+        os.chdir(cwd)
+    embedded = audit(samples / "gap_original.onnx", [samples / "gap_l1_30.onnx"], images)
+    np.testing.assert_array_equal(_scores(external), _scores(embedded))
+    assert {p.name: sha256(p) for p in path.parent.iterdir()} == before
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_external_data_outside_the_models_folder_is_refused(samples, tmp_path, where):
+    path = _save_external(samples / "gap_original.onnx", tmp_path / "exported")
+    outside = tmp_path / "outside.bin"
+    shutil.copy(path.parent / "weights.bin", outside)
+    if where == "parent":
+        location = "../outside.bin"
+    elif where == "absolute":
+        location = str(outside)
+    else:
+        (path.parent / "link.bin").symlink_to(outside)
+        location = "link.bin"
+    _set_location(path, location)
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        graph.load_model(path)
+
+
+def test_missing_external_data_file_is_named(samples, tmp_path):
+    path = _save_external(samples / "gap_original.onnx", tmp_path / "exported")
+    (path.parent / "weights.bin").unlink()
+    with pytest.raises(ModelError, match="weights.bin.*not found"):
+        graph.load_model(path)
+
+
+def test_cli_refuses_external_data_outside_the_folder_with_exit_3(capsys, samples, images, tmp_path):
+    path = _save_external(samples / "gap_original.onnx", tmp_path / "exported")
+    shutil.copy(path.parent / "weights.bin", tmp_path / "outside.bin")
+    _set_location(path, "../outside.bin")
+    out = tmp_path / "report"
+    code, _, err = run_cli(capsys, "audit", samples / "gap_original.onnx", path,
+                           "--images", images, "--out", out, "-q")
+    assert code == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "outside the model's folder" in lines[0]
+    assert "Traceback" not in err
+    assert not (out / "report.json").exists()
+
+
+@pytest.fixture
+def over_the_limit(monkeypatch):
+    """Treat every model as over the 2 GB limit and every weight above 1 KB as large;
+    records the weights that were held outside the serialized models."""
+    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 1)
+    monkeypatch.setattr(graph, "LARGE_TENSOR_BYTES", 1024)
+    held: list[str] = []
+    split = graph.split_large_weights
+
+    def spy(model):
+        light, weights = split(model)
+        held.extend(weights)
+        return light, weights
+
+    monkeypatch.setattr(runtime, "split_large_weights", spy)
+    return held
+
+
+def test_models_over_the_protobuf_limit_give_the_same_audit(samples, images, over_the_limit):
+    large = audit(samples / "fc_original.onnx", [samples / "fc_l1_60_ft.onnx"], images)
+    assert "head.1.weight" in over_the_limit  # the 512 KB classifier weight was held aside
+    over_the_limit.clear()
+    graph.PROTOBUF_LIMIT = 2**31 - 1  # restored by monkeypatch after the test
+    normal = audit(samples / "fc_original.onnx", [samples / "fc_l1_60_ft.onnx"], images)
+    assert not over_the_limit
+    np.testing.assert_allclose(_scores(large), _scores(normal), rtol=0, atol=1e-6)
+
+
+def test_the_checker_still_refuses_a_broken_model_over_the_limit(samples, over_the_limit):
+    model = onnx.load(str(samples / "gap_original.onnx"))
+    model.graph.node[0].input[0] = "no_such_tensor"
+    with pytest.raises(Exception, match="no_such_tensor"):
+        graph.check_model(model)
