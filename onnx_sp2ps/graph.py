@@ -964,7 +964,9 @@ def _extract_head(model: onnx.ModelProto, g: _Graph, feature: str,
         head_graph,
         opset_imports=[copy.deepcopy(o) for o in model.opset_import],
         producer_name="onnx-sp2ps",
-        ir_version=model.ir_version,
+        # IR 3 (Caffe2-era models) lists initializers among the graph inputs; from IR 4 on
+        # they need not be, so the head (whose only input is the feature map) uses 4 or later.
+        ir_version=max(int(model.ir_version), 4),
     )
     for f in model.functions:
         head.functions.append(copy.deepcopy(f))

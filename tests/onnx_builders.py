@@ -527,3 +527,90 @@ def all_variants() -> list[tuple[str, dict]]:
     ]
     variants.extend(specials)
     return variants
+
+
+CAFFE2_HEADS = ("squeezenet", "googlenet")
+
+
+def build_caffe2_cnn(*, head: str = "squeezenet", opset: int = 7, size: int = 32,
+                     num_classes: int = 5, width: int = 8, seed: int = 0) -> BuiltModel:
+    """A classifier in the shape of the Caffe2-era model zoo (opsets 7 to 9, fixed batch 1).
+
+    Trunk: Conv -> Relu -> LRN -> MaxPool(2) -> Conv -> BatchNormalization -> Relu ->
+    [Conv -> Relu] summed with its input by ``Sum`` (a residual join) -> Dropout.
+    Heads: ``squeezenet`` is Conv 1x1 (``num_classes`` out) -> Relu -> GlobalAveragePool ->
+    Softmax on the (1, K, 1, 1) scores, which is also the graph output (so the logits are
+    4-D); ``googlenet`` is a full-size AveragePool -> Reshape (shape initializer [1, C]) ->
+    Gemm -> Softmax.  Names follow Caffe2's (``data_0``, ``conv1_w_0``, ``softmaxout_1``).
+    The feature map is the Dropout output (``drop_1``); for ``squeezenet`` it is the input
+    of the 1x1 classifier conv.
+    """
+    if head not in CAFFE2_HEADS:
+        raise ValueError(f"head={head!r}: choose one of {CAFFE2_HEADS}")
+    if not 7 <= opset <= 9:
+        raise ValueError(f"opset={opset}: Caffe2-era models use opsets 7 to 9")
+    if size < 8 or size % 2:
+        raise ValueError(f"size={size}: use an even size of at least 8")
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def param(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def conv(x: str, name: str, c_in: int, c_out: int, k: int) -> str:
+        w = param(f"{name}_w_0", rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2.0 / (c_in * k * k)))
+        b = param(f"{name}_b_0", 0.05 * rng.standard_normal(c_out))
+        nodes.append(helper.make_node("Conv", [x, w, b], [f"{name}_1"], kernel_shape=[k, k],
+                                      pads=[k // 2] * 4))
+        return f"{name}_1"
+
+    def node(op: str, inputs, out: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+    x = conv("data_0", "conv1", 3, width, 3)
+    x = node("Relu", [x], "conv1_2")
+    x = node("LRN", [x], "norm1_1", size=5, alpha=1e-4, beta=0.75, bias=1.0)
+    x = node("MaxPool", [x], "pool1_1", kernel_shape=[2, 2], strides=[2, 2])
+    x = conv(x, "conv2", width, 2 * width, 3)
+    c = 2 * width
+    scale, bias = param("bn2_s_0", 1 + 0.1 * rng.standard_normal(c)), param("bn2_b_0", 0.1 * rng.standard_normal(c))
+    mean, var = param("bn2_rm_0", 0.1 * rng.standard_normal(c)), param("bn2_riv_0", 1 + rng.random(c))
+    bn_attrs = {"spatial": 1} if opset < 9 else {}
+    x = node("BatchNormalization", [x, scale, bias, mean, var], "bn2_1", epsilon=1e-5, **bn_attrs)
+    x = node("Relu", [x], "conv2_2")
+    branch = node("Relu", [conv(x, "res3", c, c, 3)], "res3_2")
+    x = node("Sum", [x, branch], "res3_sum_1")
+    x = feature = node("Dropout", [x], "drop_1", ratio=0.5)
+    spatial = size // 2
+    if head == "squeezenet":
+        x = conv(x, "conv10", c, num_classes, 1)
+        x = node("Relu", [x], "relu10_1")
+        logits = node("GlobalAveragePool", [x], "pool10_1")
+        out_dims = [1, num_classes, 1, 1]
+    else:
+        x = node("AveragePool", [x], "pool5_1", kernel_shape=[spatial, spatial])
+        x = node("Reshape", [x, "OC2_DUMMY_1"], "pool5_2")
+        inits.append(numpy_helper.from_array(np.array([1, c], dtype=np.int64), "OC2_DUMMY_1"))
+        w = param("fc_w_0", _classifier_weight(rng, c, num_classes).T)
+        b = param("fc_b_0", 0.05 * rng.standard_normal(num_classes))
+        logits = node("Gemm", [x, w, b], "fc_1", transB=1)
+        out_dims = [1, num_classes]
+    node("Softmax", [logits], "softmaxout_1")
+    # IR version 3 lists every initializer among the graph inputs, as those models do.
+    inputs = [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, [1, 3, size, size])]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]
+    graph = helper.make_graph(
+        nodes, "caffe2", inputs,
+        [helper.make_tensor_value_info("softmaxout_1", TensorProto.FLOAT, out_dims)], initializer=inits)
+    opset_id = helper.make_opsetid("", opset)
+    model = helper.make_model(graph, opset_imports=[opset_id], producer_name="onnx-caffe2",
+                              ir_version=helper.find_min_ir_version_for([opset_id]))
+    onnx.checker.check_model(model, full_check=True)
+    return BuiltModel(
+        model=model, input_name="data_0", layout="NCHW", feature_map=feature, feature_layout="NCHW",
+        logits=logits, activation="Softmax", num_classes=num_classes, input_shape=(1, 3, size, size),
+        feature_shape=(1, c, spatial, spatial), head=head,
+    )
