@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient, fuse_gradient
-from onnx_sp2ps.errors import ModelError, UsageError
+from onnx_sp2ps.errors import DataError, ModelError, UsageError
 from onnx_sp2ps.graph import PreparedModel, is_too_large, split_large_weights
 
 __all__ = [
@@ -248,7 +248,7 @@ class ModelRunner:
         session = self._fused if fused else self.session
         parts: list[list[np.ndarray]] = [[] for _ in names]
         for span in _spans(len(inputs), self.batch_limit):
-            feed = {self._input: inputs[span].astype(self._input_dtype, copy=False)}
+            feed = {self._input: self._as_input(inputs[span])}
             if fused:
                 feed[self._grad[0].target] = np.asarray(targets[span], dtype=np.int64)
             for part, value in zip(parts, session.run(names, feed)):
@@ -261,6 +261,12 @@ class ModelRunner:
             grads = self._to_nchw(_as_float32(np.concatenate(parts[2])))
             self._cache = (activations, np.concatenate(parts[3]), logits, grads)
         return activations, logits
+
+    def _as_input(self, images: np.ndarray) -> np.ndarray:
+        """Preprocessed images in the dtype of the model's image input."""
+        if np.issubdtype(self._input_dtype, np.integer):
+            return _integer_input(images, self._input_dtype, self._input)
+        return images.astype(self._input_dtype, copy=False)
 
     def _to_nchw(self, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if self._nhwc else a
@@ -348,6 +354,22 @@ def _spans(total: int, limit: int | None):
     """Slices covering ``range(total)`` in steps of ``limit`` (all at once without one)."""
     step = max(limit or total, 1)
     return [slice(start, start + step) for start in range(0, total, step)]
+
+
+def _integer_input(values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """``values`` as the integer ``dtype`` of an image input (e.g. uint8 pixels), refusing
+    values a cast would silently change (fractions, values out of range, NaN)."""
+    info = np.iinfo(dtype)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(values) | (values != np.round(values)) | (values < info.min) | (values > info.max)
+    if np.any(bad):
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        raise DataError(
+            f"model input {name!r} is {dtype.name}, but the preprocessed images hold values "
+            f"from {low:g} to {high:g} that are not {dtype.name}: feed raw pixels with "
+            f"--preprocess raw (or a .npy of {dtype.name}-valued pixels)"
+        )
+    return values.astype(dtype)
 
 
 def _np_dtype(name: str) -> np.dtype:
