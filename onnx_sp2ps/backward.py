@@ -14,7 +14,8 @@ classifier heads use: GlobalAveragePool, GlobalMaxPool, AveragePool and MaxPool 
 they reduce to 1x1 or tile without overlap), ReduceMean/ReduceSum/ReduceMax, Flatten,
 Reshape, Squeeze, Unsqueeze, Transpose, Identity, Dropout, Gemm, MatMul, Add, Sub, Mul,
 Div, BatchNormalization, Relu, LeakyRelu, Clip, HardSigmoid, HardSwish, Sigmoid, Conv with
-1x1 kernels, Concat.  Weights may be initializers or Constant nodes (or computed from
+1x1 kernels, Concat, and QuantizeLinear/DequantizeLinear straight-through (QOperator ops
+are differentiated in their QDQ form, :func:`qdq_form`).  Weights may be initializers or Constant nodes (or computed from
 them).  For any other op, :class:`UnsupportedHead` says which, and the caller falls back
 to finite differences.  No onnxruntime here.
 """
@@ -31,7 +32,7 @@ from onnx import helper, numpy_helper, shape_inference
 from onnx_sp2ps.graph import check_model, constant_value
 
 __all__ = ["GRADIENT_OPS", "UnsupportedHead", "HeadGradient", "build_head_gradient",
-           "fuse_gradient"]
+           "fuse_gradient", "qdq_form"]
 
 TARGET = "sp2ps_target"
 LOGITS_OUT = "sp2ps_logits"
@@ -44,8 +45,11 @@ GRADIENT_OPS = (
     "ReduceSum", "ReduceMax", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose",
     "Identity", "Dropout", "Cast", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
     "BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish",
-    "Sigmoid", "Conv", "Concat",
+    "Sigmoid", "Conv", "Concat", "QuantizeLinear", "DequantizeLinear",
 )
+#: Note given with exact gradients of quantized heads.
+STRAIGHT_THROUGH = ("straight-through: QuantizeLinear/DequantizeLinear taken as identity "
+                    "inside the quantization range (rounding has no gradient)")
 
 
 class UnsupportedHead(Exception):
@@ -62,6 +66,7 @@ class HeadGradient:
     logits: str = LOGITS_OUT
     gradient: str = GRADIENT_OUT
     target_used: str = TARGET_USED
+    note: str | None = None
 
 
 def _attr(node, name, default=None):
@@ -238,7 +243,10 @@ class _Builder:
                                                          self.head.opset_import],
                                   ir_version=self.head.ir_version, producer_name="onnx-sp2ps")
         check_model(model)
-        return HeadGradient(model=model, feature=self.feature)
+        quantized = any(n.op_type == "QuantizeLinear" and n.input[0] in self.active
+                        for n in g.node)
+        return HeadGradient(model=model, feature=self.feature,
+                            note=STRAIGHT_THROUGH if quantized else None)
 
     def data(self, node) -> list[int]:
         return [i for i, t in enumerate(node.input) if t and t in self.active]
@@ -541,6 +549,50 @@ class _Builder:
                                         self.const(1.0), mid))
         self.add_grad(x, self.op("Mul", [dy, slope], "hswish_bw"))
 
+    # -- rules: quantization (straight-through) ----------------------------------------
+
+    def _bw_QuantizeLinear(self, node, dy):
+        # q = clip(round(x / s) + zp, qmin, qmax): rounding taken as identity (with the
+        # 1/s that DequantizeLinear's s cancels), zero gradient where x saturates (beyond
+        # the half step that rounds onto qmin/qmax).  The quantization of the logits
+        # themselves only caps the score reported, so its saturation is not applied:
+        # a calibration range ends at the largest logit seen, which would otherwise zero
+        # the gradient of exactly the most confident images.
+        x = node.input[0]
+        if self._ends_head(node.output[0]):
+            self.add_grad(x, dy)
+            return
+        scale = self.constant_value(node.input[1])
+        zp = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] \
+            else np.zeros((), np.uint8)
+        if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+            raise UnsupportedHead("QuantizeLinear of an activation with computed or "
+                                  "per-axis scale")
+        info = np.iinfo(zp.dtype)
+        s, z = float(scale.reshape(())), float(zp.reshape(()))
+        lo, hi = (info.min - z - 0.5) * s, (info.max - z + 0.5) * s
+        inside = self.op("And", [self.op("Not", [self.op("Less", [x, self.const(lo)])]),
+                                 self.op("Not", [self.op("Greater", [x, self.const(hi)])])],
+                         "in_range")
+        self.add_grad(x, self._where(inside, dy, self.const(0.0)))
+
+    def _ends_head(self, q: str) -> bool:
+        """True when the quantized ``q`` reaches the logits through DequantizeLinear and
+        shape-only ops alone."""
+        current = q
+        for _ in range(8):
+            if current == self.logits:
+                return True
+            users = [n for n in self.head.graph.node if current in n.input]
+            if len(users) != 1 or users[0].op_type not in (
+                    "DequantizeLinear", "Identity", "Flatten", "Reshape", "Squeeze"):
+                return False
+            current = users[0].output[0]
+        return False
+
+    def _bw_DequantizeLinear(self, node, dy):
+        self.add_grad(node.input[0], dy)  # (see _bw_QuantizeLinear)
+
     def _bw_Sigmoid(self, node, dy):
         y = node.output[0]
         slope = self.op("Mul", [y, self.op("Sub", [self.const(1.0), y])])
@@ -557,7 +609,108 @@ def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:
     """
     if head.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise UnsupportedHead("feature map not float32")
-    return _Builder(head).build()
+    return _Builder(qdq_form(head)).build()
+
+
+# --------------------------------------------------------------------------- QOperator heads
+
+
+def qdq_form(head: onnx.ModelProto) -> onnx.ModelProto:
+    """``head`` with its QOperator ops (QLinearConv, QLinearMatMul, QGemm,
+    QLinearGlobalAveragePool, QLinearAdd, QLinearMul) written as DequantizeLinear -> float
+    op -> QuantizeLinear, the form the backward rules know (same values: the QDQ form is
+    what onnxruntime fuses back into those ops).  Other ops are kept."""
+    if not any(n.op_type in _QOPERATOR for n in head.graph.node):
+        return head
+    out = copy.deepcopy(head)
+    nodes: list[onnx.NodeProto] = []
+    counter = iter(range(1 << 30))
+
+    def add(op_type, inputs, output=None, **attrs):
+        name = output or f"sp2ps_qdq/{op_type}_{next(counter)}"
+        nodes.append(helper.make_node(op_type, inputs, [name], **attrs))
+        return name
+
+    for node in out.graph.node:
+        rule = _QOPERATOR.get(node.op_type)
+        if rule is None:
+            nodes.append(node)
+        else:
+            rule(node, add)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in out.opset_import):
+        raise UnsupportedHead("QOperator head with opset < 13")
+    return out
+
+
+def _dq(add, x, scale, zp, **attrs):
+    return add("DequantizeLinear", [x, scale, zp] if zp else [x, scale], **attrs)
+
+
+def _requantize(add, node, y, at):
+    """Quantize the float ``y`` to the node's output (scale, zero point at ``at``)."""
+    ins = node.input
+    if len(ins) > at and ins[at]:
+        zp = [ins[at + 1]] if len(ins) > at + 1 and ins[at + 1] else []
+        add("QuantizeLinear", [y, ins[at], *zp], node.output[0])
+    else:
+        add("Identity", [y], node.output[0])
+
+
+def _float_bias(add, bias, *scales, alpha=1.0):
+    scale = add("Mul", list(scales[:2])) if len(scales) == 2 else scales[0]
+    if alpha != 1.0:
+        scale = add("Mul", [scale, add("Constant", [], value=numpy_helper.from_array(
+            np.asarray(alpha, np.float32)))])
+    return add("Mul", [add("Cast", [bias], to=onnx.TensorProto.FLOAT), scale])
+
+
+def _q_conv(node, add):
+    i = node.input
+    x, w = _dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5], axis=0)
+    ins = [x, w] + ([_float_bias(add, i[8], i[1], i[4])] if len(i) > 8 and i[8] else [])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    _requantize(add, node, add("Conv", ins, **attrs), 6)
+
+
+def _q_matmul(node, add):
+    i = node.input
+    _requantize(add, node, add("MatMul", [_dq(add, i[0], i[1], i[2]),
+                                          _dq(add, i[3], i[4], i[5])]), 6)
+
+
+def _q_gemm(node, add):
+    i = node.input
+    alpha = float(_attr(node, "alpha", 1.0))
+    ins = [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]
+    if len(i) > 6 and i[6]:
+        ins.append(_float_bias(add, i[6], i[1], i[4], alpha=alpha))
+    y = add("Gemm", ins, alpha=alpha, transA=int(_attr(node, "transA", 0)),
+            transB=int(_attr(node, "transB", 0)))
+    _requantize(add, node, y, 7)
+
+
+def _q_global_average_pool(node, add):
+    if int(_attr(node, "channels_last", 0)):
+        raise UnsupportedHead("QLinearGlobalAveragePool with channels_last")
+    i = node.input
+    _requantize(add, node, add("GlobalAveragePool", [_dq(add, i[0], i[1], i[2])]), 3)
+
+
+def _q_binary(op_type):
+    def rule(node, add):
+        i = node.input
+        _requantize(add, node, add(op_type, [_dq(add, i[0], i[1], i[2]),
+                                             _dq(add, i[3], i[4], i[5])]), 6)
+    return rule
+
+
+_QOPERATOR = {
+    "QLinearConv": _q_conv, "QLinearMatMul": _q_matmul, "QGemm": _q_gemm,
+    "QLinearGlobalAveragePool": _q_global_average_pool,
+    "QLinearAdd": _q_binary("Add"), "QLinearMul": _q_binary("Mul"),
+}
 
 
 def fuse_gradient(model: onnx.ModelProto, grad: HeadGradient) -> onnx.ModelProto:

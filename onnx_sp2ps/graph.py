@@ -8,8 +8,12 @@ Detection (DESIGN.md, "Load and inspect"):
 
 * **image input**: the single graph input that is not an initializer (or the one named);
 * **logits**: walking back from the graph output through Identity / Reshape / Flatten /
-  Squeeze / Unsqueeze / Cast (fp16 models with fp32 outputs), the input of a final Softmax / LogSoftmax / Sigmoid when there is
-  one, else the graph output itself;
+  Squeeze / Unsqueeze / Cast (fp16 models with fp32 outputs) / QuantizeLinear /
+  DequantizeLinear (int8 QDQ models), the input of a final Softmax / LogSoftmax / Sigmoid
+  (or QLinearSoftmax / QLinearSigmoid) when there is one, else the graph output itself;
+  int8 feature maps and logits of QOperator models are read through DequantizeLinear
+  nodes added to the in-memory copy (:func:`_float_views`); sparse initializers are
+  made dense in that copy;
 * **feature map**: walking back from the logits along the data path (never into weights),
   the first tensor met whose spatial extent is greater than 1, i.e. the last one on the
   way forward: the input of the GlobalAveragePool / ReduceMean / AveragePool / Flatten /
@@ -26,6 +30,7 @@ Conv, ReduceMean over axes [1, 2]) are read correctly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +58,25 @@ __all__ = [
 ]
 
 #: Ops read through when looking for the logits behind the graph output.
-PASS_THROUGH_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "Cast")
+PASS_THROUGH_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "Cast",
+                    "QuantizeLinear", "DequantizeLinear")
 #: Ops whose input is taken as the logits when a model ends in one.
 FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+#: Quantized (QOperator, com.microsoft) final activations and the float op each stands for.
+_QUANTIZED_ACTIVATIONS = {"QLinearSoftmax": "Softmax", "QLinearSigmoid": "Sigmoid"}
+#: Where a quantized op's output scale and zero point are: (scale input, zero-point input).
+_OUTPUT_QPARAMS = {
+    "QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7),
+    "QGemm": (7, 8), "QLinearGlobalAveragePool": (3, 4), "QLinearAveragePool": (3, 4),
+    "QLinearAdd": (6, 7), "QLinearMul": (6, 7), "QLinearSoftmax": (3, 4),
+    "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4),
+}
+#: Ops that keep the quantization of their (first) int8 input.
+_QPARAMS_KEPT = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                 "Identity", "Dropout")
+#: Suffixes of the tensors added for the float view of an int8 feature map or logits.
+FLOAT_VIEW = "/sp2ps_float"
+_REQUANTIZED = "/sp2ps_requantized"
 #: Element-wise ops skipped when looking behind the feature map for a 1x1 Conv classifier.
 _ELEMENTWISE_OPS = (
     "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Identity",
@@ -188,23 +209,25 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise ModelError(f"cannot read model {p}: {exc.strerror or exc}") from exc
+        raise ModelError(f"cannot read model {p}: {exc.strerror or exc}: check the file's "
+                         "permissions (read access is all onnx-sp2ps needs)") from exc
     if not data:
         raise ModelError(f"model file {p} is empty: export the model again")
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and others
         raise ModelError(
-            f"{p} is not a readable ONNX model ({type(exc).__name__}): "
-            "is it truncated or another format?"
+            f"{p} is not a readable ONNX model ({type(exc).__name__}): it may be truncated "
+            "or in another format; export the model again"
         ) from exc
     if not model.graph.node:
-        raise ModelError(f"{p} is not an ONNX model with a graph (no nodes found)")
+        raise ModelError(f"{p} is not an ONNX model with a graph (no nodes found): "
+                         "export the model again")
     _load_external_data(model, p)
     try:
         check_model(model)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = " ".join(str(exc).split()) or type(exc).__name__
         if "topologically sorted" in first:
             # Some converters (e.g. onnxruntime's float16 tool) emit nodes out of order;
             # onnxruntime runs such graphs, so sort them (in memory) rather than refuse.
@@ -215,7 +238,9 @@ def load_model(path: str | Path) -> onnx.ModelProto:
                     return sorted_model
                 except Exception:
                     pass
-        raise ModelError(f"{p} fails the ONNX checker: {first}") from exc
+        reason = first[:300].rstrip(".")
+        raise ModelError(f"{p} fails the ONNX checker: {reason}: export the model again, "
+                         "or repair it until onnx.checker.check_model accepts it") from exc
     return model
 
 
@@ -500,6 +525,9 @@ def constant_value(graph: onnx.GraphProto, name: str,
     for t in graph.initializer:
         if t.name == name:
             return numpy_helper.to_array(t)
+    for t in graph.sparse_initializer:
+        if t.values.name == name:
+            return _dense(t)
     if producer is None:
         node = next((n for n in graph.node if name in n.output), None)
     else:
@@ -591,6 +619,8 @@ def _find_logits(g: _Graph, logits_name: str | None) -> tuple[str, str | None]:
             )
         consumers = g.consumers.get(logits_name, [])
         act = next((c.op_type for c in consumers if c.op_type in FINAL_ACTIVATIONS), None)
+        act = act or next((_QUANTIZED_ACTIVATIONS[c.op_type] for c in consumers
+                           if c.op_type in _QUANTIZED_ACTIVATIONS), None)
         return logits_name, act
     if not g.outputs:
         raise DetectionError("the model has no outputs")
@@ -614,6 +644,8 @@ def _walk_to_logits(g: _Graph, name: str) -> tuple[str, str | None]:
             break
         if node.op_type in FINAL_ACTIVATIONS:
             return node.input[0], node.op_type
+        if node.op_type in _QUANTIZED_ACTIVATIONS:
+            return node.input[0], _QUANTIZED_ACTIVATIONS[node.op_type]
         if node.op_type in PASS_THROUGH_OPS:
             current = node.input[0]
             continue
@@ -793,6 +825,8 @@ def _analyse(model: onnx.ModelProto, g: _Graph, *, input_name: str | None,
 
     logits_name, activation = _find_logits(g, logits)
     logits_info = _best_info(g, probe, logits_name)
+    if logits_info.shape is None:  # e.g. made by a com.microsoft op shape inference skips
+        logits_info = _shape_from_output(g, logits_info)
     num_classes = _num_classes(logits_info.shape)
     if logits_name in layouts and _is_spatial(probe.info(logits_name).shape,
                                               layouts[logits_name]) and logits is None:
@@ -847,6 +881,23 @@ def _analyse(model: onnx.ModelProto, g: _Graph, *, input_name: str | None,
             "logits": logits is None,
         },
     )
+
+
+def _shape_from_output(g: _Graph, info: TensorInfo) -> TensorInfo:
+    """``info`` with the shape of the graph output it leads to through ops that keep
+    shapes (a final activation, Quantize/DequantizeLinear, Identity, Cast)."""
+    keep = FINAL_ACTIVATIONS + tuple(_QUANTIZED_ACTIVATIONS) + (
+        "QuantizeLinear", "DequantizeLinear", "Identity", "Cast")
+    current = info.name
+    for _ in range(8):
+        if current in g.outputs:
+            out = g.info(current)
+            return TensorInfo(info.name, info.dtype, out.shape)
+        nxt = [n for n in g.consumers.get(current, []) if n.op_type in keep]
+        if len(nxt) != 1:
+            break
+        current = nxt[0].output[0]
+    return info
 
 
 def _num_classes(shape: tuple[Dim, ...] | None) -> int | None:
@@ -1008,12 +1059,16 @@ def _check(model: onnx.ModelProto, what: str) -> None:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Number of weight values: elements of initializers and of Constant tensors."""
+    """Number of weight values: elements of initializers and of Constant tensors.
+
+    A sparse initializer counts its dense size (the elements of its shape, zeros
+    included), as the same weights stored densely would: two encodings of one pruned
+    model have one count; the file size tells them apart."""
     total = 0
     for t in model.graph.initializer:
         total += int(np.prod(t.dims)) if len(t.dims) else 1
     for t in model.graph.sparse_initializer:
-        total += int(np.prod(t.values.dims)) if len(t.values.dims) else 1
+        total += int(np.prod(t.dims)) if len(t.dims) else 1
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
@@ -1034,9 +1089,14 @@ def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | Non
         path = str(source)
         model = load_model(source)
         size_bytes = Path(source).stat().st_size
+    parameters = count_parameters(model)
+    model = _densified(model)
     g = _Graph(_infer(model))  # shape inference once, for detection and both edits
     spec = _analyse(model, g, input_name=input_name, feature_layer=feature_layer,
                     logits=logits, size=size)
+    if _is_quantized(g, spec.feature_map) or _is_quantized(g, spec.logits):
+        model, spec = _float_views(model, g, spec)
+        g = _Graph(_infer(model))
     others = [i for i in g.inputs if i != spec.input.name]
     if others:
         raise ModelError(
@@ -1054,5 +1114,119 @@ def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | Non
         audit_model=audit_model,
         head_model=head,
         size_bytes=size_bytes,
-        parameters=count_parameters(model),
+        parameters=parameters,
     )
+
+
+# --------------------------------------------------------------------------- compressed kinds
+
+_QUANTIZED_DTYPES = {"int8", "uint8"}
+
+
+def _dense(t: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of a sparse tensor (linear [NNZ] or coordinate [NNZ, rank] indices)."""
+    values = numpy_helper.to_array(t.values)
+    indices = numpy_helper.to_array(t.indices).astype(np.int64)
+    shape = tuple(int(d) for d in t.dims)
+    out = np.zeros(shape, dtype=values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), shape) if indices.size else indices[:, 0]
+    out.reshape(-1)[indices] = values
+    return out
+
+
+def _densified(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy with its sparse initializers turned into dense ones (as
+    onnxruntime does when it loads them), so that shape inference, weight lookups, the
+    head and its backward graph see ordinary weights."""
+    if not model.graph.sparse_initializer:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    g.initializer.extend(numpy_helper.from_array(_dense(t), t.values.name)
+                         for t in g.sparse_initializer)
+    del g.sparse_initializer[:]
+    return out
+
+
+def _is_quantized(g: _Graph, info: TensorInfo) -> bool:
+    """True for an int8/uint8 tensor, or one of unknown type made by a quantized op."""
+    if info.dtype in _QUANTIZED_DTYPES:
+        return True
+    node = g.producer.get(info.name)
+    return info.dtype == "undefined" and node is not None and node.op_type in _OUTPUT_QPARAMS
+
+
+def _quant_params(g: _Graph, name: str) -> tuple[str, str] | None:
+    """(scale, zero point) tensor names of the int8/uint8 tensor ``name``, read from the
+    op that makes it (QLinear*, QuantizeLinear, or MaxPool/Flatten/... of such a tensor)
+    or from a DequantizeLinear / QLinear* op that reads it; None when not found."""
+    current = name
+    for _ in range(16):
+        node = g.producer.get(current)
+        if node is None:
+            break
+        where = _OUTPUT_QPARAMS.get(node.op_type)
+        if where is not None and len(node.input) > where[1] and node.input[where[1]]:
+            return node.input[where[0]], node.input[where[1]]
+        if node.op_type not in _QPARAMS_KEPT:
+            break
+        current = node.input[0]
+    for node in g.consumers.get(name, []):
+        if (node.op_type == "DequantizeLinear" or node.op_type.startswith("QLinear")
+                or node.op_type == "QGemm") and node.input[0] == name and len(node.input) > 2:
+            return node.input[1], node.input[2]
+    return None
+
+
+def _float_views(model: onnx.ModelProto, g: _Graph, spec: ModelSpec
+                 ) -> tuple[onnx.ModelProto, ModelSpec]:
+    """For a QOperator model whose feature map or logits are int8/uint8: a copy with
+    ``DequantizeLinear`` nodes giving their float values (``<name>/sp2ps_float``), and
+    the spec naming those.  The int8 feature map is quantized back from its float view
+    (``QuantizeLinear``, exact: the values are on the grid) for the nodes after it, so
+    that the head starts from the float map.
+
+    Raises
+    ------
+    DetectionError
+        When the scale and zero point of such a tensor cannot be found.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    infos = {}
+    for info in (spec.feature_map, spec.logits):
+        if not _is_quantized(g, info) or info.name in infos:
+            continue
+        params = _quant_params(g, info.name)
+        if params is None:
+            raise DetectionError(
+                f"{info.name!r} is quantized but its scale and zero point were not "
+                "found; name a float tensor with --feature-layer / --logits"
+            )
+        view = info.name + FLOAT_VIEW
+        nodes.append(helper.make_node("DequantizeLinear", [info.name, *params], [view]))
+        infos[info.name] = TensorInfo(view, "float32", info.shape)
+        if info.shape is not None:  # (shape inference stops at com.microsoft ops)
+            out.graph.value_info.append(helper.make_tensor_value_info(
+                view, onnx.TensorProto.FLOAT, list(info.shape)))
+        if info is spec.feature_map:
+            requantized = info.name + _REQUANTIZED
+            for node in out.graph.node:
+                for i, name in enumerate(node.input):
+                    if name == info.name:
+                        node.input[i] = requantized
+            nodes.append(helper.make_node("QuantizeLinear", [view, *params], [requantized]))
+    # Insert right after the producers (graph order stays topological).
+    order = list(out.graph.node)
+    for node in nodes:
+        source = node.input[0]
+        at = next((i + 1 for i, n in enumerate(order) if source in n.output), 0)
+        order.insert(at, node)
+    del out.graph.node[:]
+    out.graph.node.extend(order)
+    feature = infos.get(spec.feature_map.name, spec.feature_map)
+    logits = infos.get(spec.logits.name, spec.logits)
+    return out, dataclasses.replace(spec, feature_map=feature, logits=logits)
