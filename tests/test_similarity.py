@@ -7,9 +7,6 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
@@ -389,41 +386,3 @@ def test_shape_mismatch_raises_with_both_shapes():
 def test_map_stack_of_wrong_rank_raises():
     with pytest.raises(UsageError, match=r"\(N, H, W\)"):
         score_pairs(np.zeros((16, 16)), np.zeros((16, 16)))
-
-
-# --------------------------------------------------------------------------- properties
-
-map_pairs = st.tuples(
-    st.integers(1, 3), st.integers(11, 16), st.integers(11, 16)
-).flatmap(
-    lambda shape: st.tuples(
-        arrays(np.float64, shape, elements=st.floats(0, 1)),
-        arrays(np.float64, shape, elements=st.floats(0, 1)),
-    )
-)
-
-
-@settings(max_examples=30, deadline=None)
-@given(map_pairs)
-def test_property_scores_are_bounded(pair):
-    scores = score_pairs(*pair)
-    for values in (scores.spatial, scores.spectral, scores.score):
-        assert np.isfinite(values).all()
-        assert ((values >= 0) & (values <= 1)).all()
-
-
-@settings(max_examples=30, deadline=None)
-@given(map_pairs)
-def test_property_scores_are_symmetric(pair):
-    maps_a, maps_b = pair
-    forward = score_pairs(maps_a, maps_b)
-    backward = score_pairs(maps_b, maps_a)
-    np.testing.assert_allclose(forward.score, backward.score, rtol=0, atol=1e-9)
-
-
-@settings(max_examples=30, deadline=None)
-@given(map_pairs)
-def test_property_identical_maps_score_one(pair):
-    maps_a, _ = pair
-    scores = score_pairs(maps_a, maps_a.copy())
-    np.testing.assert_array_equal(scores.score, 1.0)

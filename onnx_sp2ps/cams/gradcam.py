@@ -29,7 +29,10 @@ def channel_gradient_sums(runner, activations: np.ndarray, targets: np.ndarray, 
     :math:`\pm\varepsilon`: then the two one-sided differences
     :math:`(y_c(A \pm \varepsilon E_k) - y_c(A)) / (\pm\varepsilon)` disagree, and
     only those channels are run again with :math:`\varepsilon / 10`, up to
-    ``refinements`` times.  :math:`\varepsilon` starts at ``rel_eps`` times the root mean
+    ``refinements`` times; a refined value replaces the previous one only where it moves
+    by more than float32 noise (a smooth but curved head, a Tanh say, also makes the
+    one-sided differences disagree, yet gives the same value again, and the larger step
+    is the less noisy one).  :math:`\varepsilon` starts at ``rel_eps`` times the root mean
     square of the image's activations, so that float32 cancellation stays near 1e-4
     relative.  Runs are chunked (``runner.map_head``) so memory stays bounded.
     """
@@ -43,22 +46,28 @@ def channel_gradient_sums(runner, activations: np.ndarray, targets: np.ndarray, 
             continue
         eps = rel_eps * (rms if rms > 0 else 1.0)
         channels = np.arange(c)
-        y0, d, bad = _differences(runner, a, int(targets[i]), channels, eps, with_base=True)
+        y0, d, bad, _ = _differences(runner, a, int(targets[i]), channels, eps,
+                                     with_base=True)
         sums[i] = d
         for _ in range(refinements):
             if not bad.any():
                 break
             eps /= 10.0
             channels = channels[bad]
-            _, d, bad = _differences(runner, a, int(targets[i]), channels, eps, base=y0)
-            sums[i, channels] = d
+            _, d, bad, noise = _differences(runner, a, int(targets[i]), channels, eps, base=y0)
+            # A smooth head (curvature, no kink) gives the same value again: keep the
+            # estimate of the larger step, whose float32 noise is 10 times smaller.
+            moved = np.abs(d - sums[i, channels]) > noise
+            sums[i, channels[moved]] = d[moved]
+            bad &= moved
     return sums
 
 
 def _differences(runner, a: np.ndarray, target: int, channels: np.ndarray, eps: float, *,
                  with_base: bool = False, base: float | None = None):
     """Central differences for ``channels`` of one map ``a`` (C, h, w), and which of them
-    straddle a kink (one-sided differences disagree beyond float32 noise)."""
+    straddle a kink (one-sided differences disagree beyond float32 noise), and the bound
+    on that float32 noise in the units of the differences."""
     k = len(channels)
     step = np.float32(eps)
     extra = 1 if with_base else 0
@@ -80,7 +89,7 @@ def _differences(runner, a: np.ndarray, target: int, channels: np.ndarray, eps: 
     noise = 16.0 * np.finfo(np.float32).eps * max(abs(y0), np.abs(y).max()) / float(step)
     scale = np.abs(d).max() if k else 0.0
     bad = one_sided > 1e-3 * scale + noise
-    return y0, d, bad
+    return y0, d, bad, noise
 
 
 class GradCAM(BaseCAM):
