@@ -19,6 +19,8 @@ from onnx_sp2ps import __version__
 from onnx_sp2ps.errors import InputError, Sp2psError, UsageError
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+INTERRUPTED = ("interrupted (Ctrl-C): the run stopped before the end and no half-written file "
+               "was kept; run the command again for complete results")
 
 
 def _err(message: str) -> None:
@@ -325,7 +327,14 @@ class _Group(click.Group):
             if command is not None:
                 ctx.default_map = {args[0]: _default_map(command, settings, source)}
         ctx.meta["config_source"] = source
-        return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # click would print an empty line, then Abort
+            raise _Interrupted() from None
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C inside a command, carried past click to :func:`main`."""
 
 
 def setting_sources(ctx: click.Context) -> dict:
@@ -574,9 +583,9 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
         out_dir = prepare_out_dir(out)
         _refuse_foreign(out_dir / "report.json")
         _refuse_foreign(out_dir / "samples.csv")
-    for extra in (junit, summary_md):
-        if extra is not None:
-            prepare_out_dir(extra.parent)  # Path("x").parent is Path(".")
+    for extra, option in ((junit, "--junit"), (summary_md, "--summary-md")):
+        if extra is not None:  # Path("x").parent is Path(".")
+            prepare_out_dir(extra.parent, option=f"{option} folder")
     settings = audit_module.AuditSettings(method=method, target=target, batch_size=batch_size,
                                           provider=provider, threads=threads,
                                           threshold=fail_under, strict=strict,
@@ -600,11 +609,14 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
     report["setting_sources"] = setting_sources(click.get_current_context())
     checks = check_report(report, criteria) if criteria.any() else []
     if out_dir is not None:
-        write_json(out_dir / "report.json", report)
-        write_atomic(out_dir / "samples.csv", lambda h: h.write(samples_csv(report).encode()))
+        # Everything is built before the first report file is written, and report.json
+        # comes last: a run stopped here leaves no report, or a complete one.
+        table = samples_csv(report).encode()
         worst_images = _worst_images(result, out_dir if overlay_mode == "worst" else None)
         page = html_report(report, worst_images, class_names=result.images.class_names)
+        write_atomic(out_dir / "samples.csv", lambda h: h.write(table))
         write_atomic(out_dir / "report.html", lambda h: h.write(page.encode("utf-8")))
+        write_json(out_dir / "report.json", report)
         if save_maps:
             _save_maps(out_dir, result)
         console.info(f"report written to {out_dir / 'report.json'}")
@@ -731,15 +743,17 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         code = cli.main(args=args, prog_name="onnx-sp2ps", standalone_mode=False)
-    except click.exceptions.Abort:
-        _err("interrupted")
+    except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
+        _err(INTERRUPTED)
         code = EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        _err("interrupted")
-        code = EXIT_INTERRUPTED
-    except click.ClickException as exc:
-        exc.show()
-        code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
+    except click.UsageError as exc:  # one line, like every other error
+        where = exc.ctx.command_path if exc.ctx is not None else "onnx-sp2ps"
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        _err(f"usage error: {message}: see {where} --help")
+        code = EXIT_USAGE
+    except click.ClickException as exc:  # never exit 1, which means a failed gate
+        _err(f"error: {' '.join(exc.format_message().split())}")
+        code = EXIT_INPUT
     except InputError as exc:
         _err(f"error: {exc}")
         code = EXIT_INPUT

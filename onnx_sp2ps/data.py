@@ -610,8 +610,9 @@ def _open_image(path: Path, channels: int) -> Image.Image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise _DecodeFailure(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                    f"{MAX_IMAGE_PIXELS} (decompression-bomb guard)"
+                    f"refused before decoding (decompression-bomb guard): image is "
+                    f"{width}x{height} = {width * height} pixels, over the limit of "
+                    f"{MAX_IMAGE_PIXELS}"
                 )
             image.load()
             return _to_model_mode(image, channels)
@@ -620,7 +621,8 @@ def _open_image(path: Path, channels: int) -> Image.Image:
     except MemoryError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _DecodeFailure(f"refused as a possible decompression bomb: {exc}") from None
+        raise _DecodeFailure("refused before decoding (decompression-bomb guard): "
+                             + str(exc).rstrip(".")) from None
     except Exception as exc:  # Pillow raises many types on corrupt files
         raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {exc}") from None
 
@@ -808,7 +810,8 @@ class ImageSet:
             if values is None:
                 if self.strict:
                     raise DataError(
-                        f"cannot use image {self.paths[index]} in {self.source}: {reason}"
+                        f"cannot use image {self.paths[index]} in {self.source}: {reason}; "
+                        "fix or remove the file, or drop --strict to skip unreadable images"
                     )
                 self._failures[index] = str(reason)
                 continue
@@ -1135,6 +1138,9 @@ def _check_array_shape(
             )
             if all(m is None or m == g for m, g in zip(model, other)):
                 hint = f"; the array looks {name}: use np.transpose(x, {axes})"
+        if not hint:
+            hint = (f": save inputs of {want} (arrays are used as given, never resized), "
+                    "or pass a folder of images")
         raise MismatchError(
             f"{path} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as {layout}) "
             f"but the model takes {want}{hint}"

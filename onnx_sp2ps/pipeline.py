@@ -21,7 +21,7 @@ from onnx_sp2ps import __version__
 from onnx_sp2ps.cams import make_cam
 from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
-from onnx_sp2ps.errors import MismatchError, NonFiniteError, UsageError
+from onnx_sp2ps.errors import DataError, MismatchError, NonFiniteError, UsageError
 from onnx_sp2ps.graph import ModelSpec, PreparedModel, prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
@@ -313,7 +313,8 @@ def _check_compatible(original: ModelSpec, candidate: ModelSpec, name: str) -> N
         problems.append(f"{original.num_classes} vs {candidate.num_classes} classes")
     if problems:
         raise MismatchError(f"candidate {name} does not match the original: "
-                            + "; ".join(problems))
+                            + "; ".join(problems) + ": compare a candidate made from this "
+                            "original (same input size, layout and classes)")
 
 
 class _Explainer:
@@ -399,6 +400,13 @@ def _labels_at(image_set: ImageSet, indices: np.ndarray) -> np.ndarray | None:
     return None if image_set.labels is None else np.asarray(image_set.labels)[indices]
 
 
+def _nothing_read(image_set: ImageSet, what: str) -> DataError:
+    skipped = image_set.skipped
+    example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+    return DataError(f"none of the {len(image_set)} images could be read{example}: "
+                     f"nothing to {what}; replace the files or point --images elsewhere")
+
+
 def _batches(image_set: ImageSet, batch_size: int):
     if batch_size < 1:
         raise UsageError("--batch-size must be 1 or more")
@@ -453,7 +461,7 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
         if progress:
             progress(done, len(image_set))
     if not out.has("indices"):
-        raise NonFiniteError("no image could be read: nothing to explain")
+        raise _nothing_read(image_set, "explain")
     indices = out.get("indices")
     result = ModelMaps(paths=[image_set.paths[i] for i in indices],
                        targets=out.get("targets"), logits=out.get("logits"),
@@ -554,7 +562,7 @@ def audit(original: str | Path | PreparedModel,
         if progress:
             progress(done, len(image_set))
     if not o_out.has("indices"):
-        raise NonFiniteError("no image could be read: nothing to audit")
+        raise _nothing_read(image_set, "audit")
 
     indices = o_out.get("indices")
     paths = [image_set.paths[i] for i in indices]

@@ -42,17 +42,19 @@ __all__ = [
 # --------------------------------------------------------------------------- writing
 
 
-def prepare_out_dir(path: str | Path) -> Path:
-    """Create ``path`` (and parents) and check it can be written, before a long run."""
+def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
+    """Create ``path`` (and parents) and check it can be written, before a long run;
+    ``option`` names where the path came from in messages."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise ReportError(f"--out {p} is a file, not a folder: choose a folder path")
+        raise ReportError(f"{option} {p} is a file, not a folder: choose a folder path")
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".sp2ps-write-test-"):
             pass
     except OSError as exc:
-        raise ReportError(f"cannot write to --out {p}: {exc.strerror or exc}") from exc
+        raise ReportError(f"cannot write to {option} {p}: {exc.strerror or exc}: choose a "
+                          "folder you can write to") from exc
     return p
 
 
@@ -191,12 +193,14 @@ def load_report(path: str | Path) -> dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ReportError(f"report not found: {p}") from None
+        raise ReportError(f"report not found: {p} (check the path)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"cannot read report {p}: {exc}") from exc
+        raise ReportError(f"cannot read report {p}: {exc}: pass the report.json written "
+                          "by onnx-sp2ps audit --out") from exc
     if not isinstance(data, dict) or data.get("tool") != "onnx-sp2ps" \
             or not isinstance(data.get("candidates"), list):
-        raise ReportError(f"{p} is not an onnx-sp2ps report.json")
+        raise ReportError(f"{p} is not an onnx-sp2ps report.json: pass the report.json "
+                          "written by onnx-sp2ps audit --out")
     return data
 
 

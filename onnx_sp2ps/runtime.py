@@ -10,6 +10,7 @@ code has one convention; :meth:`ModelRunner.run_head` takes NCHW and converts ba
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -168,10 +169,30 @@ def _ort_reason(what: str, exc: Exception) -> str:
     for marker in ("failed:", "FAIL :", "INVALID_GRAPH :", "NOT_IMPLEMENTED :"):
         if marker in text:
             text = text.split(marker, 1)[1].strip()
+    version = getattr(_ort(), "__version__", "")
+    opset = re.search(r"Opset (\d+) is under development.*support for domain (\S+) is till "
+                      r"opset (\d+)", text)
+    if opset:
+        used, domain, top = opset.groups()
+        return (f"onnxruntime cannot run the {what}: it uses opset {used} of {domain}, "
+                f"onnxruntime {version} supports up to opset {top}: export the model again "
+                f"with opset {top} or lower")
+    unknown = re.search(r"(\S+)\(-?\d+\) is not a registered function/op", text)
+    if unknown:
+        return (f"onnxruntime cannot run the {what}: onnxruntime {version} has no op "
+                f"{unknown.group(1)} (unknown domain, or not in the model's opset): export "
+                "the model with standard ONNX ops (or register the custom-op library)")
     if " onnxruntime::" in text:
         # Drop C++ source locations, keep the message after them.
         text = text.split(")")[-1].strip() or text
-    return f"onnxruntime cannot run the {what}: {text[:300]}"
+    ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)",
+                   text)
+    if ir:
+        return (f"onnxruntime cannot run the {what}: its IR version is {ir.group(1)}, "
+                f"onnxruntime {version} reads up to {ir.group(2)}: save the model with "
+                f"ir_version {ir.group(2)} or lower (or upgrade onnxruntime)")
+    return (f"onnxruntime cannot run the {what}: {text[:300]}: check that onnxruntime "
+            f"{version} supports the model's ops and opset")
 
 
 def _as_float32(array: np.ndarray) -> np.ndarray:
@@ -220,7 +241,7 @@ class ModelRunner:
             session, _ = create_session(grad.model, provider=self.provider.device,
                                         threads=threads, what=f"head gradient of {name}")
             self._grad = (grad, session)
-            self.gradient_path = "exact"
+            self.gradient_path, self.gradient_note = "exact", grad.note
         except (UnsupportedHead, ModelError) as exc:
             self.gradient_note = str(exc)
         if self._grad is not None and spec.feature_map.dtype == "float32":

@@ -8,28 +8,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
-from conftest import ROOT, run_cli as run, sha256
-from onnx_builders import build_cnn
+from conftest import ROOT, run_cli as run
 from onnx_sp2ps.cli import main
-
-
 
 
 @pytest.fixture(scope="module")
 def audit_out(samples, tmp_path_factory):
     """One audit of the original against itself and a pruned copy, kept for several tests."""
     out = tmp_path_factory.mktemp("audit")
-    before = {p: sha256(p) for p in [samples / "gap_original.onnx", samples / "gap_l1_60.onnx"]}
-    before.update({p: sha256(p) for p in (samples / "images").rglob("*.png")})
     with pytest.raises(SystemExit) as info:
         main([
             "audit", str(samples / "gap_original.onnx"), str(samples / "gap_original.onnx"),
             str(samples / "gap_l1_60.onnx"), "--images", str(samples / "images"),
             "--out", str(out), "--save-maps", "-q"])
-    return out, info.value.code, before
+    return out, info.value.code
 
 
 def test_inspect_text_names_what_was_detected(capsys, samples):
@@ -52,7 +46,7 @@ def test_inspect_json_has_the_documented_fields(capsys, samples):
 
 
 def test_audit_writes_a_complete_report(audit_out):
-    out, code, _ = audit_out
+    out, code = audit_out
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1
@@ -74,7 +68,7 @@ def test_audit_writes_a_complete_report(audit_out):
 
 
 def test_an_unpruned_copy_scores_one_and_pruning_scores_less(audit_out):
-    out, _, _ = audit_out
+    out, _ = audit_out
     report = json.loads((out / "report.json").read_text())
     same, pruned = report["candidates"]
     assert same["sp2ps"]["mean"] == pytest.approx(1.0, abs=1e-9)
@@ -83,7 +77,7 @@ def test_an_unpruned_copy_scores_one_and_pruning_scores_less(audit_out):
 
 
 def test_save_maps_writes_one_npz_per_model(audit_out):
-    out, _, _ = audit_out
+    out, _ = audit_out
     files = sorted(p.name for p in (out / "maps").glob("*.npz"))
     assert files == ["gap_l1_60.npz", "gap_original.npz", "gap_original_2.npz"]
     with np.load(out / "maps" / "gap_l1_60.npz", allow_pickle=False) as maps:
@@ -91,12 +85,6 @@ def test_save_maps_writes_one_npz_per_model(audit_out):
         assert maps["logits"].shape == (50, 4) and maps["targets"].dtype == np.int64
         assert maps["paths"].shape == (50,)
         assert np.nanmax(maps["maps"]) <= 1.0 and np.nanmin(maps["maps"]) >= 0.0
-
-
-def test_models_and_images_are_unchanged_by_an_audit(audit_out):
-    _, _, before = audit_out
-    for path, digest in before.items():
-        assert sha256(path) == digest, path
 
 
 def test_gate_passes_with_exit_0_and_a_passed_line(capsys, samples):
@@ -130,7 +118,7 @@ def test_json_format_prints_only_json_on_stdout(capsys, samples):
 
 
 def test_saved_report_is_rechecked_by_gate(capsys, audit_out):
-    out, _, _ = audit_out
+    out, _ = audit_out
     code, text, _ = run(capsys, "gate", out / "report.json", "--fail-under", "0.5")
     assert code == (0 if all(c["sp2ps"]["mean"] >= 0.5 for c in json.loads(
         (out / "report.json").read_text())["candidates"]) else 1)
@@ -139,22 +127,13 @@ def test_saved_report_is_rechecked_by_gate(capsys, audit_out):
 
 
 def test_gate_fails_when_the_score_is_missing(capsys, audit_out, tmp_path):
-    out, _, _ = audit_out
+    out, _ = audit_out
     report = json.loads((out / "report.json").read_text())
     report["candidates"][0]["sp2ps"]["mean"] = None
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     code, text, _ = run(capsys, "gate", path, "--fail-under", "0.0")
     assert code == 1 and "missing" in text
-
-
-def test_gate_on_a_file_that_is_not_a_report_is_exit_3(capsys, tmp_path):
-    path = tmp_path / "other.json"
-    path.write_text('{"hello": 1}')
-    code, _, err = run(capsys, "gate", path, "--fail-under", "0.5")
-    assert code == 3 and "not an onnx-sp2ps report" in err
-    code, _, err = run(capsys, "gate", tmp_path / "missing.json", "--fail-under", "0.5")
-    assert code == 3 and len(err.strip().splitlines()) == 1
 
 
 def test_cam_writes_maps_and_overlays(capsys, samples, tmp_path):
@@ -172,49 +151,6 @@ def test_cam_writes_maps_and_overlays(capsys, samples, tmp_path):
     assert len(overlays) == 50 and overlays[0].name.endswith(".png")
     assert not overlays[0].name.endswith(".png.png")
 
-
-@pytest.mark.parametrize("args,needle", [
-    (["audit", "{m}", "{m}", "--images", "{i}", "--fail-under", "1.5"], "between 0 and 1"),
-    (["audit", "{m}", "{m}", "--images", "{i}", "--save-maps"], "--save-maps needs --out"),
-    (["audit", "{m}", "{m}", "--images", "{i}", "--no-such-option"], "no-such-option"),
-    (["audit", "{m}", "--images", "{i}"], "CANDIDATES"),
-    (["cam", "{m}", "--images", "{i}", "--out", "{t}", "--target", "banana"], "--target"),
-    (["audit", "{m}", "{m}", "--images", "{i}", "--size", "axb"], "--size"),
-])
-def test_command_line_misuse_is_exit_2(capsys, samples, tmp_path, args, needle):
-    fill = {"m": str(samples / "gap_original.onnx"), "i": str(samples / "images"),
-            "t": str(tmp_path)}
-    code, _, err = run(capsys, *[a.format(**fill) for a in args])
-    assert code == 2
-    assert needle in err
-
-
-def test_unusable_inputs_are_exit_3_with_one_line(capsys, samples, tmp_path):
-    model = samples / "gap_original.onnx"
-    images = samples / "images"
-    junk = tmp_path / "junk.onnx"
-    junk.write_bytes(b"not a model at all")
-    empty_dir = tmp_path / "empty"
-    empty_dir.mkdir()
-    small = tmp_path / "small.onnx"
-    onnx.save(build_cnn(size=32, num_classes=4).model, small)
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    cases = [
-        ["audit", tmp_path / "missing.onnx", model, "--images", images],
-        ["audit", model, junk, "--images", images],
-        ["audit", model, model, "--images", empty_dir],
-        ["audit", model, model, "--images", tmp_path / "nowhere"],
-        ["audit", model, small, "--images", images],
-        ["audit", model, model, "--images", images, "--out", a_file],
-        ["inspect", tmp_path],
-    ]
-    for args in cases:
-        code, out, err = run(capsys, *args, "-q")
-        assert code == 3, (args, err)
-        lines = [ln for ln in err.strip().splitlines() if ln]
-        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
-        assert "Traceback" not in err
 
 
 def test_a_foreign_report_json_is_never_overwritten(capsys, samples, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 from onnx_builders import all_variants, build_cnn, run_model
 from onnx_sp2ps.errors import DetectionError, ModelError
@@ -96,51 +95,6 @@ def test_overrides_pick_the_named_tensors():
     assert spec.detected["feature_map"] is False
     # A trunk op joins the head, which still computes the same logits.
     assert "Conv" in spec.head_ops
-
-
-def test_unknown_override_lists_candidates():
-    built = build_cnn(head="gap_gemm")
-    with pytest.raises(DetectionError) as info:
-        analyse_model(built.model, feature_layer="no_such_tensor")
-    assert built.feature_map in str(info.value)
-    with pytest.raises(DetectionError, match="no_such_logits"):
-        analyse_model(built.model, logits="no_such_logits")
-
-
-def _dense_only_model():
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 1, 1])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])
-    w = onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
-    nodes = [helper.make_node("Flatten", ["x"], ["f"]),
-             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "dense", [x], [y], initializer=[w])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def test_no_spatial_tensor_is_a_detection_error():
-    with pytest.raises(DetectionError, match="no feature map"):
-        analyse_model(_dense_only_model())
-
-
-def test_load_model_refuses_bad_files(tmp_path):
-    with pytest.raises(ModelError, match="not found"):
-        load_model(tmp_path / "missing.onnx")
-    with pytest.raises(ModelError, match="folder"):
-        load_model(tmp_path)
-    empty = tmp_path / "empty.onnx"
-    empty.write_bytes(b"")
-    with pytest.raises(ModelError, match="empty"):
-        load_model(empty)
-    junk = tmp_path / "junk.onnx"
-    junk.write_bytes(b"\x00\xffthis is not a protobuf" * 10)
-    with pytest.raises(ModelError):
-        load_model(junk)
-    good = tmp_path / "good.onnx"
-    onnx.save(build_cnn().model, good)
-    truncated = tmp_path / "truncated.onnx"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ModelError):
-        load_model(truncated)
 
 
 def test_sample_models_are_detected(samples):
