@@ -13,8 +13,9 @@ The backward pass is written op by op (reverse-mode differentiation) for the ops
 classifier heads use: GlobalAveragePool, GlobalMaxPool, AveragePool and MaxPool (when
 they reduce to 1x1 or tile without overlap), ReduceMean/ReduceSum/ReduceMax, Flatten,
 Reshape, Squeeze, Unsqueeze, Transpose, Identity, Dropout, Gemm, MatMul, Add, Sub, Mul,
-Div, BatchNormalization, Relu, LeakyRelu, Clip, HardSigmoid, HardSwish, Sigmoid, Conv with
-1x1 kernels, Concat, and QuantizeLinear/DequantizeLinear straight-through (QOperator ops
+Div, Pow (constant exponent), Neg, Exp, Sqrt, BatchNormalization, LayerNormalization,
+Relu, LeakyRelu, Clip, HardSigmoid, HardSwish, Sigmoid, Tanh, Erf, Gelu, Softmax, LogSoftmax,
+Gather (opset 16+), Conv with 1x1 kernels, Concat, and QuantizeLinear/DequantizeLinear straight-through (QOperator ops
 are differentiated in their QDQ form, :func:`qdq_form`).  Weights may be initializers or Constant nodes (or computed from
 them).  For any other op, :class:`UnsupportedHead` says which, and the caller falls back
 to finite differences.  No onnxruntime here.
@@ -45,7 +46,8 @@ GRADIENT_OPS = (
     "ReduceSum", "ReduceMax", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose",
     "Identity", "Dropout", "Cast", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
     "BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish",
-    "Sigmoid", "Conv", "Concat", "QuantizeLinear", "DequantizeLinear",
+    "Sigmoid", "Conv", "Concat", "QuantizeLinear", "DequantizeLinear", "Tanh", "Exp", "Neg",
+    "Sqrt", "Pow", "Erf", "Gelu", "Softmax", "LogSoftmax", "LayerNormalization", "Gather",
 )
 #: Note given with exact gradients of quantized heads.
 STRAIGHT_THROUGH = ("straight-through: QuantizeLinear/DequantizeLinear taken as identity "
@@ -147,9 +149,12 @@ class _Builder:
         return constant_value(self.head.graph, tensor, self.producer)
 
     def _active_tensors(self) -> set[str]:
-        """Tensors that depend on the feature map (the ones with gradients)."""
+        """Tensors that depend on the feature map (the ones with gradients); shapes and
+        sizes read from it have none."""
         active = {self.feature}
         for node in self.head.graph.node:
+            if node.op_type in ("Shape", "Size"):
+                continue
             if any(i in active for i in node.input):
                 active.update(o for o in node.output if o)
         return active
@@ -178,11 +183,13 @@ class _Builder:
         xs, ys = self.static_shape(x), self.static_shape(y)
         if xs is not None and ys is not None and xs == ys and None not in xs:
             return grad
-        if xs is None or ys is None or None in xs or None in ys[1:]:
-            if xs is not None and ys is not None and len(xs) == len(ys) and all(
-                    a == b for a, b in zip(xs[1:], ys[1:])) and None not in xs[1:]:
-                return grad  # equal but for a symbolic batch
+        if xs is None or ys is None or len(xs) > len(ys):
             raise UnsupportedHead(f"broadcast of {x!r} with unknown shapes")
+        if (len(xs) == len(ys) and xs[1:] == ys[1:] and None not in xs[1:]
+                and xs[0] in (None, ys[0])):
+            return grad  # equal but for a symbolic batch
+        if None in xs or None in ys:
+            return self._unbroadcast_dynamic(grad, x, y, len(ys) - len(xs))
         lead = len(ys) - len(xs)
         axes = list(range(lead))
         for i, d in enumerate(xs):
@@ -194,6 +201,23 @@ class _Builder:
         if lead or axes:
             out = self.op("Reshape", [out, self.shape(x)], "unb")
         return out
+
+    def _unbroadcast_dynamic(self, grad: str, x: str, y: str, lead: int) -> str:
+        """:meth:`unbroadcast` for symbolic dims (a batch N, or an input of any size): the
+        axes to sum are found at run time (where x's dim is 1 and y's is not)."""
+        if self.opset < 13:
+            raise UnsupportedHead(f"broadcast of {x!r} with symbolic shapes (opset < 13)")
+        x_shape = self.shape(x)
+        if lead:
+            x_shape = self.op("Concat", [self.const([1] * lead, "ones", np.int64), x_shape],
+                              "xpad", axis=0)
+        one = self.const(1, "one", np.int64)
+        summed = self.op("And", [self.op("Equal", [x_shape, one]),
+                                 self.op("Not", [self.op("Equal", [self.shape(y), one])])])
+        axes = self.op("Reshape", [self.op("NonZero", [summed], "axes"),
+                                   self.const([-1], "flat", np.int64)], "axes_flat")
+        out = self.op("ReduceSum", [grad, axes], "rsum", keepdims=1, noop_with_empty_axes=1)
+        return self.op("Reshape", [out, self.shape(x)], "unb")
 
     # -- build ---------------------------------------------------------------------
 
@@ -597,6 +621,151 @@ class _Builder:
         y = node.output[0]
         slope = self.op("Mul", [y, self.op("Sub", [self.const(1.0), y])])
         self.add_grad(node.input[0], self.op("Mul", [dy, slope], "sigmoid_bw"))
+
+    def _bw_Tanh(self, node, dy):
+        y = node.output[0]
+        slope = self.op("Sub", [self.const(1.0), self.op("Mul", [y, y])])
+        self.add_grad(node.input[0], self.op("Mul", [dy, slope], "tanh_bw"))
+
+    def _bw_Exp(self, node, dy):
+        self.add_grad(node.input[0], self.op("Mul", [dy, node.output[0]], "exp_bw"))
+
+    def _bw_Neg(self, node, dy):
+        self.add_grad(node.input[0], self.op("Neg", [dy], "neg_bw"))
+
+    def _bw_Sqrt(self, node, dy):
+        self.add_grad(node.input[0], self.op("Div", [self.op("Mul", [dy, self.const(0.5)]),
+                                                     node.output[0]], "sqrt_bw"))
+
+    def _bw_Pow(self, node, dy):
+        a, b = node.input
+        if b in self.active:
+            raise UnsupportedHead("Pow with a computed exponent")
+        b = self.op("Cast", [b], "exponent", to=onnx.TensorProto.FLOAT)
+        slope = self.op("Mul", [b, self.op("Pow", [a, self.op("Sub", [b, self.const(1.0)])])])
+        self.add_grad(a, self.unbroadcast(self.op("Mul", [dy, slope], "pow_bw"), a,
+                                          node.output[0]))
+
+    def _erf_slope(self, x: str, scale: float) -> str:
+        """d erf(scale x) / dx = scale 2/sqrt(pi) exp(-(scale x)^2)."""
+        z = self.op("Mul", [x, self.const(scale)])
+        return self.op("Mul", [self.op("Exp", [self.op("Neg", [self.op("Mul", [z, z])])]),
+                               self.const(scale * 2.0 / np.sqrt(np.pi))], "erf_slope")
+
+    def _bw_Erf(self, node, dy):
+        x = node.input[0]
+        self.add_grad(x, self.op("Mul", [dy, self._erf_slope(x, 1.0)], "erf_bw"))
+
+    def _bw_Gelu(self, node, dy):
+        # exact: Phi(x) + x phi(x); tanh form: the derivative of
+        # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+        x = node.input[0]
+        approx = _attr(node, "approximate", b"none")
+        approx = approx.decode() if isinstance(approx, bytes) else approx
+        if approx == "tanh":
+            k, c = float(np.sqrt(2.0 / np.pi)), 0.044715
+            x2 = self.op("Mul", [x, x])
+            x3 = self.op("Mul", [x2, x])
+            u = self.op("Mul", [self.op("Add", [x, self.op("Mul", [x3, self.const(c)])]),
+                                self.const(k)])
+            t = self.op("Tanh", [u])
+            du = self.op("Mul", [self.op("Add", [self.const(1.0),
+                                                 self.op("Mul", [x2, self.const(3 * c)])]),
+                                 self.const(k)])
+            sech2 = self.op("Sub", [self.const(1.0), self.op("Mul", [t, t])])
+            slope = self.op("Mul", [self.op("Add", [self.op("Add", [self.const(1.0), t]),
+                                                    self.op("Mul", [self.op("Mul", [x, sech2]),
+                                                                    du])]),
+                                    self.const(0.5)])
+        else:
+            r2 = float(1.0 / np.sqrt(2.0))
+            cdf = self.op("Mul", [self.op("Add", [self.op("Erf", [self.op(
+                "Mul", [x, self.const(r2)])]), self.const(1.0)]), self.const(0.5)])
+            pdf = self.op("Mul", [self._erf_slope(x, r2), self.const(0.5)])  # phi(x)
+            slope = self.op("Add", [cdf, self.op("Mul", [x, pdf])])
+        self.add_grad(x, self.op("Mul", [dy, slope], "gelu_bw"))
+
+    def _softmax_axis(self, node) -> int:
+        default = -1 if self.opset >= 13 else 1
+        axis = int(_attr(node, "axis", default))
+        rank = len(self.static_shape(node.input[0]) or ())
+        if self.opset < 13 and not (rank == 2 and axis in (1, -1)):
+            raise UnsupportedHead(f"{node.op_type} with opset < 13 on a tensor not 2-D")
+        return axis
+
+    def _bw_Softmax(self, node, dy):
+        # dx = y (dy - sum(dy y)) along the axis.
+        y, axis = node.output[0], self._softmax_axis(node)
+        inner = self.reduce_sum(self.op("Mul", [dy, y]), [axis], keepdims=1)
+        self.add_grad(node.input[0], self.op("Mul", [y, self.op("Sub", [dy, inner])],
+                                             "softmax_bw"))
+
+    def _bw_LogSoftmax(self, node, dy):
+        # dx = dy - softmax(x) sum(dy) along the axis.
+        y, axis = node.output[0], self._softmax_axis(node)
+        total = self.reduce_sum(dy, [axis], keepdims=1)
+        self.add_grad(node.input[0], self.op("Sub", [dy, self.op("Mul", [self.op("Exp", [y]),
+                                                                         total])],
+                                             "logsoftmax_bw"))
+
+    def reduce_mean(self, tensor: str, axes: list[int]) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMean", [tensor, self.const(axes, "axes", np.int64)], "rmean",
+                           keepdims=1)
+        return self.op("ReduceMean", [tensor], "rmean", axes=axes, keepdims=1)
+
+    def _bw_LayerNormalization(self, node, dy):
+        # y = xhat scale + bias, xhat = (x - mean) / sqrt(var + eps) over axes axis..-1:
+        # dx = (g - mean(g) - xhat mean(g xhat)) / sqrt(var + eps), g = dy scale.
+        x, scale = node.input[0], node.input[1]
+        if any(t in self.active for t in node.input[1:] if t):
+            raise UnsupportedHead("LayerNormalization with computed scale or bias")
+        if any(o for o in node.output[1:]):
+            raise UnsupportedHead("LayerNormalization with mean or inverse std outputs used")
+        rank = len(self.static_shape(x) or ())
+        if not rank:
+            raise UnsupportedHead("LayerNormalization of unknown rank")
+        axis = int(_attr(node, "axis", -1)) % rank
+        axes = list(range(axis, rank))
+        eps = float(_attr(node, "epsilon", 1e-5))
+        centred = self.op("Sub", [x, self.reduce_mean(x, axes)], "ln_centred")
+        var = self.reduce_mean(self.op("Mul", [centred, centred]), axes)
+        inv_std = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])],
+                          "ln_inv_std")
+        xhat = self.op("Mul", [centred, inv_std], "ln_xhat")
+        g = self.op("Mul", [dy, scale], "ln_g")
+        inner = self.op("Add", [self.reduce_mean(g, axes),
+                                self.op("Mul", [xhat, self.reduce_mean(self.op("Mul", [g, xhat]),
+                                                                       axes)])])
+        self.add_grad(x, self.op("Mul", [self.op("Sub", [g, inner]), inv_std], "ln_bw"))
+
+    def _bw_Gather(self, node, dy):
+        # y = x[..., idx, ...] along axis: scatter-add dy back into zeros shaped like x.
+        x, idx = node.input
+        if idx in self.active:
+            raise UnsupportedHead("Gather with computed indices from the feature map")
+        if self.opset < 16:
+            raise UnsupportedHead("Gather with opset < 16 (no ScatterND reduction)")
+        xs, ids = self.static_shape(x), self.static_shape(idx)
+        if xs is None or ids is None:
+            raise UnsupportedHead("Gather of unknown rank")
+        rank, q = len(xs), len(ids)
+        axis = int(_attr(node, "axis", 0)) % rank
+        to_front = [axis] + [i for i in range(rank) if i != axis]
+        # dy dims: x's before axis, idx's, x's after axis -> idx's first.
+        dy_perm = (list(range(axis, axis + q)) + list(range(axis))
+                   + list(range(axis + q, rank - 1 + q)))
+        xt = self.op("Transpose", [x], "gather_xT", perm=to_front)
+        dyt = self.op("Transpose", [dy], "gather_dyT", perm=dy_perm)
+        index = self.op("Cast", [idx], "gather_idx", to=onnx.TensorProto.INT64)
+        size = self.op("Gather", [self.shape(x), self.const(axis, "ax", np.int64)], "gather_dim")
+        index = self._where(self.op("Less", [index, self.const(0, "zero", np.int64)]),
+                            self.op("Add", [index, size]), index)
+        index = self.op("Unsqueeze", [index, self.const([-1], "last", np.int64)], "gather_i")
+        zeros = self.op("ConstantOfShape", [self.shape(xt)], "gather_zeros")
+        scattered = self.op("ScatterND", [zeros, index, dyt], "gather_bw", reduction="add")
+        self.add_grad(x, self.op("Transpose", [scattered], "gather_back",
+                                 perm=[int(i) for i in np.argsort(to_front)]))
 
 
 def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:

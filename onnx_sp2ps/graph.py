@@ -500,7 +500,83 @@ def _with_static_input(model: onnx.ModelProto, input_name: str, layout: str,
             value = 1 if i == 0 else 3 if i == chan else (h if i == spatial[0] else w)
             d.Clear()
             d.dim_value = value
-    return _infer(probe)
+    return _fold_shapes(_infer(probe))  # (_infer returns a copy, edited in place there)
+
+
+#: Ops of shape arithmetic (x.view(n, g, c // g, h, w) and the like) that the probe
+#: evaluates where ONNX shape inference stops (it does not propagate Div, for one).
+_SHAPE_OPS = ("Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Add",
+              "Sub", "Mul", "Div", "Slice", "Floor", "Ceil", "Identity", "Reshape", "Equal",
+              "Where", "Max", "Min", "Neg", "Abs", "Range", "Expand", "ConstantOfShape")
+#: Largest tensor (elements) taken for a shape value.
+_SHAPE_VALUE_SIZE = 64
+
+
+def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
+    """The shape-inferred ``probe`` (static input) with its shape arithmetic evaluated
+    into Constant nodes and shapes inferred again, until nothing more folds: shapes that
+    ``x.view(...)`` of computed sizes hide from ONNX shape inference (ShuffleNet's channel
+    shuffle) become known.  Only for detection; the model that runs is never changed."""
+    from onnx.reference import ReferenceEvaluator
+
+    if is_too_large(probe):
+        return probe
+    opset = [o for o in probe.opset_import if o.domain in ("", "ai.onnx")]
+    for _ in range(rounds):
+        g = _Graph(probe)
+        values: dict[str, np.ndarray] = {}
+
+        def value(name: str) -> np.ndarray | None:
+            if name not in values:
+                v = None
+                if name in g.initializers or (name in g.producer
+                                              and g.producer[name].op_type == "Constant"):
+                    v = constant_value(probe.graph, name, g.producer)
+                values[name] = v if v is not None and v.size <= _SHAPE_VALUE_SIZE else None
+            return values[name]
+
+        folded: dict[int, list[np.ndarray]] = {}
+        for i, node in enumerate(probe.graph.node):
+            if (node.op_type not in _SHAPE_OPS or node.domain not in ("", "ai.onnx")
+                    or len(node.output) != 1):
+                continue
+            if node.op_type == "Shape":
+                shape = g.info(node.input[0]).shape
+                if shape is None or not all(isinstance(d, int) for d in shape):
+                    continue
+                start, end = _attr(node, "start", 0), _attr(node, "end", None)
+                outs = [np.asarray(shape, np.int64)[start:end]]
+            else:
+                ins = [value(n) if n else None for n in node.input]
+                if any(n and v is None for n, v in zip(node.input, ins)):
+                    continue
+                try:
+                    one = helper.make_model(
+                        helper.make_graph([node], "fold", [
+                            helper.make_tensor_value_info(
+                                n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                            for n, v in zip(node.input, ins) if n], [
+                            helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                            for o in node.output]), opset_imports=opset)
+                    outs = ReferenceEvaluator(one).run(
+                        None, {n: v for n, v in zip(node.input, ins) if n})
+                except Exception:
+                    continue
+                outs = [np.asarray(o) for o in outs]
+                if any(o.size > _SHAPE_VALUE_SIZE for o in outs):
+                    continue
+            folded[i] = outs
+            for o, v in zip(node.output, outs):
+                values[o] = v
+        if not any(probe.graph.node[i].op_type in ("Shape", "Size") for i in folded):
+            return probe  # (constants alone: shape inference already propagates those)
+        for i, (v,) in folded.items():
+            node = probe.graph.node[i]
+            node.CopyFrom(helper.make_node("Constant", [], [node.output[0]],
+                                           value=numpy_helper.from_array(v, node.output[0])))
+        del probe.graph.value_info[:]
+        probe = _infer(probe)
+    return probe
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -744,17 +820,42 @@ def _head_nodes(g: _Graph, feature: str, logits: str,
                 f"{name!r}; choose a feature map that everything after it depends on "
                 "(--feature-layer)"
             )
-        if not g.is_constant(name) and feature not in _ancestors(g, name, feature):
+        outside = not g.is_constant(name) and feature not in _ancestors(g, name, feature)
+        if outside and not _batch_size_only(g, name):
             raise DetectionError(
                 f"the head from {feature!r} to {logits!r} also reads {name!r}, which "
                 "does not come from the feature map; choose a later --feature-layer"
             )
         needed.add(index[id(node)])
+        if outside and node.op_type == "Shape":
+            continue  # the batch size: read from the feature map in the head (_extract_head)
         stack.extend(i for i in node.input if i)
         for attr in node.attribute:  # names used inside subgraphs (If/Loop)
             if attr.type == onnx.AttributeProto.GRAPH:
                 stack.extend(_outer_names(attr.g))
     return [g.model.graph.node[i] for i in sorted(needed)]
+
+
+def _batch_size_only(g: _Graph, name: str) -> bool:
+    """True when ``name`` is computed from constants and the batch size of activations
+    only (``Shape(x, start=0, end=1)`` or ``Gather(Shape(x), 0)``), as the dynamo exporter's
+    heads read it from the image input: the feature map has the same batch size."""
+    node = g.producer.get(name)
+    if g.is_constant(name):
+        return True
+    if node is None:
+        return False
+    if node.op_type == "Shape":
+        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        if start == 0 and end == 1:
+            return True
+        users = g.consumers.get(name, [])
+        return bool(users) and all(
+            u.op_type == "Gather" and u.input[0] == name and _attr(u, "axis", 0) == 0
+            and (lambda v: v is not None and v.size == 1 and int(v.reshape(-1)[0]) == 0)(
+                constant_value(g.model.graph, u.input[1], g.producer))
+            for u in users)
+    return all(_batch_size_only(g, i) for i in node.input if i)
 
 
 def _ancestors(g: _Graph, name: str, stop: str) -> set[str]:
@@ -821,6 +922,7 @@ def _analyse(model: onnx.ModelProto, g: _Graph, *, input_name: str | None,
     in_info = g.info(name)
     layout = _input_layout(g, name, in_info.shape)
     probe = _Graph(_with_static_input(model, name, layout, size))
+    probe.real_size = None not in _spatial(in_info.shape, layout)
     layouts = _propagate_layouts(g, name, layout)
 
     logits_name, activation = _find_logits(g, logits)
@@ -917,6 +1019,11 @@ def _best_info(g: _Graph, probe: _Graph, name: str) -> TensorInfo:
     if info.shape is None and pinfo.shape is not None:
         # Keep only what does not depend on the probe: batch and spatial become None.
         info = TensorInfo(name, pinfo.dtype, tuple([None] + list(pinfo.shape[1:])))
+    elif (info.shape is not None and pinfo.shape is not None and getattr(probe, "real_size", False)
+          and len(info.shape) == len(pinfo.shape) and None in info.shape[1:]):
+        # The model's own input size (not a probe size): the probe's dims are the real ones.
+        info = TensorInfo(name, info.dtype, info.shape[:1] + tuple(
+            p if d is None else d for d, p in zip(info.shape[1:], pinfo.shape[1:])))
     if info.dtype == "undefined" and pinfo.dtype != "undefined":
         info = TensorInfo(name, pinfo.dtype, info.shape)
     return info
@@ -949,9 +1056,11 @@ def _spatial_candidates(g: _Graph, probe: _Graph, layouts: dict[str, str],
 # --------------------------------------------------------------------------- editing
 
 
-def _value_info(g: _Graph, probe: _Graph, name: str, *, batch: str | None = None
-                ) -> onnx.ValueInfoProto:
+def _value_info(g: _Graph, probe: _Graph, name: str, *, batch: str | None = None,
+                shape: tuple[Dim, ...] | None = None) -> onnx.ValueInfoProto:
     info = _best_info(g, probe, name)
+    if shape is not None:
+        info = TensorInfo(name, info.dtype, shape)
     vi = g.infos.get(name) or probe.infos.get(name)
     elem = vi.type.tensor_type.elem_type if vi is not None else onnx.TensorProto.FLOAT
     if elem == onnx.TensorProto.UNDEFINED:
@@ -992,7 +1101,11 @@ def extract_head(model: onnx.ModelProto, feature: str, logits: str) -> onnx.Mode
 
 def _extract_head(model: onnx.ModelProto, g: _Graph, feature: str,
                   logits: str) -> onnx.ModelProto:
-    nodes = _head_nodes(g, feature, logits)
+    nodes = [copy.deepcopy(n) for n in _head_nodes(g, feature, logits)]
+    made = {feature} | {o for n in nodes for o in n.output}
+    for n in nodes:  # the batch size of another activation (_batch_size_only)
+        if n.op_type == "Shape" and n.input[0] not in made:
+            n.input[0] = feature
     used = {i for n in nodes for i in n.input if i}
     for n in nodes:
         for attr in n.attribute:
@@ -1004,7 +1117,7 @@ def _extract_head(model: onnx.ModelProto, g: _Graph, feature: str,
     f_vi = _value_info(g, g, feature, batch="N")
     l_vi = _value_info(g, g, logits, batch="N")
     head_graph = helper.make_graph(
-        [copy.deepcopy(n) for n in nodes],
+        nodes,
         "head",
         [f_vi],
         [l_vi],
@@ -1104,6 +1217,9 @@ def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | Non
             "cannot fill: export it with the image as its only input, or give those "
             "inputs default values as initializers"
         )
+    for info in (spec.feature_map, spec.logits):  # shapes found by the probe only
+        if g.info(info.name).shape is None and info.shape is not None:
+            g.infos[info.name] = _value_info(g, g, info.name, shape=info.shape)
     audit_model = _add_outputs(model, g, [spec.feature_map.name, spec.logits.name])
     head = float32_head(_extract_head(model, g, spec.feature_map.name, spec.logits.name))
     _check(audit_model, "model with added outputs")

@@ -17,8 +17,8 @@ What is drawn
       ``flatten_mlp`` Flatten -> Gemm -> Relu -> Gemm; ``avgpool_gemm`` AveragePool
       (kernel h x w) -> Flatten -> Gemm; ``conv1x1_gap`` 1x1 Conv (classes out) -> [Relu]
       -> GlobalAveragePool -> Flatten (NHWC models: or -> Transpose back to NHWC -> [Relu]
-      -> ReduceMean over H, W, as tf2onnx exports it); ``flatten_tanh_mlp`` as
-      ``flatten_mlp`` with Tanh, an op with no backward rule in onnx_sp2ps.backward (the
+      -> ReduceMean over H, W, as tf2onnx exports it); ``flatten_abs_mlp`` as
+      ``flatten_mlp`` with Abs, an op with no backward rule in onnx_sp2ps.backward (the
       finite-difference fallback);
     * final Softmax or none; layout NCHW or NHWC (tf2onnx style: the image is NHWC and
       every Conv sits between Transposes); exporter naming torch / tf / paddle
@@ -44,7 +44,7 @@ from onnx import TensorProto, helper
 from onnx_builders import _TO_NCHW, _TO_NHWC, BuiltModel, _classifier_weight, _GraphWriter
 
 HEADS = ("gap_gemm", "reducemean_matmul", "flatten_mlp", "avgpool_gemm", "conv1x1_gap",
-         "flatten_tanh_mlp")
+         "flatten_abs_mlp")
 #: Heads whose ops all have a backward rule in onnx_sp2ps.backward.
 EXACT_HEADS = HEADS[:-1]
 ACTIVATIONS = ("Relu", "LeakyRelu", "HardSwish", "Clip", "SigmoidGate")
@@ -133,9 +133,9 @@ class NumpyCNN:
         p = {k: np.asarray(v, np.float64) for k, v in self.params.items()}
         if self.head in ("gap_gemm", "reducemean_matmul", "avgpool_gemm"):
             return a.mean(axis=(2, 3)) @ p["w"] + p["b"]
-        if self.head in ("flatten_mlp", "flatten_tanh_mlp"):
+        if self.head in ("flatten_mlp", "flatten_abs_mlp"):
             z = self._hidden(a)
-            hidden = np.maximum(z, 0.0) if self.head == "flatten_mlp" else np.tanh(z)
+            hidden = np.maximum(z, 0.0) if self.head == "flatten_mlp" else np.abs(z)
             return hidden @ p["w2"] + p["b2"]
         scores = np.einsum("ck,nchw->nkhw", p["w"], a) + p["b"][None, :, None, None]
         if self.params["relu"]:
@@ -156,10 +156,10 @@ class NumpyCNN:
         if self.head in ("gap_gemm", "reducemean_matmul", "avgpool_gemm"):
             per_channel = p["w"][:, targets].T / (h * w)  # (N, C)
             return np.broadcast_to(per_channel[:, :, None, None], a.shape).copy()
-        if self.head in ("flatten_mlp", "flatten_tanh_mlp"):
+        if self.head in ("flatten_mlp", "flatten_abs_mlp"):
             z = self._hidden(a)
             slope = (z > 0).astype(np.float64) if self.head == "flatten_mlp" \
-                else 1.0 - np.tanh(z) ** 2
+                else np.sign(z)
             d_flat = (p["w2"][:, targets].T * slope) @ p["w1"].T  # (N, F)
             if self.flatten_nhwc:
                 return d_flat.reshape(n, h, w, c).transpose(0, 3, 1, 2)
@@ -309,14 +309,14 @@ def random_cnn(seed: int) -> RandomCNN:
         params["b"] = g.small((num_classes,))
         x = g.op("MatMul", [x, g.param(fc, "weight", params["w"])], fc)
         x = g.op("Add", [x, g.param(fc, "bias", params["b"])], fc)
-    elif head in ("flatten_mlp", "flatten_tanh_mlp"):
+    elif head in ("flatten_mlp", "flatten_abs_mlp"):
         feature_map = x
         flatten_nhwc = nhwc
         hidden = int(rng.integers(4, 17))
         x = g.op("Flatten", [x], pick("", "flatten", "flatten_0"), axis=1)
         x, params["w1"], params["b1"] = gemm(x, c_in * h * w, hidden,
                                              pick("classifier.0", "dense", "linear_0"))
-        hidden_act = "Relu" if head == "flatten_mlp" else "Tanh"
+        hidden_act = "Relu" if head == "flatten_mlp" else "Abs"
         x = g.op(hidden_act, [x], pick("classifier.1", "dense", f"{hidden_act.lower()}_0"))
         x, params["w2"], params["b2"] = gemm(x, hidden, num_classes,
                                              pick("classifier.2", "dense_1", "linear_1"))

@@ -224,3 +224,74 @@ def test_old_opsets_use_finite_differences():
     head.opset_import[0].version = 10
     with pytest.raises(UnsupportedHead, match="opset"):
         build_head_gradient(head)
+
+
+def ints(name, value):
+    return numpy_helper.from_array(np.asarray(value, dtype=np.int64), name)
+
+
+#: Ops of real heads (ConvNeXt, transformer-style and timm heads, decomposed LayerNorm of
+#: old opsets): (middle, opset, pool).
+MORE_MIDDLES = {
+    "tanh": (dict(nodes=[node("Tanh", ["A"])], out="m"), 17, "gap"),
+    "exp_neg": (dict(nodes=[node("Neg", ["A"], "n"), node("Exp", ["n"])], out="m"), 17, "gap"),
+    "sqrt": (dict(nodes=[node("Mul", ["A", "A"], "sq"), node("Add", ["sq", "half"], "s1"),
+                         node("Sqrt", ["s1"])], out="m", inits=[arr("half", 0.5)]), 17, "gap"),
+    "pow3": (dict(nodes=[node("Pow", ["A", "three"])], out="m", inits=[arr("three", 3.0)]),
+             17, "gap"),
+    "erf_gelu": (dict(nodes=[node("Div", ["A", "r2"], "d"), node("Erf", ["d"], "e"),
+                             node("Add", ["e", "one"], "e1"), node("Mul", ["A", "e1"], "g"),
+                             node("Mul", ["g", "half"])], out="m",
+                      inits=[arr("r2", np.sqrt(2.0)), arr("one", 1.0), arr("half", 0.5)]),
+                 17, "gap"),
+    "gelu": (dict(nodes=[node("Gelu", ["A"])], out="m"), 20, "gap"),
+    "gelu_tanh": (dict(nodes=[node("Gelu", ["A"], approximate="tanh")], out="m"), 20, "gap"),
+    "softmax_channels": (dict(nodes=[node("Softmax", ["A"], axis=1)], out="m"), 17, "gap"),
+    "logsoftmax_last": (dict(nodes=[node("LogSoftmax", ["A"])], out="m"), 17, "gap"),
+    "layernorm_channels": (dict(nodes=[
+        node("Transpose", ["A"], "t", perm=[0, 2, 3, 1]),
+        node("LayerNormalization", ["t", "s", "b"], "ln", epsilon=1e-6),
+        node("Transpose", ["ln"], "m", perm=[0, 3, 1, 2])], out="m",
+        inits=[arr("s", RNG.normal(size=C)), arr("b", RNG.normal(size=C))]), 17, "gap"),
+    "layernorm_decomposed": (dict(nodes=[  # TorchScript exporter, opset < 17
+        node("Transpose", ["A"], "t", perm=[0, 2, 3, 1]),
+        node("ReduceMean", ["t"], "mu", axes=[-1]), node("Sub", ["t", "mu"], "d"),
+        node("Pow", ["d", "two"], "d2"), node("ReduceMean", ["d2"], "var", axes=[-1]),
+        node("Add", ["var", "eps"], "ve"), node("Sqrt", ["ve"], "sd"),
+        node("Div", ["d", "sd"], "xh"), node("Mul", ["xh", "s"], "xs"),
+        node("Add", ["xs", "b"], "ln"), node("Transpose", ["ln"], "m", perm=[0, 3, 1, 2])],
+        out="m", inits=[arr("two", 2.0), arr("eps", 1e-6), arr("s", RNG.normal(size=C)),
+                        arr("b", RNG.normal(size=C))]), 13, "gap"),
+    "gather_channels": (dict(nodes=[node("Gather", ["A", "idx"], axis=1)], out="m", channels=4,
+                             inits=[ints("idx", [0, 2, -1, 2])]), 17, "gap"),
+    "gather_row_scalar": (dict(nodes=[node("Gather", ["A", "row"], axis=2)], out="m",
+                               flat_size=C * W, inits=[ints("row", 1)]), 17, "flatten"),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_MIDDLES))
+def test_more_head_ops_have_exact_gradients(name):
+    middle, opset, pool = MORE_MIDDLES[name]
+    head = make_head(middle, opset=opset, pool=pool)
+    a = separated((2, C, H, W))
+    y, g = exact_gradient(head, a, np.array([1, -1], np.int64))
+    for i, t in enumerate([1, int(np.argmax(y[1]))]):
+        ref = fd_gradient(head, a[i], t)
+        np.testing.assert_allclose(g[i], ref, atol=tolerance(ref, y), err_msg=name)
+        assert np.abs(ref).max() > 0, name
+
+
+def test_broadcasts_over_symbolic_sizes_are_summed_at_run_time():
+    # A head on a map of unknown height and width (a model with a dynamic input size):
+    # whether "mu" (N, C, 1, 1) is broadcast against (N, C, H, W) is only known at run time.
+    middle = dict(nodes=[node("ReduceMean", ["A"], "mu", axes=[2, 3]),
+                         node("Sub", ["A", "mu"], "d"), node("Relu", ["A"], "r"),
+                         node("Mul", ["d", "r"])], out="m")
+    head = make_head(middle, shape=(None, C, None, None))
+    for shape in [(2, C, H, W), (2, C, 3, 5)]:
+        a = separated(shape)
+        y, g = exact_gradient(head, a, np.array([0, 2], np.int64))
+        assert g.shape == a.shape
+        for i, t in enumerate([0, 2]):
+            ref = fd_gradient(head, a[i], t)
+            np.testing.assert_allclose(g[i], ref, atol=tolerance(ref, y))

@@ -5,7 +5,7 @@ and head gradients onnx-sp2ps computes equal the numpy forward pass and the anal
 gradient; and the Grad-CAM maps of ``compute_cams`` equal
 ``normalise(zoom(relu(sum_k mean(dy_c/dA_k) A_k)))`` computed in numpy/scipy (DESIGN.md,
 "CAM without autograd" and pipeline step 5). Heads with an op without a backward rule
-(Tanh) must take the documented finite-difference path and still agree.
+(Abs) must take the documented finite-difference path and still agree.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from onnx_sp2ps.pipeline import compute_cams
 from onnx_sp2ps.runtime import ModelRunner
 from random_cnn import ACTIVATIONS, HEADS, LAYOUTS, OPSETS, STYLES, WEIGHTS, random_cnn
 
-#: Seed 107 draws a Tanh head on which the finite-difference Grad-CAM once refined
-#: smooth channels into float32 noise (a map 6 % off).
+#: Seed 107 drew a Tanh head (Tanh had no backward rule then) on which the finite-difference
+#: Grad-CAM once refined smooth channels into float32 noise (a map 6 % off); the
+#: fallback head is now Abs (piecewise linear: central differences are exact off kinks).
 SEEDS = (*range(30), 107)
 BATCH = 3
 #: float32 onnxruntime against float64 numpy, relative to the largest value.
@@ -90,7 +91,7 @@ def test_detection_finds_the_drawn_feature_map_and_logits(seed):
                      net.built.feature_layout, net.built.logits, net.built.activation,
                      net.built.num_classes), net.description
     assert prepared.spec == spec
-    assert ("Tanh" in spec.head_ops) == (net.built.head == "flatten_tanh_mlp")
+    assert ("Abs" in spec.head_ops) == (net.built.head == "flatten_abs_mlp")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -116,9 +117,9 @@ def test_runner_activations_logits_and_gradients_equal_the_numpy_twin(seed):
         assert_close(runner.head_gradients(fused_acts, targets)[1],
                      net.reference.head_gradient(fused_acts, targets),
                      what=f"fused gradient, {net.description}")
-    else:  # documented fallback: no backward rule for Tanh -> finite differences
+    else:  # documented fallback: no backward rule for Abs -> finite differences
         assert runner.gradient_path == "finite-difference"
-        assert "Tanh" in runner.gradient_note
+        assert "Abs" in runner.gradient_note
         with pytest.raises(UsageError, match="no exact gradient"):
             runner.head_gradients(acts, targets)
         assert_close(position_gradients(runner, acts, targets), expected, rtol=5e-3,
