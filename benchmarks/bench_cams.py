@@ -124,7 +124,8 @@ def _best_interleaved(floor, floor_images: np.ndarray, fn, images: np.ndarray,
 
 class OtherLoad:
     """Share of the machine's CPU time used by other processes between start and stop
-    (from /proc/stat minus this process's CPU time): timings mean little when high."""
+    (from /proc/stat minus the CPU time of this process and of its waited-for children):
+    timings mean little when high."""
 
     def __init__(self):
         self.start = self._sample()
@@ -138,7 +139,8 @@ class OtherLoad:
             return None
         t = os.times()
         busy = sum(v) - v[3] - v[4]  # minus idle and iowait
-        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.perf_counter()
+        own = t.user + t.system + t.children_user + t.children_system
+        return busy / os.sysconf("SC_CLK_TCK"), own, time.perf_counter()
 
     def share(self) -> float | None:
         end = self._sample()

@@ -19,6 +19,7 @@ settings) or :class:`~onnx_sp2ps.errors.MismatchError` (a size the model cannot 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import threading
@@ -630,6 +631,22 @@ def _open_image(path: Path, channels: int) -> Image.Image:
 # --------------------------------------------------------------------------- image set
 
 
+def _release_rows(array: np.ndarray | None, stop: int) -> None:
+    """Let the kernel drop the resident pages of rows ``[0, stop)`` of a memory-mapped
+    ``.npy`` (read-only), so that streaming a large file keeps the resident set flat
+    instead of growing by the file's size; a later read of those rows maps them again."""
+    mapped = getattr(array, "_mmap", None)
+    if (mapped is None or stop <= 0 or not array.flags.c_contiguous
+            or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED")):
+        return
+    offset = int(getattr(array, "offset", 0))
+    begin = offset - offset % mmap.ALLOCATIONGRANULARITY  # where numpy's mapping starts
+    end = offset - begin + stop * array.strides[0]
+    end -= end % mmap.PAGESIZE
+    if end > 0:
+        mapped.madvise(mmap.MADV_DONTNEED, 0, end)
+
+
 @dataclass(frozen=True)
 class Batch:
     """A run of consecutive images of an :class:`ImageSet`, minus any that were skipped.
@@ -751,6 +768,7 @@ class ImageSet:
     def _iter_array(self, batch_size: int) -> Iterator[Batch]:
         for start in range(0, len(self), batch_size):
             stop = min(start + batch_size, len(self))
+            _release_rows(self._array, start)  # the caller is done with earlier batches
             yield Batch(
                 indices=np.arange(start, stop, dtype=np.int64),
                 inputs=self._array_inputs(slice(start, stop)),

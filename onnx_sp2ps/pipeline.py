@@ -533,11 +533,10 @@ def audit(original: str | Path | PreparedModel,
                                    reference_logits=o_logits)
         o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size, batch.inputs)
         o_prob = _probabilities(o_logits, orig_prep.spec.activation)
-        o_out.add(indices=batch.indices, targets=o_targets, logits=o_logits,
-                  pred=top1(o_logits),
+        o_out.add(indices=batch.indices, targets=o_targets, pred=top1(o_logits),
                   conf=o_prob[np.arange(len(o_targets)), o_targets])
-        if keep_maps:
-            o_out.add(raw=o_raw, maps=o_maps, flat=o_flat)
+        if keep_maps:  # (N, K) logits too: with many classes, they grow with N
+            o_out.add(logits=o_logits, raw=o_raw, maps=o_maps, flat=o_flat)
         batch_maps = []
         for cand, out, wst in zip(cands, c_out, worsts):
             c_acts, c_logits = cand.run(batch.inputs, _target_hint(
@@ -545,15 +544,14 @@ def audit(original: str | Path | PreparedModel,
             c_targets = select_targets(settings.target, logits=c_logits, labels=labels,
                                        reference_logits=o_logits)
             c_raw, c_maps, c_flat = cand.maps(c_acts, c_targets, c_logits, size, batch.inputs)
-            pair = score_pairs(o_maps, c_maps)
+            pair = score_pairs(o_maps, c_maps, workers=settings.threads)
             c_prob = _probabilities(c_logits, cand.prepared.spec.activation)
-            out.add(targets=c_targets, logits=c_logits,
-                    pred=top1(c_logits),
+            out.add(targets=c_targets, pred=top1(c_logits),
                     conf=c_prob[np.arange(len(o_targets)), o_targets],
                     spatial=pair.spatial, spectral=pair.spectral, score=pair.score,
                     finite=pair.finite, flat_a=pair.flat_a, flat_b=pair.flat_b)
             if keep_maps:
-                out.add(raw=c_raw, maps=c_maps, flat=c_flat)
+                out.add(logits=c_logits, raw=c_raw, maps=c_maps, flat=c_flat)
             wst.add(done + np.arange(len(batch.indices)), pair.score, o_maps, c_maps)
             batch_maps.append(c_maps)
         if on_maps is not None:
@@ -576,11 +574,11 @@ def audit(original: str | Path | PreparedModel,
             return None
         return float(np.mean(pred[known] == labels[known]))
 
-    def model_maps(out: _Collector, targets, logits):
+    def model_maps(out: _Collector, targets):
         if not keep_maps:
             return None
-        return ModelMaps(paths=paths, targets=targets, logits=logits, raw=out.get("raw"),
-                         maps=out.get("maps"), flat=out.get("flat"))
+        return ModelMaps(paths=paths, targets=targets, logits=out.get("logits"),
+                         raw=out.get("raw"), maps=out.get("maps"), flat=out.get("flat"))
 
     results = []
     for cand, out, wst in zip(cands, c_out, worsts):
@@ -605,7 +603,7 @@ def audit(original: str | Path | PreparedModel,
             accuracy=accuracy(c_pred),
             confidence_drop=float(np.nanmean(drop)) if np.isfinite(drop).any() else float("nan"),
             non_finite_paths=tuple(p for p, ok in zip(paths, scores.finite) if not ok),
-            maps=model_maps(out, out.get("targets"), out.get("logits")),
+            maps=model_maps(out, out.get("targets")),
             worst=wst if worst > 0 else None,
         ))
     return AuditResult(
@@ -621,5 +619,5 @@ def audit(original: str | Path | PreparedModel,
         indices=indices,
         provider_note=orig.runner.provider.note,
         versions=versions(),
-        original_maps=model_maps(o_out, o_targets, o_out.get("logits")),
+        original_maps=model_maps(o_out, o_targets),
     )

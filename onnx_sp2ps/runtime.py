@@ -103,6 +103,10 @@ def _session_options(threads: int | None):
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No busy-waiting after a run: between runs the audit does numpy work (maps, SSIM)
+    # and runs the other model's session, and spinning pools would steal their cores
+    # (benchmarks/README.md, "bench_audit.py": measured, no slower for the runs).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -215,43 +219,72 @@ class ModelRunner:
                  threads: int | None = None):
         self.prepared = prepared
         spec = prepared.spec
-        name = prepared.path or "model"
-        self.session, self.provider = create_session(
-            prepared.audit_model, provider=provider, threads=threads, what=f"model {name}")
-        self.head_session, _ = create_session(
-            prepared.head_model, provider=self.provider.device, threads=threads,
-            what=f"head of {name}")
+        self._name = prepared.path or "model"
+        self._threads = threads
         self._input = spec.input.name
         self._input_dtype = _np_dtype(spec.input.dtype)
         self._outputs = [spec.feature_map.name, spec.logits.name]
         self._nhwc = spec.feature_layout == "NHWC"
-        head_in = self.head_session.get_inputs()[0]
-        self._head_input = head_in.name
         self._head_dtype = np.dtype(np.float32)  # graph.float32_head: all head maths in fp32
-        self._head_output = self.head_session.get_outputs()[0].name
         self.batch_limit = spec.fixed_batch
         self.head_batch_limit: int | None = None
         self._head_checked = False
         self.gradient_path, self.gradient_note = "finite-difference", None
         self._grad = None
         self._fused = None
+        self._session = self._head_session = None
         self._cache: tuple | None = None
+        grad = None
         try:
             grad = build_head_gradient(prepared.head_model)
-            session, _ = create_session(grad.model, provider=self.provider.device,
-                                        threads=threads, what=f"head gradient of {name}")
-            self._grad = (grad, session)
-            self.gradient_path, self.gradient_note = "exact", grad.note
-        except (UnsupportedHead, ModelError) as exc:
+        except UnsupportedHead as exc:
             self.gradient_note = str(exc)
-        if self._grad is not None and spec.feature_map.dtype == "float32":
+        if grad is not None and spec.feature_map.dtype == "float32":
             # One run for activations, logits and gradients (see run(..., targets=)).
+            # Made first: with it, the gradient methods need no other session, and the
+            # plain model's and the head's sessions are only made if something asks.
             try:
-                fused = fuse_gradient(prepared.audit_model, self._grad[0])
-                self._fused = create_session(fused, provider=self.provider.device,
-                                             threads=threads, what=f"model {name}")[0]
-            except Exception:  # the separate head-gradient run still works
+                fused = fuse_gradient(prepared.audit_model, grad)
+                self._fused, self.provider = create_session(
+                    fused, provider=provider, threads=threads, what=f"model {self._name}")
+            except Exception:  # the plain model and a separate head-gradient run still work
                 self._fused = None
+        if self._fused is None:  # made now, so that a model ORT cannot run fails here
+            self._session, self.provider = create_session(
+                prepared.audit_model, provider=provider, threads=threads,
+                what=f"model {self._name}")
+        if grad is not None:
+            try:
+                # Checked now unless the fused session (which contains it) already ran
+                # through onnxruntime; else made on first use.
+                session = None if self._fused is not None else self._create(
+                    grad.model, f"head gradient of {self._name}")
+                self._grad = (grad, session)
+                self.gradient_path, self.gradient_note = "exact", grad.note
+            except ModelError as exc:
+                self.gradient_note = str(exc)
+
+    def _create(self, model, what: str):
+        """A session on the device the first session got."""
+        return create_session(model, provider=self.provider.device, threads=self._threads,
+                              what=what)[0]
+
+    @property
+    def session(self):
+        """The edited model (feature map and logits as outputs), made on first use."""
+        if self._session is None:
+            self._session = self._create(self.prepared.audit_model, f"model {self._name}")
+        return self._session
+
+    @property
+    def head_session(self):
+        """The head (feature map -> logits), made on first use."""
+        if self._head_session is None:
+            self._head_session = self._create(self.prepared.head_model,
+                                              f"head of {self._name}")
+            self._head_input = self._head_session.get_inputs()[0].name
+            self._head_output = self._head_session.get_outputs()[0].name
+        return self._head_session
 
     # -- full model ----------------------------------------------------------------
 
@@ -317,8 +350,9 @@ class ModelRunner:
         return y.reshape(len(activations), -1)
 
     def _head(self, activations: np.ndarray) -> np.ndarray:
-        return self.head_session.run([self._head_output],
-                                     {self._head_input: self._to_head_layout(activations)})[0]
+        session = self.head_session
+        return session.run([self._head_output],
+                           {self._head_input: self._to_head_layout(activations)})[0]
 
     def _probe_head_batch(self, activations: np.ndarray) -> None:
         """Find whether the head takes batches > 1 (some exports hard-code batch 1)."""
@@ -347,6 +381,9 @@ class ModelRunner:
                 and np.array_equal(np.asarray(targets), cache[1])):
             return cache[2], cache[3]
         grad, session = self._grad
+        if session is None:
+            session = self._create(grad.model, f"head gradient of {self._name}")
+            self._grad = (grad, session)
         logits, grads = [], []
         for span in self._head_spans(activations):
             y, g = session.run([grad.logits, grad.gradient], {

@@ -30,6 +30,8 @@ References
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +105,7 @@ def ssim(
     k1: float = 0.01,
     k2: float = 0.03,
     data_range: float = 1.0,
+    workers: int | None = None,
 ) -> np.ndarray:
     r"""Mean structural similarity (SSIM) of each pair of maps.
 
@@ -121,6 +124,9 @@ def ssim(
         Stabilising constants.
     data_range : float, optional
         Dynamic range of the maps.
+    workers : int, optional
+        Threads filtering chunks of pairs at once (the filters release the GIL);
+        default: all CPUs.  The result does not depend on it.
 
     Returns
     -------
@@ -172,15 +178,33 @@ def ssim(
     result = np.empty(n, dtype=np.float64)
     if n == 0:
         return result
-    step = max(1, _CHUNK_PIXELS // (height * width))
-    for start in range(0, n, step):  # a few images per chunk, not one per loop
-        stop = min(n, start + step)
-        result[start:stop] = _ssim_chunk(
-            maps_a[start:stop], maps_b[start:stop],
+    workers = _workers(workers)
+    # A few images per chunk (not one per loop), and at least one chunk per worker.
+    step = max(1, min(_CHUNK_PIXELS // (height * width), -(-n // workers)))
+    chunks = [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+    def run(chunk: slice) -> None:
+        result[chunk] = _ssim_chunk(
+            maps_a[chunk], maps_b[chunk],
             sigma=sigma, c1=(k1 * data_range) ** 2, c2=(k2 * data_range) ** 2,
             pad=(win - 1) // 2,
         )
+
+    if workers > 1 and len(chunks) > 1:
+        with ThreadPoolExecutor(min(workers, len(chunks))) as pool:
+            list(pool.map(run, chunks))
+    else:
+        for chunk in chunks:
+            run(chunk)
     return result
+
+
+def _workers(workers: int | None) -> int:
+    if workers is None:
+        return os.cpu_count() or 1
+    if not (isinstance(workers, (int, np.integer)) and workers >= 1):
+        raise UsageError(f"workers must be a positive integer; got {workers!r}.")
+    return int(workers)
 
 
 def _ssim_chunk(
@@ -223,13 +247,16 @@ def _ssim_chunk(
     return cropped.mean(axis=(1, 2), dtype=np.float64)
 
 
-def spatial_similarity(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
+def spatial_similarity(maps_a: np.ndarray, maps_b: np.ndarray, *,
+                       workers: int | None = None) -> np.ndarray:
     r"""Spatial similarity of each pair: SSIM clipped to ``[0, 1]``.
 
     Parameters
     ----------
     maps_a, maps_b : ndarray, shape (N, H, W)
         Maps, float in ``[0, 1]``, at least 11x11.
+    workers : int, optional
+        Threads; see :func:`ssim`.
 
     Returns
     -------
@@ -249,7 +276,7 @@ def spatial_similarity(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
        Spatial Evaluation of CAM Images", Informatics, vol. 10, no. 3, p. 72, 2023.
        doi:10.3390/informatics10030072
     """
-    return np.clip(ssim(maps_a, maps_b), 0.0, 1.0)
+    return np.clip(ssim(maps_a, maps_b, workers=workers), 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- spectral
@@ -278,12 +305,15 @@ def magnitude_spectrum(maps: np.ndarray) -> np.ndarray:
     return np.abs(np.fft.fft2(maps, axes=(-2, -1)))
 
 
-def spectral_similarity(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
+def spectral_similarity(maps_a: np.ndarray, maps_b: np.ndarray, *,
+                        workers: int | None = None) -> np.ndarray:
     r"""Spectral similarity of each pair: Bray-Curtis similarity of magnitude spectra.
 
     Parameters
     ----------
     maps_a, maps_b : ndarray, shape (N, H, W)
+    workers : int, optional
+        Threads of the FFTs (``scipy.fft``'s ``workers``); default: all CPUs.
 
     Returns
     -------
@@ -313,8 +343,9 @@ def spectral_similarity(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
     maps_a, maps_b = _as_map_pair(maps_a, maps_b)
     # The spectrum of a real map is Hermitian, so the half spectrum of rfft2, with
     # every column that stands for two columns counted twice, gives the same sums.
-    spectra_a = np.abs(scipy.fft.rfft2(maps_a, axes=(-2, -1)))
-    spectra_b = np.abs(scipy.fft.rfft2(maps_b, axes=(-2, -1)))
+    workers = _workers(workers)
+    spectra_a = np.abs(scipy.fft.rfft2(maps_a, axes=(-2, -1), workers=workers))
+    spectra_b = np.abs(scipy.fft.rfft2(maps_b, axes=(-2, -1), workers=workers))
     width = maps_a.shape[-1]
     weights = np.full(spectra_a.shape[-1], 2.0)
     weights[0] = 1.0
@@ -388,7 +419,8 @@ def _flat(maps: np.ndarray, finite: np.ndarray) -> np.ndarray:
     return finite & (maps.max(axis=(1, 2)) == maps.min(axis=(1, 2)))
 
 
-def score_pairs(maps_a: np.ndarray, maps_b: np.ndarray) -> PairScores:
+def score_pairs(maps_a: np.ndarray, maps_b: np.ndarray, *,
+                workers: int | None = None) -> PairScores:
     r"""Sp2PS score of each pair of maps.
 
     Parameters
@@ -397,6 +429,9 @@ def score_pairs(maps_a: np.ndarray, maps_b: np.ndarray) -> PairScores:
         Maps of the original model, float in ``[0, 1]``, at least 11x11.
     maps_b : ndarray, shape (N, H, W)
         Maps of the candidate model, same shape.
+    workers : int, optional
+        Threads for the filters and FFTs (default: all CPUs); the scores do not
+        depend on it.
 
     Returns
     -------
@@ -430,8 +465,8 @@ def score_pairs(maps_a: np.ndarray, maps_b: np.ndarray) -> PairScores:
     if not finite.all():  # score zeros instead, so no NaN or warning is produced
         maps_a = np.where(finite[:, None, None], maps_a, 0.0)
         maps_b = np.where(finite[:, None, None], maps_b, 0.0)
-    spatial = np.where(finite, spatial_similarity(maps_a, maps_b), 0.0)
-    spectral = np.where(finite, spectral_similarity(maps_a, maps_b), 0.0)
+    spatial = np.where(finite, spatial_similarity(maps_a, maps_b, workers=workers), 0.0)
+    spectral = np.where(finite, spectral_similarity(maps_a, maps_b, workers=workers), 0.0)
     score = np.clip(harmonic_mean(spatial, spectral), 0.0, 1.0)
     return PairScores(
         spatial=spatial,
