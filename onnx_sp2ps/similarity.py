@@ -183,12 +183,15 @@ def ssim(
     step = max(1, min(_CHUNK_PIXELS // (height * width), -(-n // workers)))
     chunks = [slice(start, min(n, start + step)) for start in range(0, n, step)]
 
+    errors = np.geterr()  # the caller's np.errstate, which worker threads do not inherit
+
     def run(chunk: slice) -> None:
-        result[chunk] = _ssim_chunk(
-            maps_a[chunk], maps_b[chunk],
-            sigma=sigma, c1=(k1 * data_range) ** 2, c2=(k2 * data_range) ** 2,
-            pad=(win - 1) // 2,
-        )
+        with np.errstate(**errors):
+            result[chunk] = _ssim_chunk(
+                maps_a[chunk], maps_b[chunk],
+                sigma=sigma, c1=(k1 * data_range) ** 2, c2=(k2 * data_range) ** 2,
+                pad=(win - 1) // 2,
+            )
 
     if workers > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(min(workers, len(chunks))) as pool:

@@ -386,3 +386,16 @@ def test_shape_mismatch_raises_with_both_shapes():
 def test_map_stack_of_wrong_rank_raises():
     with pytest.raises(UsageError, match=r"\(N, H, W\)"):
         score_pairs(np.zeros((16, 16)), np.zeros((16, 16)))
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_the_callers_errstate_holds_in_worker_threads(workers):
+    rng = np.random.default_rng(3)
+    maps = rng.random((8, 32, 32))
+    other = maps.copy()
+    other[5, 3, 3] = np.inf  # one bad pair among chunks run on worker threads
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+        warnings.simplefilter("error")
+        values = ssim(maps, other, workers=workers)
+    assert np.isnan(values[5])
+    np.testing.assert_allclose(np.delete(values, 5), 1.0)
