@@ -451,7 +451,8 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
     'F' is read as 0..1 when its maximum is at most 1, as 0..255 when at most 255,
     else as 16-bit. NaN becomes 0.
     """
-    values = np.asarray(image).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # signalling NaNs in 'F' images; made 0 below
+        values = np.asarray(image).astype(np.float64)
     if image.mode == "F":
         values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         peak = float(values.max()) if values.size else 0.0
