@@ -287,9 +287,56 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         raise ModelError(f"cannot load the external weights of {path}: {first}") from exc
 
 
+def _nbytes(t: onnx.TensorProto) -> int:
+    """Size of a tensor's values from its type and shape (no access to the data)."""
+    try:
+        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        item = 8
+    return int(np.prod(t.dims, dtype=np.int64)) * item if len(t.dims) else item
+
+
+#: Room left for the graph's structure when the weights' size decides the 2 GB question.
+_STRUCTURE_BYTES = 1 << 28
+
+
 def is_too_large(model: onnx.ModelProto) -> bool:
-    """True when ``model`` is over protobuf's 2 GB serialization limit."""
+    """True when ``model`` is over protobuf's 2 GB serialization limit.  The weights' sizes
+    decide without serializing (``ByteSize`` costs as much as serializing); only a model
+    within ``_STRUCTURE_BYTES`` of the limit is measured exactly."""
+    weights = sum(_nbytes(t) for t in model.graph.initializer)
+    if weights + _STRUCTURE_BYTES < PROTOBUF_LIMIT:
+        return False
     return model.ByteSize() > PROTOBUF_LIMIT
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of message ``src`` into ``dst`` except ``skip``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        target = getattr(dst, field.name)
+        if hasattr(value, "extend") or isinstance(value, (list, tuple)):
+            target.extend(value)
+        elif hasattr(value, "CopyFrom"):
+            target.CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers keep their name, type and shape but
+    not their data, made without copying that data: enough for shape inference and for
+    the checker (see :func:`_as_inputs`), at a fraction of the cost for big models."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    for t in model.graph.initializer:
+        if _nbytes(t) < LARGE_TENSOR_BYTES:
+            light.graph.initializer.append(t)
+        else:
+            light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return light
 
 
 def split_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -315,21 +362,26 @@ def split_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
 
 
 def _as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A light copy of a model over the limit for the checker and shape inference: its
-    large initializers become graph inputs of the same type and shape."""
-    light, held = split_large_weights(model)
-    kept = [t for t in light.graph.initializer if t.name not in held]
+    """A light copy for the checker: the large initializers of :func:`_weightless` become
+    graph inputs of the same type and shape (IR 3 models list them there already)."""
+    light = _weightless(model)
+    listed = {i.name for i in light.graph.input}
+    kept = []
+    for t in light.graph.initializer:
+        if t.HasField("raw_data") or _nbytes(t) < LARGE_TENSOR_BYTES:
+            kept.append(t)
+        elif t.name not in listed:
+            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
     del light.graph.initializer[:]
     light.graph.initializer.extend(kept)
-    for name, value in held.items():
-        light.graph.input.append(helper.make_tensor_value_info(
-            name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
     return light
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker.check_model`` that also works for models over the 2 GB limit."""
-    onnx.checker.check_model(_as_inputs(model) if is_too_large(model) else model)
+    """``onnx.checker.check_model`` on a light copy (:func:`_as_inputs`): the weights'
+    values are onnxruntime's to check, and serializing them costs as much as the check;
+    this also works for models over the 2 GB limit."""
+    onnx.checker.check_model(_as_inputs(model))
 
 
 def _toposorted(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -465,25 +517,27 @@ class _Graph:
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that never raises: on failure the model is returned as it is.
-    Models over the 2 GB limit are inferred on a light copy (see :func:`check_model`)."""
+    Inferred on a copy without the large weights' data (:func:`_weightless`), which is
+    also how models over the 2 GB limit are inferred."""
     try:
-        if not is_too_large(model):
-            return shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
-                                                data_prop=True)
-        inferred = shape_inference.infer_shapes(_as_inputs(model), check_type=False,
+        inferred = shape_inference.infer_shapes(_weightless(model), check_type=False,
                                                 strict_mode=False, data_prop=True)
     except Exception:
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    del out.graph.value_info[:]
     out.graph.value_info.extend(inferred.graph.value_info)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
     return out
 
 
 def _with_static_input(model: onnx.ModelProto, input_name: str, layout: str,
                        size: tuple[int, int] | None) -> onnx.ModelProto:
-    """A copy whose image input has concrete dims (batch 1, probe H/W) for inference."""
-    probe = copy.deepcopy(model)
+    """A copy whose image input has concrete dims (batch 1, probe H/W) for inference;
+    without the data of its large weights (:func:`_weightless`), which shapes never need."""
+    probe = _weightless(model)
     del probe.graph.value_info[:]
     h, w = size if size else (PROBE_SIZE, PROBE_SIZE)
     for inp in probe.graph.input:
@@ -531,7 +585,10 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
                 v = None
                 if name in g.initializers or (name in g.producer
                                               and g.producer[name].op_type == "Constant"):
-                    v = constant_value(probe.graph, name, g.producer)
+                    try:  # (the probe's large weights have no data: never shape values)
+                        v = constant_value(probe.graph, name, g.producer)
+                    except Exception:
+                        v = None
                 values[name] = v if v is not None and v.size <= _SHAPE_VALUE_SIZE else None
             return values[name]
 
