@@ -23,7 +23,7 @@ from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
 from onnx_sp2ps.errors import DataError, MismatchError, NonFiniteError, UsageError
 from onnx_sp2ps.graph import ModelSpec, PreparedModel, prepare_model
-from onnx_sp2ps.runtime import ModelRunner
+from onnx_sp2ps.runtime import DeviceInputs, ModelRunner
 from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
 from onnx_sp2ps.targets import select_targets, top1
 
@@ -320,10 +320,11 @@ def _check_compatible(original: ModelSpec, candidate: ModelSpec, name: str) -> N
 class _Explainer:
     """One model's runner and CAM method."""
 
-    def __init__(self, prepared: PreparedModel, settings: AuditSettings):
+    def __init__(self, prepared: PreparedModel, settings: AuditSettings,
+                 device_inputs: DeviceInputs | None = None):
         self.prepared = prepared
         self.runner = ModelRunner(prepared, provider=settings.provider,
-                                  threads=settings.threads)
+                                  threads=settings.threads, device_inputs=device_inputs)
         self.cam = make_cam(settings.method, self.runner,
                             scorecam_channels=settings.scorecam_channels)
         self.info = ModelInfo(
@@ -519,8 +520,9 @@ def audit(original: str | Path | PreparedModel,
     image_set = _open(images, orig_prep.spec, preprocess, class_names, settings.strict)
     size = image_set.preprocess.size
 
-    orig = _Explainer(orig_prep, settings)
-    cands = [_Explainer(cp, settings) for cp in cand_preps]
+    shared = DeviceInputs()  # on CUDA, each batch crosses to the GPU once for all models
+    orig = _Explainer(orig_prep, settings, shared)
+    cands = [_Explainer(cp, settings, shared) for cp in cand_preps]
     o_out = _Collector()
     c_out = [_Collector() for _ in cands]
     worsts = [WorstImages(worst) for _ in cands]

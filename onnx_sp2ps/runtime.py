@@ -5,6 +5,11 @@ line about a CUDA fallback is returned in :attr:`ProviderChoice.note` for the CL
 
 Activations are handed out in NCHW whatever the model's feature layout, so that the CAM
 code has one convention; :meth:`ModelRunner.run_head` takes NCHW and converts back.
+
+On CPU every run is ``session.run``. A session that really got the CUDA provider is run
+through IO binding (:func:`_run`): the image batch is copied to the GPU once per batch,
+shared by the runners given the same :class:`DeviceInputs` (the audit's original and
+candidates), and the outputs the numpy CAM maths needs are bound to host memory.
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ __all__ = [
     "available_providers",
     "resolve_providers",
     "create_session",
+    "DeviceInputs",
     "ModelRunner",
 ]
 
 PROVIDERS = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+#: The GPU the CUDA provider runs on (its default; no option selects another).
+CUDA_DEVICE_ID = 0
 #: Bytes of perturbed feature maps sent to the head in one run.
 HEAD_CHUNK_BYTES = 64 * 2**20
 
@@ -58,10 +66,15 @@ class ProviderChoice:
 
     @property
     def device(self) -> str:
-        return "cuda" if self.providers and self.providers[0] == CUDA else "cpu"
+        return _device(self.providers)
 
     def to_dict(self) -> dict:
         return {"requested": self.requested, "used": list(self.providers), "note": self.note}
+
+
+def _device(providers: Sequence[str]) -> str:
+    """"cuda" when a session's providers (most preferred first) start with CUDA."""
+    return "cuda" if providers and providers[0] == CUDA else "cpu"
 
 
 def resolve_providers(requested: str, offered: Sequence[str]) -> tuple[list[str], str | None]:
@@ -203,6 +216,55 @@ def _as_float32(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def _run(session, names: list[str], feed: dict) -> list[np.ndarray]:
+    """The outputs ``names`` of one run, as numpy arrays.
+
+    On CPU this is ``session.run(names, feed)``. When the session really got CUDA it runs
+    through IO binding: values of ``feed`` that are OrtValues (already on the GPU, see
+    :class:`DeviceInputs`) are bound as they are, numpy arrays as host inputs (onnxruntime
+    copies them where the graph needs them: small ones such as the int64 targets, or maps
+    used once), and every output in ``names`` is bound to host memory, since the CAM
+    maths is numpy; outputs not in ``names`` are not copied back.
+    """
+    if _device(session.get_providers()) != "cuda":
+        return session.run(names, feed)
+    binding = session.io_binding()
+    for name, value in feed.items():
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        else:
+            binding.bind_ortvalue_input(name, value)
+    for name in names:
+        binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
+
+
+class DeviceInputs:
+    """The GPU copy of the latest image batch, shared by the runners given this object,
+    so that a batch that both the original and a candidate run on is copied to the
+    device once (:meth:`ModelRunner.run` on CUDA sessions; unused on CPU).
+
+    A copy is reused while the runners are handed the *same array object* (held here,
+    so its id cannot be reused by another array) with the same rows and input dtype;
+    any other array replaces the copies. Callers must not change a batch in place
+    between the runs that share it (the audit makes a new array for each batch).
+    """
+
+    def __init__(self):
+        self._host: np.ndarray | None = None
+        self._values: dict[tuple, object] = {}
+
+    def get(self, host: np.ndarray, key: tuple, upload: Callable[[], object]):
+        """The device value for ``key`` (rows and dtype) of ``host``, made by
+        ``upload()`` the first time it is asked for."""
+        if host is not self._host:
+            self._host, self._values = host, {}
+        if key not in self._values:
+            self._values[key] = upload()
+        return self._values[key]
+
+
 class ModelRunner:
     """Runs a :class:`PreparedModel`: the full model with its feature map and logits,
     and the head on (perturbed) feature maps.
@@ -213,11 +275,15 @@ class ModelRunner:
         From :func:`onnx_sp2ps.graph.prepare_model`.
     provider, threads
         See :func:`create_session`.
+    device_inputs
+        Shared by runners that run the same batches (on CUDA, each batch is then copied
+        to the GPU once for all of them); by default each run copies its own.
     """
 
     def __init__(self, prepared: PreparedModel, *, provider: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, device_inputs: DeviceInputs | None = None):
         self.prepared = prepared
+        self._uploads = device_inputs
         spec = prepared.spec
         self._name = prepared.path or "model"
         self._threads = threads
@@ -296,16 +362,21 @@ class ModelRunner:
         the same run also computes d logit_target / dA; :meth:`head_gradients` then
         returns it for these activations without another run.
         """
+        return self._run_model(inputs, targets, self._uploads)
+
+    def _run_model(self, inputs: np.ndarray, targets: np.ndarray | None,
+                   uploads: DeviceInputs | None) -> tuple[np.ndarray, np.ndarray]:
         fused = self._fused is not None and targets is not None
         names = self._outputs + ([self._grad[0].gradient, self._grad[0].target_used]
                                  if fused else [])
         session = self._fused if fused else self.session
+        on_device = _device(session.get_providers()) == "cuda"
         parts: list[list[np.ndarray]] = [[] for _ in names]
         for span in _spans(len(inputs), self.batch_limit):
-            feed = {self._input: self._as_input(inputs[span])}
+            feed = {self._input: self._image_input(inputs, span, on_device, uploads)}
             if fused:
                 feed[self._grad[0].target] = np.asarray(targets[span], dtype=np.int64)
-            for part, value in zip(parts, session.run(names, feed)):
+            for part, value in zip(parts, _run(session, names, feed)):
                 part.append(value)
         activations = self._to_nchw(_as_float32(np.concatenate(parts[0])))
         out = _as_float32(np.concatenate(parts[1]))
@@ -315,6 +386,21 @@ class ModelRunner:
             grads = self._to_nchw(_as_float32(np.concatenate(parts[2])))
             self._cache = (activations, np.concatenate(parts[3]), logits, grads)
         return activations, logits
+
+    def _image_input(self, inputs: np.ndarray, span: slice, on_device: bool,
+                     uploads: DeviceInputs | None):
+        """The image input of the run on ``inputs[span]``: the host array, or on CUDA its
+        copy on the GPU (made once for all runners sharing ``uploads``)."""
+        if not on_device:
+            return self._as_input(inputs[span])
+
+        def upload():
+            return _ort().OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(self._as_input(inputs[span])), "cuda", CUDA_DEVICE_ID)
+
+        if uploads is None:
+            return upload()
+        return uploads.get(inputs, (span.start, span.stop, self._input_dtype), upload)
 
     def _as_input(self, images: np.ndarray) -> np.ndarray:
         """Preprocessed images in the dtype of the model's image input."""
@@ -338,8 +424,9 @@ class ModelRunner:
         return _spans(len(activations), self.head_batch_limit)
 
     def run_inputs(self, inputs: np.ndarray) -> np.ndarray:
-        """Logits (N, K) only, for full-model runs on masked inputs."""
-        return self.run(inputs)[1]
+        """Logits (N, K) only, for full-model runs on masked inputs (used once: they do
+        not replace the batch shared through ``device_inputs``)."""
+        return self._run_model(inputs, None, None)[1]
 
     # -- head ----------------------------------------------------------------------
 
@@ -351,8 +438,8 @@ class ModelRunner:
 
     def _head(self, activations: np.ndarray) -> np.ndarray:
         session = self.head_session
-        return session.run([self._head_output],
-                           {self._head_input: self._to_head_layout(activations)})[0]
+        return _run(session, [self._head_output],
+                    {self._head_input: self._to_head_layout(activations)})[0]
 
     def _probe_head_batch(self, activations: np.ndarray) -> None:
         """Find whether the head takes batches > 1 (some exports hard-code batch 1)."""
@@ -386,7 +473,7 @@ class ModelRunner:
             self._grad = (grad, session)
         logits, grads = [], []
         for span in self._head_spans(activations):
-            y, g = session.run([grad.logits, grad.gradient], {
+            y, g = _run(session, [grad.logits, grad.gradient], {
                 grad.feature: self._to_head_layout(activations[span]),
                 grad.target: np.asarray(targets[span], dtype=np.int64)})
             logits.append(y)
