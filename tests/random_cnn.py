@@ -19,7 +19,9 @@ What is drawn
       -> GlobalAveragePool -> Flatten (NHWC models: or -> Transpose back to NHWC -> [Relu]
       -> ReduceMean over H, W, as tf2onnx exports it); ``flatten_abs_mlp`` as
       ``flatten_mlp`` with Abs, an op with no backward rule in onnx_sp2ps.backward (the
-      finite-difference fallback);
+      finite-difference fallback); not drawn, only asked for with ``random_cnn(seed,
+      head=...)``: ``flatten_softplus_mlp`` and ``flatten_atan_mlp`` (:data:`SMOOTH_HEADS`),
+      the same with Softplus or Atan, smooth curved ops that have no backward rule either;
     * final Softmax or none; layout NCHW or NHWC (tf2onnx style: the image is NHWC and
       every Conv sits between Transposes); exporter naming torch / tf / paddle
       (``onnx_builders._GraphWriter``); weights as initializers or Constant nodes;
@@ -47,6 +49,16 @@ HEADS = ("gap_gemm", "reducemean_matmul", "flatten_mlp", "avgpool_gemm", "conv1x
          "flatten_abs_mlp")
 #: Heads whose ops all have a backward rule in onnx_sp2ps.backward.
 EXACT_HEADS = HEADS[:-1]
+#: Smooth, curved heads without a backward rule (finite differences): only on request.
+SMOOTH_HEADS = ("flatten_softplus_mlp", "flatten_atan_mlp")
+#: The hidden activation of each Flatten -> Gemm -> act -> Gemm head, with its derivative.
+MLP_ACTIVATIONS = {
+    "flatten_mlp": ("Relu", lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(float)),
+    "flatten_abs_mlp": ("Abs", np.abs, np.sign),
+    "flatten_softplus_mlp": ("Softplus", lambda z: np.logaddexp(0.0, z),
+                             lambda z: 0.5 * (1.0 + np.tanh(0.5 * z))),
+    "flatten_atan_mlp": ("Atan", np.arctan, lambda z: 1.0 / (1.0 + z * z)),
+}
 ACTIVATIONS = ("Relu", "LeakyRelu", "HardSwish", "Clip", "SigmoidGate")
 STYLES = ("torch", "tf", "paddle")
 LAYOUTS = ("NCHW", "NHWC")
@@ -133,9 +145,8 @@ class NumpyCNN:
         p = {k: np.asarray(v, np.float64) for k, v in self.params.items()}
         if self.head in ("gap_gemm", "reducemean_matmul", "avgpool_gemm"):
             return a.mean(axis=(2, 3)) @ p["w"] + p["b"]
-        if self.head in ("flatten_mlp", "flatten_abs_mlp"):
-            z = self._hidden(a)
-            hidden = np.maximum(z, 0.0) if self.head == "flatten_mlp" else np.abs(z)
+        if self.head in MLP_ACTIVATIONS:
+            hidden = MLP_ACTIVATIONS[self.head][1](self._hidden(a))
             return hidden @ p["w2"] + p["b2"]
         scores = np.einsum("ck,nchw->nkhw", p["w"], a) + p["b"][None, :, None, None]
         if self.params["relu"]:
@@ -156,10 +167,8 @@ class NumpyCNN:
         if self.head in ("gap_gemm", "reducemean_matmul", "avgpool_gemm"):
             per_channel = p["w"][:, targets].T / (h * w)  # (N, C)
             return np.broadcast_to(per_channel[:, :, None, None], a.shape).copy()
-        if self.head in ("flatten_mlp", "flatten_abs_mlp"):
-            z = self._hidden(a)
-            slope = (z > 0).astype(np.float64) if self.head == "flatten_mlp" \
-                else np.sign(z)
+        if self.head in MLP_ACTIVATIONS:
+            slope = MLP_ACTIVATIONS[self.head][2](self._hidden(a))
             d_flat = (p["w2"][:, targets].T * slope) @ p["w1"].T  # (N, F)
             if self.flatten_nhwc:
                 return d_flat.reshape(n, h, w, c).transpose(0, 3, 1, 2)
@@ -199,13 +208,16 @@ def _scopes(style: str, i: int, act: str) -> tuple[str, str, str]:
     return f"conv2d_{i}", f"batch_norm2d_{i}", f"{act.lower()}_{i}"
 
 
-def random_cnn(seed: int) -> RandomCNN:
-    """Draw one classifier from ``seed`` (see the module docstring)."""
+def random_cnn(seed: int, head: str | None = None) -> RandomCNN:
+    """Draw one classifier from ``seed`` (see the module docstring); ``head`` replaces the
+    drawn head form (every other draw stays the same)."""
+    if head is not None and head not in HEADS + SMOOTH_HEADS:
+        raise ValueError(f"head={head!r}: choose one of {HEADS + SMOOTH_HEADS}")
     rng = np.random.default_rng(seed)
     style = str(rng.choice(STYLES))
     layout = str(rng.choice(LAYOUTS))
     weights = str(rng.choice(WEIGHTS))
-    head = HEADS[seed % len(HEADS)]  # every head form in any run of len(HEADS) seeds
+    head = head or HEADS[seed % len(HEADS)]  # every form in any run of len(HEADS) seeds
     act = str(rng.choice(ACTIVATIONS))
     opset = int(rng.choice(OPSETS))
     if act == "HardSwish":
@@ -309,14 +321,14 @@ def random_cnn(seed: int) -> RandomCNN:
         params["b"] = g.small((num_classes,))
         x = g.op("MatMul", [x, g.param(fc, "weight", params["w"])], fc)
         x = g.op("Add", [x, g.param(fc, "bias", params["b"])], fc)
-    elif head in ("flatten_mlp", "flatten_abs_mlp"):
+    elif head in MLP_ACTIVATIONS:
         feature_map = x
         flatten_nhwc = nhwc
         hidden = int(rng.integers(4, 17))
         x = g.op("Flatten", [x], pick("", "flatten", "flatten_0"), axis=1)
         x, params["w1"], params["b1"] = gemm(x, c_in * h * w, hidden,
                                              pick("classifier.0", "dense", "linear_0"))
-        hidden_act = "Relu" if head == "flatten_mlp" else "Abs"
+        hidden_act = MLP_ACTIVATIONS[head][0]
         x = g.op(hidden_act, [x], pick("classifier.1", "dense", f"{hidden_act.lower()}_0"))
         x, params["w2"], params["b2"] = gemm(x, hidden, num_classes,
                                              pick("classifier.2", "dense_1", "linear_1"))

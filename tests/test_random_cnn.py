@@ -5,7 +5,8 @@ and head gradients onnx-sp2ps computes equal the numpy forward pass and the anal
 gradient; and the Grad-CAM maps of ``compute_cams`` equal
 ``normalise(zoom(relu(sum_k mean(dy_c/dA_k) A_k)))`` computed in numpy/scipy (DESIGN.md,
 "CAM without autograd" and pipeline step 5). Heads with an op without a backward rule
-(Abs) must take the documented finite-difference path and still agree.
+(Abs; Softplus and Atan, smooth and curved, in the heads asked for by ``SMOOTH_CASES``) must
+take the documented finite-difference path and still agree, to ``FD_RTOL``.
 """
 
 from __future__ import annotations
@@ -18,24 +19,35 @@ import pytest
 from scipy import ndimage
 
 from onnx_sp2ps.cams.base import position_gradients
+from onnx_sp2ps.cams.gradcam import channel_gradient_sums
 from onnx_sp2ps.errors import UsageError
 from onnx_sp2ps.graph import analyse_model, prepare_model
 from onnx_sp2ps.pipeline import compute_cams
 from onnx_sp2ps.runtime import ModelRunner
-from random_cnn import ACTIVATIONS, HEADS, LAYOUTS, OPSETS, STYLES, WEIGHTS, random_cnn
+from random_cnn import (ACTIVATIONS, HEADS, LAYOUTS, MLP_ACTIVATIONS, OPSETS, SMOOTH_HEADS,
+                        STYLES, WEIGHTS, random_cnn)
 
 #: Seed 107 drew a Tanh head (Tanh had no backward rule then) on which the finite-difference
 #: Grad-CAM once refined smooth channels into float32 noise (a map 6 % off); the
 #: fallback head is now Abs (piecewise linear: central differences are exact off kinks).
 SEEDS = (*range(30), 107)
+#: Seeds 5 and 107 with a Softplus or Atan hidden layer: the finite-difference Grad-CAM
+#: was 8 % and 3 % off there (a kink refinement that shrank the step into float32 noise);
+#: 17, 21 and 23 gave the largest errors after the fix.
+SMOOTH_CASES = [(seed, head) for head in SMOOTH_HEADS for seed in (5, 17, 21, 23, 107)]
+CASES = [(seed, None) for seed in SEEDS] + SMOOTH_CASES
 BATCH = 3
 #: float32 onnxruntime against float64 numpy, relative to the largest value.
 RTOL = 1e-4
+#: Finite differences (Richardson-extrapolated, float32 head) against the analytic
+#: gradient, relative to the largest value: measured <= 2.5e-4 (channel sums), 5e-4
+#: (per position) and 4.4e-4 (normalised maps) over these seeds.
+FD_RTOL = 1e-3
 
 
 @lru_cache(maxsize=None)
-def built(seed: int):
-    net = random_cnn(seed)
+def built(seed: int, head: str | None = None):
+    net = random_cnn(seed, head=head)
     return net, prepare_model(net.built.model)
 
 
@@ -58,6 +70,16 @@ def reference_gradcam(net, images: np.ndarray, targets: np.ndarray):
     span = up.max(axis=(1, 2), keepdims=True) - low
     maps = np.where(span > 0, (up - low) / np.where(span > 0, span, 1.0), 0.0)
     return raw, maps
+
+
+def gradcam_of(seed: int, head: str | None, tmp_path):
+    """(images, ModelMaps, info) of ``compute_cams`` Grad-CAM on the seed's test images."""
+    net, prepared = built(seed, head)
+    images = net.built.random_input(seed=seed + 1000, batch=BATCH)
+    np.save(tmp_path / "x.npy", images)
+    maps, info, _ = compute_cams(prepared, tmp_path / "x.npy", method="gradcam",
+                                 provider="cpu", threads=1)
+    return images, maps, info
 
 
 def test_the_seeds_cover_every_form_the_generator_draws():
@@ -94,9 +116,9 @@ def test_detection_finds_the_drawn_feature_map_and_logits(seed):
     assert ("Abs" in spec.head_ops) == (net.built.head == "flatten_abs_mlp")
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_runner_activations_logits_and_gradients_equal_the_numpy_twin(seed):
-    net, prepared = built(seed)
+@pytest.mark.parametrize("seed, head", CASES)
+def test_runner_activations_logits_and_gradients_equal_the_numpy_twin(seed, head):
+    net, prepared = built(seed, head)
     runner = ModelRunner(prepared, provider="cpu", threads=1)
     images = net.built.random_input(seed=seed, batch=BATCH)
     acts, logits = runner.run(images)
@@ -117,27 +139,26 @@ def test_runner_activations_logits_and_gradients_equal_the_numpy_twin(seed):
         assert_close(runner.head_gradients(fused_acts, targets)[1],
                      net.reference.head_gradient(fused_acts, targets),
                      what=f"fused gradient, {net.description}")
-    else:  # documented fallback: no backward rule for Abs -> finite differences
+    else:  # documented fallback: no backward rule for Abs/Softplus/Atan -> differences
         assert runner.gradient_path == "finite-difference"
-        assert "Abs" in runner.gradient_note
+        assert MLP_ACTIVATIONS[net.built.head][0] in runner.gradient_note
         with pytest.raises(UsageError, match="no exact gradient"):
             runner.head_gradients(acts, targets)
-        assert_close(position_gradients(runner, acts, targets), expected, rtol=5e-3,
+        assert_close(position_gradients(runner, acts, targets), expected, rtol=FD_RTOL,
                      what=f"finite-difference gradient, {net.description}")
+        assert_close(channel_gradient_sums(runner, acts, targets), expected.sum(axis=(2, 3)),
+                     rtol=FD_RTOL, what=f"finite-difference channel sums, {net.description}")
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_gradcam_maps_equal_the_numpy_twin(seed, tmp_path):
-    net, prepared = built(seed)
-    images = net.built.random_input(seed=seed + 1000, batch=BATCH)
-    np.save(tmp_path / "x.npy", images)
-    maps, info, _ = compute_cams(prepared, tmp_path / "x.npy", method="gradcam",
-                                 provider="cpu", threads=1)
+@pytest.mark.parametrize("seed, head", CASES)
+def test_gradcam_maps_equal_the_numpy_twin(seed, head, tmp_path):
+    net = built(seed, head)[0]
+    images, maps, info = gradcam_of(seed, head, tmp_path)
     assert info.gradient == ("exact" if net.exact_gradient else "finite-difference")
     np.testing.assert_array_equal(maps.targets, np.argmax(maps.logits, axis=1))
     assert_close(maps.logits, net.reference.forward(images)[1], what=net.description)
     raw, expected = reference_gradcam(net, images, maps.targets)
-    rtol = RTOL if net.exact_gradient else 2e-3  # central differences: O(eps^2) off
+    rtol = RTOL if net.exact_gradient else FD_RTOL
     scale = np.abs(raw).max(axis=(1, 2))
     compared = 0
     for i in range(BATCH):
@@ -153,3 +174,13 @@ def test_gradcam_maps_equal_the_numpy_twin(seed, tmp_path):
                                        atol=2 * rtol * scale[i] / span, err_msg=what)
             compared += 1
     assert compared, f"every map is nearly flat, pick another seed: {net.description}"
+
+
+@pytest.mark.parametrize("seed, head", SMOOTH_CASES)
+def test_finite_difference_maps_of_smooth_heads_are_within_1e_3(seed, head, tmp_path):
+    # Normalised maps in [0, 1]: an absolute bound, on every image (flat-ish ones too).
+    net = built(seed, head)[0]
+    images, maps, info = gradcam_of(seed, head, tmp_path)
+    assert info.gradient == "finite-difference"
+    _, expected = reference_gradcam(net, images, maps.targets)
+    assert np.abs(maps.maps - expected).max() < 1e-3, net.description
