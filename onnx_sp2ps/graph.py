@@ -312,16 +312,16 @@ def is_too_large(model: onnx.ModelProto) -> bool:
 
 def _copy_fields(src, dst, skip: str) -> None:
     """Copy every set field of message ``src`` into ``dst`` except ``skip``."""
-    for field, value in src.ListFields():
-        if field.name == skip:
+    for descriptor, value in src.ListFields():
+        if descriptor.name == skip:
             continue
-        target = getattr(dst, field.name)
+        target = getattr(dst, descriptor.name)
         if hasattr(value, "extend") or isinstance(value, (list, tuple)):
             target.extend(value)
         elif hasattr(value, "CopyFrom"):
             target.CopyFrom(value)
         else:
-            setattr(dst, field.name, value)
+            setattr(dst, descriptor.name, value)
 
 
 def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
