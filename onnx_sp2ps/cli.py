@@ -648,7 +648,11 @@ def _stems(paths) -> list[str]:
 
 
 def _overlay_name(path: str) -> str:
-    return _safe_name(str(Path(path).with_suffix(""))) + ".png"
+    """``0/cat.jpg`` -> ``0_cat.png``; a row of an array, ``x.npy[12]``, -> ``x.npy_12.png``
+    (its whole name: with the suffix cut at the dot, every row would share one file)."""
+    suffix = Path(path).suffix
+    stem = path[:-len(suffix)] if suffix[1:].isalnum() else path
+    return _safe_name(stem) + ".png"
 
 
 class _OverlayStreamer:
@@ -669,11 +673,14 @@ class _OverlayStreamer:
 
 def _worst_images(result, out_dir: Path | None) -> dict:
     """Worst images per candidate for the HTML page (and their PNG overlays)."""
-    from onnx_sp2ps.report import WorstImage, overlay_image, png_bytes, write_png
+    from onnx_sp2ps.report import WorstImage, overlay_image, png_bytes, write_atomic
 
     stems = _stems([result.original.path] + [c.model.path for c in result.candidates])
     labels = result.labels
     out: dict = {}
+    # Each PNG is encoded once: the same bytes go to the page and to the overlay file,
+    # and an image among the worst of several candidates is not encoded again.
+    originals: dict[int, tuple[bytes, bytes]] = {}  # index -> (image, original overlay)
     for cand, stem in zip(result.candidates, stems[1:]):
         rows = []
         w = cand.worst
@@ -682,16 +689,22 @@ def _worst_images(result, out_dir: Path | None) -> dict:
         for k, pos in enumerate(w.positions):
             index = int(result.indices[pos])
             rgb = result.images.display_image(index)
-            over_o = overlay_image(rgb, w.original_maps[k])
-            over_c = overlay_image(rgb, w.candidate_maps[k])
             path = result.images.paths[index]
+            if index not in originals:
+                original_png = png_bytes(overlay_image(rgb, w.original_maps[k]))
+                originals[index] = (png_bytes(rgb), original_png)
+                if out_dir is not None:
+                    write_atomic(out_dir / "overlays" / stems[0] / _overlay_name(path),
+                                 lambda handle: handle.write(original_png))
+            image_png, original_png = originals[index]
+            candidate_png = png_bytes(overlay_image(rgb, w.candidate_maps[k]))
             if out_dir is not None:
-                write_png(out_dir / "overlays" / stems[0] / _overlay_name(path), over_o)
-                write_png(out_dir / "overlays" / stem / _overlay_name(path), over_c)
+                write_atomic(out_dir / "overlays" / stem / _overlay_name(path),
+                             lambda handle: handle.write(candidate_png))
             label = None if labels is None or labels[pos] < 0 else int(labels[pos])
             rows.append(WorstImage(
-                path=path, image_png=png_bytes(rgb), original_png=png_bytes(over_o),
-                candidate_png=png_bytes(over_c), spatial=float(cand.scores.spatial[pos]),
+                path=path, image_png=image_png, original_png=original_png,
+                candidate_png=candidate_png, spatial=float(cand.scores.spatial[pos]),
                 spectral=float(cand.scores.spectral[pos]), score=float(cand.scores.score[pos]),
                 prediction_original=int(result.original_predictions[pos]),
                 prediction_candidate=int(cand.predictions[pos]), label=label))

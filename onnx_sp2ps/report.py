@@ -378,19 +378,27 @@ def colormap(values: np.ndarray) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     bad = ~np.isfinite(v)
     t = np.clip(np.where(bad, 0.0, v), 0.0, 1.0)[..., None]
-    rgb = np.zeros(t.shape[:-1] + (3,))
-    for coeff in _VIRIDIS[::-1]:
-        rgb = rgb * t + coeff
-    rgb = np.clip(rgb, 0.0, 1.0)
+    # Horner's rule in place (the same operations as rgb = rgb * t + coeff from zeros).
+    rgb = np.empty(t.shape[:-1] + (3,))
+    rgb[...] = _VIRIDIS[-1]
+    for coeff in _VIRIDIS[-2::-1]:
+        rgb *= t
+        rgb += coeff
+    np.clip(rgb, 0.0, 1.0, out=rgb)
     rgb[bad] = 0.5
-    return np.round(rgb * 255).astype(np.uint8)
+    rgb *= 255
+    return np.round(rgb, out=rgb).astype(np.uint8)
 
 
 def overlay_image(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
     """The CAM ``(H, W)`` in [0, 1] over an image ``(H, W, 3)`` uint8."""
+    mixed = image.astype(np.float64)
+    mixed *= 1.0 - alpha
     colours = colormap(cam).astype(np.float64)
-    mixed = (1.0 - alpha) * image.astype(np.float64) + alpha * colours
-    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+    colours *= alpha
+    mixed += colours
+    np.round(mixed, out=mixed)
+    return np.clip(mixed, 0, 255, out=mixed).astype(np.uint8)
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:

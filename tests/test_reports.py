@@ -154,6 +154,19 @@ def test_worst_overlays_are_written_for_each_model(audited):
     assert image.size == (32, 32) and image.mode == "RGB"
 
 
+def test_worst_overlays_of_array_rows_get_one_file_each(capsys, workspace, tmp_path):
+    # Rows of an .npy are named "x.npy[i]": each overlay needs its own file.
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "x.npy", rng.random((6, 3, 32, 32), dtype=np.float32))
+    code, _, _ = run(capsys, "audit", workspace / "orig.onnx", workspace / "cand.onnx",
+                     "--images", tmp_path / "x.npy", "--out", tmp_path / "out", "--worst",
+                     "4", "-q")
+    assert code == 0
+    for model in ("orig", "cand"):
+        names = sorted(p.name for p in (tmp_path / "out" / "overlays" / model).glob("*.png"))
+        assert len(names) == 4 and all(n.startswith("x.npy_") for n in names)
+
+
 def test_overlays_all_writes_every_image(capsys, workspace, tmp_path):
     code, _, _ = run(capsys, "audit", workspace / "orig.onnx", workspace / "cand.onnx",
                      "--images", workspace / "images", "--out", tmp_path, "--overlays",

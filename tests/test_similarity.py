@@ -389,7 +389,8 @@ def test_map_stack_of_wrong_rank_raises():
 
 
 @pytest.mark.parametrize("workers", [1, 4])
-def test_the_callers_errstate_holds_in_worker_threads(workers):
+def test_the_callers_errstate_holds_in_worker_threads(workers, monkeypatch):
+    monkeypatch.setattr(similarity, "_MIN_CHUNK_PIXELS", 0)  # small maps on threads too
     rng = np.random.default_rng(3)
     maps = rng.random((8, 32, 32))
     other = maps.copy()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import onnx_sp2ps.runtime as runtime
+import onnx_sp2ps.similarity as similarity
 from onnx_sp2ps import audit
 from onnx_sp2ps.data import InputSpec, open_images
 from onnx_sp2ps.errors import UsageError
@@ -88,7 +89,8 @@ def test_streaming_a_large_npy_keeps_few_of_its_pages_resident(tmp_path):
     assert images.display_image(3).shape == (size, size, 3)
 
 
-def test_ssim_and_scores_do_not_depend_on_the_number_of_threads():
+def test_ssim_and_scores_do_not_depend_on_the_number_of_threads(monkeypatch):
+    monkeypatch.setattr(similarity, "_MIN_CHUNK_PIXELS", 0)  # small maps on threads too
     rng = np.random.default_rng(7)
     maps_a = rng.random((9, 40, 36))
     maps_b = np.clip(maps_a + rng.normal(0, 0.2, maps_a.shape), 0, 1)
