@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -15,6 +17,12 @@ FIXTURES = TESTS / "fixtures"
 
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+# Property tests draw the same examples on every run (CI must not fail by chance);
+# HYPOTHESIS_PROFILE=explore draws new ones, to look for failures by hand.
+settings.register_profile("repeatable", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def sha256(path: Path) -> str:
