@@ -371,6 +371,10 @@ class ModelRunner:
                                  if fused else [])
         session = self._fused if fused else self.session
         on_device = _device(session.get_providers()) == "cuda"
+        count = len(inputs)
+        inputs = _padded(inputs, self.batch_limit)  # a fixed batch takes only full batches
+        if fused:
+            targets = _padded(np.asarray(targets), self.batch_limit)
         parts: list[list[np.ndarray]] = [[] for _ in names]
         for span in _spans(len(inputs), self.batch_limit):
             feed = {self._input: self._image_input(inputs, span, on_device, uploads)}
@@ -378,13 +382,13 @@ class ModelRunner:
                 feed[self._grad[0].target] = np.asarray(targets[span], dtype=np.int64)
             for part, value in zip(parts, _run(session, names, feed)):
                 part.append(value)
-        activations = self._to_nchw(_as_float32(np.concatenate(parts[0])))
-        out = _as_float32(np.concatenate(parts[1]))
+        activations = self._to_nchw(_as_float32(np.concatenate(parts[0])[:count]))
+        out = _as_float32(np.concatenate(parts[1])[:count])
         logits = out.reshape(len(out), -1)
         self._cache = None
         if fused:
-            grads = self._to_nchw(_as_float32(np.concatenate(parts[2])))
-            self._cache = (activations, np.concatenate(parts[3]), logits, grads)
+            grads = self._to_nchw(_as_float32(np.concatenate(parts[2])[:count]))
+            self._cache = (activations, np.concatenate(parts[3])[:count], logits, grads)
         return activations, logits
 
     def _image_input(self, inputs: np.ndarray, span: slice, on_device: bool,
@@ -432,9 +436,12 @@ class ModelRunner:
 
     def run_head(self, activations: np.ndarray) -> np.ndarray:
         """Logits (M, K) float32 of the head for feature maps (M, C, h, w) in NCHW."""
-        outs = [self._head(activations[span]) for span in self._head_spans(activations)]
-        y = _as_float32(np.concatenate(outs)) if outs else np.zeros((0, 0), np.float32)
-        return y.reshape(len(activations), -1)
+        count = len(activations)
+        spans = self._head_spans(activations)
+        activations = _padded(activations, self.head_batch_limit)
+        outs = [self._head(activations[span]) for span in spans]
+        y = _as_float32(np.concatenate(outs)[:count]) if outs else np.zeros((0, 0), np.float32)
+        return y.reshape(count, -1)
 
     def _head(self, activations: np.ndarray) -> np.ndarray:
         session = self.head_session
@@ -446,12 +453,18 @@ class ModelRunner:
         self._head_checked = True
         if len(activations) < 2:
             return
-        try:
-            y = self._head(activations[:2])
-            if len(y) != 2:
-                raise ValueError("batch not preserved")
-        except Exception:
-            self.head_batch_limit = 1
+        # Two maps at once; else the model's own fixed batch (a head may hard-code it
+        # in a Reshape), else one at a time.
+        for limit in (None, self.batch_limit, 1):
+            size = 2 if limit is None else limit
+            try:
+                y = self._head(_padded(activations[:size], size))
+                if len(y) == size:
+                    self.head_batch_limit = limit
+                    return
+            except Exception:
+                pass
+        self.head_batch_limit = 1
 
     @property
     def has_exact_gradient(self) -> bool:
@@ -472,14 +485,19 @@ class ModelRunner:
             session = self._create(grad.model, f"head gradient of {self._name}")
             self._grad = (grad, session)
         logits, grads = [], []
-        for span in self._head_spans(activations):
+        count = len(activations)
+        spans = self._head_spans(activations)
+        activations = _padded(activations, self.head_batch_limit)
+        targets = _padded(np.asarray(targets), self.head_batch_limit)
+        for span in spans:
             y, g = _run(session, [grad.logits, grad.gradient], {
                 grad.feature: self._to_head_layout(activations[span]),
                 grad.target: np.asarray(targets[span], dtype=np.int64)})
             logits.append(y)
             grads.append(g)
-        y = _as_float32(np.concatenate(logits))
-        return y.reshape(len(y), -1), self._to_nchw(_as_float32(np.concatenate(grads)))
+        y = _as_float32(np.concatenate(logits)[:count])
+        return (y.reshape(count, -1),
+                self._to_nchw(_as_float32(np.concatenate(grads)[:count])))
 
     def head_chunk(self, per_item_shape: tuple[int, ...]) -> int:
         """How many feature maps of ``per_item_shape`` fit in one head run."""
@@ -493,6 +511,16 @@ class ModelRunner:
         step = self.head_chunk(per_item_shape)
         outs = [self.run_head(make(s, min(s + step, total))) for s in range(0, total, step)]
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def _padded(rows: np.ndarray, limit: int | None) -> np.ndarray:
+    """``rows`` padded with copies of the last row to a multiple of ``limit`` (a model
+    exported with a fixed batch size takes only full batches; the extra rows' results
+    are dropped)."""
+    if not limit or len(rows) % limit == 0 or len(rows) == 0:
+        return rows
+    extra = limit - len(rows) % limit
+    return np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)])
 
 
 def _spans(total: int, limit: int | None):

@@ -10,6 +10,7 @@ from onnx import numpy_helper
 from onnx_builders import build_cnn, run_model
 from onnx_sp2ps.errors import ModelError, UsageError
 from onnx_sp2ps.graph import prepare_model
+from onnx_sp2ps.pipeline import compute_cams
 from onnx_sp2ps.runtime import (CPU, CUDA, ModelRunner, available_providers,
                                 create_session, resolve_providers)
 
@@ -133,3 +134,25 @@ def test_gradients_from_the_fused_run_equal_the_head_gradient_run(layout):
     runner.head_gradients(acts, own)  # served from the fused run
     with pytest.raises(AssertionError):  # other targets: a new head-gradient run
         runner.head_gradients(acts, (own + 1) % built.num_classes)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ablationcam", "eigencam"])
+def test_a_fixed_batch_above_one_takes_padded_batches(tmp_path, method):
+    # Exported with batch 3 hard-coded (also in the head's Reshape); 7 images leave a last
+    # batch of 1, which is padded and trimmed. The maps equal the dynamic-batch twin's.
+    fixed = build_cnn(head="gap_reshape_matmul", fixed_batch=3, seed=4).model
+    for t in fixed.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        if arr.dtype == np.int64 and arr.tolist() == [-1, 16]:
+            t.CopyFrom(numpy_helper.from_array(np.array([3, 16], np.int64), t.name))
+    onnx.checker.check_model(fixed)
+    free = build_cnn(head="gap_reshape_matmul", seed=4).model
+    images = np.random.default_rng(5).standard_normal((7, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    maps = {}
+    for name, model in (("fixed", fixed), ("free", free)):
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        maps[name], _, _ = compute_cams(tmp_path / f"{name}.onnx", tmp_path / "x.npy",
+                                        method=method, batch_size=4, provider="cpu")
+    np.testing.assert_allclose(maps["fixed"].logits, maps["free"].logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps["fixed"].maps, maps["free"].maps, rtol=1e-4, atol=1e-5)
