@@ -111,7 +111,7 @@ def _quiet_ort():
 def _session_options(threads: int | None):
     ort = _ort()
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors reach the user once, as one line of ours
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
@@ -165,6 +165,7 @@ def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
                 "missing); running on CPU")
     # onnxruntime reads the held weights in place: they must live as long as the session.
     session.sp2ps_held_weights = held
+    session.sp2ps_what = what  # named in errors of later runs
     return session, ProviderChoice(requested=provider, providers=got, note=note)
 
 
@@ -226,6 +227,24 @@ def _run(session, names: list[str], feed: dict) -> list[np.ndarray]:
     used once), and every output in ``names`` is bound to host memory, since the CAM
     maths is numpy; outputs not in ``names`` are not copied back.
     """
+    try:
+        return _run_unchecked(session, names, feed)
+    except Exception as exc:
+        if type(exc).__module__ != "onnxruntime.capi.onnxruntime_pybind11_state":
+            raise
+        # onnxruntime refused these inputs: the model cannot run at this size or on this
+        # data (e.g. a Flatten head exported for another input size), not a bug of ours.
+        text = " ".join(str(exc).split())
+        for marker in ("Status Message:", "INVALID_ARGUMENT :", "FAIL :"):
+            if marker in text:
+                text = text.split(marker, 1)[1].strip()
+        what = getattr(session, "sp2ps_what", "model")
+        raise ModelError(f"onnxruntime could not run the {what} on these inputs: {text[:300]}: "
+                         "check --size and the preprocessing against what the model was "
+                         "exported for") from exc
+
+
+def _run_unchecked(session, names: list[str], feed: dict) -> list[np.ndarray]:
     if _device(session.get_providers()) != "cuda":
         return session.run(names, feed)
     binding = session.io_binding()

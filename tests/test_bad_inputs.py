@@ -314,6 +314,42 @@ def fixed_input_size_the_images_cannot_be_brought_to(b, tmp):
     return _audit(b, b.model, "--size", "48x48")
 
 
+@case(3, "flat_head.onnx on these inputs: GEMM: Dimension mismatch",
+      "check --size and the preprocessing")
+def size_a_dynamic_model_cannot_run_at(b, tmp):
+    # Symbolic H and W in the input, but the Flatten head's weights fix 32x32.
+    flat = build_cnn(size=SIZE, num_classes=CLASSES, head="flatten_mlp", symbolic=True).model
+    path = _save(flat, tmp / "flat_head.onnx")
+    return ["audit", path, path, "--images", b.images, "--size", "48x48"]
+
+
+@case(3, "model input 'input' is uint8", "--preprocess raw")
+def fractional_values_for_a_uint8_input(b, tmp):
+    model = _copy(build_cnn(size=SIZE, num_classes=CLASSES).model)
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    for node in model.graph.node:
+        node.input[:] = ["pixels" if i == "input" else i for i in node.input]
+    model.graph.node.insert(0, onnx.helper.make_node("Cast", ["input"], ["pixels"],
+                                                     to=onnx.TensorProto.FLOAT))
+    path = _save(model, tmp / "uint8.onnx")
+    return ["audit", path, path, "--images", b.images]
+
+
+@case(3, "point outside the model's folder", "keep external data files next to the model")
+def external_data_outside_the_models_folder(b, tmp):
+    model = onnx.load(str(b.model))
+    onnx.save_model(model, str(_mkparent(tmp / "exported" / "model.onnx")),
+                    save_as_external_data=True, location="weights.bin", size_threshold=0)
+    (tmp / "exported" / "weights.bin").rename(tmp / "weights.bin")
+    stored = onnx.load(str(tmp / "exported" / "model.onnx"), load_external_data=False)
+    for t in stored.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    (tmp / "exported" / "model.onnx").write_bytes(stored.SerializeToString())
+    return _audit(b, tmp / "exported" / "model.onnx")
+
+
 @case(3, "does not exist", "pass a folder of images")
 def image_folder_missing(b, tmp):
     return _audit(b, b.model, images=tmp / "nowhere")
