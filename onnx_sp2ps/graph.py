@@ -764,7 +764,23 @@ def _find_logits(g: _Graph, logits_name: str | None) -> tuple[str, str | None]:
             name, act = _walk_to_logits(g, cand)
             if act is not None:
                 return name, act
+        out = _classifier_outputs(g)[0]
     return _walk_to_logits(g, out)
+
+
+def _classifier_outputs(g: _Graph) -> list[str]:
+    """Outputs that can be logits, best first: one vector per image (not a feature map)
+    and computed from no other output (models that also return their features or
+    embeddings, before or after the logits); else all outputs in graph order."""
+    def vector(name: str) -> bool:
+        shape = g.info(name).shape
+        return shape is None or len([d for d in shape[1:] if d != 1]) <= 1
+
+    upstream: set[str] = set()
+    for o in g.outputs:
+        upstream |= _ancestors(g, o, stop="") - {o}
+    vectors = [o for o in g.outputs if vector(o)]
+    return [o for o in vectors if o not in upstream] or vectors or list(g.outputs)
 
 
 def _walk_to_logits(g: _Graph, name: str) -> tuple[str, str | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
 import pytest
 
 from onnx_builders import all_variants, build_cnn, run_model
@@ -106,3 +107,24 @@ def test_sample_models_are_detected(samples):
     assert fc.activation is None
     assert fc.head_ops[0] in ("Flatten", "Reshape")
     assert "Relu" in fc.head_ops
+
+
+@pytest.mark.parametrize("extra, first", [("feature_map", True), ("embedding", True),
+                                          ("embedding", False)])
+def test_logits_are_found_among_several_outputs(extra, first):
+    # Exports that also return the feature map or the pooled embedding, before or after
+    # the logits, with no final activation to tell them apart.
+    built = build_cnn()
+    model = built.model
+    if extra == "feature_map":
+        vi = helper.make_tensor_value_info(built.feature_map, TensorProto.FLOAT, ["N", 16, 8, 8])
+    else:
+        pooled = next(n for n in model.graph.node if n.op_type == "Flatten").output[0]
+        vi = helper.make_tensor_value_info(pooled, TensorProto.FLOAT, ["N", 16])
+    outputs = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend([vi] + outputs if first else outputs + [vi])
+    onnx.checker.check_model(model)
+    spec = analyse_model(model)
+    assert spec.logits.name == built.logits
+    assert spec.feature_map.name == built.feature_map
