@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet": dict(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     "raw": dict(scale=1.0, mean=(0.0,), std=(1.0,)),
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
 #: Images with more pixels than this are refused (decompression-bomb guard); the value
 #: is Pillow's default ``Image.MAX_IMAGE_PIXELS``. Pillow's own global is left alone.

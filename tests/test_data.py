@@ -269,6 +269,8 @@ def _write_formats(root):
     save(root / "h_cmyk.jpeg", Image.new("CMYK", (7, 9), (0, 255, 255, 0)))  # red
     save(root / "i_deep.png", Image.fromarray(np.full((9, 7), 257 * 100, dtype=np.uint16)))
     save(root / "j_white.png", Image.fromarray(np.full((9, 7), 65535, dtype=np.uint16)))
+    save(root / "k_scan.TIFF", rgb, compression="tiff_lzw")
+    save(root / "l_deep.tif", Image.fromarray(np.full((9, 7), 257 * 50, dtype=np.uint16)))
     return rgb
 
 
@@ -277,19 +279,20 @@ def test_every_format_and_mode_decodes(tmp_path, channels):
     rgb = _write_formats(tmp_path)
     images = open_images(tmp_path, spec=spec(channels=channels, height=9, width=7),
                          preprocess=Preprocess(preset="raw"))
-    assert images.kind == "folder" and len(images) == 10
+    assert images.kind == "folder" and len(images) == 12
     indices, x = all_inputs(images, batch_size=4)
     assert images.skipped == []
-    np.testing.assert_array_equal(indices, np.arange(10))
-    assert x.shape == (10, channels, 9, 7) and x.dtype == np.float32
+    np.testing.assert_array_equal(indices, np.arange(12))
+    assert x.shape == (12, channels, 9, 7) and x.dtype == np.float32
     assert x.min() >= 0 and x.max() <= 255
     reference = np.asarray(rgb if channels == 3 else rgb.convert("L"), dtype=np.float32)
     reference = reference.transpose(2, 0, 1) if channels == 3 else reference[None]
-    for name in ("a_rgb.png", "c_rgba.png", "f_bitmap.bmp", "g_lossless.webp"):
+    for name in ("a_rgb.png", "c_rgba.png", "f_bitmap.bmp", "g_lossless.webp", "k_scan.TIFF"):
         np.testing.assert_array_equal(x[images.paths.index(name)], reference, err_msg=name)
     assert np.abs(x[images.paths.index("e_photo.jpg")] - reference).mean() < 8
     assert x[images.paths.index("i_deep.png")].max() == 100  # 16-bit scaled to 0..255
     assert x[images.paths.index("j_white.png")].min() == 255
+    assert x[images.paths.index("l_deep.tif")].max() == 50  # 16-bit TIFF, as 16-bit PNG
     if channels == 3:
         red = x[images.paths.index("h_cmyk.jpeg")].mean(axis=(1, 2))
         assert red[0] > 200 and red[1] < 60 and red[2] < 60
@@ -308,7 +311,7 @@ def test_float_and_32bit_greys_are_scaled():
 
 def test_folder_scan_is_recursive_sorted_and_ignores_hidden_and_other_files(tmp_path):
     for name in ["b/z.png", "a/y.PNG", "a/deep/x.jpg", "root.bmp", ".hidden.png",
-                 ".cache/a.png", "notes.txt", "a/image.tif"]:
+                 ".cache/a.png", "notes.txt", "a/image.gif"]:
         save(tmp_path / name, solid(), format="PNG")
     images = open_images(tmp_path, spec=spec())
     assert images.paths == ["a/deep/x.jpg", "a/y.PNG", "b/z.png", "root.bmp"]
