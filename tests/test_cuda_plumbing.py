@@ -295,11 +295,26 @@ def _plain_session(model):
     return onnxruntime.InferenceSession(model.SerializeToString(), so, providers=[CPU])
 
 
-def test_a_cuda_request_that_fell_back_to_cpu_runs_as_plain_onnxruntime(no_binding):
+@pytest.fixture
+def cuda_unusable(monkeypatch):
+    """onnxruntime offers CUDA, but its sessions load on CPU only: what it does when the
+    CUDA or cuDNN libraries are missing (as on this machine), also on one with a GPU."""
+    real = onnxruntime.InferenceSession
+
+    class CpuOnly(real):
+        def __init__(self, model, options=None, providers=None, **kwargs):
+            kept = [p for p in (providers or [CPU]) if p != CUDA]
+            super().__init__(model, options, providers=kept, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", CpuOnly)
+
+
+def test_a_cuda_request_that_fell_back_to_cpu_runs_as_plain_onnxruntime(no_binding,
+                                                                        cuda_unusable):
     built, prepared = _model()
     runner = ModelRunner(prepared, provider="cuda", threads=1, device_inputs=DeviceInputs())
-    if runner.provider.device == "cuda":
-        pytest.skip("a usable GPU: the fallback cannot be observed")
+    assert runner.provider.device == "cpu" and runner.provider.note  # the fallback, said
     spec = prepared.spec
     x = built.random_input(seed=10)
     acts, logits = runner.run(x)
