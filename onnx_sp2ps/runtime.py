@@ -182,11 +182,18 @@ def _serialized(model: onnx.ModelProto | bytes) -> tuple[bytes, dict]:
                                        for name, value in held.items()}
 
 
-def _ort_reason(what: str, exc: Exception) -> str:
-    text = str(exc).strip().replace("\n", " ")
-    for marker in ("failed:", "FAIL :", "INVALID_GRAPH :", "NOT_IMPLEMENTED :"):
+def _ort_text(exc: Exception, markers: Sequence[str]) -> str:
+    """onnxruntime's message on one line, without the prefixes up to each of ``markers``
+    (error codes and the C++ source locations before the reason)."""
+    text = " ".join(str(exc).split())
+    for marker in markers:
         if marker in text:
             text = text.split(marker, 1)[1].strip()
+    return text
+
+
+def _ort_reason(what: str, exc: Exception) -> str:
+    text = _ort_text(exc, ("failed:", "FAIL :", "INVALID_GRAPH :", "NOT_IMPLEMENTED :"))
     version = getattr(_ort(), "__version__", "")
     opset = re.search(r"Opset (\d+) is under development.*support for domain (\S+) is till "
                       r"opset (\d+)", text)
@@ -234,10 +241,7 @@ def _run(session, names: list[str], feed: dict) -> list[np.ndarray]:
             raise
         # onnxruntime refused these inputs: the model cannot run at this size or on this
         # data (e.g. a Flatten head exported for another input size), not a bug of ours.
-        text = " ".join(str(exc).split())
-        for marker in ("Status Message:", "INVALID_ARGUMENT :", "FAIL :"):
-            if marker in text:
-                text = text.split(marker, 1)[1].strip()
+        text = _ort_text(exc, ("Status Message:", "INVALID_ARGUMENT :", "FAIL :"))
         what = getattr(session, "sp2ps_what", "model")
         raise ModelError(f"onnxruntime could not run the {what} on these inputs: {text[:300]}: "
                          "check --size and the preprocessing against what the model was "
