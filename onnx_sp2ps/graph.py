@@ -310,6 +310,14 @@ def is_too_large(model: onnx.ModelProto) -> bool:
     return model.ByteSize() > PROTOBUF_LIMIT
 
 
+def _has_data(t: onnx.TensorProto) -> bool:
+    """True when the tensor holds its values (raw or typed fields), not only its shape."""
+    return t.data_location != onnx.TensorProto.EXTERNAL and any(
+        t.HasField(f) if f == "raw_data" else len(getattr(t, f)) > 0
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                  "uint64_data", "string_data"))
+
+
 def _copy_fields(src, dst, skip: str) -> None:
     """Copy every set field of message ``src`` into ``dst`` except ``skip``."""
     for descriptor, value in src.ListFields():
@@ -332,8 +340,8 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
     for t in model.graph.initializer:
-        if _nbytes(t) < LARGE_TENSOR_BYTES:
-            light.graph.initializer.append(t)
+        if _nbytes(t) < LARGE_TENSOR_BYTES or t.data_location == onnx.TensorProto.EXTERNAL:
+            light.graph.initializer.append(t)  # (an external tensor holds no data here)
         else:
             light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
     return light
@@ -342,22 +350,19 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 def split_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A copy of ``model`` without the data of its large initializers, and that data.
 
-    The copy marks them as external; onnxruntime takes their values with
+    The copy (:func:`_weightless`, so the data is never copied into it) marks them as
+    external; onnxruntime takes their values with
     ``SessionOptions.add_external_initializers``.  Used for models over the 2 GB limit.
     """
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    held: dict[str, np.ndarray] = {}
+    light = _weightless(model)
+    large = {t.name for t in light.graph.initializer if not _has_data(t)}
+    held = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.name in large and _has_data(t)}
     for t in light.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
-            continue
-        if len(t.raw_data) < LARGE_TENSOR_BYTES:
-            continue
-        held[t.name] = numpy_helper.to_array(t)
-        t.ClearField("raw_data")
-        t.data_location = onnx.TensorProto.EXTERNAL
-        entry = t.external_data.add()
-        entry.key, entry.value = "location", "held-in-memory-by-onnx-sp2ps"
+        if t.name in held:
+            t.data_location = onnx.TensorProto.EXTERNAL
+            entry = t.external_data.add()
+            entry.key, entry.value = "location", "held-in-memory-by-onnx-sp2ps"
     return light, held
 
 
@@ -368,7 +373,7 @@ def _as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     listed = {i.name for i in light.graph.input}
     kept = []
     for t in light.graph.initializer:
-        if t.HasField("raw_data") or _nbytes(t) < LARGE_TENSOR_BYTES:
+        if _has_data(t) or _nbytes(t) < LARGE_TENSOR_BYTES:
             kept.append(t)
         elif t.name not in listed:
             light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
