@@ -144,6 +144,23 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     return edited
 
 
+def with_input_dtype(model: onnx.ModelProto, elem_type: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose image input (the first) is of ``elem_type``, cast to float
+    first thing (the form of edge exports that take uint8 pixels)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inp = out.graph.input[0]
+    inp.type.tensor_type.elem_type = elem_type
+    for node in out.graph.node:
+        for i, name in enumerate(node.input):
+            if name == inp.name:
+                node.input[i] = "pixels_as_float"
+    out.graph.node.insert(0, helper.make_node("Cast", [inp.name], ["pixels_as_float"],
+                                              to=TensorProto.FLOAT))
+    onnx.checker.check_model(out)
+    return out
+
+
 def run_model(built: BuiltModel, images: np.ndarray | None = None, outputs=()) -> dict[str, np.ndarray]:
     """Run ``built`` on CPU with ONNX Runtime; returns ``{name: array}`` for the graph output
     and for every tensor in ``outputs`` (added as graph outputs on a copy)."""

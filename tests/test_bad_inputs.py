@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from conftest import ROOT, run_cli, sha256
-from onnx_builders import build_cnn
+from onnx_builders import build_cnn, with_input_dtype
 
 SIZE, CLASSES = 32, 4
 
@@ -325,12 +325,8 @@ def size_a_dynamic_model_cannot_run_at(b, tmp):
 
 @case(3, "model input 'input' is uint8", "--preprocess raw")
 def fractional_values_for_a_uint8_input(b, tmp):
-    model = _copy(build_cnn(size=SIZE, num_classes=CLASSES).model)
-    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
-    for node in model.graph.node:
-        node.input[:] = ["pixels" if i == "input" else i for i in node.input]
-    model.graph.node.insert(0, onnx.helper.make_node("Cast", ["input"], ["pixels"],
-                                                     to=onnx.TensorProto.FLOAT))
+    model = with_input_dtype(build_cnn(size=SIZE, num_classes=CLASSES).model,
+                             onnx.TensorProto.UINT8)
     path = _save(model, tmp / "uint8.onnx")
     return ["audit", path, path, "--images", b.images]
 

@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from onnx_builders import build_caffe2_cnn, build_cnn
+from onnx_builders import build_caffe2_cnn, build_cnn, with_input_dtype
 from onnx_sp2ps import Preprocess, audit
 from onnx_sp2ps.errors import DataError
 from onnx_sp2ps.graph import analyse_model
@@ -92,27 +92,10 @@ def test_exporter_graph_is_detected_and_audited_end_to_end(suite, images, tmp_pa
         assert "opset" in result.original.gradient_note
 
 
-def _with_input_dtype(built, elem_type):
-    """The built model with an image input of ``elem_type`` cast to float (the form of edge
-    exports that take uint8 pixels)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(built.model)
-    inp = model.graph.input[0]
-    inp.type.tensor_type.elem_type = elem_type
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name == inp.name:
-                node.input[i] = "pixels_as_float"
-    model.graph.node.insert(0, onnx.helper.make_node("Cast", [inp.name], ["pixels_as_float"],
-                                                     to=onnx.TensorProto.FLOAT))
-    onnx.checker.check_model(model)
-    return model
-
-
 def test_uint8_input_takes_raw_pixels_and_refuses_fractions(images, tmp_path):
     built = build_cnn(head="reducemean_matmul", layout="NHWC", final="Softmax")
     as_uint8, as_float = tmp_path / "uint8.onnx", tmp_path / "float.onnx"
-    onnx.save(_with_input_dtype(built, onnx.TensorProto.UINT8), as_uint8)
+    onnx.save(with_input_dtype(built.model, onnx.TensorProto.UINT8), as_uint8)
     onnx.save(built.model, as_float)
     with pytest.raises(DataError, match="--preprocess raw"):
         audit(as_uint8, [as_uint8], images)  # the default preset gives values in [0, 1]
