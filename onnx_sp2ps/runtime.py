@@ -394,24 +394,22 @@ class ModelRunner:
                                  if fused else [])
         session = self._fused if fused else self.session
         on_device = _device(session.get_providers()) == "cuda"
-        count = len(inputs)
-        inputs = _padded(inputs, self.batch_limit)  # a fixed batch takes only full batches
-        if fused:
-            targets = _padded(np.asarray(targets), self.batch_limit)
-        parts: list[list[np.ndarray]] = [[] for _ in names]
-        for span in _spans(len(inputs), self.batch_limit):
-            feed = {self._input: self._image_input(inputs, span, on_device, uploads)}
+
+        def run(images, *rest, span):
+            feed = {self._input: self._image_input(images, span, on_device, uploads)}
             if fused:
-                feed[self._grad[0].target] = np.asarray(targets[span], dtype=np.int64)
-            for part, value in zip(parts, _run(session, names, feed)):
-                part.append(value)
-        activations = self._to_nchw(_as_float32(np.concatenate(parts[0])[:count]))
-        out = _as_float32(np.concatenate(parts[1])[:count])
+                feed[self._grad[0].target] = np.asarray(rest[0][span], dtype=np.int64)
+            return _run(session, names, feed)
+
+        rows = [inputs, np.asarray(targets)] if fused else [inputs]
+        parts = _in_batches(self.batch_limit, rows, run, len(names))
+        activations = self._to_nchw(_as_float32(parts[0]))
+        out = _as_float32(parts[1])
         logits = out.reshape(len(out), -1)
         self._cache = None
         if fused:
-            grads = self._to_nchw(_as_float32(np.concatenate(parts[2])[:count]))
-            self._cache = (activations, np.concatenate(parts[3])[:count], logits, grads)
+            grads = self._to_nchw(_as_float32(parts[2]))
+            self._cache = (activations, parts[3], logits, grads)
         return activations, logits
 
     def _image_input(self, inputs: np.ndarray, span: slice, on_device: bool,
@@ -443,12 +441,11 @@ class ModelRunner:
         a = a.transpose(0, 2, 3, 1) if self._nhwc else a
         return np.ascontiguousarray(a, dtype=self._head_dtype)
 
-    def _head_spans(self, activations: np.ndarray):
-        """Slices of ``activations`` the head can take in one run (1 when an export
-        hard-coded the batch; found on first use)."""
+    def _check_head_batch(self, activations: np.ndarray) -> None:
+        """Find, on first use, how many maps the head takes in one run (some exports
+        hard-code the batch): sets ``head_batch_limit``."""
         if not self._head_checked:
             self._probe_head_batch(activations)
-        return _spans(len(activations), self.head_batch_limit)
 
     def run_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Logits (N, K) only, for full-model runs on masked inputs (used once: they do
@@ -459,12 +456,12 @@ class ModelRunner:
 
     def run_head(self, activations: np.ndarray) -> np.ndarray:
         """Logits (M, K) float32 of the head for feature maps (M, C, h, w) in NCHW."""
-        count = len(activations)
-        spans = self._head_spans(activations)
-        activations = _padded(activations, self.head_batch_limit)
-        outs = [self._head(activations[span]) for span in spans]
-        y = _as_float32(np.concatenate(outs)[:count]) if outs else np.zeros((0, 0), np.float32)
-        return y.reshape(count, -1)
+        if len(activations) == 0:
+            return np.zeros((0, 0), np.float32)
+        self._check_head_batch(activations)
+        y, = _in_batches(self.head_batch_limit, [activations],
+                         lambda a, span: [self._head(a[span])], 1)
+        return _as_float32(y).reshape(len(activations), -1)
 
     def _head(self, activations: np.ndarray) -> np.ndarray:
         session = self.head_session
@@ -507,20 +504,16 @@ class ModelRunner:
         if session is None:
             session = self._create(grad.model, f"head gradient of {self._name}")
             self._grad = (grad, session)
-        logits, grads = [], []
-        count = len(activations)
-        spans = self._head_spans(activations)
-        activations = _padded(activations, self.head_batch_limit)
-        targets = _padded(np.asarray(targets), self.head_batch_limit)
-        for span in spans:
-            y, g = _run(session, [grad.logits, grad.gradient], {
-                grad.feature: self._to_head_layout(activations[span]),
-                grad.target: np.asarray(targets[span], dtype=np.int64)})
-            logits.append(y)
-            grads.append(g)
-        y = _as_float32(np.concatenate(logits)[:count])
-        return (y.reshape(count, -1),
-                self._to_nchw(_as_float32(np.concatenate(grads)[:count])))
+        self._check_head_batch(activations)
+
+        def run(a, t, span):
+            return _run(session, [grad.logits, grad.gradient], {
+                grad.feature: self._to_head_layout(a[span]),
+                grad.target: np.asarray(t[span], dtype=np.int64)})
+
+        y, g = _in_batches(self.head_batch_limit, [activations, np.asarray(targets)], run, 2)
+        y = _as_float32(y)
+        return y.reshape(len(y), -1), self._to_nchw(_as_float32(g))
 
     def head_chunk(self, per_item_shape: tuple[int, ...]) -> int:
         """How many feature maps of ``per_item_shape`` fit in one head run."""
@@ -544,6 +537,20 @@ def _padded(rows: np.ndarray, limit: int | None) -> np.ndarray:
         return rows
     extra = limit - len(rows) % limit
     return np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)])
+
+
+def _in_batches(limit: int | None, rows: list[np.ndarray], run, outputs: int
+                ) -> list[np.ndarray]:
+    """``run(*padded_rows, span=span)`` over slices of ``limit`` rows (all at once without
+    a limit), rows padded to full batches (:func:`_padded`); each of the ``outputs``
+    results concatenated over the slices and trimmed to the real rows."""
+    count = len(rows[0])
+    padded = [_padded(r, limit) for r in rows]
+    parts: list[list[np.ndarray]] = [[] for _ in range(outputs)]
+    for span in _spans(len(padded[0]), limit):
+        for part, value in zip(parts, run(*padded, span=span)):
+            part.append(value)
+    return [np.concatenate(part)[:count] for part in parts]
 
 
 def _spans(total: int, limit: int | None):
