@@ -36,6 +36,29 @@ def samples() -> Path:
     return SAMPLES
 
 
+def save_with_external_data(model_path: Path, folder: Path) -> Path:
+    """A copy of the model as ``folder/model.onnx`` with every weight in ``weights.bin``."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "model.onnx"
+    onnx.save_model(onnx.load(str(model_path)), str(out), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    return out
+
+
+def point_external_data(model_path: Path, location: str) -> None:
+    """Rewrite the model file so that every external tensor reads ``location``."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    model_path.write_bytes(model.SerializeToString())
+
+
 def run_cli(capsys, *args):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
     from onnx_sp2ps.cli import main

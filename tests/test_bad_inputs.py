@@ -25,7 +25,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from conftest import ROOT, run_cli, sha256
+from conftest import ROOT, point_external_data, run_cli, save_with_external_data, sha256
 from onnx_builders import build_cnn, with_input_dtype
 
 SIZE, CLASSES = 32, 4
@@ -333,17 +333,10 @@ def fractional_values_for_a_uint8_input(b, tmp):
 
 @case(3, "point outside the model's folder", "keep external data files next to the model")
 def external_data_outside_the_models_folder(b, tmp):
-    model = onnx.load(str(b.model))
-    onnx.save_model(model, str(_mkparent(tmp / "exported" / "model.onnx")),
-                    save_as_external_data=True, location="weights.bin", size_threshold=0)
-    (tmp / "exported" / "weights.bin").rename(tmp / "weights.bin")
-    stored = onnx.load(str(tmp / "exported" / "model.onnx"), load_external_data=False)
-    for t in stored.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = "../weights.bin"
-    (tmp / "exported" / "model.onnx").write_bytes(stored.SerializeToString())
-    return _audit(b, tmp / "exported" / "model.onnx")
+    path = save_with_external_data(b.model, tmp / "exported")
+    (path.parent / "weights.bin").rename(tmp / "weights.bin")
+    point_external_data(path, "../weights.bin")
+    return _audit(b, path)
 
 
 @case(3, "does not exist", "pass a folder of images")

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import run_cli, sha256
+from conftest import point_external_data, run_cli, save_with_external_data, sha256
 from onnx_sp2ps import audit, graph, runtime
 from onnx_sp2ps.errors import ModelError
 
@@ -31,31 +31,12 @@ def images(samples, tmp_path_factory):
     return root
 
 
-def _save_external(model_path, folder, location="weights.bin"):
-    folder.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(model_path))
-    out = folder / "model.onnx"
-    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
-    return out
-
-
 def _scores(result):
     return np.array([(r.spatial, r.spectral, r.score) for r in result.records()])
 
 
-def _set_location(model_path, location):
-    """Point every external tensor of the model file at ``location``."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = location
-    model_path.write_bytes(model.SerializeToString())
-
-
 def test_external_weights_are_loaded_from_the_models_folder(samples, images, tmp_path):
-    path = _save_external(samples / "gap_l1_30.onnx", tmp_path / "exported")
+    path = save_with_external_data(samples / "gap_l1_30.onnx", tmp_path / "exported")
     stored = onnx.load(str(path), load_external_data=False)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer)
     before = {p.name: sha256(p) for p in path.parent.iterdir()}
@@ -72,7 +53,7 @@ def test_external_weights_are_loaded_from_the_models_folder(samples, images, tmp
 
 @pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
 def test_external_data_outside_the_models_folder_is_refused(samples, tmp_path, where):
-    path = _save_external(samples / "gap_original.onnx", tmp_path / "exported")
+    path = save_with_external_data(samples / "gap_original.onnx", tmp_path / "exported")
     outside = tmp_path / "outside.bin"
     shutil.copy(path.parent / "weights.bin", outside)
     if where == "parent":
@@ -82,22 +63,22 @@ def test_external_data_outside_the_models_folder_is_refused(samples, tmp_path, w
     else:
         (path.parent / "link.bin").symlink_to(outside)
         location = "link.bin"
-    _set_location(path, location)
+    point_external_data(path, location)
     with pytest.raises(ModelError, match="outside the model's folder"):
         graph.load_model(path)
 
 
 def test_missing_external_data_file_is_named(samples, tmp_path):
-    path = _save_external(samples / "gap_original.onnx", tmp_path / "exported")
+    path = save_with_external_data(samples / "gap_original.onnx", tmp_path / "exported")
     (path.parent / "weights.bin").unlink()
     with pytest.raises(ModelError, match="weights.bin.*not found"):
         graph.load_model(path)
 
 
 def test_cli_refuses_external_data_outside_the_folder_with_exit_3(capsys, samples, images, tmp_path):
-    path = _save_external(samples / "gap_original.onnx", tmp_path / "exported")
+    path = save_with_external_data(samples / "gap_original.onnx", tmp_path / "exported")
     shutil.copy(path.parent / "weights.bin", tmp_path / "outside.bin")
-    _set_location(path, "../outside.bin")
+    point_external_data(path, "../outside.bin")
     out = tmp_path / "report"
     code, _, err = run_cli(capsys, "audit", samples / "gap_original.onnx", path,
                            "--images", images, "--out", out, "-q")
