@@ -7,6 +7,8 @@ Exit codes (DESIGN.md): 0 passed, 1 gate failed, 2 usage error, 3 input not usab
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 import traceback
@@ -16,15 +18,23 @@ from pathlib import Path
 import click
 
 from onnx_sp2ps import __version__
-from onnx_sp2ps.errors import InputError, Sp2psError, UsageError
+from onnx_sp2ps.errors import InputError, Interrupted, Sp2psError, UsageError
 
-EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
-INTERRUPTED = ("interrupted (Ctrl-C): the run stopped before the end and no half-written file "
-               "was kept; run the command again for complete results")
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+#: Signals that end a run with one line and exit code 128 + signal number.
+SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGHUP": "SIGHUP"}
+INTERRUPTED = ("interrupted ({}): the run stopped before the end; the output folder holds "
+               "its previous files and no temporary file was kept; run the command again "
+               "for complete results")
+#: Upper bounds of numeric options (each says what is allowed in its error).
+MAX_THREADS, MAX_BATCH, MAX_WORST, MAX_SCORECAM_CHANNELS = 256, 4096, 1000, 4096
 
 
 def _err(message: str) -> None:
-    click.echo(message, err=True)
+    """One line on stderr: control characters and undecodable bytes shown escaped."""
+    from onnx_sp2ps.files import show
+
+    click.echo(show(message), err=True)
 
 
 # --------------------------------------------------------------------------- option groups
@@ -150,10 +160,11 @@ def runtime_options(f):
     options = [
         click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Execution provider; CUDA falls back to CPU."),
-        click.option("--threads", type=click.IntRange(min=1), metavar="N",
-                     help="onnxruntime intra-op threads (default: all cores)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-                     help="Images per batch."),
+        click.option("--threads", type=click.IntRange(1, MAX_THREADS), metavar="N",
+                     help=f"onnxruntime intra-op threads, 1 to {MAX_THREADS} (default: all "
+                          "cores)."),
+        click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=16,
+                     show_default=True, help=f"Images per batch, 1 to {MAX_BATCH}."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -242,6 +253,17 @@ def _format_choice(f):
                         show_default=True, help="Output on stdout.")(f)
 
 
+def _out_path(ctx, param, value):
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("must name a folder, not an empty string")
+    return value
+
+
+_force_option = click.option("--force", is_flag=True,
+                             help="Replace files under --out (and --junit) that this tool "
+                                  "did not write.")
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -253,15 +275,14 @@ def _load_toml(path: Path) -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
-    from onnx_sp2ps.errors import InputError
+    from onnx_sp2ps.files import read_bounded, show
 
+    data = read_bounded(path, "config file")
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise InputError(f"config file not found: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InputError(f"cannot read config file {path}: {exc}") from exc
+        return tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise InputError(f"cannot read config file {show(path)}: "
+                         f"{' '.join(str(exc).split())}: fix the TOML") from None
 
 
 def _config_settings(args: list[str]) -> tuple[dict, str | None]:
@@ -330,11 +351,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:  # click would print an empty line, then Abort
-            raise _Interrupted() from None
-
-
-class _Interrupted(BaseException):
-    """Ctrl-C inside a command, carried past click to :func:`main`."""
+            raise Interrupted(signal.SIGINT) from None
 
 
 def setting_sources(ctx: click.Context) -> dict:
@@ -418,8 +435,9 @@ def _shape(shape) -> str:
 def _method_options(f):
     from onnx_sp2ps.cams import METHODS
 
-    f = click.option("--scorecam-channels", type=click.IntRange(min=1), metavar="N",
-                     help="Score-CAM: use the N channels with the largest mean activation.")(f)
+    f = click.option("--scorecam-channels", type=click.IntRange(1, MAX_SCORECAM_CHANNELS),
+                     metavar="N", help="Score-CAM: use the N channels with the largest mean "
+                                       f"activation, 1 to {MAX_SCORECAM_CHANNELS}.")(f)
     return click.option("--method", type=click.Choice(list(METHODS)), default="gradcam",
                         show_default=True, help="CAM method.")(f)
 
@@ -433,21 +451,22 @@ def _target_option(f):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--images", required=True, type=click.Path(path_type=Path),
               help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=click.Path(path_type=Path), callback=_out_path,
               help="Folder for cams.npz (and overlays).")
 @_method_options
 @_target_option
 @click.option("--overlays", is_flag=True, help="Also write one PNG per image: the map over it.")
+@_force_option
 @preprocess_options
 @model_options(candidates=False)
 @runtime_options
 @common_options
-def cam(model, images, out, method, scorecam_channels, target, overlays, provider, threads,
-        batch_size, quiet, debug, class_names, strict, **kwargs):
+def cam(model, images, out, method, scorecam_channels, target, overlays, force, provider,
+        threads, batch_size, quiet, debug, class_names, strict, **kwargs):
     """Compute CAMs of MODEL on images; write OUT/cams.npz (paths, targets, logits, raw,
     maps)."""
     from onnx_sp2ps.pipeline import compute_cams
-    from onnx_sp2ps.report import overlay_image, prepare_out_dir, write_npz, write_png
+    from onnx_sp2ps.report import ReportSet, overlay_image, write_npz, write_png
     from onnx_sp2ps.targets import parse_target
 
     console = _Console(quiet)
@@ -457,62 +476,91 @@ def cam(model, images, out, method, scorecam_channels, target, overlays, provide
         chosen = parse_target(target, allow_original=False)
     except UsageError as exc:
         raise click.BadParameter(str(exc), param_hint="--target")
-    out_dir = prepare_out_dir(out)
-    _refuse_foreign(out_dir / "cams.npz")
-    update, close = console.progress("cam")
-    try:
-        maps, info, image_set = compute_cams(
-            model, images, preprocess=preprocess, method=method, target=chosen, options=opts,
-            class_names=class_names, batch_size=batch_size, provider=provider,
-            threads=threads, strict=strict, scorecam_channels=scorecam_channels,
-            progress=update)
-    finally:
-        close()
-    console.info(f"preprocess: {image_set.preprocess.describe()}")
-    _provider_note(console, info)
-    path = write_npz(out_dir / "cams.npz", maps.arrays())
-    if overlays:
-        index = {p: i for i, p in enumerate(image_set.paths)}
-        for k, p in enumerate(maps.paths):
-            rgb = image_set.display_image(index[p])
-            write_png(out_dir / "overlays" / _overlay_name(p), overlay_image(rgb, maps.maps[k]))
+    _check_out_not_in_images(out, images)
+    with ReportSet(out, CAM_SET, force=force) as files:
+        update, close = console.progress("cam")
+        try:
+            maps, info, image_set = compute_cams(
+                model, images, preprocess=preprocess, method=method, target=chosen,
+                options=opts, class_names=class_names, batch_size=batch_size,
+                provider=provider, threads=threads, strict=strict,
+                scorecam_channels=scorecam_channels, progress=update)
+        finally:
+            close()
+        console.info(f"preprocess: {image_set.preprocess.describe()}")
+        _provider_note(console, info)
+        write_npz(files.path("cams.npz"), maps.arrays())
+        if overlays:
+            index = {p: i for i, p in enumerate(image_set.paths)}
+            for k, p in enumerate(maps.paths):
+                rgb = image_set.display_image(index[p])
+                write_png(files.path("overlays") / overlay_name(p),
+                          overlay_image(rgb, maps.maps[k]))
+        files.commit()
     _report_skipped(console, image_set)
-    click.echo(f"{len(maps.paths)} maps ({method}) written to {path}")
+    click.echo(f"{len(maps.paths)} maps ({method}) written to {files.out / 'cams.npz'}")
     return EXIT_OK
 
 
-def _safe_name(path: str) -> str:
-    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path)
-    return keep.strip("._") or "image"
+#: The files each command writes under --out, replaced as one set.
+CAM_SET = ("cams.npz", "overlays")
+AUDIT_SET = ("report.json", "samples.csv", "report.html", "overlays", "maps")
+#: Characters kept as they are in overlay file names; others are %-escaped (byte-wise),
+#: so that different image paths never share an overlay file.
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,+=@[]()")
 
 
-def _refuse_foreign(path: Path) -> None:
-    """Never overwrite a file this tool did not write."""
+def _escape_name(part: str) -> str:
+    raw = part.encode("utf-8", "surrogateescape")
+    keep = _NAME_CHARS if part not in (".", "..") else frozenset()
+    out = "".join(chr(b) if chr(b) in keep else f"%{b:02X}" for b in raw)
+    if len(out) > 200:  # file names are limited to 255 bytes
+        import hashlib
+
+        out = out[:160] + "~" + hashlib.sha256(raw).hexdigest()[:32]
+    return out
+
+
+def overlay_name(path: str) -> str:
+    """The overlay file of an image path, relative to a model's overlay folder: the
+    path's folders kept, each part %-escaped, ``.png`` added (``0/cat.jpg`` ->
+    ``0/cat.jpg.png``, a row of an array ``x.npy[12]`` -> ``x.npy[12].png``); different
+    paths always give different files (``a b.png``, ``a_b.png``, ``a_b.jpg``)."""
+    return "/".join(_escape_name(part) for part in path.split("/")) + ".png"
+
+
+def _model_folders(paths: list[str]) -> list[str]:
+    """One overlay/maps folder per model, from its path's distinct ending (a path given
+    twice gets ``_2``)."""
+    from onnx_sp2ps.report import path_endings
+
+    used: set[str] = set()
+    out = []
+    for name in path_endings(paths):
+        stem = name[:-5] if name.endswith(".onnx") else name
+        base = _escape_name(stem.replace("/", "_").replace(" ", "_")) or "model"
+        folder, k = base, 2
+        while folder in used:
+            folder, k = f"{base}_{k}", k + 1
+        used.add(folder)
+        out.append(folder)
+    return out
+
+
+def _check_out_not_in_images(out: Path, images: Path) -> None:
+    """An --out inside the --images folder would have its overlays scored next time."""
+    import os
+
     from onnx_sp2ps.errors import ReportError
+    from onnx_sp2ps.files import show
 
-    if not path.exists():
+    if not os.path.isdir(images):
         return
-    if path.suffix == ".json":
-        try:
-            ours = json.loads(path.read_text(encoding="utf-8")).get("tool") == "onnx-sp2ps"
-        except Exception:
-            ours = False
-    elif path.suffix == ".csv":
-        from onnx_sp2ps.report import SAMPLE_COLUMNS
-
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            ours = handle.readline().strip() == ",".join(SAMPLE_COLUMNS)
-    else:
-        import numpy as np
-
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                ours = {"paths", "targets", "raw", "maps"} <= set(data.files)
-        except Exception:
-            ours = False
-    if not ours:
-        raise ReportError(f"{path} exists and was not written by onnx-sp2ps: choose another "
-                          "--out folder")
+    root, target = os.path.realpath(images), os.path.realpath(out)
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        raise ReportError(f"--out {show(out)} is inside the --images folder {show(images)}: "
+                          "a later run would read its overlays as images; choose a folder "
+                          "outside it")
 
 
 def _provider_note(console: _Console, info) -> None:
@@ -534,17 +582,20 @@ def _report_skipped(console: _Console, image_set) -> None:
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--images", required=True, type=click.Path(path_type=Path),
               help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
-@click.option("--out", type=click.Path(path_type=Path), help="Folder for report.json (and maps).")
+@click.option("--out", type=click.Path(path_type=Path), callback=_out_path,
+              help="Folder for report.json (and maps).")
 @_format_choice
 @gate_options
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Write JUnit XML (one test case per candidate and criterion).")
 @click.option("--summary-md", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
-              help="Write a short Markdown summary (pull-request comment, CI job summary).")
+              help="Append a short Markdown summary (pull-request comment, CI job summary "
+                   "such as $GITHUB_STEP_SUMMARY); an existing file is never truncated.")
 @click.option("--save-maps", is_flag=True,
               help="With --out: write OUT/maps/<model>.npz for every model.")
-@click.option("--worst", type=click.IntRange(min=0), default=12, show_default=True,
-              metavar="N", help="With --out: show the N lowest-scoring images per candidate.")
+@click.option("--worst", type=click.IntRange(0, MAX_WORST), default=12, show_default=True,
+              metavar="N", help="With --out: show the N lowest-scoring images per candidate "
+                                f"(0 to {MAX_WORST}).")
 @click.option("--overlays", "overlay_mode", type=click.Choice(["worst", "all", "none"]),
               default="worst", show_default=True,
               help="With --out: PNG overlays under OUT/overlays/ for the worst N or all images.")
@@ -553,18 +604,20 @@ def _report_skipped(console: _Console, image_set) -> None:
               show_default=True,
               help="Class explained: the original's top-1 (both models), the label, or each "
                    "model's own top-1.")
+@_force_option
 @preprocess_options
 @model_options(candidates=True)
 @runtime_options
 @common_options
 def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, worst,
-          overlay_mode, method, scorecam_channels, target, provider, threads, batch_size, quiet,
-          debug, class_names, strict, **kwargs):
+          overlay_mode, method, scorecam_channels, target, force, provider, threads,
+          batch_size, quiet, debug, class_names, strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     from onnx_sp2ps import pipeline as audit_module
-    from onnx_sp2ps.report import (audit_to_dict, check_report, format_table, html_report,
-                                   junit_xml, prepare_out_dir, samples_csv,
-                                   summary_markdown, write_atomic, write_json)
+    from onnx_sp2ps.report import (ReportSet, append_text, audit_to_dict, check_report,
+                                   check_target, format_table, html_report,
+                                   junit_xml, samples_csv, summary_markdown, write_atomic,
+                                   write_json)
 
     console = _Console(quiet)
     if save_maps and out is None:
@@ -578,52 +631,58 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
         input_name=cand_opts.input_name or orig_opts.input_name,
         feature_layer=cand_opts.feature_layer or orig_opts.feature_layer,
         logits=cand_opts.logits or orig_opts.logits)
-    out_dir = None
-    if out is not None:
-        out_dir = prepare_out_dir(out)
-        _refuse_foreign(out_dir / "report.json")
-        _refuse_foreign(out_dir / "samples.csv")
-    for extra, option in ((junit, "--junit"), (summary_md, "--summary-md")):
-        if extra is not None:  # Path("x").parent is Path(".")
-            prepare_out_dir(extra.parent, option=f"{option} folder")
+    if junit is not None:
+        check_target(junit, option="--junit", force=force)
+    if summary_md is not None:
+        check_target(summary_md, option="--summary-md", force=True)
     settings = audit_module.AuditSettings(method=method, target=target, batch_size=batch_size,
                                           provider=provider, threads=threads,
                                           threshold=fail_under, strict=strict,
                                           scorecam_channels=scorecam_channels)
-    update, close = console.progress("audit")
-    streamer = _OverlayStreamer(out_dir, original, candidates) if (
-        out_dir is not None and overlay_mode == "all") else None
+    folders = _model_folders([str(original), *map(str, candidates)])
+    files = None
+    if out is not None:
+        _check_out_not_in_images(out, images)
+        files = ReportSet(out, AUDIT_SET, force=force)
     try:
-        result = audit_module.audit(
-            original, list(candidates), images, preprocess=preprocess, settings=settings,
-            original_options=orig_opts, candidate_options=cand_opts, class_names=class_names,
-            keep_maps=save_maps, worst=worst if out_dir is not None else 0,
-            on_maps=streamer, progress=update)
+        update, close = console.progress("audit")
+        streamer = _OverlayStreamer(files.path("overlays"), folders) if (
+            files is not None and overlay_mode == "all") else None
+        try:
+            result = audit_module.audit(
+                original, list(candidates), images, preprocess=preprocess, settings=settings,
+                original_options=orig_opts, candidate_options=cand_opts,
+                class_names=class_names, keep_maps=save_maps,
+                worst=worst if files is not None else 0, on_maps=streamer, progress=update)
+        finally:
+            close()
+        console.info(f"preprocess: {result.images.preprocess.describe()}")
+        _provider_note(console, result.original)
+        _report_skipped(console, result.images)
+        report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION,
+                               criteria=criteria)
+        report["setting_sources"] = setting_sources(click.get_current_context())
+        checks = check_report(report, criteria) if criteria.any() else []
+        if files is not None:
+            overlays = files.path("overlays") if overlay_mode == "worst" else None
+            page = html_report(report, _worst_images(result, report, folders, overlays),
+                               class_names=result.images.class_names)
+            table = samples_csv(report).encode("utf-8")
+            write_atomic(files.path("samples.csv"), lambda h: h.write(table))
+            write_atomic(files.path("report.html"), lambda h: h.write(page.encode("utf-8")))
+            if save_maps:
+                _save_maps(files.path("maps"), result, folders)
+            write_json(files.path("report.json"), report)
+            files.commit()
+            console.info(f"report written to {files.out / 'report.json'}")
     finally:
-        close()
-    console.info(f"preprocess: {result.images.preprocess.describe()}")
-    _provider_note(console, result.original)
-    _report_skipped(console, result.images)
-    report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION,
-                           criteria=criteria)
-    report["setting_sources"] = setting_sources(click.get_current_context())
-    checks = check_report(report, criteria) if criteria.any() else []
-    if out_dir is not None:
-        # Everything is built before the first report file is written, and report.json
-        # comes last: a run stopped here leaves no report, or a complete one.
-        table = samples_csv(report).encode()
-        worst_images = _worst_images(result, out_dir if overlay_mode == "worst" else None)
-        page = html_report(report, worst_images, class_names=result.images.class_names)
-        write_atomic(out_dir / "samples.csv", lambda h: h.write(table))
-        write_atomic(out_dir / "report.html", lambda h: h.write(page.encode("utf-8")))
-        write_json(out_dir / "report.json", report)
-        if save_maps:
-            _save_maps(out_dir, result)
-        console.info(f"report written to {out_dir / 'report.json'}")
+        if files is not None:
+            files.discard()
     if junit is not None:
-        write_atomic(junit, lambda h: h.write(junit_xml(report, checks).encode()))
+        text = junit_xml(report, checks).encode("utf-8")
+        write_atomic(junit, lambda h: h.write(text), option="--junit")
     if summary_md is not None:
-        write_atomic(summary_md, lambda h: h.write(summary_markdown(report, checks).encode()))
+        append_text(summary_md, summary_markdown(report, checks), option="--summary-md")
     if fmt == "json":
         click.echo(json.dumps(report, indent=2, allow_nan=False))
     else:
@@ -633,55 +692,33 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
     return _gate(report, criteria, to_stderr=fmt == "json")
 
 
-def _stems(paths) -> list[str]:
-    """Distinct file stems for models (a second ``model.onnx`` becomes ``model_2``)."""
-    used: set[str] = set()
-    names = []
-    for path in paths:
-        stem = Path(path).stem if path else "model"
-        name, k = stem, 2
-        while name in used:
-            name, k = f"{stem}_{k}", k + 1
-        used.add(name)
-        names.append(name)
-    return names
-
-
-def _overlay_name(path: str) -> str:
-    """``0/cat.jpg`` -> ``0_cat.png``; a row of an array, ``x.npy[12]``, -> ``x.npy_12.png``
-    (its whole name: with the suffix cut at the dot, every row would share one file)."""
-    suffix = Path(path).suffix
-    stem = path[:-len(suffix)] if suffix[1:].isalnum() else path
-    return _safe_name(stem) + ".png"
-
-
 class _OverlayStreamer:
     """``on_maps`` callback writing every image's overlays as batches are scored."""
 
-    def __init__(self, out_dir: Path, original, candidates):
-        self.dirs = [out_dir / "overlays" / s for s in _stems([original, *candidates])]
+    def __init__(self, folder: Path, model_folders: list[str]):
+        self.dirs = [folder / name for name in model_folders]
 
     def __call__(self, image_set, indices, original_maps, candidate_maps) -> None:
         from onnx_sp2ps.report import overlay_image, write_png
 
         for k, index in enumerate(indices):
             rgb = image_set.display_image(int(index))
-            name = _overlay_name(image_set.paths[int(index)])
+            name = overlay_name(image_set.paths[int(index)])
             for folder, maps in zip(self.dirs, [original_maps, *candidate_maps]):
                 write_png(folder / name, overlay_image(rgb, maps[k]))
 
 
-def _worst_images(result, out_dir: Path | None) -> dict:
-    """Worst images per candidate for the HTML page (and their PNG overlays)."""
+def _worst_images(result, report: dict, folders: list[str], overlays: Path | None) -> dict:
+    """Worst images per candidate (keyed by display name) for the HTML page, and their
+    PNG overlays under ``overlays`` when given."""
     from onnx_sp2ps.report import WorstImage, overlay_image, png_bytes, write_atomic
 
-    stems = _stems([result.original.path] + [c.model.path for c in result.candidates])
     labels = result.labels
     out: dict = {}
     # Each PNG is encoded once: the same bytes go to the page and to the overlay file,
     # and an image among the worst of several candidates is not encoded again.
     originals: dict[int, tuple[bytes, bytes]] = {}  # index -> (image, original overlay)
-    for cand, stem in zip(result.candidates, stems[1:]):
+    for cand, entry, folder in zip(result.candidates, report["candidates"], folders[1:]):
         rows = []
         w = cand.worst
         if w is None:
@@ -693,34 +730,32 @@ def _worst_images(result, out_dir: Path | None) -> dict:
             if index not in originals:
                 original_png = png_bytes(overlay_image(rgb, w.original_maps[k]))
                 originals[index] = (png_bytes(rgb), original_png)
-                if out_dir is not None:
-                    write_atomic(out_dir / "overlays" / stems[0] / _overlay_name(path),
+                if overlays is not None:
+                    write_atomic(overlays / folders[0] / overlay_name(path),
                                  lambda handle: handle.write(original_png))
             image_png, original_png = originals[index]
             candidate_png = png_bytes(overlay_image(rgb, w.candidate_maps[k]))
-            if out_dir is not None:
-                write_atomic(out_dir / "overlays" / stem / _overlay_name(path),
+            if overlays is not None:
+                write_atomic(overlays / folder / overlay_name(path),
                              lambda handle: handle.write(candidate_png))
             label = None if labels is None or labels[pos] < 0 else int(labels[pos])
             rows.append(WorstImage(
-                path=path, image_png=image_png, original_png=original_png,
-                candidate_png=candidate_png, spatial=float(cand.scores.spatial[pos]),
+                path=entry["images"][int(pos)]["path"], image_png=image_png,
+                original_png=original_png, candidate_png=candidate_png,
+                spatial=float(cand.scores.spatial[pos]),
                 spectral=float(cand.scores.spectral[pos]), score=float(cand.scores.score[pos]),
                 prediction_original=int(result.original_predictions[pos]),
                 prediction_candidate=int(cand.predictions[pos]), label=label))
-        out[cand.model.name] = rows
+        out[entry["model"]["name"]] = rows
     return out
 
 
-def _save_maps(out_dir: Path, result) -> None:
+def _save_maps(folder: Path, result, folders: list[str]) -> None:
     from onnx_sp2ps.report import write_npz
 
-    models = [(result.original, result.original_maps)] + [
-        (c.model, c.maps) for c in result.candidates]
-    for name, (_, maps) in zip(_stems([info.path for info, _ in models]), models):
-        target = out_dir / "maps" / f"{name}.npz"
-        _refuse_foreign(target)
-        write_npz(target, maps.arrays())
+    models = [result.original_maps] + [c.maps for c in result.candidates]
+    for name, maps in zip(folders, models):
+        write_npz(folder / f"{name}.npz", maps.arrays())
 
 
 def _gate(report: dict, criteria, *, to_stderr: bool = False) -> int:
@@ -750,39 +785,81 @@ def gate(report, quiet, debug, **kwargs):
 # --------------------------------------------------------------------------- entry point
 
 
+def _on_signal(signum, frame) -> None:
+    from onnx_sp2ps.files import interrupt
+
+    interrupt(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (held
+    while a report set is swapped in); the previous handlers are returned."""
+    previous = {}
+    for name in SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            previous[signum] = signal.signal(signum, _on_signal)
+        except ValueError:  # not the main thread (an embedding application)
+            pass
+    return previous
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with its code; see the module docstring for the codes."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    previous = _install_signal_handlers()
     try:
-        code = cli.main(args=args, prog_name="onnx-sp2ps", standalone_mode=False)
-    except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
-        _err(INTERRUPTED)
-        code = EXIT_INTERRUPTED
+        code = _run(args, debug)
+    except Interrupted as exc:  # a signal during the error handling itself
+        code = _interrupted(exc.signum)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if code is None:
+        code = EXIT_OK
+    sys.exit(int(code))
+
+
+def _interrupted(signum: int) -> int:
+    name = signal.Signals(signum).name
+    _err(INTERRUPTED.format(SIGNALS.get(name, name)))
+    return 128 + int(signum)
+
+
+def _run(args: list[str], debug: bool) -> int | None:
+    try:
+        return cli.main(args=args, prog_name="onnx-sp2ps", standalone_mode=False)
+    except Interrupted as exc:
+        return _interrupted(exc.signum)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        return _interrupted(signal.SIGINT)
     except click.UsageError as exc:  # one line, like every other error
         where = exc.ctx.command_path if exc.ctx is not None else "onnx-sp2ps"
         message = " ".join(exc.format_message().split()).rstrip(".")
         _err(f"usage error: {message}: see {where} --help")
-        code = EXIT_USAGE
+        return EXIT_USAGE
     except click.ClickException as exc:  # never exit 1, which means a failed gate
         _err(f"error: {' '.join(exc.format_message().split())}")
-        code = EXIT_INPUT
+        return EXIT_INPUT
     except InputError as exc:
         _err(f"error: {exc}")
-        code = EXIT_INPUT
+        return EXIT_INPUT
     except UsageError as exc:
         _err(f"usage error: {exc}")
-        code = EXIT_USAGE
+        return EXIT_USAGE
+    except MemoryError:
+        _err("error: out of memory: the inputs need more memory than this machine has; "
+             "use a smaller --batch-size or --size, or a machine with more memory")
+        return EXIT_INPUT
     except Sp2psError as exc:
         _err(f"error: {exc}")
-        code = EXIT_INTERNAL
+        return EXIT_INTERNAL
     except Exception as exc:  # a bug: never let it look like a failed gate
         if debug:
             traceback.print_exc()
         _err(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
              "traceback, and please report it)")
-        code = EXIT_INTERNAL
-    if code is None:
-        code = EXIT_OK
-    sys.exit(int(code))
-
+        return EXIT_INTERNAL

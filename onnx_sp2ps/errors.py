@@ -22,6 +22,7 @@ __all__ = [
     "MismatchError",
     "NonFiniteError",
     "ReportError",
+    "Interrupted",
 ]
 
 
@@ -59,3 +60,15 @@ class NonFiniteError(InputError):
 
 class ReportError(InputError):
     """A saved report cannot be read, or an output location cannot be written."""
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) ended the run; exit code 128 + ``signum``.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` keeps the
+    run going; ``finally`` blocks still remove temporary files on the way out.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -7,19 +7,25 @@ and prints nothing: it returns strings and writes files.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import numbers
 import os
+import re
+import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable
 
 import numpy as np
 
 from onnx_sp2ps.errors import ReportError
+from onnx_sp2ps.files import (check_regular, read_bounded, show, umask_mode,
+                              uninterruptible)
 
 __all__ = [
     "audit_to_dict",
@@ -35,11 +41,34 @@ __all__ = [
     "overlay_image",
     "write_png",
     "prepare_out_dir",
+    "append_text",
+    "check_target",
+    "ReportSet",
+    "written_by_us",
     "colormap",
 ]
 
 
 # --------------------------------------------------------------------------- writing
+
+#: Marks the PNGs, HTML and XML this tool writes, so that a later run can tell them from
+#: files it must not replace (README "Supported and refused": files not ours).
+GENERATOR = "onnx-sp2ps"
+_SCAN_BYTES = 1 << 16
+_HTML_MARK = f'<meta name="generator" content="{GENERATOR}">'
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _write_error(path: Path, exc: OSError, option: str = "--out") -> ReportError:
+    """One line for a failed write: a full disk says what to do about it."""
+    where = show(path)
+    if exc.errno in _NO_SPACE:
+        return ReportError(f"no space left on the device of {where}: free space or choose "
+                           f"another {option}")
+    if exc.errno == errno.EROFS:
+        return ReportError(f"{where} is on a read-only file system: choose another {option}")
+    return ReportError(f"cannot write {where}: {exc.strerror or exc}: check the folder or "
+                       f"choose another {option}")
 
 
 def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
@@ -47,34 +76,69 @@ def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
     ``option`` names where the path came from in messages."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise ReportError(f"{option} {p} is a file, not a folder: choose a folder path")
+        kind = "a file" if p.is_file() else "a special file"
+        raise ReportError(f"{option} {show(p)} is {kind}, not a folder: choose a folder path")
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".sp2ps-write-test-"):
             pass
     except OSError as exc:
-        raise ReportError(f"cannot write to {option} {p}: {exc.strerror or exc}: choose a "
-                          "folder you can write to") from exc
+        if exc.errno in _NO_SPACE:
+            raise _write_error(p, exc, option) from None
+        raise ReportError(f"cannot write to {option} {show(p)}: {exc.strerror or exc}: "
+                          "choose a folder you can write to") from None
     return p
 
 
-def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write a file through ``write(handle)`` into a temporary file, then rename it."""
+def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None], *,
+                 option: str = "--out") -> Path:
+    """Write a file through ``write(handle)`` into a temporary file beside it, then rename
+    it into place; the file gets the mode the umask gives. A failed write (a full disk
+    included) leaves no temporary file and raises :class:`ReportError`."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name[:64]}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(p, exc, option) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), umask_mode())
             os.fsync(handle.fileno())
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise _write_error(p, exc, option) from None
         raise
+    return p
+
+
+def append_text(path: str | Path, text: str, *, option: str) -> Path:
+    """Append ``text`` to a regular file (created when missing), never truncating it:
+    CI step-summary files are shared by every step of a job. One write call."""
+    p = Path(path)
+    if os.path.lexists(p):
+        check_regular(p, f"{option} file", error=ReportError)
+    data = text.encode("utf-8")
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+                     | getattr(os, "O_NOCTTY", 0), 0o666)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ReportError(f"{option} {show(p)} is not a regular file: refused")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _write_error(p, exc, option) from None
     return p
 
 
@@ -85,6 +149,189 @@ def write_json(path: str | Path, data: dict) -> Path:
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     return write_atomic(path, lambda h: np.savez_compressed(h, **arrays))
+
+
+def _head(path: Path, size: int = _SCAN_BYTES) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(size)
+
+
+def _png_is_ours(head: bytes) -> bool:
+    """A PNG whose text chunks (before the image data) name this tool as its Software."""
+    if not head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    pos = 8
+    while pos + 8 <= len(head):
+        length = int.from_bytes(head[pos:pos + 4], "big")
+        kind = head[pos + 4:pos + 8]
+        if kind == b"tEXt":
+            key, _, value = head[pos + 8:pos + 8 + length].partition(b"\0")
+            if key == b"Software" and value == GENERATOR.encode():
+                return True
+        if kind in (b"IDAT", b"IEND"):
+            return False
+        pos += 12 + length
+    return False
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether a regular file is one this tool writes (recognised by its content: the
+    report's ``tool`` key, the samples.csv header, the HTML and XML generator marks,
+    the PNG Software chunk, the keys of a maps file). Reads at most 64 KiB."""
+    import zipfile
+
+    name = path.name
+    try:
+        if name.endswith(".npz"):
+            with zipfile.ZipFile(path) as archive:
+                return {"paths.npy", "targets.npy", "raw.npy", "maps.npy"} <= set(
+                    archive.namelist())
+        head = _head(path)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    if name.endswith(".json"):
+        return re.search(rb'"tool": *"onnx-sp2ps"', head[:4096]) is not None
+    if name.endswith(".csv"):
+        return head.split(b"\n", 1)[0].strip() == ",".join(SAMPLE_COLUMNS).encode()
+    if name.endswith(".html"):
+        return b"<title>onnx-sp2ps" in head[:1024] or _HTML_MARK.encode() in head[:1024]
+    if name.endswith(".xml"):
+        return b'<testsuites name="onnx-sp2ps"' in head[:1024]
+    if name.endswith(".png"):
+        return _png_is_ours(head)
+    return False
+
+
+def _check_replaceable(path: Path, option: str, force: bool) -> None:
+    """Refuse to replace ``path`` when it is special (or links to a special file), or
+    was not written by this tool and ``force`` is not given. Folders are checked whole."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ReportError(f"cannot check {show(path)}: {exc.strerror or exc}: choose another "
+                          f"{option}") from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.stat(path)
+        except OSError:
+            target = None  # a dangling link: replacing it loses nothing of the user's
+        if target is not None and not stat.S_ISREG(target.st_mode):
+            raise ReportError(f"{show(path)} is a link to a special file or folder: refused "
+                              f"(it is never replaced); choose another {option}")
+        if force or target is None:
+            return
+        raise ReportError(f"{show(path)} is a link this tool did not write: refused; remove "
+                          f"it, choose another {option}, or pass --force to replace it")
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            raise ReportError(f"cannot read {show(path)}: {exc.strerror or exc}: choose "
+                              f"another {option}") from None
+        for entry in entries:
+            _check_replaceable(Path(entry.path), option, force)
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise ReportError(f"{show(path)} is a special file (FIFO, socket or device): refused "
+                          f"(it is never replaced); choose another {option}")
+    if not force and not written_by_us(path):
+        raise ReportError(f"{show(path)} exists and was not written by onnx-sp2ps: choose "
+                          f"another {option}, or pass --force to replace it")
+
+
+def check_target(path: str | Path, *, option: str, force: bool = False) -> Path:
+    """Check before a run that a single output file (``--junit``) can be replaced: its
+    folder is writable, and an existing file there is ours (or ``force``)."""
+    p = Path(path)
+    prepare_out_dir(p.parent, option=f"{option} folder")
+    _check_replaceable(p, option, force)
+    if os.path.isdir(p):
+        raise ReportError(f"{option} {show(p)} is a folder: name a file")
+    return p
+
+
+class ReportSet:
+    """The files one run writes under an output folder, replaced as a whole.
+
+    Construction checks that every member already there may be replaced (ours, or
+    ``force``; special files never), then makes a hidden staging folder inside the
+    output folder (so on the same file system). Writers write under :meth:`path`;
+    :meth:`commit` swaps the new set in by renames: the old members are moved aside,
+    the new ones moved in, with signals held for the few renames and every rename undone
+    on failure, so the folder holds the complete previous set or the complete new one.
+    Leaving the ``with`` block without a commit removes the staging folder. Staging
+    folders of dead runs are removed when the next run starts.
+    """
+
+    PREFIX = ".sp2ps-staging-"
+
+    def __init__(self, out: str | Path, members: tuple[str, ...], *, force: bool = False,
+                 option: str = "--out"):
+        self.out = prepare_out_dir(out, option=option)
+        self.members = members
+        self.option = option
+        for name in members:
+            _check_replaceable(self.out / name, option, force)
+        self._remove_stale()
+        try:
+            self.staging = Path(tempfile.mkdtemp(dir=self.out,
+                                                 prefix=f"{self.PREFIX}{os.getpid()}-"))
+        except OSError as exc:
+            raise _write_error(self.out, exc, option) from None
+
+    def _remove_stale(self) -> None:
+        for entry in self.out.glob(self.PREFIX + "*"):
+            pid = entry.name[len(self.PREFIX):].split("-", 1)[0]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # a live run's staging folder
+            except ProcessLookupError:
+                shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                continue
+
+    def path(self, name: str) -> Path:
+        """Where member ``name`` (or a file inside a member folder) is written."""
+        return self.staging / name
+
+    def commit(self) -> None:
+        staged = [m for m in self.members if os.path.lexists(self.staging / m)]
+        for folder, _, _ in os.walk(self.staging):
+            os.chmod(folder, umask_mode(directory=True))
+        aside = self.staging / ".previous"
+        moved: list[tuple[Path, Path]] = []
+        with uninterruptible():
+            try:
+                aside.mkdir()
+                for name in self.members:
+                    if os.path.lexists(self.out / name):
+                        os.rename(self.out / name, aside / name)
+                        moved.append((self.out / name, aside / name))
+                for name in staged:
+                    os.rename(self.staging / name, self.out / name)
+                    moved.append((self.staging / name, self.out / name))
+            except OSError as exc:
+                for source, target in reversed(moved):
+                    try:
+                        os.rename(target, source)
+                    except OSError:
+                        pass
+                raise _write_error(self.out, exc, self.option) from None
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> "ReportSet":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
 
 
 # --------------------------------------------------------------------------- JSON
@@ -105,15 +352,50 @@ def _ranked(candidates: list[dict]) -> list[dict]:
                                               if c["sp2ps"]["mean"] is not None else -1.0))
 
 
+def path_endings(paths: list[str | None]) -> list[str]:
+    """For each model path, the shortest ending (file name, then parent/file name, ...)
+    that the other, different paths do not share; the same path given twice keeps one
+    ending."""
+    parts = []
+    for p in paths:
+        pure = PurePath(show(p)) if p else PurePath("model")
+        parts.append(pure.parts[1:] if pure.anchor else pure.parts)
+    out = []
+    for i, mine in enumerate(parts):
+        others = [q for q in parts if q != mine]
+        depth = 1
+        while depth < len(mine) and any(q[-depth:] == mine[-depth:] for q in others):
+            depth += 1
+        out.append("/".join(mine[-depth:]))
+    return out
+
+
+def display_names(paths: list[str | None]) -> list[str]:
+    """Distinct display names of models (``paths[0]`` the original, then the candidates):
+    :func:`path_endings`, and ``(candidate K)`` after a path given before. Models are
+    identified by position and path, never by file name alone."""
+    endings = path_endings(paths)
+    return [e if e not in endings[:i] else f"{e} (candidate {i})"
+            for i, e in enumerate(endings)]
+
+
+def _model_dict(info, name: str) -> dict:
+    out = info.to_dict()
+    out["name"] = name
+    out["path"] = None if info.path is None else show(info.path)
+    return out
+
+
 def audit_to_dict(result, *, schema_version: int,
                   criteria: "GateCriteria | None" = None) -> dict:
     """report.json content of an :class:`onnx_sp2ps.pipeline.AuditResult` (README documents
     the schema); with ``criteria``, each candidate's ``gate`` and the top-level
     ``passed`` are filled in."""
     labels = result.labels
-    paths = result.paths
+    paths = [show(p) for p in result.paths]
+    names = display_names([result.original.path] + [c.model.path for c in result.candidates])
     candidates = []
-    for cand in result.candidates:
+    for cand, name in zip(result.candidates, names[1:]):
         rows = []
         for i, path in enumerate(paths):
             rows.append({
@@ -135,12 +417,12 @@ def audit_to_dict(result, *, schema_version: int,
         summary = {k: (_num(v) if isinstance(v, float) else v)
                    for k, v in cand.summary.to_dict().items()}
         candidates.append({
-            "model": cand.model.to_dict(),
+            "model": _model_dict(cand.model, name),
             "sp2ps": summary,
             "agreement": _num(cand.agreement),
             "accuracy": _num(cand.accuracy),
             "confidence_drop": _num(cand.confidence_drop),
-            "non_finite_images": list(cand.non_finite_paths),
+            "non_finite_images": [show(p) for p in cand.non_finite_paths],
             "gate": None,
             "images": rows,
         })
@@ -156,13 +438,13 @@ def audit_to_dict(result, *, schema_version: int,
             "note": result.provider_note,
         },
         "images": {
-            "source": result.images.source,
+            "source": show(result.images.source),
             "scored": int(len(result.indices)),
-            "skipped": [{"path": p, "reason": r} for p, r in result.images.skipped],
+            "skipped": [{"path": show(p), "reason": show(r)} for p, r in result.images.skipped],
             "labelled": labels is not None and bool((labels >= 0).any()),
         },
         "original": {
-            "model": result.original.to_dict(),
+            "model": _model_dict(result.original, names[0]),
             "accuracy": _num(result.original_accuracy),
         },
         "candidates": candidates,
@@ -177,9 +459,8 @@ def apply_gate(report: dict, criteria: GateCriteria) -> list[GateCheck]:
     """Check ``criteria`` and record them in the report dict (``gate`` per candidate,
     ``passed`` and ``gate_criteria`` at the top level)."""
     checks = check_report(report, criteria)
-    for cand in report.get("candidates", []):
-        name = (cand.get("model") or {}).get("name")
-        mine = [c for c in checks if c.candidate == name]
+    for index, cand in enumerate(report.get("candidates", [])):
+        mine = [c for c in checks if c.index == index]
         cand["gate"] = {"passed": all(c.passed for c in mine),
                         "checks": [c.to_dict() for c in mine]}
     report["gate_criteria"] = criteria.to_dict()
@@ -187,20 +468,83 @@ def apply_gate(report: dict, criteria: GateCriteria) -> list[GateCheck]:
     return checks
 
 
+#: report.json versions ``gate`` reads, and the largest report it reads.
+KNOWN_SCHEMAS = (1,)
+MAX_REPORT_BYTES = 256 << 20
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _schema_errors(data) -> str | None:
+    """The first way ``data`` is not a report.json that ``gate`` can read, or None.
+    Everything the gate reads is checked: types (a boolean is not a number, a string
+    is not a score), ranges, a known ``schema_version``."""
+    if not isinstance(data, dict) or data.get("tool") != "onnx-sp2ps":
+        return "it is not an onnx-sp2ps report.json (no \"tool\": \"onnx-sp2ps\")"
+    version = data.get("schema_version")
+    if not (isinstance(version, int) and not isinstance(version, bool)) \
+            or version not in KNOWN_SCHEMAS:
+        return (f"schema_version {json.dumps(version)[:40]} is not one this version reads "
+                f"({', '.join(map(str, KNOWN_SCHEMAS))})")
+
+    def fraction(value, where: str) -> str | None:
+        if value is None or (_is_number(value) and 0.0 <= value <= 1.0):
+            return None
+        return f"{where} is {json.dumps(value)[:40]}, not a number in [0, 1] or null"
+
+    original = data.get("original")
+    if not isinstance(original, dict) or not isinstance(original.get("model"), dict):
+        return "original.model is missing or not an object"
+    problem = fraction(original.get("accuracy"), "original.accuracy")
+    if problem:
+        return problem
+    candidates = data.get("candidates")
+    if not isinstance(candidates, list):
+        return "candidates is not a list"
+    for i, cand in enumerate(candidates):
+        where = f"candidates[{i}]"
+        if not isinstance(cand, dict):
+            return f"{where} is not an object"
+        model, sp2ps = cand.get("model"), cand.get("sp2ps")
+        if not isinstance(model, dict) or not isinstance(model.get("name"), str) \
+                or not model["name"]:
+            return f"{where}.model.name is missing or not a string"
+        if model.get("path") is not None and not isinstance(model.get("path"), str):
+            return f"{where}.model.path is not a string"
+        if not isinstance(sp2ps, dict):
+            return f"{where}.sp2ps is missing or not an object"
+        for key, value in (("sp2ps.mean", sp2ps.get("mean")), ("sp2ps.p5", sp2ps.get("p5")),
+                           ("agreement", cand.get("agreement")),
+                           ("accuracy", cand.get("accuracy"))):
+            problem = fraction(value, f"{where}.{key}")
+            if problem:
+                return problem
+    return None
+
+
 def load_report(path: str | Path) -> dict:
-    """Read a report.json written by ``audit`` (ReportError when it is not one)."""
+    """Read and validate a report.json written by ``audit`` (:class:`ReportError`, one
+    line, for anything else: a special or oversized file, malformed or deeply nested
+    JSON, NaN literals, wrong types or ranges, an unknown schema_version)."""
     p = Path(path)
+    hint = "pass the report.json written by onnx-sp2ps audit --out"
+    raw = read_bounded(p, "report", limit=MAX_REPORT_BYTES, error=ReportError)
+
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"report not found: {p} (check the path)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"cannot read report {p}: {exc}: pass the report.json written "
-                          "by onnx-sp2ps audit --out") from exc
-    if not isinstance(data, dict) or data.get("tool") != "onnx-sp2ps" \
-            or not isinstance(data.get("candidates"), list):
-        raise ReportError(f"{p} is not an onnx-sp2ps report.json: pass the report.json "
-                          "written by onnx-sp2ps audit --out")
+        data = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except RecursionError:
+        raise ReportError(f"cannot read report {show(p)}: nested too deeply: {hint}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        reason = " ".join(str(exc).split())[:200]
+        raise ReportError(f"cannot read report {show(p)}: {reason}: {hint}") from None
+    problem = _schema_errors(data)
+    if problem:
+        raise ReportError(f"{show(p)} is not a valid onnx-sp2ps report: {problem}: {hint}")
     return data
 
 
@@ -232,8 +576,10 @@ class GateCriteria:
 
 @dataclass(frozen=True)
 class GateCheck:
-    """One candidate against one criterion."""
+    """One candidate (its position among the candidates, and display name) against one
+    criterion."""
 
+    index: int
     candidate: str
     criterion: str
     value: float | None
@@ -266,14 +612,14 @@ def check_report(report: dict, criteria: GateCriteria) -> list[GateCheck]:
     ]
     checks = []
     candidates = report.get("candidates") or [{}]
-    for cand in candidates:
+    for index, cand in enumerate(candidates):
         name = (cand.get("model") or {}).get("name") or "(no candidate)"
         for label, threshold, op, get in table:
             if threshold is None:
                 continue
             value = _num(get(cand)) if cand else None
             ok = value is not None and (value >= threshold if op == ">=" else value <= threshold)
-            checks.append(GateCheck(name, label, value, op, float(threshold), bool(ok)))
+            checks.append(GateCheck(index, name, label, value, op, float(threshold), bool(ok)))
     return checks
 
 
@@ -286,7 +632,7 @@ def gate_lines(checks: list[GateCheck]) -> list[str]:
         lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.candidate}: {c.criterion} "
                      f"{value} (must be {c.op} {c.threshold:.6f})")
     failed = [c for c in checks if not c.passed]
-    names = sorted({c.candidate for c in checks})
+    names = {c.index for c in checks}
     if failed:
         worst = "; ".join(
             f"{c.candidate} {c.criterion} "
@@ -402,12 +748,8 @@ def overlay_image(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.5) -> 
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
-    from PIL import Image
-
-    def write(handle):
-        Image.fromarray(rgb).save(handle, format="PNG")
-
-    return write_atomic(path, write)
+    data = png_bytes(rgb)
+    return write_atomic(path, lambda handle: handle.write(data))
 
 
 # --------------------------------------------------------------------------- CSV, JUnit, Markdown
@@ -502,10 +844,11 @@ def summary_markdown(report: dict, checks: list[GateCheck]) -> str:
              f"{cell(report['settings']['method'])}.", "",
              "| candidate | Sp2PS | p5 | S | F | agreement | accuracy | gate |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    position = {id(c): i for i, c in enumerate(report["candidates"])}
     order = _ranked(report["candidates"])
     for c in order:
         name = c["model"]["name"]
-        mine = [k for k in checks if k.candidate == name]
+        mine = [k for k in checks if k.index == position[id(c)]]
         gate = "-" if not mine else ("pass" if all(k.passed for k in mine) else "**fail**")
         s = c["sp2ps"]
         lines.append(f"| `{cell(name)}` | {_fmt(s['mean'])} | {_fmt(s['p5'])} | "
@@ -538,10 +881,13 @@ class WorstImage:
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    from PIL import Image
+    """PNG bytes, with a Software text chunk that marks the file as this tool's."""
+    from PIL import Image, PngImagePlugin
 
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", GENERATOR)
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
+    Image.fromarray(rgb).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 
@@ -679,7 +1025,7 @@ def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
              ".PASSED{color:#1e7b34}.FAILED{color:#c0392b}img{image-rendering:pixelated}"
              "code{font-size:.85em}")
     return (
-        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>{_HTML_MARK}"
         f"<title>onnx-sp2ps audit of {e(orig['model']['name'])}</title>"
         f"<style>{style}</style></head><body>"
         f"<h1>onnx-sp2ps audit of <code>{e(orig['model']['name'])}</code></h1>"

@@ -146,10 +146,13 @@ def test_cam_writes_maps_and_overlays(capsys, samples, tmp_path):
         assert cams["raw"].dtype == np.float32 and cams["raw"].min() >= 0
         assert cams["maps"].shape == (50, 64, 64)
         labels = [int(Path(p).parts[0]) for p in cams["paths"]]
+        cams_paths = [str(p) for p in cams["paths"]]
         assert cams["targets"].tolist() == labels
-    overlays = sorted((tmp_path / "overlays").glob("*.png"))
-    assert len(overlays) == 50 and overlays[0].name.endswith(".png")
-    assert not overlays[0].name.endswith(".png.png")
+    overlays = sorted((tmp_path / "overlays").rglob("*.png"))
+    assert len(overlays) == 50
+    # The image's own path, sub-folder included, with .png added: 0/x.png -> 0/x.png.png.
+    names = {p.relative_to(tmp_path / "overlays").as_posix() for p in overlays}
+    assert names == {f"{p}.png" for p in cams_paths}
 
 
 

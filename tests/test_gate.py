@@ -13,6 +13,7 @@ from onnx_sp2ps.report import GateCriteria, apply_gate, check_report, gate_lines
 
 def report(mean=0.9, p5=0.7, agreement=0.95, acc_orig=0.9, acc_cand=0.85, name="cand.onnx"):
     return {
+        "schema_version": 1,
         "tool": "onnx-sp2ps",
         "original": {"accuracy": acc_orig, "model": {"name": "orig.onnx"}},
         "candidates": [{"model": {"name": name}, "sp2ps": {"mean": mean, "p5": p5},
