@@ -1,7 +1,8 @@
 """The ``onnx-sp2ps`` command: the only module that prints or exits.
 
-Exit codes (DESIGN.md): 0 passed, 1 gate failed, 2 usage error, 3 input not usable,
-4 internal error (traceback only with ``--debug``), 130 interrupted.
+Exit codes (README "Supported and refused"): 0 passed, 1 gate failed, 2 usage error,
+3 input not usable, 4 internal error (traceback only with ``--debug``), 128 + signal
+when SIGINT (130), SIGTERM (143) or SIGHUP (129) ends the run.
 """
 
 from __future__ import annotations
@@ -21,11 +22,6 @@ from onnx_sp2ps import __version__
 from onnx_sp2ps.errors import InputError, Interrupted, Sp2psError, UsageError
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
-#: Signals that end a run with one line and exit code 128 + signal number.
-SIGNALS = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM", "SIGHUP": "SIGHUP"}
-INTERRUPTED = ("interrupted ({}): the run stopped before the end; the output folder holds "
-               "its previous files and no temporary file was kept; run the command again "
-               "for complete results")
 #: Upper bounds of numeric options (each says what is allowed in its error).
 MAX_THREADS, MAX_BATCH, MAX_WORST, MAX_SCORECAM_CHANNELS = 256, 4096, 1000, 4096
 
@@ -254,9 +250,11 @@ def _format_choice(f):
 
 
 def _out_path(ctx, param, value):
-    if value is not None and not str(value).strip():
+    if value is None:
+        return None
+    if not value.strip():
         raise click.BadParameter("must name a folder, not an empty string")
-    return value
+    return Path(value)
 
 
 _force_option = click.option("--force", is_flag=True,
@@ -451,7 +449,7 @@ def _target_option(f):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--images", required=True, type=click.Path(path_type=Path),
               help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), callback=_out_path,
+@click.option("--out", required=True, type=click.Path(), callback=_out_path,
               help="Folder for cams.npz (and overlays).")
 @_method_options
 @_target_option
@@ -582,7 +580,7 @@ def _report_skipped(console: _Console, image_set) -> None:
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--images", required=True, type=click.Path(path_type=Path),
               help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
-@click.option("--out", type=click.Path(path_type=Path), callback=_out_path,
+@click.option("--out", type=click.Path(), callback=_out_path,
               help="Folder for report.json (and maps).")
 @_format_choice
 @gate_options
@@ -785,48 +783,37 @@ def gate(report, quiet, debug, **kwargs):
 # --------------------------------------------------------------------------- entry point
 
 
-def _on_signal(signum, frame) -> None:
-    from onnx_sp2ps.files import interrupt
-
-    interrupt(signum)
-
-
-def _install_signal_handlers() -> dict:
-    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (held
-    while a report set is swapped in); the previous handlers are returned."""
-    previous = {}
-    for name in SIGNALS:
-        signum = getattr(signal, name, None)
-        if signum is None:
-            continue
-        try:
-            previous[signum] = signal.signal(signum, _on_signal)
-        except ValueError:  # not the main thread (an embedding application)
-            pass
-    return previous
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit with its code; see the module docstring for the codes."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    previous = _install_signal_handlers()
+    from onnx_sp2ps.files import install_signal_handlers
+
+    restore = install_signal_handlers()
     try:
         code = _run(args, debug)
     except Interrupted as exc:  # a signal during the error handling itself
         code = _interrupted(exc.signum)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore()
     if code is None:
         code = EXIT_OK
+    if code > 128 and argv is None:
+        # The process ends now: a decoding thread still busy with a file must not delay
+        # it (temporary files were removed on the way here).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
     sys.exit(int(code))
 
 
 def _interrupted(signum: int) -> int:
-    name = signal.Signals(signum).name
-    _err(INTERRUPTED.format(SIGNALS.get(name, name)))
-    return 128 + int(signum)
+    from onnx_sp2ps.files import claim_exit
+
+    exc = Interrupted(signum)
+    if claim_exit():
+        _err(exc.message)
+    return exc.exit_code
 
 
 def _run(args: list[str], debug: bool) -> int | None:

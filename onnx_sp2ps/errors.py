@@ -72,3 +72,17 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+    @property
+    def message(self) -> str:
+        import signal
+
+        name = signal.Signals(self.signum).name
+        shown = {"SIGINT": "Ctrl-C"}.get(name, name)
+        return (f"interrupted ({shown}): the run stopped before the end; the output folder "
+                "holds its previous files and no temporary file was kept; run the command "
+                "again for complete results")

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from onnx_sp2ps.errors import InputError, Interrupted
 
 __all__ = ["MAX_TEXT_BYTES", "check_regular", "read_bounded", "show", "umask_mode",
-           "interrupt", "uninterruptible"]
+           "interrupt", "uninterruptible", "install_signal_handlers", "SIGNALS",
+           "on_interrupt", "claim_exit"]
 
 #: Largest settings, class-names or report file read (16 MiB of text is far beyond any
 #: real one; larger is a mistake or an attack).
@@ -123,3 +125,105 @@ def uninterruptible() -> Iterator[None]:
             signum = _held[0]
             _held.clear()
             raise Interrupted(signum)
+
+
+#: Signals that end a run with one line and exit code 128 + signal number.
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+#: How long the main thread has to act on a signal before the watchdog ends the process
+#: itself (the main thread may be inside one long C call: an import, onnxruntime).
+GRACE_SECONDS = 0.5
+_cleanups: dict[int, Callable[[], None]] = {}
+_exit_lock = threading.Lock()
+_exiting = False
+
+
+def _on_signal(signum, frame) -> None:
+    interrupt(signum)
+
+
+def on_interrupt(key: int, cleanup: Callable[[], None] | None) -> None:
+    """Register (or with None, drop) what the watchdog must undo before it ends the
+    process: a staging folder to remove."""
+    if cleanup is None:
+        _cleanups.pop(key, None)
+    else:
+        _cleanups[key] = cleanup
+
+
+def claim_exit() -> bool:
+    """True for the first caller only: the main thread or the watchdog, whichever ends
+    the run, prints the one line."""
+    global _exiting
+    with _exit_lock:
+        if _exiting:
+            return False
+        _exiting = True
+        return True
+
+
+def _watchdog(read_fd: int, signums: set[int]) -> None:
+    """Ends the process when the main thread has not acted on a signal within
+    :data:`GRACE_SECONDS`; waits for a report set's swap to finish first."""
+    import time
+
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        hits = [b for b in data if b in signums]
+        if not hits:
+            continue
+        time.sleep(GRACE_SECONDS)
+        while _depth:  # a swap in progress finishes first (a few renames)
+            time.sleep(0.01)
+        if not claim_exit():
+            continue
+        for cleanup in list(_cleanups.values()):
+            try:
+                cleanup()
+            except Exception:
+                pass
+        error = Interrupted(hits[0])
+        try:
+            os.write(2, (error.message + "\n").encode())
+        finally:
+            os._exit(error.exit_code)
+
+
+def install_signal_handlers() -> Callable[[], None]:
+    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread
+    (held inside :func:`uninterruptible`), with a watchdog thread that ends the process
+    within :data:`GRACE_SECONDS` when the main thread is stuck in a C call. Returns the
+    function that restores the previous state. Only the command line calls this: a
+    library leaves the host's signals alone."""
+    import signal
+
+    global _exiting
+    _exiting = False
+    previous = {}
+    for name in SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            previous[signum] = signal.signal(signum, _on_signal)
+        except ValueError:  # not the main thread: nothing to restore, no watchdog
+            return lambda: None
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_watchdog, args=(read_fd, set(previous)), daemon=True,
+                     name="onnx-sp2ps-signals").start()
+
+    def restore() -> None:
+        signal.set_wakeup_fd(old_fd)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(write_fd)  # the watchdog reads end-of-file and stops
+
+    return restore

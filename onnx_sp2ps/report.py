@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from onnx_sp2ps.errors import ReportError
-from onnx_sp2ps.files import (check_regular, read_bounded, show, umask_mode,
+from onnx_sp2ps.files import (check_regular, on_interrupt, read_bounded, show, umask_mode,
                               uninterruptible)
 
 __all__ = [
@@ -281,6 +281,7 @@ class ReportSet:
                                                  prefix=f"{self.PREFIX}{os.getpid()}-"))
         except OSError as exc:
             raise _write_error(self.out, exc, option) from None
+        on_interrupt(id(self), self.discard)
 
     def _remove_stale(self) -> None:
         for entry in self.out.glob(self.PREFIX + "*"):
@@ -326,6 +327,7 @@ class ReportSet:
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+        on_interrupt(id(self), None)
 
     def __enter__(self) -> "ReportSet":
         return self
