@@ -26,6 +26,12 @@ EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 MAX_THREADS, MAX_BATCH, MAX_WORST, MAX_SCORECAM_CHANNELS = 256, 4096, 1000, 4096
 
 
+#: Paths are checked by the library, which says what is wrong in one line (click's own
+#: readability check would make an unreadable file a usage error, exit 2).
+_PATH = click.Path(path_type=Path, readable=False)
+_FILE_PATH = click.Path(dir_okay=False, path_type=Path, readable=False)
+
+
 def _err(message: str) -> None:
     """One line on stderr: control characters and undecodable bytes shown escaped."""
     from onnx_sp2ps.files import show
@@ -94,7 +100,7 @@ def preprocess_options(f):
         click.option("--bgr", "pre_bgr", is_flag=True, help="Feed channels in BGR order."),
         click.option("--layout", "pre_layout", type=click.Choice(["NCHW", "NHWC"]),
                      help="Input layout (default: detected from the model)."),
-        click.option("--class-names", type=click.Path(dir_okay=False, path_type=Path),
+        click.option("--class-names", type=_FILE_PATH,
                      help="File with one class name per line, in class order; image "
                           "sub-folders named after classes give the labels."),
         click.option("--strict", is_flag=True,
@@ -168,7 +174,7 @@ def runtime_options(f):
 
 
 def common_options(f):
-    f = click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+    f = click.option("--config", type=_FILE_PATH,
                      expose_value=False, metavar="FILE",
                      help="TOML file of settings (long option names as keys); the "
                           "command line wins.")(f)
@@ -380,7 +386,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=_PATH)
 @_format_choice
 @model_options(candidates=False)
 @click.option("--size", "size", callback=_parse_size_option, metavar="HxW",
@@ -396,7 +402,9 @@ def inspect(model, fmt, size, quiet, debug, **kwargs):
     prepared = prepare_model(model, input_name=opts.input_name,
                              feature_layer=opts.feature_layer, logits=opts.logits, size=size)
     runner = ModelRunner(prepared, provider="cpu")
-    data = {"model": str(model), "size_bytes": prepared.size_bytes,
+    from onnx_sp2ps.files import show
+
+    data = {"model": show(model), "size_bytes": prepared.size_bytes,
             "parameters": prepared.parameters, **prepared.spec.to_dict(),
             "providers": available_providers()}
     data["head"]["gradient"] = runner.gradient_path
@@ -406,7 +414,7 @@ def inspect(model, fmt, size, quiet, debug, **kwargs):
         return EXIT_OK
     spec = prepared.spec
     lines = [
-        f"model        {model}  ({prepared.parameters:,} parameters, "
+        f"model        {data['model']}  ({prepared.parameters:,} parameters, "
         f"{(prepared.size_bytes or 0) / 1024:.1f} KiB, opset {spec.opset}, "
         f"producer {spec.producer or '?'})",
         f"input        {spec.input.name}  {_shape(spec.input.shape)}  {spec.layout}  "
@@ -446,8 +454,8 @@ def _target_option(f):
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--images", required=True, type=click.Path(path_type=Path),
+@click.argument("model", type=_PATH)
+@click.option("--images", required=True, type=_PATH,
               help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
 @click.option("--out", required=True, type=click.Path(), callback=_out_path,
               help="Folder for cams.npz (and overlays).")
@@ -496,7 +504,9 @@ def cam(model, images, out, method, scorecam_channels, target, overlays, force, 
                           overlay_image(rgb, maps.maps[k]))
         files.commit()
     _report_skipped(console, image_set)
-    click.echo(f"{len(maps.paths)} maps ({method}) written to {files.out / 'cams.npz'}")
+    from onnx_sp2ps.files import show
+
+    click.echo(f"{len(maps.paths)} maps ({method}) written to {show(files.out / 'cams.npz')}")
     return EXIT_OK
 
 
@@ -576,17 +586,17 @@ def _report_skipped(console: _Console, image_set) -> None:
 
 
 @cli.command()
-@click.argument("original", type=click.Path(path_type=Path))
-@click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--images", required=True, type=click.Path(path_type=Path),
+@click.argument("original", type=_PATH)
+@click.argument("candidates", nargs=-1, required=True, type=_PATH)
+@click.option("--images", required=True, type=_PATH,
               help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
 @click.option("--out", type=click.Path(), callback=_out_path,
               help="Folder for report.json (and maps).")
 @_format_choice
 @gate_options
-@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--junit", type=_FILE_PATH, metavar="FILE",
               help="Write JUnit XML (one test case per candidate and criterion).")
-@click.option("--summary-md", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--summary-md", type=_FILE_PATH, metavar="FILE",
               help="Append a short Markdown summary (pull-request comment, CI job summary "
                    "such as $GITHUB_STEP_SUMMARY); an existing file is never truncated.")
 @click.option("--save-maps", is_flag=True,
@@ -672,7 +682,7 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
                 _save_maps(files.path("maps"), result, folders)
             write_json(files.path("report.json"), report)
             files.commit()
-            console.info(f"report written to {files.out / 'report.json'}")
+            console.info(f"report written to {files.out / 'report.json'}")  # _err escapes
     finally:
         if files is not None:
             files.discard()
@@ -766,7 +776,7 @@ def _gate(report: dict, criteria, *, to_stderr: bool = False) -> int:
 
 
 @cli.command()
-@click.argument("report", type=click.Path(path_type=Path))
+@click.argument("report", type=_PATH)
 @gate_options
 @common_options
 def gate(report, quiet, debug, **kwargs):

@@ -75,10 +75,11 @@ def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
     """Create ``path`` (and parents) and check it can be written, before a long run;
     ``option`` names where the path came from in messages."""
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        kind = "a file" if p.is_file() else "a special file"
-        raise ReportError(f"{option} {show(p)} is {kind}, not a folder: choose a folder path")
     try:
+        if p.exists() and not p.is_dir():
+            kind = "a file" if p.is_file() else "a special file"
+            raise ReportError(f"{option} {show(p)} is {kind}, not a folder: choose a folder "
+                              "path")
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".sp2ps-write-test-"):
             pass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -67,3 +69,67 @@ def run_cli(capsys, *args):
         main([str(a) for a in args])
     out, err = capsys.readouterr()
     return info.value.code, out, err
+
+
+NOBODY = 65534
+
+
+def run_as_nobody(tmp_path: Path, *args) -> tuple[int, str, str]:
+    """Run the CLI as an unprivileged user (uid and gid 65534) in a forked child.
+
+    The child is forked from this process with the package, onnxruntime and a session
+    already loaded, so the interpreter's own folder (often private to root) need not be
+    readable by that user. Skips, with the reason, when the tests do not run as root.
+    """
+    if not hasattr(os, "fork") or os.geteuid() != 0:
+        pytest.skip("dropping privileges needs a POSIX system and root")
+    import json
+    import tempfile
+
+    from onnx_sp2ps.cli import main
+    from PIL import Image
+
+    from onnx_sp2ps.pipeline import compute_cams  # noqa: F401  (loaded before the fork)
+
+    Image.init()  # every image plugin, loaded before the fork
+
+    main_args = [str(a) for a in args]
+    # One run as root first, in-process, so every lazily loaded library is in memory.
+    with tempfile.TemporaryDirectory() as warm, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(["audit", str(SAMPLES / "gap_original.onnx"),
+                  str(SAMPLES / "gap_l1_60.onnx"), "--images", str(SAMPLES / "images"),
+                  "--out", warm, "--save-maps", "--junit", f"{warm}/j.xml",
+                  "--summary-md", f"{warm}/s.md", "--fail-under", "0.1", "-q"])
+        except SystemExit:
+            pass
+    out_path, err_path = tmp_path / ".nobody-out", tmp_path / ".nobody-err"
+    with open(out_path, "w+b") as out, open(err_path, "w+b") as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 99
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                os.environ["HOME"] = "/nonexistent"
+                try:
+                    main(main_args)
+                except SystemExit as exc:
+                    code = int(exc.code or 0)
+            except BaseException as exc:  # noqa: BLE001
+                print(json.dumps(repr(exc)), file=sys.stderr)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    text = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+    out_path.unlink()
+    err_path.unlink()
+    return code, text[0], text[1]

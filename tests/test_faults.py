@@ -461,3 +461,52 @@ def test_a_signal_during_the_swap_is_held_until_the_set_is_whole(capsys, small, 
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["worst"] if "worst" in report["settings"] else True
     assert len(list((out / "overlays" / "gap_l1_60").rglob("*.png"))) == 3  # the new set
+
+
+# --------------------------------------------------------------------------- non-root
+
+
+def _world(path: Path) -> Path:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(0o777 if p.is_dir() else 0o644)
+    return path
+
+
+@pytest.fixture
+def open_tmp():
+    """A folder every user can enter (pytest's own tmp folders are private to root)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="sp2ps-nobody-"))
+    folder.chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_as_a_non_root_user_an_unwritable_out_is_exit_3_and_onnxruntime_stays_quiet(
+        small, open_tmp):
+    from conftest import run_as_nobody
+
+    tmp_path = open_tmp
+    images = _world(Path(shutil.copytree(small["images"], tmp_path / "images")))
+    models = _world(tmp_path / "models") if (tmp_path / "models").mkdir() is None else None
+    for key in ("orig", "cand"):
+        shutil.copy(small[key], models / small[key].name)
+        (models / small[key].name).chmod(0o644)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o755)  # root's folder: not writable by the user
+    args = ["audit", models / small["orig"].name, models / small["cand"].name, "--images",
+            images, "-q"]
+    code, _, err = run_as_nobody(tmp_path, *args, "--out", locked / "out")
+    assert code == 3 and len(err.splitlines()) == 1 and "cannot write" in err, err
+    # HOME does not exist: onnxruntime's own warnings (telemetry, logging) never show.
+    out = tmp_path / "out"
+    code, stdout, err = run_as_nobody(tmp_path, *args, "--out", out)
+    assert code == 0 and err == "", err
+    assert (out / "report.json").stat().st_uid == 65534
+    # A model this user cannot read is an input problem (3), not a usage error.
+    secret = models / "secret.onnx"
+    shutil.copy(small["orig"], secret)
+    secret.chmod(0o600)
+    code, _, err = run_as_nobody(tmp_path, "inspect", secret)
+    assert code == 3 and len(err.splitlines()) == 1 and "Permission denied" in err, err
