@@ -70,11 +70,13 @@ def check_regular(path: str | os.PathLike[str], what: str, *,
 
 
 def read_bounded(path: str | os.PathLike[str], what: str, *,
-                 limit: int = MAX_TEXT_BYTES,
+                 limit: int | None = None,
                  error: type[InputError] = InputError) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes. The file is opened without
     blocking (a FIFO swapped in after the check cannot hang the read) and at most
-    ``limit + 1`` bytes are read, whatever size it claims."""
+    ``limit + 1`` bytes are read, whatever size it claims (default limit:
+    :data:`MAX_TEXT_BYTES`)."""
+    limit = MAX_TEXT_BYTES if limit is None else limit
     check_regular(path, what, error=error, limit=limit)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))

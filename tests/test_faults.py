@@ -510,3 +510,23 @@ def test_as_a_non_root_user_an_unwritable_out_is_exit_3_and_onnxruntime_stays_qu
     secret.chmod(0o600)
     code, _, err = run_as_nobody(tmp_path, "inspect", secret)
     assert code == 3 and len(err.splitlines()) == 1 and "Permission denied" in err, err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "folder", "huge"])
+def test_config_files_are_read_only_when_plain_and_small(kind, capsys, small, tmp_path,
+                                                         monkeypatch):
+    import onnx_sp2ps.files as files
+
+    config = tmp_path / "settings.toml"
+    if kind == "fifo":
+        os.mkfifo(config)
+    elif kind == "dev_zero":
+        config.symlink_to("/dev/zero")
+    elif kind == "folder":
+        config.mkdir()
+    else:
+        monkeypatch.setattr(files, "MAX_TEXT_BYTES", 100)
+        config.write_text("# " + "x" * 200 + "\n")
+    code, _, err = run_cli(capsys, *_audit(small, tmp_path / "out", "--config", config))
+    assert code == 3 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
