@@ -24,7 +24,7 @@ _EXPORTS = {
     "ModelOptions": "onnx_sp2ps.pipeline",
     "audit": "onnx_sp2ps.pipeline",
     "compute_cams": "onnx_sp2ps.pipeline",
-    "GateCriteria": "onnx_sp2ps.report",
+    "GateCriteria": "onnx_sp2ps.gate",
 }
 
 __all__ = ["__version__", "audit", "compute_cams", "AuditResult", "AuditSettings",

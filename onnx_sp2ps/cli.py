@@ -242,7 +242,7 @@ def gate_options(f):
 
 
 def _criteria(kwargs: dict):
-    from onnx_sp2ps.report import GateCriteria
+    from onnx_sp2ps.gate import GateCriteria
 
     return GateCriteria(fail_under=kwargs.pop("fail_under"),
                         fail_under_p5=kwargs.pop("fail_under_p5"),
@@ -622,7 +622,8 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
           batch_size, quiet, debug, class_names, strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     from onnx_sp2ps import pipeline as audit_module
-    from onnx_sp2ps.report import (ReportSet, append_text, audit_to_dict, check_report,
+    from onnx_sp2ps.gate import apply_gate
+    from onnx_sp2ps.report import (ReportSet, append_text, audit_to_dict,
                                    check_target, format_table, html_report,
                                    junit_xml, samples_csv, summary_markdown, write_atomic,
                                    write_json)
@@ -667,10 +668,10 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
         console.info(f"preprocess: {result.images.preprocess.describe()}")
         _provider_note(console, result.original)
         _report_skipped(console, result.images)
-        report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION,
-                               criteria=criteria)
+        report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION)
         report["setting_sources"] = setting_sources(click.get_current_context())
-        checks = check_report(report, criteria) if criteria.any() else []
+        # The gate is checked once; the table, the files and the exit code show it.
+        checks = apply_gate(report, criteria) if criteria.any() else []
         if files is not None:
             overlays = files.path("overlays") if overlay_mode == "worst" else None
             page = html_report(report, _worst_images(result, report, folders, overlays),
@@ -697,7 +698,7 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
         click.echo(format_table(report))
     if not criteria.any():
         return EXIT_OK
-    return _gate(report, criteria, to_stderr=fmt == "json")
+    return _gate(checks, to_stderr=fmt == "json")
 
 
 class _OverlayStreamer:
@@ -766,10 +767,10 @@ def _save_maps(folder: Path, result, folders: list[str]) -> None:
         write_npz(folder / f"{name}.npz", maps.arrays())
 
 
-def _gate(report: dict, criteria, *, to_stderr: bool = False) -> int:
-    from onnx_sp2ps.report import check_report, gate_lines
+def _gate(checks: list, *, to_stderr: bool = False) -> int:
+    """Print the gate lines; the exit code of the verdict."""
+    from onnx_sp2ps.gate import gate_lines
 
-    checks = check_report(report, criteria)
     for line in gate_lines(checks):
         click.echo(line, err=to_stderr)
     return EXIT_OK if checks and all(c.passed for c in checks) else EXIT_GATE
@@ -781,13 +782,14 @@ def _gate(report: dict, criteria, *, to_stderr: bool = False) -> int:
 @common_options
 def gate(report, quiet, debug, **kwargs):
     """Re-check a saved REPORT.json against gate criteria without re-running the models."""
+    from onnx_sp2ps.gate import check_report
     from onnx_sp2ps.report import load_report
 
     criteria = _criteria(kwargs)
     if not criteria.any():
         raise click.UsageError("give at least one criterion (--fail-under, --fail-under-p5, "
                                "--min-agreement, --max-accuracy-drop)")
-    return _gate(load_report(report), criteria)
+    return _gate(check_report(load_report(report), criteria))
 
 
 # --------------------------------------------------------------------------- entry point

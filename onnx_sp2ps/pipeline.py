@@ -246,7 +246,7 @@ class AuditResult:
 
     def to_dict(self, criteria=None) -> dict:
         """The report.json content (see README); ``criteria`` a
-        :class:`onnx_sp2ps.report.GateCriteria` to record a gate."""
+        :class:`onnx_sp2ps.gate.GateCriteria` to record a gate."""
         from onnx_sp2ps.report import audit_to_dict
 
         return audit_to_dict(self, schema_version=SCHEMA_VERSION, criteria=criteria)

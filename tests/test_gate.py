@@ -8,7 +8,7 @@ import math
 import pytest
 
 from conftest import run_cli as run
-from onnx_sp2ps.report import GateCriteria, apply_gate, check_report, gate_lines
+from onnx_sp2ps.gate import GateCriteria, apply_gate, check_report, gate_lines
 
 
 def report(mean=0.9, p5=0.7, agreement=0.95, acc_orig=0.9, acc_cand=0.85, name="cand.onnx"):
