@@ -241,6 +241,8 @@ def _load_model(p: Path, budget: int) -> onnx.ModelProto:
         raise ModelError(f"model file {p} is empty: export the model again")
     try:
         model = onnx.load_model_from_string(data)
+    except MemoryError:
+        raise
     except Exception as exc:  # protobuf raises DecodeError and others
         raise ModelError(
             f"{p} is not a readable ONNX model ({type(exc).__name__}): it may be truncated "
@@ -254,6 +256,8 @@ def _load_model(p: Path, budget: int) -> onnx.ModelProto:
     _load_external_data(model, p)
     try:
         check_model(model)
+    except MemoryError:
+        raise
     except Exception as exc:
         first = " ".join(str(exc).split()) or type(exc).__name__
         if "topologically sorted" in first:
@@ -391,10 +395,15 @@ def _human(n: int) -> str:
 
 
 def _read_meminfo(key: str) -> int | None:
+    return _proc_field("/proc/meminfo", key)
+
+
+def _proc_field(path: str, key: str) -> int | None:
+    """A ``key: N kB`` field of a /proc file, in bytes (read as bytes: no codec needed)."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(path, "rb") as f:
             for line in f:
-                if line.startswith(key + ":"):
+                if line.startswith(key.encode() + b":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -426,11 +435,7 @@ def _available_memory() -> int | None:
 
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:
-            mapped = 0
-            with open("/proc/self/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("VmSize:"):
-                        mapped = int(line.split()[1]) * 1024
+            mapped = _proc_field("/proc/self/status", "VmSize") or 0
             known.append(max(soft - mapped, 0))
     except (ImportError, OSError, ValueError):
         pass
