@@ -50,6 +50,7 @@ __all__ = [
     "PreparedModel",
     "load_model",
     "memory_budget",
+    "check_tensor_sizes",
     "analyse_model",
     "prepare_model",
     "add_outputs",

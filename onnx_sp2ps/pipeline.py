@@ -23,7 +23,7 @@ from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
 from onnx_sp2ps.errors import (DataError, InputError, MismatchError, NonFiniteError,
                                UsageError)
-from onnx_sp2ps.graph import ModelSpec, PreparedModel, memory_budget, prepare_model
+from onnx_sp2ps.graph import ModelSpec, PreparedModel, _human, memory_budget, prepare_model
 from onnx_sp2ps.runtime import DeviceInputs, ModelRunner
 from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
 from onnx_sp2ps.targets import select_targets, top1
@@ -448,8 +448,6 @@ def check_batch_memory(specs: Sequence[ModelSpec], size: tuple[int, int], batch_
     total = rows * per_row
     if total <= budget:
         return total
-    from onnx_sp2ps.graph import _human
-
     shape = f"{c}x{h}x{w}"
     over = f"over the memory budget of {_human(budget)}: refused before allocating"
     if fixed and fixed * per_row > budget:
@@ -515,11 +513,11 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
     settings = AuditSettings(method=method, target=target, batch_size=batch_size,
                              provider=provider, threads=threads, strict=strict,
                              scorecam_channels=scorecam_channels, max_memory=max_memory)
+    explainer = _Explainer(prepared, settings)
     image_set = _open(images, prepared.spec, preprocess, class_names, strict)
     size = image_set.preprocess.size
     check_batch_memory([prepared.spec], size, batch_size, image_set.preprocess.channels,
                        max_memory)
-    explainer = _Explainer(prepared, settings)
     out = _Collector()
     done = 0
     for batch in _batches(image_set, batch_size):

@@ -407,7 +407,8 @@ def test_memory_budget_is_half_the_available_memory_unless_given(monkeypatch):
 # --------------------------------------------------------------------------- out of memory
 
 
-@pytest.mark.parametrize("where", ["onnx.load_model_from_string", "onnx_sp2ps.graph._infer"])
+@pytest.mark.parametrize("where", ["onnx.load_model_from_string", "onnx_sp2ps.graph._infer",
+                                   "onnxruntime.InferenceSession"])
 def test_memory_error_while_loading_or_preparing_is_a_model_error(where, capsys, monkeypatch):
     def exhausted(*args, **kwargs):
         raise MemoryError()
