@@ -603,8 +603,9 @@ def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
     call for (raw_data length, or the number of float_data/int32_data/... entries); an
     external one is checked against its file by :func:`_check_external`; a sparse one's
     dense form must be within 2 GiB (onnxruntime's limit); and the dense size of every
-    tensor (sparse ones at their dense shape, ConstantOfShape of a constant shape at its
-    output's) added up must fit ``budget``.
+    tensor (sparse ones at their dense shape) and of the outputs of ConstantOfShape,
+    Expand and Range of constant inputs (:func:`_constant_output_sizes`) added up must
+    fit ``budget``.
 
     Raises
     ------
@@ -622,7 +623,7 @@ def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
             label = what
         total += nbytes
         largest = max(largest, (nbytes, label))
-    for nbytes, label in _constant_of_shape_sizes(model):
+    for nbytes, label in _constant_output_sizes(model):
         total += nbytes
         largest = max(largest, (nbytes, label))
     if total > budget:
@@ -633,10 +634,10 @@ def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
     return total
 
 
-def _constant_of_shape_sizes(model: onnx.ModelProto):
-    """(bytes, label) of each ConstantOfShape whose shape is a constant of the file (an
-    initializer or a Constant node's value, which are checked first): shape folding or
-    onnxruntime would make that tensor."""
+def _constant_output_sizes(model: onnx.ModelProto):
+    """(bytes, label) of the outputs a few constant numbers ask for: ConstantOfShape and
+    Expand of a constant shape, Range of constant bounds (the constants: initializers or
+    Constant values, checked first).  Shape folding or onnxruntime would make them."""
     for g in _walk_graphs(model):
         consts = {t.name: t for t in getattr(g, "initializer", ())}
         for node in g.node:
@@ -644,23 +645,43 @@ def _constant_of_shape_sizes(model: onnx.ModelProto):
                 for a in node.attribute:
                     if a.name == "value" and a.HasField("t"):
                         consts[node.output[0]] = a.t
-        for node in g.node:
-            if node.op_type != "ConstantOfShape" or not node.input:
-                continue
-            t = consts.get(node.input[0])
+
+        def small(name: str) -> np.ndarray | None:
+            t = consts.get(name)
             if t is None or t.data_location == _T.EXTERNAL or _numel(t.dims) > 16:
-                continue
+                return None
             try:
-                shape = numpy_helper.to_array(t).reshape(-1)
+                return numpy_helper.to_array(t).reshape(-1)
             except Exception:
-                continue
-            item = 4
-            for a in node.attribute:
-                if a.name == "value" and a.HasField("t"):
-                    item = np.dtype(helper.tensor_dtype_to_np_dtype(a.t.data_type)).itemsize
-            yield (_numel(max(int(d), 0) for d in shape) * item,
-                   f"ConstantOfShape node {node.name or node.output[0]!r} "
-                   f"({_shape_text(int(d) for d in shape)})")
+                return None
+
+        for node in g.node:
+            label = f"{node.op_type} node {node.name or (node.output or [''])[0]!r}"
+            if node.op_type in ("ConstantOfShape", "Expand") and node.input:
+                shape = small(node.input[-1])
+                if shape is None or not shape.size or shape.dtype.kind not in "iu":
+                    continue
+                item = 4
+                source = (node.attribute[0].t if node.op_type == "ConstantOfShape"
+                          and node.attribute and node.attribute[0].HasField("t")
+                          else consts.get(node.input[0]) if node.op_type == "Expand" else None)
+                if source is not None:
+                    try:
+                        item = np.dtype(helper.tensor_dtype_to_np_dtype(
+                            source.data_type)).itemsize
+                    except Exception:
+                        pass
+                dims = [max(int(d), 0) for d in shape]
+                yield _numel(dims) * item, f"{label} ({_shape_text(dims)})"
+            elif node.op_type == "Range" and len(node.input) == 3:
+                bounds = [small(n) for n in node.input]
+                if any(b is None or b.size != 1 for b in bounds):
+                    continue
+                start, limit, delta = (float(b[0]) for b in bounds)
+                if delta == 0 or not np.isfinite([start, limit, delta]).all():
+                    continue
+                count = max(int(np.ceil((limit - start) / delta)), 0)
+                yield count * bounds[0].dtype.itemsize, f"{label} ({count} values)"
 
 
 def _nbytes(t: onnx.TensorProto) -> int:

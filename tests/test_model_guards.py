@@ -85,6 +85,7 @@ MODELS: dict = {}
 BOMBS = ("sparse_initializer_declaring_a_huge_dense_shape",
          "constant_sparse_value_declaring_a_huge_dense_shape",
          "constant_of_shape_of_a_huge_constant_shape",
+         "expand_to_a_huge_constant_shape",
          "constant_value_declaring_more_than_it_holds",
          "external_data_length_beyond_the_file")
 
@@ -129,6 +130,28 @@ def constant_of_shape_of_a_huge_constant_shape(tmp):
     m.graph.node.insert(0, helper.make_node("ConstantOfShape", ["bomb_shape"], ["bomb"],
                                             name="bomb"))
     return _save(m, tmp / "constant_of_shape.onnx")
+
+
+@model("Expand node 'bomb' (1000000000x1000000000)", "over the memory budget of 8.0 GiB")
+def expand_to_a_huge_constant_shape(tmp):
+    m = _gap()
+    m.graph.initializer.extend([
+        numpy_helper.from_array(np.array([10**9, 10**9], np.int64), "bomb_shape"),
+        numpy_helper.from_array(np.ones(1, np.float32), "bomb_one")])
+    m.graph.node.insert(0, helper.make_node("Expand", ["bomb_one", "bomb_shape"], ["bomb"],
+                                            name="bomb"))
+    return _save(m, tmp / "expand.onnx")
+
+
+@model("Range node 'bomb' (1000000000000 values)", "over the memory budget of 8.0 GiB")
+def range_of_a_huge_constant_length(tmp):
+    m = _gap()
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), name)
+                                for v, name in ((0, "bomb_start"), (10**12, "bomb_limit"),
+                                                (1, "bomb_delta"))])
+    m.graph.node.insert(0, helper.make_node("Range", ["bomb_start", "bomb_limit", "bomb_delta"],
+                                            ["bomb"], name="bomb"))
+    return _save(m, tmp / "range.onnx")
 
 
 @model("Constant node 'bomb' (value) declares 30000x30000 float (900000000 values of "
