@@ -278,12 +278,12 @@ def _load_model(p: Path, budget: int) -> onnx.ModelProto:
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Tensors of the main graph (initializers, sparse initializers, Constant values) whose
-    data lives in an external file."""
-    g = model.graph
-    tensors = list(g.initializer)
-    tensors += [t for s in g.sparse_initializer for t in (s.values, s.indices)]
-    tensors += [a.t for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    """Tensors of the model (initializers, sparse initializers' parts, attribute values;
+    in subgraphs and functions too, as onnx's loader reads them) whose data lives in an
+    external file."""
+    tensors = []
+    for t, _ in _all_tensors(model):
+        tensors += [t.values, t.indices] if isinstance(t, onnx.SparseTensorProto) else [t]
     return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
