@@ -528,25 +528,32 @@ def test_bombs_are_refused_under_a_1_gb_address_space(tmp_path):
 # --------------------------------------------------------------------------- permissions
 
 _AS_NOBODY = """
-import os, sys, tomllib, traceback
+import contextlib, io, json, os, sys, tomllib, traceback
 import onnxruntime
 import onnx_sp2ps.cli, onnx_sp2ps.pipeline, onnx_sp2ps.runtime
 from onnx_sp2ps.errors import ModelError
 from onnx_sp2ps.graph import load_model
 os.setgid(65534)
 os.setuid(65534)  # (Python lives under /root here: everything is imported before this)
-if sys.argv[1] == "library":
+out = {}
+try:
+    load_model(sys.argv[1])
+except ModelError as exc:
+    out["library"] = f"ModelError: {exc}"
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
     try:
-        load_model(sys.argv[2])
-    except ModelError as exc:
-        print("ModelError:", exc)
-else:
-    onnx_sp2ps.cli.main(sys.argv[2:])
+        onnx_sp2ps.cli.main(["inspect", sys.argv[1]])
+    except SystemExit as exc:
+        out["cli"] = [exc.code, err.getvalue()]
+print(json.dumps(out))
 """
 
 
-@pytest.fixture
-def locked_model(tmp_path_factory):
+@pytest.fixture(scope="module")
+def as_nobody():
+    """What uid 65534 gets from a model of mode 000: load_model, then ``inspect`` (one
+    process: Python with onnxruntime takes seconds to start)."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to drop to uid 65534 (root reads a file of mode 000 anyway)")
     import tempfile
@@ -556,28 +563,28 @@ def locked_model(tmp_path_factory):
     path = folder / "locked.onnx"
     path.write_bytes(GAP.read_bytes())
     path.chmod(0)
-    yield path
-    path.unlink()
-    folder.rmdir()
-
-
-def _as_nobody(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", _AS_NOBODY, *map(str, args)],
-                          capture_output=True, text=True, timeout=30, env=env, cwd="/")
-
-
-def test_unreadable_model_is_a_model_error_for_another_user(locked_model):
-    done = _as_nobody("library", locked_model)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run([sys.executable, "-c", _AS_NOBODY, str(path)],
+                              capture_output=True, text=True, timeout=30, env=env, cwd="/")
+    finally:
+        path.unlink()
+        folder.rmdir()
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith(f"ModelError: cannot read model {locked_model}: Permission "
-                                  "denied: check the file's permissions"), done.stdout
+    return path, json.loads(done.stdout)
+
+
+def test_unreadable_model_is_a_model_error_for_another_user(as_nobody):
+    path, got = as_nobody
+    assert got["library"].startswith(f"ModelError: cannot read model {path}: Permission "
+                                     "denied: check the file's permissions"), got
 
 
 @pytest.mark.xfail(strict=True, reason="cli.py: click.Path(readable=True), the default, "
                    "refuses the unreadable MODEL argument as a usage error (exit 2) before "
                    "load_model runs; cli.py's owner is to pass readable=False")
-def test_unreadable_model_exits_3_for_another_user(locked_model):
-    done = _as_nobody("cli", "inspect", locked_model)
-    assert done.returncode == 3, done.stderr
-    assert "cannot read model" in done.stderr and done.stderr.count("\n") == 1
+def test_unreadable_model_exits_3_for_another_user(as_nobody):
+    path, got = as_nobody
+    code, err = got["cli"]
+    assert code == 3, err
+    assert "cannot read model" in err and err.count("\n") == 1
