@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import stat
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,8 @@ __all__ = [
     "ModelSpec",
     "PreparedModel",
     "load_model",
+    "memory_budget",
+    "check_tensor_sizes",
     "analyse_model",
     "prepare_model",
     "add_outputs",
@@ -138,6 +142,10 @@ class ModelSpec:
     ir_version: int
     producer: str
     detected: dict = field(default_factory=dict)
+    #: Bytes per input image of the largest tensor shape inference found at the size
+    #: detection probed (None when none has a static shape): for memory estimates
+    #: (:func:`onnx_sp2ps.pipeline.check_batch_memory`); not reported.
+    largest_activation: int | None = None
 
     @property
     def input_size(self) -> tuple[int | None, int | None]:
@@ -192,20 +200,39 @@ class PreparedModel:
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
+def load_model(path: str | Path, *, max_memory: int | None = None) -> onnx.ModelProto:
     """Read and check an ONNX model file without ever writing to it.
+
+    ``max_memory`` is the memory budget in bytes (:func:`memory_budget`; None: half the
+    memory available).  The file and the sizes its tensors declare are checked against
+    the budget and against the data really present (:func:`check_tensor_sizes`) before
+    external weights are read, anything is made dense or the ONNX checker runs.
 
     Raises
     ------
     ModelError
-        When the path is missing, a folder, unreadable, empty, not ONNX, or fails the
-        ONNX checker.  The message says which, and what to do.
+        When the path is missing, a folder, not a regular file, unreadable, empty, over
+        the budget, not ONNX, declares tensors it does not hold, or fails the ONNX
+        checker.  The message says which, and what to do.
     """
     p = Path(path)
-    if not p.exists():
-        raise ModelError(f"model file not found: {p} (check the path)")
-    if p.is_dir():
-        raise ModelError(f"{p} is a folder, not an ONNX model file: name the .onnx file")
+    try:
+        return _load_model(p, memory_budget(max_memory))
+    except MemoryError as exc:
+        raise _out_of_memory(p, "loading") from exc
+
+
+def _out_of_memory(where, doing: str) -> ModelError:
+    return ModelError(f"{where}: out of memory while {doing} the model: free memory, use "
+                      "a machine with more, or check that the model is what it claims to be")
+
+
+def _load_model(p: Path, budget: int) -> onnx.ModelProto:
+    st = _regular_file(p)
+    if st.st_size > budget:
+        raise ModelError(f"model file {p} is {_human(st.st_size)}, over the memory budget "
+                         f"of {_human(budget)}: refused before reading; use a machine with "
+                         "more memory")
     try:
         data = p.read_bytes()
     except OSError as exc:
@@ -215,17 +242,23 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise ModelError(f"model file {p} is empty: export the model again")
     try:
         model = onnx.load_model_from_string(data)
+    except MemoryError:
+        raise
     except Exception as exc:  # protobuf raises DecodeError and others
         raise ModelError(
             f"{p} is not a readable ONNX model ({type(exc).__name__}): it may be truncated "
             "or in another format; export the model again"
         ) from exc
+    del data
     if not model.graph.node:
         raise ModelError(f"{p} is not an ONNX model with a graph (no nodes found): "
                          "export the model again")
+    check_tensor_sizes(model, p, budget)
     _load_external_data(model, p)
     try:
         check_model(model)
+    except MemoryError:
+        raise
     except Exception as exc:
         first = " ".join(str(exc).split()) or type(exc).__name__
         if "topologically sorted" in first:
@@ -245,46 +278,410 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Tensors of the main graph (initializers, sparse initializers, Constant values) whose
-    data lives in an external file."""
-    g = model.graph
-    tensors = list(g.initializer)
-    tensors += [t for s in g.sparse_initializer for t in (s.values, s.indices)]
-    tensors += [a.t for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    """Tensors of the model (initializers, sparse initializers' parts, attribute values;
+    in subgraphs and functions too, as onnx's loader reads them) whose data lives in an
+    external file."""
+    tensors = []
+    for t, _ in _all_tensors(model):
+        tensors += [t.values, t.indices] if isinstance(t, onnx.SparseTensorProto) else [t]
     return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Read external weights into ``model``, only from files inside the model's folder.
+    """Read external weights into ``model``, only from regular files inside the model's
+    folder, and only the bytes each tensor's type and shape call for.
 
     Raises
     ------
     ModelError
-        When a location is absolute or leads outside the model's folder (also through a
-        symbolic link), or the file is missing or too short.
+        When a location is empty, absolute, too long, holds a NUL byte, loops through
+        symbolic links or leads outside the model's folder (also through a link); when
+        the file is missing or not a regular file; or when its offset and length do not
+        give exactly the tensor's bytes within the file.
     """
     tensors = _external_tensors(model)
     if not tensors:
         return
     folder = path.resolve().parent
     for t in tensors:
-        location = next((e.value for e in t.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
-            raise ModelError(
-                f"{path}: weights of {t.name!r} point outside the model's folder "
-                f"({location!r}); refused: keep external data files next to the model"
-            )
-        if not target.is_file():
-            raise ModelError(
-                f"{path}: external weights file {location!r} of {t.name!r} not found in "
-                f"{folder}: copy it next to the model"
-            )
+        _check_external(t, path, folder)
     try:
         onnx.load_external_data_for_model(model, str(folder))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load the external weights of {path}: {first}") from exc
+
+
+def _check_external(t: onnx.TensorProto, path: Path, folder: Path) -> None:
+    """Refuse an external tensor whose location or byte range cannot be what it says
+    (see :func:`_load_external_data`), before a byte of it is read."""
+    info = {e.key: e.value for e in t.external_data}
+    location = info.get("location", "")
+    name = t.name
+
+    def refuse(problem: str, remedy: str = "keep external data files next to the model"):
+        raise ModelError(f"{path}: weights of {name!r} {problem}; refused: {remedy}")
+
+    if "\0" in location:
+        refuse("name a location with a NUL byte")
+    if (len(location.encode("utf-8", "surrogateescape")) > _MAX_LOCATION
+            or any(len(part.encode("utf-8", "surrogateescape")) > _MAX_NAME
+                   for part in location.split("/"))):
+        refuse(f"name a location too long to be a file ({len(location)} characters)")
+    try:
+        target = (folder / location).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # (3.11: RuntimeError on a loop)
+        refuse(f"name a location that cannot be resolved ({location!r}: "
+               f"{getattr(exc, 'strerror', None) or exc})", "remove the looping links")
+    if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+        refuse(f"point outside the model's folder ({location!r})")
+    try:
+        st = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelError(f"{path}: external weights file {location!r} of {name!r} not "
+                         f"found in {folder}: copy it next to the model") from None
+    except (OSError, ValueError) as exc:
+        refuse(f"cannot be read from {location!r} ({getattr(exc, 'strerror', None) or exc})",
+               "check the file and its permissions")
+    if not stat.S_ISREG(st.st_mode):
+        refuse(f"point to {location!r}, which is not a regular file (a device, pipe or "
+               "socket)", "keep the weights in a regular file next to the model")
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if info.get("length") else None
+    except ValueError:
+        refuse("have an offset or length that is not a number", "export the model again")
+    _, need = _declared(t, path, f"external tensor {name!r}")
+    bits = _PACKED.get(t.data_type, (0, 1))[0]
+    if bits:
+        need = -(-_numel(t.dims) * bits // 8)
+    reads = (st.st_size - offset) if length is None else length
+    if offset < 0 or (length is not None and length < 0) or offset + max(reads, 0) > st.st_size:
+        refuse(f"lie beyond the end of {location!r} (offset {offset}, length "
+               f"{reads}, file {st.st_size} bytes)", "export the model again")
+    if reads != need:
+        refuse(f"take {reads} bytes of {location!r} but its type and shape "
+               f"{list(t.dims)} need {need}", "export the model again")
+
+
+# --------------------------------------------------------------------------- guards
+#
+# A model file is data to judge, not to trust: a few hundred bytes can declare a tensor
+# of any size (a sparse initializer's dense shape, a raw_data of the wrong length, an
+# external file's offset, a Constant's dims).  Every declared size is compared with the
+# data really present and with a memory budget *before* anything is allocated from it
+# (densifying, numpy_helper.to_array, the ONNX checker, reading external files).
+
+#: Budget (bytes) when the available memory cannot be read.
+_FALLBACK_BUDGET = 4 << 30
+#: Longest external-data location accepted (bytes), and longest part of it.
+_MAX_LOCATION, _MAX_NAME = 4096, 255
+_T = onnx.TensorProto
+#: Element types stored with fewer than 8 bits: bits per element in raw_data, and
+#: elements per entry of int32_data.
+_PACKED = {_T.UINT4: (4, 2), _T.INT4: (4, 2), _T.FLOAT4E2M1: (4, 2)}
+for _name, _bits, _per in (("UINT2", 2, 4), ("INT2", 2, 4), ("FLOAT6E2M3", 6, 1),
+                           ("FLOAT6E3M2", 6, 1)):
+    if hasattr(_T, _name):
+        _PACKED[getattr(_T, _name)] = (_bits, _per)
+#: Typed-field entries per element (complex numbers take two).
+_ENTRIES = {_T.COMPLEX64: 2, _T.COMPLEX128: 2}
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _read_meminfo(key: str) -> int | None:
+    return _proc_field("/proc/meminfo", key)
+
+
+def _proc_field(path: str, key: str) -> int | None:
+    """A ``key: N kB`` field of a /proc file, in bytes (read as bytes: no codec needed)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(key.encode() + b":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _available_memory() -> int | None:
+    """Bytes this process can still allocate, as far as the system says: the least of
+    MemAvailable (or free pages), the cgroup's limit less its use, and the address-space
+    limit (``ulimit -v``) less what the process maps already.  None when none is known."""
+    known = []
+    avail = _read_meminfo("MemAvailable")
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    if avail is not None:
+        known.append(avail)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            known.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            mapped = _proc_field("/proc/self/status", "VmSize") or 0
+            known.append(max(soft - mapped, 0))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(known) if known else None
+
+
+def memory_budget(max_memory: int | None = None) -> int:
+    """The memory budget in bytes: ``max_memory`` when given, else half of what
+    :func:`_available_memory` finds (4 GiB when it finds nothing).  Models and input
+    batches that declare more are refused before anything is allocated."""
+    if max_memory is not None:
+        return int(max_memory)
+    avail = _available_memory()
+    return _FALLBACK_BUDGET if avail is None else avail // 2
+
+
+def _regular_file(p: Path) -> os.stat_result:
+    """The model file's stat, refusing what is not a regular file (FIFO, socket, device,
+    or a link to one such as /dev/zero: reading those can hang or never end) before it
+    is opened."""
+    try:
+        st = os.stat(p)  # (follows links: a link is judged by what it points to)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelError(f"model file not found: {p} (check the path)") from None
+    except ValueError:
+        raise ModelError(f"model path {p!r} contains a NUL byte: check the path") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read model {p}: {exc.strerror or exc}: check the path and "
+                         "the file's permissions") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelError(f"{p} is a folder, not an ONNX model file: name the .onnx file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(f"{p} is not a regular file (a device, pipe or socket): refused "
+                         "before reading; name the .onnx file itself")
+    return st
+
+
+def _walk_graphs(model: onnx.ModelProto):
+    """The main graph, every subgraph (If/Loop/Scan bodies) and every function."""
+    stack: list = [model.graph, *model.functions]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """(tensor, label) for every dense and every sparse tensor of the model: initializers
+    and node attributes (Constant values and others), in subgraphs and functions too."""
+    for g in _walk_graphs(model):
+        for t in getattr(g, "initializer", ()):
+            yield t, f"initializer {t.name!r}"
+        for s in getattr(g, "sparse_initializer", ()):
+            yield s, f"sparse initializer {s.values.name!r}"
+        for node in g.node:
+            for a in node.attribute:
+                label = node.name or (node.output[0] if node.output else "")
+                what = f"{node.op_type} node {label!r} ({a.name})"
+                if a.HasField("t"):
+                    yield a.t, what
+                for t in a.tensors:
+                    yield t, what
+                if a.HasField("sparse_tensor"):
+                    yield a.sparse_tensor, what
+                for t in a.sparse_tensors:
+                    yield t, what
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def _type_name(data_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(data_type).lower()
+    except ValueError:
+        return f"type {data_type}"
+
+
+def _shape_text(dims) -> str:
+    return "x".join(str(d) for d in dims) or "scalar"
+
+
+def _declared(t: onnx.TensorProto, where, what: str) -> tuple[int, int]:
+    """(elements, bytes in memory) that ``t`` declares, with Python integers (no
+    overflow); refuses an unknown element type or a negative dimension."""
+    if any(d < 0 for d in t.dims):
+        raise ModelError(f"{where}: {what} declares a negative dimension {list(t.dims)}: "
+                         "the file is corrupt; export the model again")
+    try:
+        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        raise ModelError(f"{where}: {what} has an unknown element type ({t.data_type}): the "
+                         "file is corrupt or from a newer ONNX; export the model again") from None
+    n = _numel(t.dims)
+    return n, n * item
+
+
+def _stored(t: onnx.TensorProto, n: int) -> tuple[str, int, int]:
+    """(field, entries present, entries ``n`` elements need) of a tensor held in the
+    file: raw_data in bytes, or the typed field its element type uses, in entries."""
+    bits, per = _PACKED.get(t.data_type, (0, 1))
+    if t.HasField("raw_data"):
+        if t.data_type == _T.STRING:
+            return "raw_data", len(t.raw_data), 0  # strings are never raw
+        need = -(-n * bits // 8) if bits else n * np.dtype(
+            helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        return "raw_data", len(t.raw_data), need
+    field_name = helper.tensor_dtype_to_field(t.data_type)
+    return field_name, len(getattr(t, field_name)), -(-n // per) * _ENTRIES.get(t.data_type, 1)
+
+
+def _check_dense(t: onnx.TensorProto, where, what: str) -> int:
+    """Bytes ``t`` declares, once its data is known to match its type and shape."""
+    n, nbytes = _declared(t, where, what)
+    if t.data_location == _T.EXTERNAL:
+        return nbytes  # (checked against its file in _check_external)
+    field_name, have, need = _stored(t, n)
+    if have != need:
+        unit = "bytes" if field_name == "raw_data" else "values"
+        raise ModelError(
+            f"{where}: {what} declares {_shape_text(t.dims)} {_type_name(t.data_type)} "
+            f"({need} {unit} of {field_name}) but holds {have}: its data does not match "
+            "its shape or type; the file is corrupt or hostile, export the model again")
+    return nbytes
+
+
+def _check_sparse(s: onnx.SparseTensorProto, where, what: str) -> int:
+    """Bytes the dense form of ``s`` takes, once its values and indices are consistent
+    and that form is within what onnxruntime accepts (``PROTOBUF_LIMIT``)."""
+    _check_dense(s.values, where, what + " values")
+    _check_dense(s.indices, where, what + " indices")
+    n, dense = _declared(onnx.TensorProto(data_type=s.values.data_type, dims=s.dims),
+                         where, what)
+    nnz = _numel(s.values.dims)
+    idims = list(s.indices.dims)
+    if (len(s.values.dims) != 1 or not idims or idims[0] != nnz or len(idims) > 2
+            or (len(idims) == 2 and idims[1] != len(s.dims)) or nnz > n
+            or s.indices.data_type not in (_T.INT64, _T.INT32)):
+        raise ModelError(f"{where}: {what} has values {list(s.values.dims)} and indices "
+                         f"{idims} that do not fit its shape {list(s.dims)}: the file is "
+                         "corrupt; export the model again")
+    if dense > PROTOBUF_LIMIT:
+        raise ModelError(
+            f"{where}: {what} declares a dense {_shape_text(s.dims)} "
+            f"{_type_name(s.values.data_type)} ({_human(dense)}) for {nnz} stored values, "
+            "over the 2 GiB onnxruntime takes for one tensor: refused before densifying; "
+            "the file is hostile or corrupt, export the model again")
+    return dense
+
+
+def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
+    """Check every tensor's declared size against its data and the memory budget, before
+    any of them is made dense, converted or checked.  Returns the bytes declared.
+
+    The rule: a tensor held in the file must hold exactly the data its type and shape
+    call for (raw_data length, or the number of float_data/int32_data/... entries); an
+    external one is checked against its file by :func:`_check_external`; a sparse one's
+    dense form must be within 2 GiB (onnxruntime's limit); and the dense size of every
+    tensor (sparse ones at their dense shape) and of the outputs of ConstantOfShape,
+    Expand and Range of constant inputs (:func:`_constant_output_sizes`) added up must
+    fit ``budget``.
+
+    Raises
+    ------
+    ModelError
+        Naming the first tensor whose data does not match, or the largest one when the
+        total is over the budget.
+    """
+    total, largest = 0, (0, "")
+    for t, what in _all_tensors(model):
+        if isinstance(t, onnx.SparseTensorProto):
+            nbytes = _check_sparse(t, where, what)
+            label = f"{what} (dense {_shape_text(t.dims)})"
+        else:
+            nbytes = _check_dense(t, where, what)
+            label = what
+        total += nbytes
+        largest = max(largest, (nbytes, label))
+    for nbytes, label in _constant_output_sizes(model):
+        total += nbytes
+        largest = max(largest, (nbytes, label))
+    if total > budget:
+        raise ModelError(
+            f"{where}: its tensors declare {_human(total)} (the largest, {largest[1]}, "
+            f"{_human(largest[0])}), over the memory budget of {_human(budget)}: refused "
+            "before allocating; use a machine with more memory or check the model")
+    return total
+
+
+def _constant_output_sizes(model: onnx.ModelProto):
+    """(bytes, label) of the outputs a few constant numbers ask for: ConstantOfShape and
+    Expand of a constant shape, Range of constant bounds (the constants: initializers or
+    Constant values, checked first).  Shape folding or onnxruntime would make them."""
+    for g in _walk_graphs(model):
+        consts = {t.name: t for t in getattr(g, "initializer", ())}
+        for node in g.node:
+            if node.op_type == "Constant" and node.output:
+                for a in node.attribute:
+                    if a.name == "value" and a.HasField("t"):
+                        consts[node.output[0]] = a.t
+
+        def small(name: str) -> np.ndarray | None:
+            t = consts.get(name)
+            if t is None or t.data_location == _T.EXTERNAL or _numel(t.dims) > 16:
+                return None
+            try:
+                return numpy_helper.to_array(t).reshape(-1)
+            except Exception:
+                return None
+
+        for node in g.node:
+            label = f"{node.op_type} node {node.name or (node.output or [''])[0]!r}"
+            if node.op_type in ("ConstantOfShape", "Expand") and node.input:
+                shape = small(node.input[-1])
+                if shape is None or not shape.size or shape.dtype.kind not in "iu":
+                    continue
+                item = 4
+                source = (node.attribute[0].t if node.op_type == "ConstantOfShape"
+                          and node.attribute and node.attribute[0].HasField("t")
+                          else consts.get(node.input[0]) if node.op_type == "Expand" else None)
+                if source is not None:
+                    try:
+                        item = np.dtype(helper.tensor_dtype_to_np_dtype(
+                            source.data_type)).itemsize
+                    except Exception:
+                        pass
+                dims = [max(int(d), 0) for d in shape]
+                yield _numel(dims) * item, f"{label} ({_shape_text(dims)})"
+            elif node.op_type == "Range" and len(node.input) == 3:
+                bounds = [small(n) for n in node.input]
+                if any(b is None or b.size != 1 for b in bounds):
+                    continue
+                start, limit, delta = (float(b[0]) for b in bounds)
+                if delta == 0 or not np.isfinite([start, limit, delta]).all():
+                    continue
+                count = max(int(np.ceil((limit - start) / delta)), 0)
+                yield count * bounds[0].dtype.itemsize, f"{label} ({count} values)"
 
 
 def _nbytes(t: onnx.TensorProto) -> int:
@@ -610,6 +1007,8 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
                 ins = [value(n) if n else None for n in node.input]
                 if any(n and v is None for n, v in zip(node.input, ins)):
                     continue
+                if _folds_too_large(node.op_type, ins):
+                    continue
                 try:
                     one = helper.make_model(
                         helper.make_graph([node], "fold", [
@@ -637,6 +1036,25 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
         del probe.graph.value_info[:]
         probe = _infer(probe)
     return probe
+
+
+def _folds_too_large(op_type: str, ins: list[np.ndarray | None]) -> bool:
+    """True when a shape op's output would be over ``_SHAPE_VALUE_SIZE`` elements, told
+    from its (small) inputs before it is evaluated: ConstantOfShape, Expand and Range
+    make outputs of any size from a few numbers (a hostile model's [100000, 100000])."""
+    try:
+        if op_type == "ConstantOfShape":
+            size = _numel(max(int(d), 0) for d in ins[0].reshape(-1))
+        elif op_type == "Expand":
+            size = _numel(max(int(d), 0) for d in ins[1].reshape(-1)) * max(ins[0].size, 1)
+        elif op_type == "Range":
+            start, limit, delta = (float(v.reshape(-1)[0]) for v in ins[:3])
+            size = 0 if delta == 0 else max(int(np.ceil((limit - start) / delta)), 0)
+        else:
+            return False
+    except Exception:
+        return True  # (not understood: not folded)
+    return size > _SHAPE_VALUE_SIZE
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -1058,7 +1476,28 @@ def _analyse(model: onnx.ModelProto, g: _Graph, *, input_name: str | None,
             "feature_map": feature_layer is None,
             "logits": logits is None,
         },
+        largest_activation=_largest_activation(probe),
     )
+
+
+def _largest_activation(probe: _Graph) -> int | None:
+    """Bytes per batch row of the largest tensor with a static shape in the probe's
+    inference (computed tensors only: weights are counted by :func:`check_tensor_sizes`)."""
+    largest = None
+    for name, vi in probe.infos.items():
+        if name in probe.initializers:
+            continue
+        shape = _shape_of(vi.type)
+        if not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+            continue
+        try:
+            item = np.dtype(helper.tensor_dtype_to_np_dtype(
+                vi.type.tensor_type.elem_type)).itemsize
+        except Exception:
+            item = 4
+        nbytes = _numel(shape[1:]) * item
+        largest = nbytes if largest is None else max(largest, nbytes)
+    return largest
 
 
 def _shape_from_output(g: _Graph, info: TensorInfo) -> TensorInfo:
@@ -1268,15 +1707,32 @@ def count_parameters(model: onnx.ModelProto) -> int:
 
 def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | None = None,
                   feature_layer: str | None = None, logits: str | None = None,
-                  size: tuple[int, int] | None = None) -> PreparedModel:
-    """Load (if a path), analyse and edit a model: everything needed to run it."""
+                  size: tuple[int, int] | None = None,
+                  max_memory: int | None = None) -> PreparedModel:
+    """Load (if a path), analyse and edit a model: everything needed to run it.
+
+    ``max_memory``: the memory budget in bytes (None: :func:`memory_budget`'s default);
+    a model whose tensors declare more is refused before anything is allocated.  Running
+    out of memory anyway is a :class:`ModelError`, never a crash."""
+    where = "model" if isinstance(source, onnx.ModelProto) else str(source)
+    try:
+        return _prepare_model(source, input_name=input_name, feature_layer=feature_layer,
+                              logits=logits, size=size, budget=memory_budget(max_memory))
+    except MemoryError as exc:
+        raise _out_of_memory(where, "preparing") from exc
+
+
+def _prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | None,
+                   feature_layer: str | None, logits: str | None,
+                   size: tuple[int, int] | None, budget: int) -> PreparedModel:
     path = None
     size_bytes = None
     if isinstance(source, onnx.ModelProto):
         model = source
+        check_tensor_sizes(model, "model", budget)
     else:
         path = str(source)
-        model = load_model(source)
+        model = load_model(source, max_memory=budget)
         size_bytes = Path(source).stat().st_size
     parameters = count_parameters(model)
     model = _densified(model)
@@ -1320,6 +1776,10 @@ def _dense(t: onnx.SparseTensorProto) -> np.ndarray:
     values = numpy_helper.to_array(t.values)
     indices = numpy_helper.to_array(t.indices).astype(np.int64)
     shape = tuple(int(d) for d in t.dims)
+    bounds = np.asarray(shape if indices.ndim == 2 else [_numel(shape)], np.int64)
+    if indices.size and ((indices < 0).any() or (indices >= bounds).any()):
+        raise ModelError(f"sparse initializer {t.values.name!r} has indices outside its shape "
+                         f"{list(shape)}: the file is corrupt; export the model again")
     out = np.zeros(shape, dtype=values.dtype)
     if indices.ndim == 2:
         indices = np.ravel_multi_index(tuple(indices.T), shape) if indices.size else indices[:, 0]

@@ -21,8 +21,9 @@ from onnx_sp2ps import __version__
 from onnx_sp2ps.cams import make_cam
 from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
-from onnx_sp2ps.errors import DataError, MismatchError, NonFiniteError, UsageError
-from onnx_sp2ps.graph import ModelSpec, PreparedModel, prepare_model
+from onnx_sp2ps.errors import (DataError, InputError, MismatchError, NonFiniteError,
+                               UsageError)
+from onnx_sp2ps.graph import ModelSpec, PreparedModel, _human, memory_budget, prepare_model
 from onnx_sp2ps.runtime import DeviceInputs, ModelRunner
 from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
 from onnx_sp2ps.targets import select_targets, top1
@@ -37,6 +38,7 @@ __all__ = [
     "AuditResult",
     "ImageRecord",
     "input_spec",
+    "check_batch_memory",
     "compute_cams",
     "audit",
     "SCHEMA_VERSION",
@@ -69,6 +71,10 @@ class AuditSettings:
     threshold: float | None = None
     strict: bool = False
     scorecam_channels: int | None = None
+    #: Memory budget in bytes for a model's tensors and one batch of inputs and feature
+    #: maps; None: half the memory available (:func:`onnx_sp2ps.graph.memory_budget`).
+    #: Not in :meth:`to_dict`: it depends on the machine and changes no result.
+    max_memory: int | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -389,12 +395,74 @@ def _open(images, spec: ModelSpec, preprocess: Preprocess, class_names, strict) 
                        preprocess=preprocess, class_names=class_names, strict=strict)
 
 
-def _prepare(model, options: ModelOptions, preprocess: Preprocess) -> PreparedModel:
+def _prepare(model, options: ModelOptions, preprocess: Preprocess,
+             max_memory: int | None = None) -> PreparedModel:
     if isinstance(model, PreparedModel):
         return model
     return prepare_model(model, input_name=options.input_name,
                          feature_layer=options.feature_layer, logits=options.logits,
-                         size=preprocess.size)
+                         size=preprocess.size, max_memory=max_memory)
+
+
+def _dim_product(dims) -> int | None:
+    n = 1
+    for d in dims:
+        if not isinstance(d, int) or d < 0:
+            return None
+        n *= d
+    return n
+
+
+def check_batch_memory(specs: Sequence[ModelSpec], size: tuple[int, int], batch_size: int,
+                       channels: int | None = None, max_memory: int | None = None) -> int:
+    """Refuse a run whose one batch cannot fit the memory budget, before it is allocated.
+
+    The rule: the rows run at once (``batch_size``, padded up to a multiple of the
+    models' fixed batch when one has one) times the bytes of one row must fit
+    ``max_memory`` (bytes; None: :func:`onnx_sp2ps.graph.memory_budget`'s default, half
+    the available memory).  One row is estimated, from below, as the input (C x H x W
+    float32 at the resolved ``size``), twice the largest activation of any one model
+    (onnxruntime holds a node's input and output at once; the models run one after the
+    other), and, for each model, its feature map and four H x W float32 maps (the CAM,
+    its upsampled and normalised forms, the scoring's copies), which are kept until all
+    models have run; a feature map whose size is symbolic counts as the largest
+    activation.  Sizes unknown to shape inference count as 0.  Returns the bytes.
+
+    Raises
+    ------
+    InputError
+        Saying whether the fixed batch, the input size or the batch size is to blame.
+    """
+    budget = memory_budget(max_memory)
+    h, w = int(size[0]), int(size[1])
+    c = channels or specs[0].input_channels or 3
+    fixed = max((s.fixed_batch or 0 for s in specs), default=0)
+    rows = fixed * -(-batch_size // fixed) if fixed else batch_size
+    per_row = c * h * w * 4
+    per_row += 2 * max((s.largest_activation or 0 for s in specs), default=0)
+    for spec in specs:
+        fm = spec.feature_map.shape
+        maps = _dim_product(fm[1:]) if fm else None
+        per_row += (4 * maps if maps is not None else spec.largest_activation or 0)
+        per_row += 4 * h * w * 4
+    total = rows * per_row
+    if total <= budget:
+        return total
+    shape = f"{c}x{h}x{w}"
+    over = f"over the memory budget of {_human(budget)}: refused before allocating"
+    if fixed and fixed * per_row > budget:
+        raise InputError(f"the model's fixed batch of {fixed} inputs of {shape} (with its "
+                         f"feature maps) takes {_human(fixed * per_row)}, {over}; export "
+                         "the model with a dynamic (or smaller) batch dimension")
+    if per_row > budget:
+        declared = all(s.input_size == (h, w) for s in specs)
+        remedy = ("export the model with a smaller (or dynamic) input size" if declared
+                  else "pass a smaller --size")
+        raise InputError(f"one input of {shape} (with its feature maps) takes "
+                         f"{_human(per_row)}, {over}; {remedy}")
+    raise InputError(f"one batch of {rows} inputs of {shape} (with their feature maps) "
+                     f"takes {_human(total)}, {over}; lower --batch-size to "
+                     f"{max(budget // per_row, 1)} or less")
 
 
 def _labels_at(image_set: ImageSet, indices: np.ndarray) -> np.ndarray | None:
@@ -422,7 +490,7 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
                  target: str | int = "own", options: ModelOptions = ModelOptions(),
                  class_names=None, batch_size: int = 16, provider: str = "auto",
                  threads: int | None = None, strict: bool = False,
-                 scorecam_channels: int | None = None,
+                 scorecam_channels: int | None = None, max_memory: int | None = None,
                  progress: Progress | None = None) -> tuple[ModelMaps, ModelInfo, ImageSet]:
     """CAMs of one model over a folder of images or an array file.
 
@@ -441,13 +509,15 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
     """
     if target == "original":
         raise UsageError("target 'original' is for audits; use own, label or a class index")
-    prepared = _prepare(model, options, preprocess)
+    prepared = _prepare(model, options, preprocess, max_memory)
     settings = AuditSettings(method=method, target=target, batch_size=batch_size,
                              provider=provider, threads=threads, strict=strict,
-                             scorecam_channels=scorecam_channels)
+                             scorecam_channels=scorecam_channels, max_memory=max_memory)
     explainer = _Explainer(prepared, settings)
     image_set = _open(images, prepared.spec, preprocess, class_names, strict)
     size = image_set.preprocess.size
+    check_batch_memory([prepared.spec], size, batch_size, image_set.preprocess.channels,
+                       max_memory)
     out = _Collector()
     done = 0
     for batch in _batches(image_set, batch_size):
@@ -513,12 +583,15 @@ def audit(original: str | Path | PreparedModel,
     if settings.target not in ("original", "label", "own"):
         raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
 
-    orig_prep = _prepare(original, original_options, preprocess)
-    cand_preps = [_prepare(c, candidate_options, preprocess) for c in candidates]
+    orig_prep = _prepare(original, original_options, preprocess, settings.max_memory)
+    cand_preps = [_prepare(c, candidate_options, preprocess, settings.max_memory)
+                  for c in candidates]
     for cp in cand_preps:
         _check_compatible(orig_prep.spec, cp.spec, Path(cp.path).name if cp.path else "model")
     image_set = _open(images, orig_prep.spec, preprocess, class_names, settings.strict)
     size = image_set.preprocess.size
+    check_batch_memory([orig_prep.spec] + [cp.spec for cp in cand_preps], size,
+                       settings.batch_size, image_set.preprocess.channels, settings.max_memory)
 
     shared = DeviceInputs()  # on CUDA, each batch crosses to the GPU once for all models
     orig = _Explainer(orig_prep, settings, shared)

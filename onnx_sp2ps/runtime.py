@@ -140,7 +140,10 @@ def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
     if threads is not None and threads < 1:
         raise UsageError("--threads must be 1 or more")
     tried, note = resolve_providers(provider, ort.get_available_providers())
-    data, held = _serialized(model)
+    try:
+        data, held = _serialized(model)
+    except MemoryError as exc:
+        raise _out_of_memory(what) from exc
 
     def options():
         so = _session_options(threads)
@@ -151,6 +154,8 @@ def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
     with _quiet_ort():
         try:
             session = ort.InferenceSession(data, options(), providers=tried)
+        except MemoryError as exc:  # (std::bad_alloc, as pybind11 translates it)
+            raise _out_of_memory(what) from exc
         except Exception as exc:
             if CUDA in tried:
                 try:
@@ -167,6 +172,11 @@ def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
     session.sp2ps_held_weights = held
     session.sp2ps_what = what  # named in errors of later runs
     return session, ProviderChoice(requested=provider, providers=got, note=note)
+
+
+def _out_of_memory(what: str) -> ModelError:
+    return ModelError(f"{what}: out of memory while onnxruntime loaded it: free memory, use "
+                      "a machine with more, or check that the model is what it claims to be")
 
 
 def _serialized(model: onnx.ModelProto | bytes) -> tuple[bytes, dict]:
