@@ -158,8 +158,34 @@ def _model_options(kwargs: dict, prefix: str = ""):
                         logits=kwargs.pop(f"{prefix}logits" if prefix else "logits_name"))
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _parse_bytes(ctx, param, value):
+    """``8G``, ``512M``, ``1.5G`` or a number of bytes."""
+    if value is None:
+        return None
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        amount = float(text[:len(text) - len(unit)])
+    except ValueError:
+        raise click.BadParameter(f"expected a size such as 8G, 512M or 1073741824, got "
+                                 f"{value!r}") from None
+    if not (amount > 0 and amount * _UNITS[unit] < 1 << 60):
+        raise click.BadParameter("must be a size above 0 and below 1 EiB")
+    return int(amount * _UNITS[unit])
+
+
+_max_memory_option = click.option(
+    "--max-memory", callback=_parse_bytes, metavar="SIZE",
+    help="Memory budget (e.g. 8G): models and batches declaring more are refused before "
+         "anything is allocated (default: half the memory available).")
+
+
 def runtime_options(f):
     options = [
+        _max_memory_option,
         click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True, help="Execution provider; CUDA falls back to CPU."),
         click.option("--threads", type=click.IntRange(1, MAX_THREADS), metavar="N",
@@ -391,8 +417,9 @@ def cli():
 @model_options(candidates=False)
 @click.option("--size", "size", callback=_parse_size_option, metavar="HxW",
               help="Input size used to infer shapes when the model's is symbolic.")
+@_max_memory_option
 @common_options
-def inspect(model, fmt, size, quiet, debug, **kwargs):
+def inspect(model, fmt, size, max_memory, quiet, debug, **kwargs):
     """Show what was detected in MODEL: input, layout, feature map, logits, head ops, and
     the execution providers available."""
     from onnx_sp2ps.graph import prepare_model
@@ -400,7 +427,8 @@ def inspect(model, fmt, size, quiet, debug, **kwargs):
 
     opts = _model_options(kwargs)
     prepared = prepare_model(model, input_name=opts.input_name,
-                             feature_layer=opts.feature_layer, logits=opts.logits, size=size)
+                             feature_layer=opts.feature_layer, logits=opts.logits, size=size,
+                             max_memory=max_memory)
     runner = ModelRunner(prepared, provider="cpu")
     from onnx_sp2ps.files import show
 
@@ -467,8 +495,8 @@ def _target_option(f):
 @model_options(candidates=False)
 @runtime_options
 @common_options
-def cam(model, images, out, method, scorecam_channels, target, overlays, force, provider,
-        threads, batch_size, quiet, debug, class_names, strict, **kwargs):
+def cam(model, images, out, method, scorecam_channels, target, overlays, force, max_memory,
+        provider, threads, batch_size, quiet, debug, class_names, strict, **kwargs):
     """Compute CAMs of MODEL on images; write OUT/cams.npz (paths, targets, logits, raw,
     maps)."""
     from onnx_sp2ps.pipeline import compute_cams
@@ -490,7 +518,7 @@ def cam(model, images, out, method, scorecam_channels, target, overlays, force, 
                 model, images, preprocess=preprocess, method=method, target=chosen,
                 options=opts, class_names=class_names, batch_size=batch_size,
                 provider=provider, threads=threads, strict=strict,
-                scorecam_channels=scorecam_channels, progress=update)
+                scorecam_channels=scorecam_channels, max_memory=max_memory, progress=update)
         finally:
             close()
         console.info(f"preprocess: {image_set.preprocess.describe()}")
@@ -618,8 +646,8 @@ def _report_skipped(console: _Console, image_set) -> None:
 @runtime_options
 @common_options
 def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, worst,
-          overlay_mode, method, scorecam_channels, target, force, provider, threads,
-          batch_size, quiet, debug, class_names, strict, **kwargs):
+          overlay_mode, method, scorecam_channels, target, force, max_memory, provider,
+          threads, batch_size, quiet, debug, class_names, strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     from onnx_sp2ps import pipeline as audit_module
     from onnx_sp2ps.gate import apply_gate
@@ -647,7 +675,8 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
     settings = audit_module.AuditSettings(method=method, target=target, batch_size=batch_size,
                                           provider=provider, threads=threads,
                                           threshold=fail_under, strict=strict,
-                                          scorecam_channels=scorecam_channels)
+                                          scorecam_channels=scorecam_channels,
+                                          max_memory=max_memory)
     folders = _model_folders([str(original), *map(str, candidates)])
     files = None
     if out is not None:

@@ -231,8 +231,8 @@ def _load_model(p: Path, budget: int) -> onnx.ModelProto:
     st = _regular_file(p)
     if st.st_size > budget:
         raise ModelError(f"model file {p} is {_human(st.st_size)}, over the memory budget "
-                         f"of {_human(budget)}: refused before reading; use a machine with "
-                         "more memory")
+                         f"of {_human(budget)}: refused before reading; raise --max-memory "
+                         "if the machine has the memory, or use one that has")
     try:
         data = p.read_bytes()
     except OSError as exc:
@@ -630,7 +630,8 @@ def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
         raise ModelError(
             f"{where}: its tensors declare {_human(total)} (the largest, {largest[1]}, "
             f"{_human(largest[0])}), over the memory budget of {_human(budget)}: refused "
-            "before allocating; use a machine with more memory or check the model")
+            "before allocating; check the model, or raise --max-memory if the machine has "
+            "the memory")
     return total
 
 

@@ -449,7 +449,8 @@ def check_batch_memory(specs: Sequence[ModelSpec], size: tuple[int, int], batch_
     if total <= budget:
         return total
     shape = f"{c}x{h}x{w}"
-    over = f"over the memory budget of {_human(budget)}: refused before allocating"
+    over = (f"over the memory budget of {_human(budget)} (--max-memory): refused before "
+            "allocating")
     if fixed and fixed * per_row > budget:
         raise InputError(f"the model's fixed batch of {fixed} inputs of {shape} (with its "
                          f"feature maps) takes {_human(fixed * per_row)}, {over}; export "

@@ -530,3 +530,12 @@ def test_config_files_are_read_only_when_plain_and_small(kind, capsys, small, tm
     code, _, err = run_cli(capsys, *_audit(small, tmp_path / "out", "--config", config))
     assert code == 3 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_max_memory_sets_the_budget_of_model_and_batch_checks(capsys, small, tmp_path):
+    code, _, err = run_cli(capsys, *_audit(small, tmp_path / "out", "--max-memory", "64K"))
+    assert code == 3 and "budget of 64.0 KiB" in err and len(err.splitlines()) == 1, err
+    code, _, err = run_cli(capsys, *_audit(small, tmp_path / "out", "--max-memory", "1G"))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "inspect", small["orig"], "--max-memory", "lots")
+    assert code == 2 and "--max-memory" in err

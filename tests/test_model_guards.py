@@ -392,7 +392,7 @@ def test_batch_that_cannot_fit_is_refused_before_the_run(name, tmp_path, capsys,
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert code == 3, err
     assert problem in lines[0] and remedy in lines[0], lines[0]
-    assert "over the memory budget of 8.0 GiB: refused before allocating" in lines[0]
+    assert "over the memory budget of 8.0 GiB (--max-memory): refused before allocating" in lines[0]
 
 
 def test_max_memory_setting_bounds_the_model_and_the_batch():
@@ -580,9 +580,6 @@ def test_unreadable_model_is_a_model_error_for_another_user(as_nobody):
                                      "denied: check the file's permissions"), got
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: click.Path(readable=True), the default, "
-                   "refuses the unreadable MODEL argument as a usage error (exit 2) before "
-                   "load_model runs; cli.py's owner is to pass readable=False")
 def test_unreadable_model_exits_3_for_another_user(as_nobody):
     path, got = as_nobody
     code, err = got["cli"]
