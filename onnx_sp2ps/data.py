@@ -640,7 +640,7 @@ def _resize_plan(
     for what, (w, h) in (("resized", resized), ("prepared", (width, height))):
         if w * h > MAX_IMAGE_PIXELS:
             raise _DecodeFailure(
-                f"refused before decoding (decompression-bomb guard): the {old_w}x{old_h} "
+                f"refused before resizing (decompression-bomb guard): the {old_w}x{old_h} "
                 f"image would be {what} to {w}x{h} = {w * h} pixels, over the limit of "
                 f"{MAX_IMAGE_PIXELS}"
             )
@@ -753,6 +753,19 @@ def _as_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.uint8)
 
 
+def _bomb_reason(pillow: str) -> str:
+    """The reason for an image refused by Pillow's own decompression-bomb check, which runs
+    first, inside ``Image.open``: it warns (made an error here) over ``Image.MAX_IMAGE_PIXELS``
+    and raises over twice that, and its message quotes the limit it used. Over
+    :data:`MAX_IMAGE_PIXELS`, the reason quotes this limit, the one enforced (the same as
+    Pillow's by default), so that it never shows Pillow's doubled one."""
+    found = re.search(r"\(([0-9]+) pixels\)", pillow)
+    if found and int(found.group(1)) > MAX_IMAGE_PIXELS:
+        return (f"refused before decoding (decompression-bomb guard): image is "
+                f"{int(found.group(1))} pixels, over the limit of {MAX_IMAGE_PIXELS}")
+    return "refused before decoding (decompression-bomb guard): " + _shown(pillow.rstrip("."))
+
+
 def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
     """Open, size-check, decode and convert one file (see :func:`_to_model_mode`).
 
@@ -785,8 +798,7 @@ def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
     except _NotRegular as exc:
         raise _DecodeFailure(f"refused before reading: it is {exc}, not a regular file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _DecodeFailure("refused before decoding (decompression-bomb guard): "
-                             + _shown(str(exc).rstrip("."))) from None
+        raise _DecodeFailure(_bomb_reason(str(exc))) from None
     except UnidentifiedImageError:
         raise _DecodeFailure("cannot decode: UnidentifiedImageError: not an image file that "
                              "Pillow recognises") from None
@@ -1209,8 +1221,9 @@ def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) ->
         shown = _shown(source)
         try:
             with _open_regular(source) as handle:
-                raw = handle.read(MAX_CLASS_NAMES_BYTES + 1)
-            if len(raw) > MAX_CLASS_NAMES_BYTES:
+                too_large = os.fstat(handle.fileno()).st_size > MAX_CLASS_NAMES_BYTES
+                raw = b"" if too_large else handle.read(MAX_CLASS_NAMES_BYTES + 1)
+            if too_large or len(raw) > MAX_CLASS_NAMES_BYTES:
                 raise DataError(
                     f"the class names file {shown} is over {MAX_CLASS_NAMES_BYTES} bytes "
                     "(16 MiB) and was not read: write one class name per line"
@@ -1240,7 +1253,7 @@ def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) ->
 
 def _scan_folder(root: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Relative posix paths of the images under root, sorted; some other suffixes (shown);
-    and (shown relative path + "/", reason) of the sub-folders that could not be listed.
+    and (shown relative path + "/", why) of the sub-folders that could not be listed.
 
     Every image file is examined (os.stat, following symlinks) but not opened: one that is
     a FIFO, socket or device, or a symlink to one, raises DataError, since opening or
@@ -1258,10 +1271,7 @@ def _scan_folder(root: Path) -> tuple[list[str], list[str], list[tuple[str, str]
                 f"cannot list the image folder {_shown(root)} ({_reason(error)}): check its "
                 "permissions, or pass another folder"
             )
-        relative = where.relative_to(root).as_posix()
-        unlisted.append((_shown(relative) + "/",
-                         f"cannot list the sub-folder ({_reason(error)}); its images were "
-                         "not read"))
+        unlisted.append((_shown(where.relative_to(root).as_posix()) + "/", _reason(error)))
 
     for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(folder)
@@ -1350,18 +1360,20 @@ def _open_folder(
             f"over the limit of {MAX_IMAGE_PIXELS} (decompression-bomb guard): use a smaller "
             "input size"
         )
-    files, others, unlisted = _scan_folder(root)
-    if unlisted and strict:
-        folder, reason = unlisted[0]
+    files, others, unreadable = _scan_folder(root)
+    if unreadable and strict:
+        folder, why = unreadable[0]
         raise DataError(
-            f"sub-folder {folder} of {_shown(root)}: {reason}; fix its permissions, or drop "
-            "--strict to skip what cannot be read"
+            f"cannot list the sub-folder {folder} of {_shown(root)} ({why}): fix its "
+            "permissions, or drop --strict to skip what cannot be read"
         )
+    unlisted = [(folder, f"cannot list the sub-folder ({why}); the images in it were not read")
+                for folder, why in unreadable]
     if not files:
         hint = f" (found only {', '.join(others)} files)" if others else ""
-        if unlisted:
-            hint += (f" ({len(unlisted)} sub-folder(s) could not be listed, e.g. "
-                     f"{unlisted[0][0]}: {unlisted[0][1]})")
+        if unreadable:
+            hint += (f" ({len(unreadable)} sub-folder(s) could not be listed, e.g. "
+                     f"{unreadable[0][0]}: {unreadable[0][1]})")
         raise DataError(
             f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {_shown(root)} or its "
             f"sub-folders{hint}: pass a folder that holds images, or a .npy/.npz array file"
@@ -1450,7 +1462,7 @@ def _npz_members(
     if claimed > budget:
         raise DataError(
             f"{_shown(path)} would take {claimed} bytes of memory once inflated, over the "
-            f"budget of {budget} bytes (half the memory available): save the inputs as a "
+            f"memory budget of {budget} bytes (half of what is available): save the inputs as a "
             ".npy file, which is read from disk as needed, or pass fewer images"
         )
     arrays: list[np.ndarray | None] = []
