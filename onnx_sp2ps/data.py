@@ -902,7 +902,8 @@ class ImageSet:
     Attributes
     ----------
     source : str
-        The folder or array file as given.
+        The folder or array file as given, shown on one printable line like
+        :attr:`paths` (printable paths are unchanged).
     kind : {"folder", "array"}
     paths : sequence of str
         Display names: path relative to the folder (posix), or ``"file.npy[i]"`` (a
@@ -1067,7 +1068,7 @@ class ImageSet:
             if values is None:
                 if self.strict:
                     raise DataError(
-                        f"cannot use image {self.paths[index]} in {_shown(self.source)}: "
+                        f"cannot use image {self.paths[index]} in {self.source}: "
                         f"{reason}; "
                         "fix or remove the file, or drop --strict to skip unreadable images"
                     )
@@ -1114,7 +1115,7 @@ class ImageSet:
                 image = _resize(_open_image(self._files[index], pre), pre)
             except _DecodeFailure as exc:
                 raise DataError(
-                    f"cannot use image {self.paths[index]} in {_shown(self.source)}: {exc}"
+                    f"cannot use image {self.paths[index]} in {self.source}: {exc}"
                 ) from None
             return _as_rgb(np.asarray(image))
         x = self._array_inputs(slice(index, index + 1))[0].astype(np.float64)
@@ -1381,7 +1382,7 @@ def _open_folder(
     paths = [_shown(p) for p in files]
     labels, source = _folder_labels(files, class_names)
     return ImageSet(
-        source=str(root),
+        source=_shown(root),
         kind="folder",
         paths=paths,
         labels=labels,
@@ -1647,7 +1648,7 @@ def _open_array(
         channels=channels,
     )
     return ImageSet(
-        source=str(path),
+        source=_shown(path),
         kind="array",
         paths=_RowNames(_shown(path.name), n),
         labels=labels,

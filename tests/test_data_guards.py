@@ -193,12 +193,11 @@ def _watchdog(fifo: Path, seconds: float = 5.0):
     assert time.monotonic() - start < seconds, "blocked on the FIFO"
 
 
-def _child(script: str, *args, timeout: float = 10, preexec=None):
+def _child(script: str, *args, timeout: float):
     """Run a Python child from the repository root; fail (not hang) past the timeout."""
     try:
         return subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=preexec)
+                              capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the child did not finish in {timeout} s")
 
@@ -273,33 +272,40 @@ def _bombs(folder: Path) -> dict[str, str]:
 
 
 # Runs the CLI once per argument list given (as JSON); prints one JSON line per run,
-# [exit code, stderr], after "results:". Before the runs, what _SETUP holds.
+# [exit code, stderr, seconds], after "results:". Before the runs, what _SETUP holds.
 _RUNS = """
-import contextlib, io, json, os, sys
+import contextlib, io, json, os, sys, time
 from onnx_sp2ps.cli import main
 def run(args):
     err = io.StringIO()
+    start = time.monotonic()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             main(args)
             code = 0
         except SystemExit as exc:
             code = exc.code
-    return [code, err.getvalue()]
+    return [code, err.getvalue(), time.monotonic() - start]
 _SETUP
-print("results:")
+print("results:", flush=True)
 for args in json.loads(sys.argv[1]):
-    print(json.dumps(run(args)))
+    print(json.dumps(run(args)), flush=True)
 """
 
 
-def _runs(setup: str, runs: list[list], timeout: float) -> list[tuple[int, str]]:
+def _runs(setup: str, runs: list[list], seconds: float = 10) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each run, in a child; each run must take under ``seconds``.
+    The child as a whole gets 60 s (starting Python and importing the CLI takes seconds,
+    more on a busy machine): past that, a run that blocks fails the test."""
     child = _child(_RUNS.replace("_SETUP", setup), json.dumps([[str(a) for a in args]
                                                               for args in runs]),
-                   timeout=timeout)
+                   timeout=60)
     assert child.returncode == 0, child.stderr
-    lines = child.stdout.split("results:\n", 1)[1].splitlines()
-    return [tuple(json.loads(line)) for line in lines]
+    results = [json.loads(line) for line in child.stdout.split("results:\n", 1)[1].splitlines()]
+    assert len(results) == len(runs), child.stdout
+    for code, err, took in results:
+        assert took < seconds, (took, code, err)
+    return [(code, err) for code, err, _ in results]
 
 
 @needs_posix
@@ -315,7 +321,7 @@ def test_bombs_in_a_1gb_address_space_are_refused_or_skipped(tmp_path):
     limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))"
     (folder_code, folder_err), (liar_code, liar_err), (npz_code, npz_err) = _runs(
         limit, [common + [folder, "--center-crop", "--out", tmp_path / "out"],
-                common + [liar], common + [npz]], timeout=10)
+                common + [liar], common + [npz]])
     assert folder_code == 0, folder_err
     assert _one_line(folder_err).startswith(f"skipped {len(expected)} unreadable image(s)")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -411,24 +417,14 @@ def test_memory_budget_defaults_to_half_the_available_memory(monkeypatch):
 # --------------------------------------------------------------------------- special files
 
 
-_FIFO_AMONG_IMAGES = """
-import os, sys
-from pathlib import Path
-folder = Path(sys.argv[1])
-os.mkfifo(folder / "a.png")
-from onnx_sp2ps.cli import main
-main(sys.argv[2:])
-"""
-
-
 @needs_posix
 def test_a_fifo_among_the_images_is_refused_in_seconds(tmp_path):
     folder = tmp_path / "imgs"
     _image(folder / "b.png")
-    child = _child(_FIFO_AMONG_IMAGES, folder, "audit", *MODELS, "--images", folder, "-q",
-                   timeout=10)
-    assert child.returncode == 3, child.stderr
-    line = _one_line(child.stderr)
+    os.mkfifo(folder / "a.png")
+    ((code, err),) = _runs("", [["audit", *MODELS, "--images", folder, "-q"]])
+    assert code == 3, err
+    line = _one_line(err)
     assert line.startswith("error: a.png in ") and "is a FIFO (named pipe)" in line
     assert "remove it" in line
 
@@ -533,8 +529,7 @@ def test_unreadable_sub_folders_are_listed_as_skipped():
             path.chmod(0o755 if path.is_dir() else 0o644)
         (folder / "1" / "locked").chmod(0)
         args = ["audit", *MODELS, "--images", folder, "-q"]
-        (code, err), (strict_code, strict_err) = _runs(_AS_NOBODY, [args, args + ["--strict"]],
-                                                       timeout=15)
+        (code, err), (strict_code, strict_err) = _runs(_AS_NOBODY, [args, args + ["--strict"]])
         assert code == 0, err
         line = _one_line(err)
         assert line.startswith("skipped 1 unreadable image(s), e.g. 1/locked/: cannot list "
@@ -558,8 +553,8 @@ def test_unreadable_sub_folders_in_the_library(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)
     images = open_images(tmp_path, spec=InputSpec("NCHW", 3, 4, 4))
     assert images.paths == ["0/a.png"]
-    assert images.skipped == [("1/", "cannot list the sub-folder (Permission denied); the "
-                                     "images in it were not read")]
+    reason = "cannot list the sub-folder (Permission denied); the images in it were not read"
+    assert images.skipped == [("1/", reason)]
     with pytest.raises(DataError, match="cannot list the sub-folder 1/ of .*--strict"):
         open_images(tmp_path, spec=InputSpec("NCHW", 3, 4, 4), strict=True)
 
@@ -569,7 +564,7 @@ def test_unreadable_sub_folders_in_the_library(tmp_path, monkeypatch):
 
 @needs_posix
 def test_file_names_with_control_characters_and_non_utf8_bytes(tmp_path, capsys):
-    folder = os.fsencode(tmp_path / "imgs")
+    folder = os.fsencode(tmp_path / "imgs") + b"\xfa\n"  # the folder's name too
     os.mkdir(folder)
     names = {b"a\nb.png": "a\\nb.png", b"\xff.png": "\\xff.png",
              b"e\x1b[31m.png": "e\\x1b[31m.png", b"back\\slash.png": "back\\\\slash.png",
@@ -577,9 +572,11 @@ def test_file_names_with_control_characters_and_non_utf8_bytes(tmp_path, capsys)
     for k, name in enumerate(names):
         _image(Path(os.fsdecode(os.path.join(folder, name))), value=30 * k)
     out = tmp_path / "out"
-    code, _, err = _audit(capsys, os.fsdecode(folder), "--out", out)
+    code, _, err = _audit(capsys, os.fsdecode(folder), "--out", out, "--summary-md",
+                          out / "summary.md", "--junit", out / "junit.xml")
     assert code == 0 and err == "", err
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["images"]["source"] == str(tmp_path / "imgs") + "\\xfa\\n"
     assert sorted(row["path"] for row in report["candidates"][0]["images"]) == sorted(
         names.values())
     images = open_images(os.fsdecode(folder), spec=InputSpec("NCHW", 3, 4, 4))
