@@ -1144,6 +1144,13 @@ def open_images(
     Nothing is decoded yet (array files are memory-mapped): decoding happens in
     :meth:`ImageSet.iter_batches`.
 
+    Only folders and regular files are read: the path, every image file found in the
+    folder and the class names file are examined before they are opened, and a FIFO,
+    socket or device (or a symlink to one) is refused, since reading it could block
+    forever. Sub-folders that cannot be listed are recorded in :attr:`ImageSet.skipped`
+    (refused with ``strict``). Nothing is read whose size is not known and bounded first:
+    see :data:`MAX_IMAGE_PIXELS`, :data:`MAX_CLASS_NAMES_BYTES` and :data:`MAX_ARRAY_BYTES`.
+
     Parameters
     ----------
     path : str or path-like
@@ -1170,8 +1177,12 @@ def open_images(
     Raises
     ------
     DataError
-        The path is missing, holds no images, is not a folder nor an array file; a
-        sub-folder name is not a known class; an array is unusable.
+        The path is missing, holds no images, is not a folder nor an array file; it, an
+        image file in the folder or the class names file is a FIFO, socket or device; the
+        class names file is over :data:`MAX_CLASS_NAMES_BYTES`; a sub-folder name is not a
+        known class; with ``strict``, a sub-folder cannot be listed; the input size is over
+        :data:`MAX_IMAGE_PIXELS`; an array is unusable, its header claims more data than
+        the file holds, or an ``.npz`` would take more memory than its budget.
     UsageError
         Contradictory settings (see :meth:`Preprocess.resolved`).
     MismatchError
