@@ -253,8 +253,9 @@ def test_input_size_over_the_pixel_limit_is_refused_at_open(tmp_path):
 
 
 def _bombs(folder: Path) -> dict[str, str]:
-    """Image bombs (name -> what its reason says), a good image, and a TIFF whose first
-    frame is good and whose second claims 10^10 pixels (never read: it is scored)."""
+    """Image bombs (name -> what the reason for skipping it says), a good image, and a TIFF
+    whose first frame is good and whose second claims 10^10 pixels: only the first frame is
+    read, and that file is scored."""
     _image(folder / "good.png")
     Image.new("L", (1, 1_000_000), 7).save(folder / "long.png")
     bomb = _zlib_zeros(2 * GB)  # 2 GiB of zeros, about 2 MB
