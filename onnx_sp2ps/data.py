@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import math
 import mmap
+import operator
 import os
 import re
+import stat
 import threading
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from onnx_sp2ps.errors import DataError, MismatchError, UsageError
 
@@ -41,6 +44,8 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ARRAY_SUFFIXES",
     "MAX_IMAGE_PIXELS",
+    "MAX_CLASS_NAMES_BYTES",
+    "MAX_ARRAY_BYTES",
     "InputSpec",
     "Preprocess",
     "ResolvedPreprocess",
@@ -62,7 +67,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
 #: Images with more pixels than this are refused (decompression-bomb guard); the value
 #: is Pillow's default ``Image.MAX_IMAGE_PIXELS``. Pillow's own global is left alone.
+#: The limit also applies to what preprocessing would make of an image: the resized image
+#: before the centre crop, and the model's input size; both are worked out from the
+#: image's header, before decoding.
 MAX_IMAGE_PIXELS = 89_478_485
+#: Class-names files larger than this (bytes) are refused, unread.
+MAX_CLASS_NAMES_BYTES = 16 * 1024 * 1024
+#: Memory budget (bytes) for the arrays read from an ``.npz`` file (inputs and labels
+#: together, uncompressed), checked from the archive's directory and the arrays' headers
+#: before anything is inflated. None: half the memory available (``MemAvailable``), and
+#: at most half the address-space limit (``RLIMIT_AS``) where one is set. ``.npy`` files
+#: are memory-mapped, read as needed, and have no budget.
+MAX_ARRAY_BYTES: int | None = None
 #: Preset name recorded for array files, whose values are used as given.
 ARRAY_PRESET = "array"
 #: Ratio of crop size to resized shorter side in centre-crop mode (224 -> 256).
@@ -437,6 +453,116 @@ def parse_size(text: str) -> tuple[int, int]:
     raise UsageError(f"size must be HxW or one number, e.g. 224x224 or 224; got {text!r}")
 
 
+# --------------------------------------------------------------------------- files
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _shown(text: str | os.PathLike[str]) -> str:
+    r"""A path (or name) as one printable line, for messages and display names.
+
+    Backslash, newline, carriage return and tab become ``\\``, ``\n``, ``\r``, ``\t``;
+    bytes that are not UTF-8 (``os.fsdecode``'s surrogate escapes) ``\xNN``; other
+    control and unprintable characters ``\xNN``, ``\uNNNN`` or ``\UNNNNNNNN``. Different
+    names stay different; printable names are unchanged.
+    """
+    text = os.fsdecode(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    parts = []
+    for char in text:
+        code = ord(char)
+        if char in _ESCAPES:
+            parts.append(_ESCAPES[char])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+            parts.append(f"\\x{code - 0xDC00:02x}")
+        elif char.isprintable():
+            parts.append(char)
+        elif code <= 0xFF:
+            parts.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            parts.append(f"\\u{code:04x}")
+        else:
+            parts.append(f"\\U{code:08x}")
+    return "".join(parts)
+
+
+class _NotRegular(Exception):
+    """A path that is not a regular file; the message says what it is ("a FIFO")."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _special_kind(path: Path) -> str | None:
+    """What path is (following symlinks) when it is not a regular file; None for a regular
+    file, and for a path that cannot be examined (opening it will say why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else _file_kind(mode)
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """Open a regular file for reading, never blocking.
+
+    The path is examined before it is opened, and what was opened again after (opened
+    non-blocking, so that a FIFO put in its place meanwhile cannot block the open): a
+    FIFO, socket, device or folder, or a symlink to one, raises :class:`_NotRegular`.
+    OSError as from :func:`open`.
+    """
+    kind = _special_kind(path)
+    if kind is not None:
+        raise _NotRegular(kind)
+    handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | _NONBLOCK))
+    try:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegular(_file_kind(mode))
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _memory_budget() -> int:
+    """Bytes the arrays of an ``.npz`` may take: :data:`MAX_ARRAY_BYTES` when set, else
+    half of ``MemAvailable`` (half the physical memory where /proc/meminfo is missing),
+    and at most half of the ``RLIMIT_AS`` soft limit where one is set."""
+    if MAX_ARRAY_BYTES is not None:
+        return int(MAX_ARRAY_BYTES)
+    budget = None
+    try:
+        with open("/proc/meminfo", "rb") as handle:
+            for line in handle.read(1 << 16).splitlines():
+                if line.startswith(b"MemAvailable:"):
+                    budget = int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    if budget is None:
+        try:
+            budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+        except (AttributeError, OSError, ValueError):
+            budget = 2 << 30
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            budget = min(budget, soft // 2)
+    except (ImportError, OSError, ValueError):
+        pass
+    return int(budget)
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -485,23 +611,51 @@ def _to_model_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("RGB").convert("L")
 
 
-def _resize(image: Image.Image, pre: ResolvedPreprocess) -> Image.Image:
-    """Resize to pre.size, or resize the shorter side and crop the centre."""
+def _resize_plan(
+    size: tuple[int, int], pre: ResolvedPreprocess
+) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
+    """(W, H) an image of ``size`` (W, H) is resized to, and the crop box after, or None.
+
+    Raises :class:`_DecodeFailure` (decompression-bomb guard) when the resized or the final
+    image would have more than :data:`MAX_IMAGE_PIXELS` pixels: with centre crop, a very
+    elongated image (1 x 1,000,000) would be resized to (73 x 73,000,000) first.
+    """
     height, width = pre.size
+    old_w, old_h = size
+    if old_w < 1 or old_h < 1:
+        raise _DecodeFailure(f"the image is {old_w}x{old_h}: it has no pixels")
     if not pre.center_crop:
-        return image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
-    shorter = pre.resize_shorter
-    assert shorter is not None
-    old_w, old_h = image.size
-    # Same arithmetic as torchvision's Resize(int) and CenterCrop.
-    if old_w <= old_h:
-        new_w, new_h = shorter, int(shorter * old_h / old_w)
+        resized, box = (width, height), None
     else:
-        new_w, new_h = int(shorter * old_w / old_h), shorter
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
-    top = int(round((new_h - height) / 2.0))
-    left = int(round((new_w - width) / 2.0))
-    return image.crop((left, top, left + width, top + height))
+        shorter = pre.resize_shorter
+        assert shorter is not None
+        # Same arithmetic as torchvision's Resize(int) and CenterCrop.
+        if old_w <= old_h:
+            new_w, new_h = shorter, int(shorter * old_h / old_w)
+        else:
+            new_w, new_h = int(shorter * old_w / old_h), shorter
+        top = int(round((new_h - height) / 2.0))
+        left = int(round((new_w - width) / 2.0))
+        resized, box = (new_w, new_h), (left, top, left + width, top + height)
+    for what, (w, h) in (("resized", resized), ("prepared", (width, height))):
+        if w * h > MAX_IMAGE_PIXELS:
+            raise _DecodeFailure(
+                f"refused before resizing (decompression-bomb guard): the {old_w}x{old_h} "
+                f"image would be {what} to {w}x{h} = {w * h} pixels, over the limit of "
+                f"{MAX_IMAGE_PIXELS}"
+            )
+    return resized, box
+
+
+def _resize(image: Image.Image, pre: ResolvedPreprocess) -> Image.Image:
+    """Resize to pre.size, or resize the shorter side and crop the centre.
+
+    Raises :class:`_DecodeFailure` when that would make too large an image
+    (see :func:`_resize_plan`).
+    """
+    resized, box = _resize_plan(image.size, pre)
+    image = image.resize(resized, Image.Resampling.BILINEAR, reducing_gap=None)
+    return image if box is None else image.crop(box)
 
 
 def _normalise(pixels: np.ndarray, pre: ResolvedPreprocess) -> np.ndarray:
@@ -551,7 +705,8 @@ def preprocess_image(image: Image.Image, pre: ResolvedPreprocess) -> np.ndarray:
     Raises
     ------
     DataError
-        The image's colour mode is not supported.
+        The image's colour mode is not supported, or resizing it would make an image of
+        more than :data:`MAX_IMAGE_PIXELS` pixels.
     """
     return _normalise(_model_pixels(image, pre), pre)
 
@@ -572,7 +727,8 @@ def display_image(image: Image.Image, pre: ResolvedPreprocess) -> np.ndarray:
     Raises
     ------
     DataError
-        The image's colour mode is not supported.
+        The image's colour mode is not supported, or resizing it would make an image of
+        more than :data:`MAX_IMAGE_PIXELS` pixels.
     """
     return _as_rgb(_model_pixels(image, pre))
 
@@ -580,10 +736,10 @@ def display_image(image: Image.Image, pre: ResolvedPreprocess) -> np.ndarray:
 def _model_pixels(image: Image.Image, pre: ResolvedPreprocess) -> np.ndarray:
     """uint8 pixels in the model's colour mode, resized/cropped to the model's size."""
     try:
-        image = _to_model_mode(image, pre.channels)
+        _resize_plan(image.size, pre)  # before converting a too large image
+        return np.asarray(_resize(_to_model_mode(image, pre.channels), pre))
     except _DecodeFailure as exc:
         raise DataError(f"cannot use the image: {exc}") from None
-    return np.asarray(_resize(image, pre))
 
 
 def _as_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -597,36 +753,60 @@ def _as_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.uint8)
 
 
-def _open_image(path: Path, channels: int) -> Image.Image:
+def _bomb_reason(pillow: str) -> str:
+    """The reason for an image refused by Pillow's own decompression-bomb check, which runs
+    first, inside ``Image.open``: it warns (made an error here) over ``Image.MAX_IMAGE_PIXELS``
+    and raises over twice that, and its message quotes the limit it used. Over
+    :data:`MAX_IMAGE_PIXELS`, the reason quotes this limit, the one enforced (the same as
+    Pillow's by default), so that it never shows Pillow's doubled one."""
+    found = re.search(r"\(([0-9]+) pixels\)", pillow)
+    if found and int(found.group(1)) > MAX_IMAGE_PIXELS:
+        return (f"refused before decoding (decompression-bomb guard): image is "
+                f"{int(found.group(1))} pixels, over the limit of {MAX_IMAGE_PIXELS}")
+    return "refused before decoding (decompression-bomb guard): " + _shown(pillow.rstrip("."))
+
+
+def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
     """Open, size-check, decode and convert one file (see :func:`_to_model_mode`).
 
-    Any failure is a :class:`_DecodeFailure`: the file is refused before decoding when it
-    has more than :data:`MAX_IMAGE_PIXELS` pixels, and whatever Pillow raises on a
-    corrupt or truncated file is caught.
+    Any failure is a :class:`_DecodeFailure` with a one-line reason: a file that is not a
+    regular file is refused before it is opened; an image is refused before decoding when
+    it, or what :func:`_resize` would make of it, has more than :data:`MAX_IMAGE_PIXELS`
+    pixels (only the first frame of a multi-frame file is read); whatever Pillow raises on
+    a corrupt or truncated file is caught.
     """
     try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            handle = Image.open(path)
-        with handle as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise _DecodeFailure(
-                    f"refused before decoding (decompression-bomb guard): image is "
-                    f"{width}x{height} = {width * height} pixels, over the limit of "
-                    f"{MAX_IMAGE_PIXELS}"
-                )
-            image.load()
-            return _to_model_mode(image, channels)
+        with _open_regular(path) as handle:
+            with _OPEN_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                opened = Image.open(handle)
+            with opened as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise _DecodeFailure(
+                        f"refused before decoding (decompression-bomb guard): image is "
+                        f"{width}x{height} = {width * height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS}"
+                    )
+                _resize_plan(image.size, pre)
+                image.load()
+                return _to_model_mode(image, pre.channels)
     except _DecodeFailure:
         raise
     except MemoryError:
         raise
+    except _NotRegular as exc:
+        raise _DecodeFailure(f"refused before reading: it is {exc}, not a regular file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _DecodeFailure("refused before decoding (decompression-bomb guard): "
-                             + str(exc).rstrip(".")) from None
+        raise _DecodeFailure(_bomb_reason(str(exc))) from None
+    except UnidentifiedImageError:
+        raise _DecodeFailure("cannot decode: UnidentifiedImageError: not an image file that "
+                             "Pillow recognises") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {_shown(reason)}") from None
     except Exception as exc:  # Pillow raises many types on corrupt files
-        raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {exc}") from None
+        raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {_shown(str(exc))}") from None
 
 
 # --------------------------------------------------------------------------- image set
@@ -646,6 +826,56 @@ def _release_rows(array: np.ndarray | None, stop: int) -> None:
     end -= end % mmap.PAGESIZE
     if end > 0:
         mapped.madvise(mmap.MADV_DONTNEED, 0, end)
+
+
+class _RowNames(Sequence[str]):
+    """``"file.npy[i]"`` for each row of an array file, made when asked for: an array may
+    hold millions of rows, and its header is not trusted to build one string per row."""
+
+    def __init__(self, name: str, n: int) -> None:
+        self._name = name
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):  # int or slice, as a list's
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        position = operator.index(index)
+        if position < 0:
+            position += self._n
+        if not 0 <= position < self._n:
+            raise IndexError(f"image index {index} out of range for {self._n} images")
+        return f"{self._name}[{position}]"
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        prefix = f"{self._name}["
+        if isinstance(value, str) and value.startswith(prefix) and value.endswith("]"):
+            digits = value[len(prefix):-1]
+            if _INTEGER_NAME.fullmatch(digits) and str(int(digits)) == digits:
+                position = int(digits)
+                end = self._n if stop is None else stop
+                if position < self._n and start <= position < end:
+                    return position
+        raise ValueError(f"{value!r} is not in the list")
+
+    def __contains__(self, value: object) -> bool:
+        try:
+            self.index(value)
+        except ValueError:
+            return False
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (_RowNames, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<{self._n} rows of {self._name}>"
 
 
 @dataclass(frozen=True)
@@ -672,10 +902,14 @@ class ImageSet:
     Attributes
     ----------
     source : str
-        The folder or array file as given.
+        The folder or array file as given, shown on one printable line like
+        :attr:`paths` (printable paths are unchanged).
     kind : {"folder", "array"}
-    paths : list of str
-        Display names: path relative to the folder (posix) or ``"file.npy[i]"``.
+    paths : sequence of str
+        Display names: path relative to the folder (posix), or ``"file.npy[i]"`` (a
+        sequence that makes each name when asked). Names are shown on one printable line:
+        control characters, backslashes and bytes that are not UTF-8 are escaped
+        (``"a\\n.png"``, ``"\\xff.png"``); the files are read under their real names.
     labels : numpy.ndarray or None
         (N,) int64, -1 where unknown; None when no image has a label.
     class_names : list of str or None
@@ -693,7 +927,7 @@ class ImageSet:
         *,
         source: str,
         kind: Literal["folder", "array"],
-        paths: list[str],
+        paths: Sequence[str],
         labels: np.ndarray | None,
         class_names: list[str] | None,
         label_source: str,
@@ -702,6 +936,7 @@ class ImageSet:
         strict: bool = False,
         files: list[Path] | None = None,
         array: np.ndarray | None = None,
+        unlisted: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.source = source
         self.kind = kind
@@ -715,6 +950,7 @@ class ImageSet:
         self._files = files
         self._array = array
         self._failures: dict[int, str] = {}
+        self._unlisted = list(unlisted)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -727,12 +963,15 @@ class ImageSet:
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
-        """(path, reason) of the images that could not be decoded, in order.
+        """(path, reason) of the images that could not be decoded, in order; then the
+        sub-folders that could not be listed (path ending in ``/``), whose images were
+        never seen.
 
-        Filled as batches are read: complete only after a full pass of
+        Images are added as batches are read: complete only after a full pass of
         :meth:`iter_batches`.
         """
-        return [(self.paths[i], reason) for i, reason in sorted(self._failures.items())]
+        return ([(self.paths[i], reason) for i, reason in sorted(self._failures.items())]
+                + self._unlisted)
 
     def iter_batches(self, batch_size: int) -> Iterator[Batch]:
         """Yield the images as float32 batches, in order.
@@ -785,7 +1024,7 @@ class ImageSet:
     def _load(self, index: int) -> tuple[np.ndarray | None, str | None]:
         assert self._files is not None
         try:
-            image = _open_image(self._files[index], self.preprocess.channels)
+            image = _open_image(self._files[index], self.preprocess)
             image = _resize(image, self.preprocess)
         except _DecodeFailure as exc:
             return None, str(exc)
@@ -829,7 +1068,8 @@ class ImageSet:
             if values is None:
                 if self.strict:
                     raise DataError(
-                        f"cannot use image {self.paths[index]} in {self.source}: {reason}; "
+                        f"cannot use image {self.paths[index]} in {self.source}: "
+                        f"{reason}; "
                         "fix or remove the file, or drop --strict to skip unreadable images"
                     )
                 self._failures[index] = str(reason)
@@ -872,12 +1112,12 @@ class ImageSet:
         if self.kind == "folder":
             assert self._files is not None
             try:
-                image = _open_image(self._files[index], pre.channels)
+                image = _resize(_open_image(self._files[index], pre), pre)
             except _DecodeFailure as exc:
                 raise DataError(
                     f"cannot use image {self.paths[index]} in {self.source}: {exc}"
                 ) from None
-            return _as_rgb(np.asarray(_resize(image, pre)))
+            return _as_rgb(np.asarray(image))
         x = self._array_inputs(slice(index, index + 1))[0].astype(np.float64)
         if pre.layout == "NCHW":
             x = x.transpose(1, 2, 0)
@@ -903,6 +1143,13 @@ def open_images(
 
     Nothing is decoded yet (array files are memory-mapped): decoding happens in
     :meth:`ImageSet.iter_batches`.
+
+    Only folders and regular files are read: the path, every image file found in the
+    folder and the class names file are examined before they are opened, and a FIFO,
+    socket or device (or a symlink to one) is refused, since reading it could block
+    forever. Sub-folders that cannot be listed are recorded in :attr:`ImageSet.skipped`
+    (refused with ``strict``). Nothing is read whose size is not known and bounded first:
+    see :data:`MAX_IMAGE_PIXELS`, :data:`MAX_CLASS_NAMES_BYTES` and :data:`MAX_ARRAY_BYTES`.
 
     Parameters
     ----------
@@ -930,8 +1177,12 @@ def open_images(
     Raises
     ------
     DataError
-        The path is missing, holds no images, is not a folder nor an array file; a
-        sub-folder name is not a known class; an array is unusable.
+        The path is missing, holds no images, is not a folder nor an array file; it, an
+        image file in the folder or the class names file is a FIFO, socket or device; the
+        class names file is over :data:`MAX_CLASS_NAMES_BYTES`; a sub-folder name is not a
+        known class; with ``strict``, a sub-folder cannot be listed; the input size is over
+        :data:`MAX_IMAGE_PIXELS`; an array is unusable, its header claims more data than
+        the file holds, or an ``.npz`` would take more memory than its budget.
     UsageError
         Contradictory settings (see :meth:`Preprocess.resolved`).
     MismatchError
@@ -939,21 +1190,39 @@ def open_images(
     """
     root = Path(path)
     names = _read_class_names(class_names)
-    if not root.exists():
+    try:
+        mode = os.stat(root).st_mode
+    except (FileNotFoundError, NotADirectoryError):
         raise DataError(
-            f"image path {root} does not exist: pass a folder of images "
+            f"image path {_shown(root)} does not exist: pass a folder of images "
             f"({', '.join(IMAGE_SUFFIXES)}) or a .npy/.npz array file"
-        )
-    if root.is_dir():
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"cannot examine the image path {_shown(root)} ({_reason(exc)}): check its "
+            "permissions, or pass another folder or array file"
+        ) from None
+    if stat.S_ISDIR(mode):
         opener = _open_folder
+    elif not stat.S_ISREG(mode):
+        raise DataError(
+            f"image path {_shown(root)} is {_file_kind(mode)}, not a folder nor a regular "
+            "file; it is not read: pass a folder of images or a .npy/.npz array file"
+        )
     elif root.suffix.lower() in ARRAY_SUFFIXES:
         opener = _open_array
     else:
         raise DataError(
-            f"{root} is neither a folder of images nor a .npy/.npz array file: "
+            f"{_shown(root)} is neither a folder of images nor a .npy/.npz array file: "
             "put the images in a folder and pass the folder"
         )
     return opener(root, spec=spec, preprocess=preprocess, class_names=names, strict=strict)
+
+
+def _reason(exc: BaseException) -> str:
+    """An OSError's reason without its file name (``strerror``), else the message; one line."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return _shown(text)
 
 
 def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) -> list[str] | None:
@@ -961,14 +1230,31 @@ def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) ->
         return None
     if isinstance(class_names, (str, os.PathLike)):
         source = Path(class_names)
+        shown = _shown(source)
         try:
-            text = source.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read the class names file {source}: {exc}") from None
+            with _open_regular(source) as handle:
+                too_large = os.fstat(handle.fileno()).st_size > MAX_CLASS_NAMES_BYTES
+                raw = b"" if too_large else handle.read(MAX_CLASS_NAMES_BYTES + 1)
+            if too_large or len(raw) > MAX_CLASS_NAMES_BYTES:
+                raise DataError(
+                    f"the class names file {shown} is over {MAX_CLASS_NAMES_BYTES} bytes "
+                    "(16 MiB) and was not read: write one class name per line"
+                )
+            text = raw.decode("utf-8-sig")
+        except _NotRegular as exc:
+            raise DataError(
+                f"the class names file {shown} is {exc}, not a regular file, and was not "
+                "read: pass a text file with one class name per line"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"cannot read the class names file {shown} ({_reason(exc)}): pass a UTF-8 "
+                "text file with one class name per line"
+            ) from None
         names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
             raise DataError(
-                f"the class names file {source} is empty: write one class name per line"
+                f"the class names file {shown} is empty: write one class name per line"
             )
         return names
     names = [str(name).strip() for name in class_names]
@@ -977,12 +1263,29 @@ def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) ->
     return names
 
 
-def _scan_folder(root: Path) -> tuple[list[str], list[str]]:
-    """Relative posix paths of the images under root, sorted; and some other suffixes."""
+def _scan_folder(root: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Relative posix paths of the images under root, sorted; some other suffixes (shown);
+    and (shown relative path + "/", why) of the sub-folders that could not be listed.
+
+    Every image file is examined (os.stat, following symlinks) but not opened: one that is
+    a FIFO, socket or device, or a symlink to one, raises DataError, since opening or
+    reading it could block forever. Files with other suffixes are never examined.
+    """
     found: list[str] = []
     others: set[str] = set()
     seen: set[str] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    unlisted: list[tuple[str, str]] = []
+
+    def unreadable(error: OSError) -> None:
+        where = Path(error.filename) if error.filename else root
+        if where == root:
+            raise DataError(
+                f"cannot list the image folder {_shown(root)} ({_reason(error)}): check its "
+                "permissions, or pass another folder"
+            )
+        unlisted.append((_shown(where.relative_to(root).as_posix()) + "/", _reason(error)))
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a symlink loop
             dirs[:] = []
@@ -995,10 +1298,16 @@ def _scan_folder(root: Path) -> tuple[list[str], list[str]]:
                 continue
             suffix = os.path.splitext(name)[1].lower()
             if suffix in IMAGE_SUFFIXES:
+                kind = _special_kind(Path(folder) / name)
+                if kind is not None:
+                    raise DataError(
+                        f"{_shown((relative / name).as_posix())} in {_shown(root)} is {kind}, "
+                        "not an image file, and was not read: remove it from the folder"
+                    )
                 found.append((relative / name).as_posix())
             elif len(others) < 5:
-                others.add(suffix or name)
-    return sorted(found), sorted(others)
+                others.add(_shown(suffix or name))
+    return sorted(found), sorted(others), sorted(unlisted)
 
 
 def _folder_labels(
@@ -1026,7 +1335,8 @@ def _folder_labels(
             if f in positions:
                 if len(positions[f]) > 1:
                     raise DataError(
-                        f"sub-folder {f!r} is ambiguous: the class names list it at positions "
+                        f"sub-folder '{_shown(f)}' is ambiguous: the class names list it at "
+                        "positions "
                         f"{', '.join(map(str, positions[f]))}; rename the folder to its index"
                     )
                 mapping[f] = positions[f][0]
@@ -1035,7 +1345,7 @@ def _folder_labels(
             else:
                 unknown.append(f)
         if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:10])
+            shown = ", ".join(f"'{_shown(u)}'" for u in unknown[:10])
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             raise DataError(
                 f"{len(unknown)} sub-folder name(s) are not among the {len(class_names)} class "
@@ -1055,16 +1365,35 @@ def _open_folder(
     strict: bool,
 ) -> ImageSet:
     pre = preprocess.resolved(spec)
-    paths, others = _scan_folder(root)
-    if not paths:
-        hint = f" (found only {', '.join(others)} files)" if others else ""
+    height, width = pre.size
+    if height * width > MAX_IMAGE_PIXELS:
         raise DataError(
-            f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root} or its sub-folders{hint}: "
-            "pass a folder that holds images, or a .npy/.npz array file"
+            f"images cannot be prepared at {height}x{width}: that is {height * width} pixels, "
+            f"over the limit of {MAX_IMAGE_PIXELS} (decompression-bomb guard): use a smaller "
+            "input size"
         )
-    labels, source = _folder_labels(paths, class_names)
+    files, others, unreadable = _scan_folder(root)
+    if unreadable and strict:
+        folder, why = unreadable[0]
+        raise DataError(
+            f"cannot list the sub-folder {folder} of {_shown(root)} ({why}): fix its "
+            "permissions, or drop --strict to skip what cannot be read"
+        )
+    unlisted = [(folder, f"cannot list the sub-folder ({why}); the images in it were not read")
+                for folder, why in unreadable]
+    if not files:
+        hint = f" (found only {', '.join(others)} files)" if others else ""
+        if unreadable:
+            hint += (f" ({len(unreadable)} sub-folder(s) could not be listed, e.g. "
+                     f"{unreadable[0][0]}: {unreadable[0][1]})")
+        raise DataError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {_shown(root)} or its "
+            f"sub-folders{hint}: pass a folder that holds images, or a .npy/.npz array file"
+        )
+    paths = [_shown(p) for p in files]
+    labels, source = _folder_labels(files, class_names)
     return ImageSet(
-        source=str(root),
+        source=_shown(root),
         kind="folder",
         paths=paths,
         labels=labels,
@@ -1073,45 +1402,143 @@ def _open_folder(
         preprocess=pre,
         spec=spec,
         strict=strict,
-        files=[root / p for p in paths],
+        files=[root / p for p in files],
+        unlisted=unlisted,
     )
+
+
+_OBJECTS_REFUSED = "arrays with Python objects are refused; save plain float arrays"
+
+
+def _npy_header(handle: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, bytes of data the header claims) of the ``.npy`` data
+    at the handle's position; the handle is left just after the header. Nothing else is
+    read: the claim is checked against the file's size before any data is."""
+    fmt = np.lib.format
+    version = fmt.read_magic(handle)
+    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    if version not in readers:
+        raise DataError(
+            f"{where} is a .npy of format version {version[0]}.{version[1]}, which is not "
+            "read here: save it with np.save as plain float arrays"
+        )
+    shape, fortran, dtype = readers[version](handle)
+    if dtype.hasobject:
+        raise DataError(f"{where}: {_OBJECTS_REFUSED}")
+    if any(d < 0 for d in shape):
+        raise DataError(f"{where}: the header's shape {shape} is not valid: save the array again")
+    return tuple(int(d) for d in shape), bool(fortran), dtype, math.prod(shape) * dtype.itemsize
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """Memory-map a ``.npy`` whose data is all there (its header is not trusted)."""
+    with _open_regular(path) as handle:
+        shape, fortran, dtype, claimed = _npy_header(handle, _shown(path))
+        offset = handle.tell()
+        held = os.fstat(handle.fileno()).st_size - offset
+        if held < claimed:
+            raise DataError(
+                f"{_shown(path)} is cut short: its header says {shape} {dtype} values "
+                f"({claimed} bytes) but it holds {held} bytes of data: save the array again"
+            )
+        if claimed == 0:
+            return np.empty(shape, dtype=dtype)
+        return np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=shape,
+                         order="F" if fortran else "C")
+
+
+def _npz_members(
+    path: Path, archive: zipfile.ZipFile, keys: list[str | None]
+) -> list[np.ndarray | None]:
+    """Read the ``.npz`` members named by keys (None: none), after checking, from the
+    archive's directory and each member's ``.npy`` header, that their data is what the
+    header says and that together they fit :func:`_memory_budget`."""
+    infos = {}
+    claimed = 0
+    for key in keys:
+        if key is None:
+            continue
+        info = archive.getinfo(key + ".npy")
+        where = f"array {key!r} of {_shown(path)}"
+        with archive.open(info) as member:
+            shape, _, dtype, size = _npy_header(member, where)
+            held = info.file_size - member.tell()
+        if held != size:
+            raise DataError(
+                f"{where} is corrupt: its header says {shape} {dtype} values ({size} bytes) "
+                f"but the archive holds {held} bytes for them: save the file again (np.savez)"
+            )
+        claimed += size
+        infos[key] = info
+    budget = _memory_budget()
+    if claimed > budget:
+        raise DataError(
+            f"{_shown(path)} would take {claimed} bytes of memory once inflated, over the "
+            f"memory budget of {budget} bytes (half of what is available): save the inputs as a "
+            ".npy file, which is read from disk as needed, or pass fewer images"
+        )
+    arrays: list[np.ndarray | None] = []
+    for key in keys:
+        if key is None:
+            arrays.append(None)
+            continue
+        with archive.open(infos[key]) as member:
+            arrays.append(np.lib.format.read_array(member, allow_pickle=False))
+    return arrays
 
 
 def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(inputs, labels or None, description of where they came from)."""
+    shown = _shown(path)
     try:
         if path.suffix.lower() == ".npy":
-            inputs = np.load(path, mmap_mode="r", allow_pickle=False)
-            return inputs, None, "none: a .npy file holds no labels"
-        with np.load(path, allow_pickle=False) as archive:
-            keys = list(archive.files)
+            return _load_npy(path), None, "none: a .npy file holds no labels"
+        with _open_regular(path) as handle, zipfile.ZipFile(handle) as archive:
+            names = archive.namelist()
+            keys = [n[:-4] for n in names if n.endswith(".npy")]
+            if len(keys) != len(names):
+                others = [n for n in names if not n.endswith(".npy")]
+                raise DataError(
+                    f"{shown} holds members that are not .npy arrays "
+                    f"({', '.join(repr(_shown(n)) for n in others[:5])}): save it with "
+                    "np.savez or np.savez_compressed"
+                )
             input_key = next((k for k in _NPZ_INPUT_KEYS if k in keys), None)
             label_key = next((k for k in _NPZ_LABEL_KEYS if k in keys), None)
             if input_key is None:
                 rest = [k for k in keys if k != label_key]
                 if len(rest) != 1:
+                    listed = ", ".join(_shown(k) for k in keys[:20]) or "(none)"
                     raise DataError(
-                        f"{path} holds arrays {', '.join(keys) or '(none)'}: name the inputs "
+                        f"{shown} holds arrays {listed}: name the inputs "
                         f"'images' (or {' or '.join(repr(k) for k in _NPZ_INPUT_KEYS[1:])}) "
                         "and the labels 'labels'"
                     )
                 input_key = rest[0]
-            inputs = archive[input_key]
-            labels = None if label_key is None else archive[label_key]
-            source = f"no labels in {path.name}" if label_key is None else f"array {label_key!r}"
+            inputs, labels = _npz_members(path, archive, [input_key, label_key])
+            assert inputs is not None
+            source = f"no labels in {_shown(path.name)}" if label_key is None else (
+                f"array {label_key!r}")
             return inputs, labels, source
+    except _NotRegular as exc:
+        raise DataError(
+            f"{shown} is {exc}, not a regular file, and was not read: pass a .npy/.npz file"
+        ) from None
     except ValueError as exc:
         if "object" in str(exc).lower() or "pickle" in str(exc).lower():
-            raise DataError(
-                f"{path}: arrays with Python objects are refused; save plain float arrays"
-            ) from None
-        raise DataError(f"cannot read {path}: {exc}") from None
+            raise DataError(f"{shown}: {_OBJECTS_REFUSED}") from None
+        raise DataError(f"cannot read {shown}: {_shown(str(exc))}") from None
     except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+        raise DataError(f"cannot read {shown}: {_reason(exc)}") from None
+    except MemoryError:
+        raise DataError(
+            f"{shown} does not fit in memory: save the inputs as a .npy file, which is read "
+            "from disk as needed, or pass fewer images"
+        ) from None
     except Exception as exc:  # zipfile.BadZipFile and friends on corrupt files
         if isinstance(exc, DataError):
             raise
-        raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"cannot read {shown}: {type(exc).__name__}: {_shown(str(exc))}") from None
 
 
 def _check_array_shape(
@@ -1119,10 +1546,10 @@ def _check_array_shape(
 ) -> tuple[int, int, int]:
     """Validate an input array against the model; return its (C, H, W)."""
     if inputs.dtype.hasobject:
-        raise DataError(f"{path}: arrays with Python objects are refused; save plain float arrays")
+        raise DataError(f"{_shown(path)}: {_OBJECTS_REFUSED}")
     if not np.issubdtype(inputs.dtype, np.floating):
         raise DataError(
-            f"{path} holds {inputs.dtype} values; arrays are used as given, so they must be "
+            f"{_shown(path)} holds {inputs.dtype} values; arrays are used as given, so they must be "
             "preprocessed floats (float16/32/64): save float32 inputs, or pass a folder of images"
         )
     grey_ok = spec.channels in (None, 1)
@@ -1138,13 +1565,13 @@ def _check_array_shape(
         expected = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
         extra = " or (N, H, W) for a 1-channel model" if grey_ok else ""
         raise DataError(
-            f"{path} holds a {inputs.ndim}-D array of shape {tuple(inputs.shape)}; inputs must be "
+            f"{_shown(path)} holds a {inputs.ndim}-D array of shape {tuple(inputs.shape)}; inputs must be "
             f"{expected}{extra}, in the model's {layout} layout"
         )
     if n == 0:
-        raise DataError(f"{path} holds no inputs (shape {tuple(inputs.shape)}): save at least one")
+        raise DataError(f"{_shown(path)} holds no inputs (shape {tuple(inputs.shape)}): save at least one")
     if min(channels, height, width) < 1:
-        raise DataError(f"{path} holds inputs of empty shape {tuple(inputs.shape)}")
+        raise DataError(f"{_shown(path)} holds inputs of empty shape {tuple(inputs.shape)}")
     model = (spec.channels, spec.height, spec.width)
     if any(m is not None and m != g for m, g in zip(model, (channels, height, width))):
         want = "x".join("?" if v is None else str(v) for v in model)
@@ -1161,7 +1588,7 @@ def _check_array_shape(
             hint = (f": save inputs of {want} (arrays are used as given, never resized), "
                     "or pass a folder of images")
         raise MismatchError(
-            f"{path} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as {layout}) "
+            f"{_shown(path)} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as {layout}) "
             f"but the model takes {want}{hint}"
         )
     return int(channels), int(height), int(width)
@@ -1172,20 +1599,20 @@ def _check_array_labels(
 ) -> np.ndarray | None:
     labels = np.asarray(labels)
     if labels.dtype.hasobject or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: labels must be integers; got {labels.dtype}: save them as int64")
+        raise DataError(f"{_shown(path)}: labels must be integers; got {labels.dtype}: save them as int64")
     if labels.shape != (n,):
         raise DataError(
-            f"{path}: labels have shape {labels.shape} but there are {n} inputs: save (N,) labels"
+            f"{_shown(path)}: labels have shape {labels.shape} but there are {n} inputs: save (N,) labels"
         )
     labels = labels.astype(np.int64)
     if np.any(labels < -1):
         raise DataError(
-            f"{path}: labels must be class indices, or -1 where unknown; "
+            f"{_shown(path)}: labels must be class indices, or -1 where unknown; "
             f"found {int(labels.min())}"
         )
     if class_names is not None and labels.size and int(labels.max()) >= len(class_names):
         raise DataError(
-            f"{path}: label {int(labels.max())} is out of range for the "
+            f"{_shown(path)}: label {int(labels.max())} is out of range for the "
             f"{len(class_names)} class names"
         )
     if np.all(labels == -1):
@@ -1210,11 +1637,11 @@ def _open_array(
         )
     if preprocess.size is not None and preprocess.size != (height, width):
         raise UsageError(
-            f"arrays are used as given: {path.name} holds {height}x{width} inputs but the "
+            f"arrays are used as given: {_shown(path.name)} holds {height}x{width} inputs but the "
             f"size asked is {preprocess.size[0]}x{preprocess.size[1]}: drop --size"
         )
     if preprocess.bgr and channels != 3:
-        raise UsageError(f"BGR order needs 3 channels; {path.name} holds {channels}: drop --bgr")
+        raise UsageError(f"BGR order needs 3 channels; {_shown(path.name)} holds {channels}: drop --bgr")
     scale, mean, std = _values(preprocess, channels)
     n = int(inputs.shape[0])
     labels = None if raw_labels is None else _check_array_labels(path, raw_labels, n, class_names)
@@ -1232,9 +1659,9 @@ def _open_array(
         channels=channels,
     )
     return ImageSet(
-        source=str(path),
+        source=_shown(path),
         kind="array",
-        paths=[f"{path.name}[{i}]" for i in range(n)],
+        paths=_RowNames(_shown(path.name), n),
         labels=labels,
         class_names=class_names,
         label_source=label_source,
