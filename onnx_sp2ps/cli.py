@@ -34,9 +34,9 @@ _FILE_PATH = click.Path(dir_okay=False, path_type=Path, readable=False)
 
 def _err(message: str) -> None:
     """One line on stderr: control characters and undecodable bytes shown escaped."""
-    from onnx_sp2ps.files import show
+    from onnx_sp2ps.files import one_line
 
-    click.echo(show(message), err=True)
+    click.echo(one_line(message), err=True)
 
 
 # --------------------------------------------------------------------------- option groups

@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from onnx_sp2ps.errors import DataError, MismatchError, UsageError
+from onnx_sp2ps.files import (NotRegularFile, file_kind, memory_budget, open_regular, show,
+                              special_kind)
 
 __all__ = [
     "LAYOUTS",
@@ -455,112 +457,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- files
 
-_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-
-
-def _shown(text: str | os.PathLike[str]) -> str:
-    r"""A path (or name) as one printable line, for messages and display names.
-
-    Backslash, newline, carriage return and tab become ``\\``, ``\n``, ``\r``, ``\t``;
-    bytes that are not UTF-8 (``os.fsdecode``'s surrogate escapes) ``\xNN``; other
-    control and unprintable characters ``\xNN``, ``\uNNNN`` or ``\UNNNNNNNN``. Different
-    names stay different; printable names are unchanged.
-    """
-    text = os.fsdecode(text)
-    if text.isprintable() and "\\" not in text:
-        return text
-    parts = []
-    for char in text:
-        code = ord(char)
-        if char in _ESCAPES:
-            parts.append(_ESCAPES[char])
-        elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
-            parts.append(f"\\x{code - 0xDC00:02x}")
-        elif char.isprintable():
-            parts.append(char)
-        elif code <= 0xFF:
-            parts.append(f"\\x{code:02x}")
-        elif code <= 0xFFFF:
-            parts.append(f"\\u{code:04x}")
-        else:
-            parts.append(f"\\U{code:08x}")
-    return "".join(parts)
-
-
-class _NotRegular(Exception):
-    """A path that is not a regular file; the message says what it is ("a FIFO")."""
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "a special file"
-
-
-def _special_kind(path: Path) -> str | None:
-    """What path is (following symlinks) when it is not a regular file; None for a regular
-    file, and for a path that cannot be examined (opening it will say why)."""
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return None
-    return None if stat.S_ISREG(mode) else _file_kind(mode)
-
-
-def _open_regular(path: Path) -> IO[bytes]:
-    """Open a regular file for reading, never blocking.
-
-    The path is examined before it is opened, and what was opened again after (opened
-    non-blocking, so that a FIFO put in its place meanwhile cannot block the open): a
-    FIFO, socket, device or folder, or a symlink to one, raises :class:`_NotRegular`.
-    OSError as from :func:`open`.
-    """
-    kind = _special_kind(path)
-    if kind is not None:
-        raise _NotRegular(kind)
-    handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | _NONBLOCK))
-    try:
-        mode = os.fstat(handle.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise _NotRegular(_file_kind(mode))
-    except BaseException:
-        handle.close()
-        raise
-    return handle
-
-
-def _memory_budget() -> int:
-    """Bytes the arrays of an ``.npz`` may take: :data:`MAX_ARRAY_BYTES` when set, else
-    half of ``MemAvailable`` (half the physical memory where /proc/meminfo is missing),
-    and at most half of the ``RLIMIT_AS`` soft limit where one is set."""
-    if MAX_ARRAY_BYTES is not None:
-        return int(MAX_ARRAY_BYTES)
-    budget = None
-    try:
-        with open("/proc/meminfo", "rb") as handle:
-            for line in handle.read(1 << 16).splitlines():
-                if line.startswith(b"MemAvailable:"):
-                    budget = int(line.split()[1]) * 1024 // 2
-    except (OSError, ValueError, IndexError):
-        pass
-    if budget is None:
-        try:
-            budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-        except (AttributeError, OSError, ValueError):
-            budget = 2 << 30
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft != resource.RLIM_INFINITY and soft > 0:
-            budget = min(budget, soft // 2)
-    except (ImportError, OSError, ValueError):
-        pass
-    return int(budget)
 
 
 # --------------------------------------------------------------------------- images
@@ -763,7 +659,7 @@ def _bomb_reason(pillow: str) -> str:
     if found and int(found.group(1)) > MAX_IMAGE_PIXELS:
         return (f"refused before decoding (decompression-bomb guard): image is "
                 f"{int(found.group(1))} pixels, over the limit of {MAX_IMAGE_PIXELS}")
-    return "refused before decoding (decompression-bomb guard): " + _shown(pillow.rstrip("."))
+    return "refused before decoding (decompression-bomb guard): " + show(pillow.rstrip("."))
 
 
 def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
@@ -776,7 +672,7 @@ def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
     a corrupt or truncated file is caught.
     """
     try:
-        with _open_regular(path) as handle:
+        with open_regular(path) as handle:
             with _OPEN_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 opened = Image.open(handle)
@@ -795,7 +691,7 @@ def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
         raise
     except MemoryError:
         raise
-    except _NotRegular as exc:
+    except NotRegularFile as exc:
         raise _DecodeFailure(f"refused before reading: it is {exc}, not a regular file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _DecodeFailure(_bomb_reason(str(exc))) from None
@@ -804,9 +700,9 @@ def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
                              "Pillow recognises") from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {_shown(reason)}") from None
+        raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {show(reason)}") from None
     except Exception as exc:  # Pillow raises many types on corrupt files
-        raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {_shown(str(exc))}") from None
+        raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {show(str(exc))}") from None
 
 
 # --------------------------------------------------------------------------- image set
@@ -1194,26 +1090,26 @@ def open_images(
         mode = os.stat(root).st_mode
     except (FileNotFoundError, NotADirectoryError):
         raise DataError(
-            f"image path {_shown(root)} does not exist: pass a folder of images "
+            f"image path {show(root)} does not exist: pass a folder of images "
             f"({', '.join(IMAGE_SUFFIXES)}) or a .npy/.npz array file"
         ) from None
     except (OSError, ValueError) as exc:
         raise DataError(
-            f"cannot examine the image path {_shown(root)} ({_reason(exc)}): check its "
+            f"cannot examine the image path {show(root)} ({_reason(exc)}): check its "
             "permissions, or pass another folder or array file"
         ) from None
     if stat.S_ISDIR(mode):
         opener = _open_folder
     elif not stat.S_ISREG(mode):
         raise DataError(
-            f"image path {_shown(root)} is {_file_kind(mode)}, not a folder nor a regular "
+            f"image path {show(root)} is {file_kind(mode)}, not a folder nor a regular "
             "file; it is not read: pass a folder of images or a .npy/.npz array file"
         )
     elif root.suffix.lower() in ARRAY_SUFFIXES:
         opener = _open_array
     else:
         raise DataError(
-            f"{_shown(root)} is neither a folder of images nor a .npy/.npz array file: "
+            f"{show(root)} is neither a folder of images nor a .npy/.npz array file: "
             "put the images in a folder and pass the folder"
         )
     return opener(root, spec=spec, preprocess=preprocess, class_names=names, strict=strict)
@@ -1222,7 +1118,7 @@ def open_images(
 def _reason(exc: BaseException) -> str:
     """An OSError's reason without its file name (``strerror``), else the message; one line."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return _shown(text)
+    return show(text)
 
 
 def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) -> list[str] | None:
@@ -1230,9 +1126,9 @@ def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) ->
         return None
     if isinstance(class_names, (str, os.PathLike)):
         source = Path(class_names)
-        shown = _shown(source)
+        shown = show(source)
         try:
-            with _open_regular(source) as handle:
+            with open_regular(source) as handle:
                 too_large = os.fstat(handle.fileno()).st_size > MAX_CLASS_NAMES_BYTES
                 raw = b"" if too_large else handle.read(MAX_CLASS_NAMES_BYTES + 1)
             if too_large or len(raw) > MAX_CLASS_NAMES_BYTES:
@@ -1241,7 +1137,7 @@ def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) ->
                     "(16 MiB) and was not read: write one class name per line"
                 )
             text = raw.decode("utf-8-sig")
-        except _NotRegular as exc:
+        except NotRegularFile as exc:
             raise DataError(
                 f"the class names file {shown} is {exc}, not a regular file, and was not "
                 "read: pass a text file with one class name per line"
@@ -1280,10 +1176,10 @@ def _scan_folder(root: Path) -> tuple[list[str], list[str], list[tuple[str, str]
         where = Path(error.filename) if error.filename else root
         if where == root:
             raise DataError(
-                f"cannot list the image folder {_shown(root)} ({_reason(error)}): check its "
+                f"cannot list the image folder {show(root)} ({_reason(error)}): check its "
                 "permissions, or pass another folder"
             )
-        unlisted.append((_shown(where.relative_to(root).as_posix()) + "/", _reason(error)))
+        unlisted.append((show(where.relative_to(root).as_posix()) + "/", _reason(error)))
 
     for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(folder)
@@ -1298,15 +1194,15 @@ def _scan_folder(root: Path) -> tuple[list[str], list[str], list[tuple[str, str]
                 continue
             suffix = os.path.splitext(name)[1].lower()
             if suffix in IMAGE_SUFFIXES:
-                kind = _special_kind(Path(folder) / name)
+                kind = special_kind(Path(folder) / name)
                 if kind is not None:
                     raise DataError(
-                        f"{_shown((relative / name).as_posix())} in {_shown(root)} is {kind}, "
+                        f"{show((relative / name).as_posix())} in {show(root)} is {kind}, "
                         "not an image file, and was not read: remove it from the folder"
                     )
                 found.append((relative / name).as_posix())
             elif len(others) < 5:
-                others.add(_shown(suffix or name))
+                others.add(show(suffix or name))
     return sorted(found), sorted(others), sorted(unlisted)
 
 
@@ -1335,7 +1231,7 @@ def _folder_labels(
             if f in positions:
                 if len(positions[f]) > 1:
                     raise DataError(
-                        f"sub-folder '{_shown(f)}' is ambiguous: the class names list it at "
+                        f"sub-folder '{show(f)}' is ambiguous: the class names list it at "
                         "positions "
                         f"{', '.join(map(str, positions[f]))}; rename the folder to its index"
                     )
@@ -1345,7 +1241,7 @@ def _folder_labels(
             else:
                 unknown.append(f)
         if unknown:
-            shown = ", ".join(f"'{_shown(u)}'" for u in unknown[:10])
+            shown = ", ".join(f"'{show(u)}'" for u in unknown[:10])
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             raise DataError(
                 f"{len(unknown)} sub-folder name(s) are not among the {len(class_names)} class "
@@ -1376,7 +1272,7 @@ def _open_folder(
     if unreadable and strict:
         folder, why = unreadable[0]
         raise DataError(
-            f"cannot list the sub-folder {folder} of {_shown(root)} ({why}): fix its "
+            f"cannot list the sub-folder {folder} of {show(root)} ({why}): fix its "
             "permissions, or drop --strict to skip what cannot be read"
         )
     unlisted = [(folder, f"cannot list the sub-folder ({why}); the images in it were not read")
@@ -1387,13 +1283,13 @@ def _open_folder(
             hint += (f" ({len(unreadable)} sub-folder(s) could not be listed, e.g. "
                      f"{unreadable[0][0]}: {unreadable[0][1]})")
         raise DataError(
-            f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {_shown(root)} or its "
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {show(root)} or its "
             f"sub-folders{hint}: pass a folder that holds images, or a .npy/.npz array file"
         )
-    paths = [_shown(p) for p in files]
+    paths = [show(p) for p in files]
     labels, source = _folder_labels(files, class_names)
     return ImageSet(
-        source=_shown(root),
+        source=show(root),
         kind="folder",
         paths=paths,
         labels=labels,
@@ -1432,13 +1328,13 @@ def _npy_header(handle: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, n
 
 def _load_npy(path: Path) -> np.ndarray:
     """Memory-map a ``.npy`` whose data is all there (its header is not trusted)."""
-    with _open_regular(path) as handle:
-        shape, fortran, dtype, claimed = _npy_header(handle, _shown(path))
+    with open_regular(path) as handle:
+        shape, fortran, dtype, claimed = _npy_header(handle, show(path))
         offset = handle.tell()
         held = os.fstat(handle.fileno()).st_size - offset
         if held < claimed:
             raise DataError(
-                f"{_shown(path)} is cut short: its header says {shape} {dtype} values "
+                f"{show(path)} is cut short: its header says {shape} {dtype} values "
                 f"({claimed} bytes) but it holds {held} bytes of data: save the array again"
             )
         if claimed == 0:
@@ -1452,14 +1348,14 @@ def _npz_members(
 ) -> list[np.ndarray | None]:
     """Read the ``.npz`` members named by keys (None: none), after checking, from the
     archive's directory and each member's ``.npy`` header, that their data is what the
-    header says and that together they fit :func:`_memory_budget`."""
+    header says and that together they fit :func:`onnx_sp2ps.files.memory_budget`."""
     infos = {}
     claimed = 0
     for key in keys:
         if key is None:
             continue
         info = archive.getinfo(key + ".npy")
-        where = f"array {key!r} of {_shown(path)}"
+        where = f"array {key!r} of {show(path)}"
         with archive.open(info) as member:
             shape, _, dtype, size = _npy_header(member, where)
             held = info.file_size - member.tell()
@@ -1470,10 +1366,10 @@ def _npz_members(
             )
         claimed += size
         infos[key] = info
-    budget = _memory_budget()
+    budget = memory_budget(MAX_ARRAY_BYTES)
     if claimed > budget:
         raise DataError(
-            f"{_shown(path)} would take {claimed} bytes of memory once inflated, over the "
+            f"{show(path)} would take {claimed} bytes of memory once inflated, over the "
             f"memory budget of {budget} bytes (half of what is available): save the inputs as a "
             ".npy file, which is read from disk as needed, or pass fewer images"
         )
@@ -1489,18 +1385,18 @@ def _npz_members(
 
 def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(inputs, labels or None, description of where they came from)."""
-    shown = _shown(path)
+    shown = show(path)
     try:
         if path.suffix.lower() == ".npy":
             return _load_npy(path), None, "none: a .npy file holds no labels"
-        with _open_regular(path) as handle, zipfile.ZipFile(handle) as archive:
+        with open_regular(path) as handle, zipfile.ZipFile(handle) as archive:
             names = archive.namelist()
             keys = [n[:-4] for n in names if n.endswith(".npy")]
             if len(keys) != len(names):
                 others = [n for n in names if not n.endswith(".npy")]
                 raise DataError(
                     f"{shown} holds members that are not .npy arrays "
-                    f"({', '.join(repr(_shown(n)) for n in others[:5])}): save it with "
+                    f"({', '.join(repr(show(n)) for n in others[:5])}): save it with "
                     "np.savez or np.savez_compressed"
                 )
             input_key = next((k for k in _NPZ_INPUT_KEYS if k in keys), None)
@@ -1508,7 +1404,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
             if input_key is None:
                 rest = [k for k in keys if k != label_key]
                 if len(rest) != 1:
-                    listed = ", ".join(_shown(k) for k in keys[:20]) or "(none)"
+                    listed = ", ".join(show(k) for k in keys[:20]) or "(none)"
                     raise DataError(
                         f"{shown} holds arrays {listed}: name the inputs "
                         f"'images' (or {' or '.join(repr(k) for k in _NPZ_INPUT_KEYS[1:])}) "
@@ -1517,17 +1413,17 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
                 input_key = rest[0]
             inputs, labels = _npz_members(path, archive, [input_key, label_key])
             assert inputs is not None
-            source = f"no labels in {_shown(path.name)}" if label_key is None else (
+            source = f"no labels in {show(path.name)}" if label_key is None else (
                 f"array {label_key!r}")
             return inputs, labels, source
-    except _NotRegular as exc:
+    except NotRegularFile as exc:
         raise DataError(
             f"{shown} is {exc}, not a regular file, and was not read: pass a .npy/.npz file"
         ) from None
     except ValueError as exc:
         if "object" in str(exc).lower() or "pickle" in str(exc).lower():
             raise DataError(f"{shown}: {_OBJECTS_REFUSED}") from None
-        raise DataError(f"cannot read {shown}: {_shown(str(exc))}") from None
+        raise DataError(f"cannot read {shown}: {show(str(exc))}") from None
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read {shown}: {_reason(exc)}") from None
     except MemoryError:
@@ -1538,7 +1434,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     except Exception as exc:  # zipfile.BadZipFile and friends on corrupt files
         if isinstance(exc, DataError):
             raise
-        raise DataError(f"cannot read {shown}: {type(exc).__name__}: {_shown(str(exc))}") from None
+        raise DataError(f"cannot read {shown}: {type(exc).__name__}: {show(str(exc))}") from None
 
 
 def _check_array_shape(
@@ -1546,10 +1442,10 @@ def _check_array_shape(
 ) -> tuple[int, int, int]:
     """Validate an input array against the model; return its (C, H, W)."""
     if inputs.dtype.hasobject:
-        raise DataError(f"{_shown(path)}: {_OBJECTS_REFUSED}")
+        raise DataError(f"{show(path)}: {_OBJECTS_REFUSED}")
     if not np.issubdtype(inputs.dtype, np.floating):
         raise DataError(
-            f"{_shown(path)} holds {inputs.dtype} values; arrays are used as given, so they must be "
+            f"{show(path)} holds {inputs.dtype} values; arrays are used as given, so they must be "
             "preprocessed floats (float16/32/64): save float32 inputs, or pass a folder of images"
         )
     grey_ok = spec.channels in (None, 1)
@@ -1565,13 +1461,13 @@ def _check_array_shape(
         expected = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
         extra = " or (N, H, W) for a 1-channel model" if grey_ok else ""
         raise DataError(
-            f"{_shown(path)} holds a {inputs.ndim}-D array of shape {tuple(inputs.shape)}; inputs must be "
+            f"{show(path)} holds a {inputs.ndim}-D array of shape {tuple(inputs.shape)}; inputs must be "
             f"{expected}{extra}, in the model's {layout} layout"
         )
     if n == 0:
-        raise DataError(f"{_shown(path)} holds no inputs (shape {tuple(inputs.shape)}): save at least one")
+        raise DataError(f"{show(path)} holds no inputs (shape {tuple(inputs.shape)}): save at least one")
     if min(channels, height, width) < 1:
-        raise DataError(f"{_shown(path)} holds inputs of empty shape {tuple(inputs.shape)}")
+        raise DataError(f"{show(path)} holds inputs of empty shape {tuple(inputs.shape)}")
     model = (spec.channels, spec.height, spec.width)
     if any(m is not None and m != g for m, g in zip(model, (channels, height, width))):
         want = "x".join("?" if v is None else str(v) for v in model)
@@ -1588,7 +1484,7 @@ def _check_array_shape(
             hint = (f": save inputs of {want} (arrays are used as given, never resized), "
                     "or pass a folder of images")
         raise MismatchError(
-            f"{_shown(path)} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as {layout}) "
+            f"{show(path)} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as {layout}) "
             f"but the model takes {want}{hint}"
         )
     return int(channels), int(height), int(width)
@@ -1599,20 +1495,20 @@ def _check_array_labels(
 ) -> np.ndarray | None:
     labels = np.asarray(labels)
     if labels.dtype.hasobject or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{_shown(path)}: labels must be integers; got {labels.dtype}: save them as int64")
+        raise DataError(f"{show(path)}: labels must be integers; got {labels.dtype}: save them as int64")
     if labels.shape != (n,):
         raise DataError(
-            f"{_shown(path)}: labels have shape {labels.shape} but there are {n} inputs: save (N,) labels"
+            f"{show(path)}: labels have shape {labels.shape} but there are {n} inputs: save (N,) labels"
         )
     labels = labels.astype(np.int64)
     if np.any(labels < -1):
         raise DataError(
-            f"{_shown(path)}: labels must be class indices, or -1 where unknown; "
+            f"{show(path)}: labels must be class indices, or -1 where unknown; "
             f"found {int(labels.min())}"
         )
     if class_names is not None and labels.size and int(labels.max()) >= len(class_names):
         raise DataError(
-            f"{_shown(path)}: label {int(labels.max())} is out of range for the "
+            f"{show(path)}: label {int(labels.max())} is out of range for the "
             f"{len(class_names)} class names"
         )
     if np.all(labels == -1):
@@ -1637,11 +1533,11 @@ def _open_array(
         )
     if preprocess.size is not None and preprocess.size != (height, width):
         raise UsageError(
-            f"arrays are used as given: {_shown(path.name)} holds {height}x{width} inputs but the "
+            f"arrays are used as given: {show(path.name)} holds {height}x{width} inputs but the "
             f"size asked is {preprocess.size[0]}x{preprocess.size[1]}: drop --size"
         )
     if preprocess.bgr and channels != 3:
-        raise UsageError(f"BGR order needs 3 channels; {_shown(path.name)} holds {channels}: drop --bgr")
+        raise UsageError(f"BGR order needs 3 channels; {show(path.name)} holds {channels}: drop --bgr")
     scale, mean, std = _values(preprocess, channels)
     n = int(inputs.shape[0])
     labels = None if raw_labels is None else _check_array_labels(path, raw_labels, n, class_names)
@@ -1659,9 +1555,9 @@ def _open_array(
         channels=channels,
     )
     return ImageSet(
-        source=_shown(path),
+        source=show(path),
         kind="array",
-        paths=_RowNames(_shown(path.name), n),
+        paths=_RowNames(show(path.name), n),
         labels=labels,
         class_names=class_names,
         label_source=label_source,

@@ -16,10 +16,13 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from onnx_sp2ps.errors import InputError, Interrupted
 
 __all__ = ["MAX_TEXT_BYTES", "check_regular", "read_bounded", "show", "umask_mode",
+           "NotRegularFile", "one_line", "file_kind", "special_kind", "open_regular", "human_bytes",
+           "available_memory", "memory_budget", "FALLBACK_BUDGET",
            "interrupt", "uninterruptible", "install_signal_handlers", "SIGNALS",
            "on_interrupt", "claim_exit"]
 
@@ -27,22 +30,92 @@ __all__ = ["MAX_TEXT_BYTES", "check_regular", "read_bounded", "show", "umask_mod
 #: real one; larger is a mistake or an attack).
 MAX_TEXT_BYTES = 16 << 20
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISDIR, "a folder"))
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def show(path: object) -> str:
-    """``path`` as one printable line: bytes that are not UTF-8 (kept by Python as
-    surrogate escapes) as ``\\xNN``, control characters (newlines included) as escapes."""
-    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "surrogateescape")
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def show(text: object) -> str:
+    r"""A path (or name) as one printable line, for messages and display names.
+
+    Backslash, newline, carriage return and tab become ``\\``, ``\n``, ``\r``, ``\t``;
+    bytes that are not UTF-8 (``os.fsdecode``'s surrogate escapes) ``\xNN``; other
+    control and unprintable characters ``\xNN``, ``\uNNNN`` or ``\UNNNNNNNN``. Different
+    names stay different; printable names are unchanged.
+    """
+    text = os.fsdecode(text) if isinstance(text, (str, bytes, os.PathLike)) else str(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    parts = []
+    for char in text:
+        code = ord(char)
+        if char in _ESCAPES:
+            parts.append(_ESCAPES[char])
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+            parts.append(f"\\x{code - 0xDC00:02x}")
+        elif char.isprintable():
+            parts.append(char)
+        elif code <= 0xFF:
+            parts.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            parts.append(f"\\u{code:04x}")
+        else:
+            parts.append(f"\\U{code:08x}")
+    return "".join(parts)
+
+
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+class NotRegularFile(Exception):
+    """A path that is not a regular file; the message says what it is ("a FIFO")."""
+
+
+def file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def special_kind(path: str | os.PathLike[str]) -> str | None:
+    """What path is (following symlinks) when it is not a regular file; None for a regular
+    file, and for a path that cannot be examined (opening it will say why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
+    """Open a regular file for reading, never blocking.
+
+    The path is examined before it is opened, and what was opened again after (opened
+    non-blocking, so that a FIFO put in its place meanwhile cannot block the open): a
+    FIFO, socket, device or folder, or a symlink to one, raises :class:`NotRegularFile`.
+    OSError as from :func:`open`.
+    """
+    kind = special_kind(path)
+    if kind is not None:
+        raise NotRegularFile(kind)
+    handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | _NONBLOCK))
+    try:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(file_kind(mode))
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters and undecodable bytes escaped, backslashes kept
+    (for a message whose paths :func:`show` has escaped already)."""
     if text.isprintable():
         return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)
+    return "".join(ch if ch.isprintable() or ch == "\\" else show(ch) for ch in text)
 
 
 def check_regular(path: str | os.PathLike[str], what: str, *,
@@ -60,7 +133,7 @@ def check_regular(path: str | os.PathLike[str], what: str, *,
         raise error(f"cannot read {what} {show(p)}: {exc.strerror or exc}: check the path "
                     "and its permissions") from None
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        kind = file_kind(st.st_mode)
         raise error(f"{what} {show(p)} is {kind}, not a regular file: refused (only plain "
                     "files are read)")
     if limit is not None and st.st_size > limit:
@@ -79,11 +152,11 @@ def read_bounded(path: str | os.PathLike[str], what: str, *,
     limit = MAX_TEXT_BYTES if limit is None else limit
     check_regular(path, what, error=error, limit=limit)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise error(f"{what} {show(path)} changed into a special file: refused")
+        with open_regular(path) as handle:
             data = handle.read(limit + 1)
+    except NotRegularFile as exc:
+        raise error(f"{what} {show(path)} changed into {exc} while being opened: "
+                    "refused") from None
     except OSError as exc:
         raise error(f"cannot read {what} {show(path)}: {exc.strerror or exc}: check the "
                     "file's permissions") from None
@@ -91,6 +164,75 @@ def read_bounded(path: str | os.PathLike[str], what: str, *,
         raise error(f"{what} {show(path)} grew past the limit of {limit:,} bytes while "
                     "being read: refused")
     return data
+
+
+#: The memory budget where the system says nothing of its memory.
+FALLBACK_BUDGET = 4 << 30
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _read_meminfo(key: str) -> int | None:
+    return _proc_field("/proc/meminfo", key)
+
+
+def _proc_field(path: str, key: str) -> int | None:
+    """A ``key: N kB`` field of a /proc file, in bytes (read as bytes: no codec needed)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(key.encode() + b":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, as far as the system says: the least of
+    MemAvailable (or free pages), the cgroup's limit less its use, and the address-space
+    limit (``ulimit -v``) less what the process maps already.  None when none is known."""
+    known = []
+    avail = _read_meminfo("MemAvailable")
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    if avail is not None:
+        known.append(avail)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            known.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            mapped = _proc_field("/proc/self/status", "VmSize") or 0
+            known.append(max(soft - mapped, 0))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(known) if known else None
+
+
+def memory_budget(max_memory: int | None = None) -> int:
+    """The memory budget in bytes: ``max_memory`` when given, else half of what
+    :func:`available_memory` finds (4 GiB when it finds nothing).  Models and input
+    batches that declare more are refused before anything is allocated."""
+    if max_memory is not None:
+        return int(max_memory)
+    avail = available_memory()
+    return FALLBACK_BUDGET if avail is None else avail // 2
 
 
 def umask_mode(directory: bool = False) -> int:

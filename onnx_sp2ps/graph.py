@@ -43,13 +43,13 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from onnx_sp2ps.errors import DetectionError, ModelError
+from onnx_sp2ps.files import human_bytes, memory_budget
 
 __all__ = [
     "TensorInfo",
     "ModelSpec",
     "PreparedModel",
     "load_model",
-    "memory_budget",
     "check_tensor_sizes",
     "analyse_model",
     "prepare_model",
@@ -230,8 +230,8 @@ def _out_of_memory(where, doing: str) -> ModelError:
 def _load_model(p: Path, budget: int) -> onnx.ModelProto:
     st = _regular_file(p)
     if st.st_size > budget:
-        raise ModelError(f"model file {p} is {_human(st.st_size)}, over the memory budget "
-                         f"of {_human(budget)}: refused before reading; raise --max-memory "
+        raise ModelError(f"model file {p} is {human_bytes(st.st_size)}, over the memory budget "
+                         f"of {human_bytes(budget)}: refused before reading; raise --max-memory "
                          "if the machine has the memory, or use one that has")
     try:
         data = p.read_bytes()
@@ -373,7 +373,6 @@ def _check_external(t: onnx.TensorProto, path: Path, folder: Path) -> None:
 # (densifying, numpy_helper.to_array, the ONNX checker, reading external files).
 
 #: Budget (bytes) when the available memory cannot be read.
-_FALLBACK_BUDGET = 4 << 30
 #: Longest external-data location accepted (bytes), and longest part of it.
 _MAX_LOCATION, _MAX_NAME = 4096, 255
 _T = onnx.TensorProto
@@ -386,71 +385,6 @@ for _name, _bits, _per in (("UINT2", 2, 4), ("INT2", 2, 4), ("FLOAT6E2M3", 6, 1)
         _PACKED[getattr(_T, _name)] = (_bits, _per)
 #: Typed-field entries per element (complex numbers take two).
 _ENTRIES = {_T.COMPLEX64: 2, _T.COMPLEX128: 2}
-
-
-def _human(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
-
-
-def _read_meminfo(key: str) -> int | None:
-    return _proc_field("/proc/meminfo", key)
-
-
-def _proc_field(path: str, key: str) -> int | None:
-    """A ``key: N kB`` field of a /proc file, in bytes (read as bytes: no codec needed)."""
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                if line.startswith(key.encode() + b":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _available_memory() -> int | None:
-    """Bytes this process can still allocate, as far as the system says: the least of
-    MemAvailable (or free pages), the cgroup's limit less its use, and the address-space
-    limit (``ulimit -v``) less what the process maps already.  None when none is known."""
-    known = []
-    avail = _read_meminfo("MemAvailable")
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = None
-    if avail is not None:
-        known.append(avail)
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            known.append(max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY:
-            mapped = _proc_field("/proc/self/status", "VmSize") or 0
-            known.append(max(soft - mapped, 0))
-    except (ImportError, OSError, ValueError):
-        pass
-    return min(known) if known else None
-
-
-def memory_budget(max_memory: int | None = None) -> int:
-    """The memory budget in bytes: ``max_memory`` when given, else half of what
-    :func:`_available_memory` finds (4 GiB when it finds nothing).  Models and input
-    batches that declare more are refused before anything is allocated."""
-    if max_memory is not None:
-        return int(max_memory)
-    avail = _available_memory()
-    return _FALLBACK_BUDGET if avail is None else avail // 2
 
 
 def _regular_file(p: Path) -> os.stat_result:
@@ -589,7 +523,7 @@ def _check_sparse(s: onnx.SparseTensorProto, where, what: str) -> int:
     if dense > PROTOBUF_LIMIT:
         raise ModelError(
             f"{where}: {what} declares a dense {_shape_text(s.dims)} "
-            f"{_type_name(s.values.data_type)} ({_human(dense)}) for {nnz} stored values, "
+            f"{_type_name(s.values.data_type)} ({human_bytes(dense)}) for {nnz} stored values, "
             "over the 2 GiB onnxruntime takes for one tensor: refused before densifying; "
             "the file is hostile or corrupt, export the model again")
     return dense
@@ -628,8 +562,8 @@ def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
         largest = max(largest, (nbytes, label))
     if total > budget:
         raise ModelError(
-            f"{where}: its tensors declare {_human(total)} (the largest, {largest[1]}, "
-            f"{_human(largest[0])}), over the memory budget of {_human(budget)}: refused "
+            f"{where}: its tensors declare {human_bytes(total)} (the largest, {largest[1]}, "
+            f"{human_bytes(largest[0])}), over the memory budget of {human_bytes(budget)}: refused "
             "before allocating; check the model, or raise --max-memory if the machine has "
             "the memory")
     return total

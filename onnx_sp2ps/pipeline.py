@@ -23,7 +23,8 @@ from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
 from onnx_sp2ps.errors import (DataError, InputError, MismatchError, NonFiniteError,
                                UsageError)
-from onnx_sp2ps.graph import ModelSpec, PreparedModel, _human, memory_budget, prepare_model
+from onnx_sp2ps.files import human_bytes, memory_budget
+from onnx_sp2ps.graph import ModelSpec, PreparedModel, prepare_model
 from onnx_sp2ps.runtime import DeviceInputs, ModelRunner
 from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
 from onnx_sp2ps.targets import select_targets, top1
@@ -72,7 +73,7 @@ class AuditSettings:
     strict: bool = False
     scorecam_channels: int | None = None
     #: Memory budget in bytes for a model's tensors and one batch of inputs and feature
-    #: maps; None: half the memory available (:func:`onnx_sp2ps.graph.memory_budget`).
+    #: maps; None: half the memory available (:func:`onnx_sp2ps.files.memory_budget`).
     #: Not in :meth:`to_dict`: it depends on the machine and changes no result.
     max_memory: int | None = None
 
@@ -419,7 +420,7 @@ def check_batch_memory(specs: Sequence[ModelSpec], size: tuple[int, int], batch_
 
     The rule: the rows run at once (``batch_size``, padded up to a multiple of the
     models' fixed batch when one has one) times the bytes of one row must fit
-    ``max_memory`` (bytes; None: :func:`onnx_sp2ps.graph.memory_budget`'s default, half
+    ``max_memory`` (bytes; None: :func:`onnx_sp2ps.files.memory_budget`'s default, half
     the available memory).  One row is estimated, from below, as the input (C x H x W
     float32 at the resolved ``size``), twice the largest activation of any one model
     (onnxruntime holds a node's input and output at once; the models run one after the
@@ -449,20 +450,20 @@ def check_batch_memory(specs: Sequence[ModelSpec], size: tuple[int, int], batch_
     if total <= budget:
         return total
     shape = f"{c}x{h}x{w}"
-    over = (f"over the memory budget of {_human(budget)} (--max-memory): refused before "
+    over = (f"over the memory budget of {human_bytes(budget)} (--max-memory): refused before "
             "allocating")
     if fixed and fixed * per_row > budget:
         raise InputError(f"the model's fixed batch of {fixed} inputs of {shape} (with its "
-                         f"feature maps) takes {_human(fixed * per_row)}, {over}; export "
+                         f"feature maps) takes {human_bytes(fixed * per_row)}, {over}; export "
                          "the model with a dynamic (or smaller) batch dimension")
     if per_row > budget:
         declared = all(s.input_size == (h, w) for s in specs)
         remedy = ("export the model with a smaller (or dynamic) input size" if declared
                   else "pass a smaller --size")
         raise InputError(f"one input of {shape} (with its feature maps) takes "
-                         f"{_human(per_row)}, {over}; {remedy}")
+                         f"{human_bytes(per_row)}, {over}; {remedy}")
     raise InputError(f"one batch of {rows} inputs of {shape} (with their feature maps) "
-                     f"takes {_human(total)}, {over}; lower --batch-size to "
+                     f"takes {human_bytes(total)}, {over}; lower --batch-size to "
                      f"{max(budget // per_row, 1)} or less")
 
 

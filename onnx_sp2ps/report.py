@@ -383,7 +383,7 @@ def audit_to_dict(result, *, schema_version: int,
     the schema); with ``criteria``, each candidate's ``gate`` and the top-level
     ``passed`` are filled in."""
     labels = result.labels
-    paths = [show(p) for p in result.paths]
+    paths = result.paths  # (image paths and reasons come escaped from the data layer)
     names = display_names([result.original.path] + [c.model.path for c in result.candidates])
     candidates = []
     for cand, name in zip(result.candidates, names[1:]):
@@ -413,7 +413,7 @@ def audit_to_dict(result, *, schema_version: int,
             "agreement": _num(cand.agreement),
             "accuracy": _num(cand.accuracy),
             "confidence_drop": _num(cand.confidence_drop),
-            "non_finite_images": [show(p) for p in cand.non_finite_paths],
+            "non_finite_images": list(cand.non_finite_paths),
             "gate": None,
             "images": rows,
         })
@@ -429,9 +429,9 @@ def audit_to_dict(result, *, schema_version: int,
             "note": result.provider_note,
         },
         "images": {
-            "source": show(result.images.source),
+            "source": result.images.source,
             "scored": int(len(result.indices)),
-            "skipped": [{"path": show(p), "reason": show(r)} for p, r in result.images.skipped],
+            "skipped": [{"path": p, "reason": r} for p, r in result.images.skipped],
             "labelled": labels is not None and bool((labels >= 0).any()),
         },
         "original": {

@@ -32,7 +32,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, SAMPLES, run_cli
-from onnx_sp2ps import data
+from onnx_sp2ps import data, files
 from onnx_sp2ps.data import InputSpec, Preprocess, open_images, preprocess_image
 from onnx_sp2ps.errors import DataError
 
@@ -405,14 +405,14 @@ def test_npz_members_are_checked_before_they_are_inflated(tmp_path, capsys, monk
 
 def test_memory_budget_defaults_to_half_the_available_memory(monkeypatch):
     monkeypatch.setattr(data, "MAX_ARRAY_BYTES", None)
-    budget = data._memory_budget()
+    budget = files.memory_budget(data.MAX_ARRAY_BYTES)
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
         kb = next(int(line.split()[1]) for line in meminfo.read_text().splitlines()
                   if line.startswith("MemAvailable:"))
         assert abs(budget - kb * 1024 // 2) < 2**28  # MemAvailable moves a little
     monkeypatch.setattr(data, "MAX_ARRAY_BYTES", 12345)
-    assert data._memory_budget() == 12345
+    assert files.memory_budget(data.MAX_ARRAY_BYTES) == 12345
 
 
 # --------------------------------------------------------------------------- special files
@@ -597,7 +597,7 @@ def test_file_names_with_control_characters_and_non_utf8_bytes(tmp_path, capsys)
 
 def test_escaping_keeps_names_apart():
     names = ["a\nb", "a\\nb", os.fsdecode(b"\xff"), "\\xff", "\xff", "\x7f", "\u2028", "\t"]
-    escaped = [data._shown(n) for n in names]
+    escaped = [files.show(n) for n in names]
     assert escaped == ["a\\nb", "a\\\\nb", "\\xff", "\\\\xff", "ÿ", "\\x7f", "\\u2028",
                        "\\t"]
-    assert data._shown("plain name.png") == "plain name.png"
+    assert files.show("plain name.png") == "plain name.png"
