@@ -849,11 +849,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _interrupted(signum: int) -> int:
-    from onnx_sp2ps.files import claim_exit
+    from onnx_sp2ps.files import announce_ending
 
     exc = Interrupted(signum)
-    if claim_exit():
-        _err(exc.message)
+    announce_ending()
+    _err(exc.message)
     return exc.exit_code
 
 

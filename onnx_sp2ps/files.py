@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ __all__ = ["MAX_TEXT_BYTES", "check_regular", "read_bounded", "show", "umask_mod
            "NotRegularFile", "one_line", "file_kind", "special_kind", "open_regular", "human_bytes",
            "available_memory", "memory_budget", "FALLBACK_BUDGET",
            "interrupt", "uninterruptible", "install_signal_handlers", "SIGNALS",
-           "on_interrupt", "claim_exit"]
+           "track_temporary", "untrack_temporary", "announce_ending", "GRACE_SECONDS", "SUPERVISOR_FD"]
 
 #: Largest settings, class-names or report file read (16 MiB of text is far beyond any
 #: real one; larger is a mistake or an attack).
@@ -242,113 +241,108 @@ def umask_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
-# Signals held while a few renames swap a report set in (see report.ReportSet.commit).
+# --------------------------------------------------------------------------- signals
+#
+# A signal ends a run in two layers (README "Supported and refused": signals):
+# * in the process that does the work, SIGINT/SIGTERM/SIGHUP raise Interrupted in the
+#   main thread (held while a report set is swapped in), so ``finally`` blocks remove
+#   what the run made and the CLI prints one line;
+# * the command's entry point (``onnx_sp2ps.__main__``) forks that process and supervises
+#   it: when the worker has not ended within GRACE_SECONDS of a signal (it may be inside
+#   one long C call that holds the interpreter: an import, the ONNX checker), the
+#   supervisor kills it, removes the temporary files and folders the worker announced
+#   through a pipe, prints the line and exits 128 + signal. The worker announces its
+#   report-set swaps too, and the supervisor lets a swap finish first.
+
+#: Signals that end a run with one line and exit code 128 + signal number.
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+#: How long the worker has to end by itself after a signal.
+GRACE_SECONDS = 0.6
+#: The environment variable naming the pipe to the supervisor (a file descriptor).
+SUPERVISOR_FD = "ONNX_SP2PS_SUPERVISOR_FD"
+
 _held: list[int] = []
 _depth = 0
+_interrupted = False
+_temporaries: dict[str, Callable[[], None]] = {}
+
+
+def _tell_supervisor(message: bytes) -> None:
+    fd = os.environ.get(SUPERVISOR_FD)
+    if not fd:
+        return
+    try:
+        os.write(int(fd), message + b"\n")
+    except (OSError, ValueError):
+        pass
+
+
+def track_temporary(path: str | os.PathLike[str], remove: Callable[[], None]) -> None:
+    """Announce a temporary file or folder that a killed run must not leave behind."""
+    key = os.fsencode(os.path.abspath(path))
+    _temporaries[key.hex()] = remove
+    _tell_supervisor(b"+" + key.hex().encode())
+
+
+def untrack_temporary(path: str | os.PathLike[str]) -> None:
+    key = os.fsencode(os.path.abspath(path)).hex()
+    if _temporaries.pop(key, None) is not None:
+        _tell_supervisor(b"-" + key.encode())
+
+
+def announce_ending() -> None:
+    """Tell the supervisor that this run is ending by itself and prints its own line."""
+    _tell_supervisor(b"!")
 
 
 def interrupt(signum: int) -> None:
-    """What the CLI's signal handlers call: raise :class:`Interrupted` now, or when the
-    current :func:`uninterruptible` block ends."""
+    """What the signal handlers call: raise :class:`Interrupted` now, or when the current
+    :func:`uninterruptible` block ends; later signals of the same run are ignored (the
+    first one's clean-up must not be cut short)."""
+    global _interrupted
+    if _interrupted:
+        return
     if _depth:
         _held.append(signum)
         return
+    _interrupted = True
     raise Interrupted(signum)
 
 
 @contextmanager
 def uninterruptible() -> Iterator[None]:
-    """Hold signals (delivered through :func:`interrupt`) until the block ends."""
-    global _depth
+    """Hold signals (delivered through :func:`interrupt`) until the block ends; the
+    supervisor waits for it too."""
+    global _depth, _interrupted
     _depth += 1
+    if _depth == 1:
+        _tell_supervisor(b"[")
     try:
         yield
     finally:
         _depth -= 1
-        if not _depth and _held:
-            signum = _held[0]
-            _held.clear()
-            raise Interrupted(signum)
-
-
-#: Signals that end a run with one line and exit code 128 + signal number.
-SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
-
-
-#: How long the main thread has to act on a signal before the watchdog ends the process
-#: itself (the main thread may be inside one long C call: an import, onnxruntime).
-GRACE_SECONDS = 0.5
-_cleanups: dict[int, Callable[[], None]] = {}
-_exit_lock = threading.Lock()
-_exiting = False
+        if not _depth:
+            _tell_supervisor(b"]")
+            if _held and not _interrupted:
+                signum = _held[0]
+                _held.clear()
+                _interrupted = True
+                raise Interrupted(signum)
 
 
 def _on_signal(signum, frame) -> None:
     interrupt(signum)
 
 
-def on_interrupt(key: int, cleanup: Callable[[], None] | None) -> None:
-    """Register (or with None, drop) what the watchdog must undo before it ends the
-    process: a staging folder to remove."""
-    if cleanup is None:
-        _cleanups.pop(key, None)
-    else:
-        _cleanups[key] = cleanup
-
-
-def claim_exit() -> bool:
-    """True for the first caller only: the main thread or the watchdog, whichever ends
-    the run, prints the one line."""
-    global _exiting
-    with _exit_lock:
-        if _exiting:
-            return False
-        _exiting = True
-        return True
-
-
-def _watchdog(read_fd: int, signums: set[int]) -> None:
-    """Ends the process when the main thread has not acted on a signal within
-    :data:`GRACE_SECONDS`; waits for a report set's swap to finish first."""
-    import time
-
-    while True:
-        try:
-            data = os.read(read_fd, 64)
-        except OSError:
-            return
-        if not data:
-            return
-        hits = [b for b in data if b in signums]
-        if not hits:
-            continue
-        time.sleep(GRACE_SECONDS)
-        while _depth:  # a swap in progress finishes first (a few renames)
-            time.sleep(0.01)
-        if not claim_exit():
-            continue
-        for cleanup in list(_cleanups.values()):
-            try:
-                cleanup()
-            except Exception:
-                pass
-        error = Interrupted(hits[0])
-        try:
-            os.write(2, (error.message + "\n").encode())
-        finally:
-            os._exit(error.exit_code)
-
-
 def install_signal_handlers() -> Callable[[], None]:
-    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread
-    (held inside :func:`uninterruptible`), with a watchdog thread that ends the process
-    within :data:`GRACE_SECONDS` when the main thread is stuck in a C call. Returns the
-    function that restores the previous state. Only the command line calls this: a
-    library leaves the host's signals alone."""
+    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread;
+    returns the function that restores the previous handlers. Only the command line
+    calls this: a library leaves the host's signals alone."""
     import signal
 
-    global _exiting
-    _exiting = False
+    global _interrupted
+    _interrupted = False
+    _held.clear()
     previous = {}
     for name in SIGNALS:
         signum = getattr(signal, name, None)
@@ -356,18 +350,11 @@ def install_signal_handlers() -> Callable[[], None]:
             continue
         try:
             previous[signum] = signal.signal(signum, _on_signal)
-        except ValueError:  # not the main thread: nothing to restore, no watchdog
-            return lambda: None
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    threading.Thread(target=_watchdog, args=(read_fd, set(previous)), daemon=True,
-                     name="onnx-sp2ps-signals").start()
+        except ValueError:  # not the main thread
+            break
 
     def restore() -> None:
-        signal.set_wakeup_fd(old_fd)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        os.close(write_fd)  # the watchdog reads end-of-file and stops
 
     return restore

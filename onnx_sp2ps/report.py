@@ -25,8 +25,8 @@ import numpy as np
 from onnx_sp2ps.errors import ReportError
 from onnx_sp2ps.gate import GateCheck, GateCriteria, apply_gate
 from onnx_sp2ps.gate import finite_or_none as _num
-from onnx_sp2ps.files import (check_regular, on_interrupt, read_bounded, show, umask_mode,
-                              uninterruptible)
+from onnx_sp2ps.files import (check_regular, read_bounded, show, track_temporary, umask_mode,
+                              uninterruptible, untrack_temporary)
 
 __all__ = [
     "audit_to_dict",
@@ -99,6 +99,7 @@ def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None], *
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name[:64]}.", suffix=".tmp")
     except OSError as exc:
         raise _write_error(p, exc, option) from None
+    track_temporary(tmp, lambda: os.unlink(tmp))
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -114,6 +115,8 @@ def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None], *
         if isinstance(exc, OSError):
             raise _write_error(p, exc, option) from None
         raise
+    finally:
+        untrack_temporary(tmp)
     return p
 
 
@@ -279,7 +282,7 @@ class ReportSet:
                                                  prefix=f"{self.PREFIX}{os.getpid()}-"))
         except OSError as exc:
             raise _write_error(self.out, exc, option) from None
-        on_interrupt(id(self), self.discard)
+        track_temporary(self.staging, self.discard)
 
     def _remove_stale(self) -> None:
         for entry in self.out.glob(self.PREFIX + "*"):
@@ -325,7 +328,7 @@ class ReportSet:
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-        on_interrupt(id(self), None)
+        untrack_temporary(self.staging)
 
     def __enter__(self) -> "ReportSet":
         return self
