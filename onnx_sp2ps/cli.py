@@ -609,7 +609,7 @@ def _provider_note(console: _Console, info) -> None:
 
 def _report_skipped(console: _Console, image_set) -> None:
     if image_set.skipped:
-        _err(f"skipped {len(image_set.skipped)} unreadable image(s), e.g. "
+        _err(f"skipped {len(image_set.skipped)} unreadable image(s) or folder(s), e.g. "
              f"{image_set.skipped[0][0]}: {image_set.skipped[0][1]}")
 
 

@@ -67,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
+_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "MPO")
 #: Images with more pixels than this are refused (decompression-bomb guard); the value
 #: is Pillow's default ``Image.MAX_IMAGE_PIXELS``. Pillow's own global is left alone.
 #: The limit also applies to what preprocessing would make of an image: the resized image
@@ -675,7 +676,9 @@ def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
         with open_regular(path) as handle:
             with _OPEN_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                opened = Image.open(handle)
+                # Only the formats of IMAGE_SUFFIXES: a file named .png that is really
+                # EPS or PSD never reaches those plugins (or Ghostscript).
+                opened = Image.open(handle, formats=_FORMATS)
             with opened as image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:

@@ -214,7 +214,7 @@ def test_centre_crop_of_an_elongated_image_is_refused_before_resizing(tmp_path, 
     Image.new("L", (1, 20_000), 7).save(folder / "long.png")
     code, _, err = _audit(capsys, folder, "--center-crop", "--out", tmp_path / "out")
     assert code == 0
-    assert _one_line(err).startswith("skipped 1 unreadable image(s), e.g. long.png")
+    assert _one_line(err).startswith("skipped 1 unreadable image(s) or folder(s), e.g. long.png")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     (skipped,) = report["images"]["skipped"]
     assert "decompression-bomb guard" in skipped["reason"]
@@ -324,7 +324,7 @@ def test_bombs_in_a_1gb_address_space_are_refused_or_skipped(tmp_path):
         limit, [common + [folder, "--center-crop", "--out", tmp_path / "out"],
                 common + [liar], common + [npz]])
     assert folder_code == 0, folder_err
-    assert _one_line(folder_err).startswith(f"skipped {len(expected)} unreadable image(s)")
+    assert _one_line(folder_err).startswith(f"skipped {len(expected)} unreadable image(s) or folder(s)")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     skipped = {row["path"]: row["reason"] for row in report["images"]["skipped"]}
     assert sorted(skipped) == sorted(expected)
@@ -533,7 +533,7 @@ def test_unreadable_sub_folders_are_listed_as_skipped():
         (code, err), (strict_code, strict_err) = _runs(_AS_NOBODY, [args, args + ["--strict"]])
         assert code == 0, err
         line = _one_line(err)
-        assert line.startswith("skipped 1 unreadable image(s), e.g. 1/locked/: cannot list "
+        assert line.startswith("skipped 1 unreadable image(s) or folder(s), e.g. 1/locked/: cannot list "
                                "the sub-folder (Permission denied)"), line
         assert strict_code == 3, strict_err
         line = _one_line(strict_err)
@@ -587,7 +587,7 @@ def test_file_names_with_control_characters_and_non_utf8_bytes(tmp_path, capsys)
     Path(os.fsdecode(os.path.join(folder, b"bad\n\xfe.png"))).write_bytes(b"not an image")
     code, _, err = _audit(capsys, os.fsdecode(folder))
     assert code == 0
-    assert _one_line(err).startswith("skipped 1 unreadable image(s), e.g. bad\\n\\xfe.png: ")
+    assert _one_line(err).startswith("skipped 1 unreadable image(s) or folder(s), e.g. bad\\n\\xfe.png: ")
     assert "bad\\n\\xfe.png" in _refused(capsys, os.fsdecode(folder), "--strict")
     # and a folder path with them, in the message for a folder without images
     empty = os.path.join(folder, b"empty\n\xfd")

@@ -586,3 +586,17 @@ def test_a_worker_that_dies_by_a_signal_is_one_line_and_leaves_nothing(crash, co
     assert done.returncode == code, done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()] and phrase in done.stderr
     assert list(out.iterdir()) == []  # the staging folder is gone, nothing else was made
+
+
+def test_an_image_of_another_format_under_an_image_name_is_skipped_unread(capsys, small,
+                                                                         tmp_path):
+    """Only the formats of the suffixes read are decoded: a GIF (or EPS, PSD) named .png
+    never reaches its Pillow plugin."""
+    images = Path(shutil.copytree(small["images"], tmp_path / "images"))
+    Image.new("RGB", (8, 8)).save(images / "0" / "disguised.png", format="GIF")
+    code, stdout, err = run_cli(capsys, "audit", small["orig"], small["cand"], "--images",
+                                images, "--format", "json", "-q")
+    assert code == 0
+    skipped = json.loads(stdout)["images"]["skipped"]
+    assert [s["path"] for s in skipped] == ["0/disguised.png"]
+    assert "cannot identify" in skipped[0]["reason"] or "cannot decode" in skipped[0]["reason"]
