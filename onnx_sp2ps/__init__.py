@@ -9,7 +9,7 @@ Python API::
     report = result.to_dict()                     # what report.json holds
 """
 
-__version__ = "0.1.0"
+from onnx_sp2ps._version import __version__
 
 # The public API is imported on first use (PEP 562), so that ``import onnx_sp2ps.cli``
 # is quick: the command line installs its signal handlers before numpy, onnx and

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from onnx_sp2ps import __version__
+from onnx_sp2ps._version import __version__
 from onnx_sp2ps.errors import InputError, Interrupted, Sp2psError, UsageError
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4

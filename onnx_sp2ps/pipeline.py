@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from onnx_sp2ps import __version__
+from onnx_sp2ps._version import __version__
 from onnx_sp2ps.cams import make_cam
 from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
