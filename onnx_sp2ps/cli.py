@@ -200,7 +200,7 @@ def runtime_options(f):
 
 
 def common_options(f):
-    f = click.option("--config", type=_FILE_PATH,
+    f = click.option("--config", type=_PATH, is_eager=True, callback=_apply_config,
                      expose_value=False, metavar="FILE",
                      help="TOML file of settings (long option names as keys); the "
                           "command line wins.")(f)
@@ -315,9 +315,9 @@ def _load_toml(path: Path) -> dict:
                          f"{' '.join(str(exc).split())}: fix the TOML") from None
 
 
-def _config_settings(args: list[str]) -> tuple[dict, str | None]:
+def _config_settings(path: Path | None) -> tuple[dict, str | None]:
     """Settings from ``[tool.onnx-sp2ps]`` of ./pyproject.toml, overlaid by the file of
-    ``--config`` (anywhere in ``args``); and a description of where they came from."""
+    ``--config``; and a description of where they came from."""
     settings: dict = {}
     sources = []
     pyproject = Path("pyproject.toml")
@@ -326,17 +326,20 @@ def _config_settings(args: list[str]) -> tuple[dict, str | None]:
         if table:
             settings.update(table)
             sources.append(str(pyproject))
-    for i, arg in enumerate(args):
-        path = None
-        if arg == "--config" and i + 1 < len(args):
-            path = args[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        if path:
-            data = _load_toml(Path(path))
-            settings.update(data.get("tool", {}).get(CONFIG_TABLE, data))
-            sources.append(path)
+    if path is not None:
+        data = _load_toml(path)
+        settings.update(data.get("tool", {}).get(CONFIG_TABLE, data))
+        sources.append(str(path))
     return settings, " + ".join(sources) or None
+
+
+def _apply_config(ctx: click.Context, param, value: Path | None) -> None:
+    """Eager callback of ``--config``: the settings become the defaults of the command's
+    other options (read before them), so the command line wins."""
+    settings, source = _config_settings(value)
+    if settings:
+        ctx.default_map = _default_map(ctx.command, settings, source or "config")
+    ctx.meta["config_source"] = source
 
 
 def _default_map(command: click.Command, settings: dict, source: str) -> dict:
@@ -366,24 +369,6 @@ def _default_map(command: click.Command, settings: dict, source: str) -> dict:
     return out
 
 
-class _Group(click.Group):
-    """Applies config-file settings as defaults of the invoked command."""
-
-    def invoke(self, ctx):
-        args = list(ctx._protected_args if hasattr(ctx, "_protected_args")
-                    else ctx.protected_args) + list(ctx.args)
-        settings, source = _config_settings(args)
-        if settings and args:
-            command = self.get_command(ctx, args[0])
-            if command is not None:
-                ctx.default_map = {args[0]: _default_map(command, settings, source)}
-        ctx.meta["config_source"] = source
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:  # click would print an empty line, then Abort
-            raise Interrupted(signal.SIGINT) from None
-
-
 def setting_sources(ctx: click.Context) -> dict:
     """Where each setting of the running command came from (for the report)."""
     from click.core import ParameterSource
@@ -400,7 +385,7 @@ def setting_sources(ctx: click.Context) -> dict:
     return out
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onnx-sp2ps")
 def cli():
     """Compare the class activation maps of an ONNX classifier and its compressed copy
