@@ -171,7 +171,8 @@ def make_base(root: Path) -> Base:
 # --------------------------------------------------------------------------- byte mutations
 
 
-def mutate_bytes(rng: random.Random, data: bytes, ops: list[str], rounds: int | None = None) -> bytes:
+def mutate_bytes(rng: random.Random, data: bytes, ops: list[str],
+                 rounds: int | None = None) -> bytes:
     buf = bytearray(data)
     for _ in range(rounds or rng.randint(1, 4)):
         n = len(buf)
@@ -570,6 +571,10 @@ def _paths(obj, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _set(doc, path, value):
     if not path:
         return value
@@ -614,7 +619,7 @@ def mutate_report(rng: random.Random, text: str, ops: list[str]) -> bytes:
             doc = _set(doc, path, value)
             ops.append(f"report.swap-type({where} = {value!r})")
         elif kind == "bool-for-number":
-            nums = [p for p, v in _paths(doc) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            nums = [p for p, v in _paths(doc) if _is_number(v)]
             for p in rng.sample(nums, min(len(nums), rng.randint(1, 20))):
                 doc = _set(doc, p, rng.choice([True, False]))
             ops.append("report.bool-for-number")
@@ -624,7 +629,7 @@ def mutate_report(rng: random.Random, text: str, ops: list[str]) -> bytes:
                 doc = _set(doc, p, rng.choice(["0.99", "1", "high", "1e999", ""]))
             ops.append("report.string-for-score")
         elif kind == "nan":
-            nums = [p for p, v in _paths(doc) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            nums = [p for p, v in _paths(doc) if _is_number(v)]
             value = rng.choice([math.nan, math.inf, -math.inf])
             for p in rng.sample(nums, min(len(nums), rng.randint(1, 20))):
                 doc = _set(doc, p, value)
@@ -784,6 +789,47 @@ def mutate_jpeg(rng: random.Random, data: bytes, ops: list[str]) -> bytes:
     return bytes(buf)
 
 
+def reencode_image(rng: random.Random, path: Path, ops: list[str]) -> Path:
+    """Replace an image by a valid but unusual one: odd mode, extreme aspect ratio or
+    size, another format (the suffix kept or changed), EXIF orientation, animation."""
+    import numpy as np
+    from PIL import Image
+
+    size = rng.choice([(1, 1), (2, 1), (1, 100_000), (100_000, 1), (3, 5000), (64, 64),
+                       (5000, 3), (1, 2_000_000), (4000, 4000)])
+    mode = rng.choice(["1", "L", "LA", "P", "PA", "I;16", "I", "F", "RGB", "RGBA", "CMYK",
+                       "YCbCr", "HSV", "LAB", "RGBX"])
+    fmt, suffix = rng.choice([("PNG", ".png"), ("JPEG", ".jpg"), ("TIFF", ".tif"),
+                              ("WEBP", ".webp"), ("BMP", ".bmp"), ("GIF", ".gif"),
+                              ("PNG", ".jpg"), ("TIFF", ".png")])
+    data = np.random.default_rng(rng.randrange(2**32)).integers(
+        0, 256, (min(size[1], 64), min(size[0], 64), 3), dtype=np.uint8)
+    image = Image.fromarray(data).resize(size, Image.Resampling.NEAREST)
+    try:
+        image = image.convert(mode)
+    except (ValueError, OSError):
+        mode = "RGB"
+    target = path.with_suffix(suffix)
+    kwargs = {}
+    if rng.random() < 0.3 and fmt in ("JPEG", "PNG", "TIFF", "WEBP"):
+        exif = Image.Exif()
+        exif[0x0112] = rng.choice([0, 1, 3, 5, 6, 8, 9, 65535])
+        kwargs["exif"] = exif.tobytes()
+    if fmt == "GIF" and rng.random() < 0.5:
+        kwargs.update(save_all=True, append_images=[image.copy()], duration=10)
+    try:
+        image.save(target, format=fmt, **kwargs)
+    except Exception:  # noqa: BLE001 - a combination Pillow cannot write: plain PNG
+        kwargs = {}
+        image.convert("RGB").save(target, format="PNG")
+        fmt, mode = "PNG", "RGB"
+    if target != path:
+        path.unlink()
+    ops.append(f"image.reencode({size[0]}x{size[1]} {mode} as {fmt} -> {target.name}"
+               + (", exif" if "exif" in kwargs else "") + ")")
+    return target
+
+
 # --------------------------------------------------------------------------- mutants
 
 
@@ -846,8 +892,11 @@ def build(family: str, seed: int, base: Base, work: Path) -> Mutant:
         shutil.copytree(base.images, images)
         files = sorted(p for p in images.rglob("*") if p.is_file())
         for path in rng.sample(files, rng.randint(1, len(files))):
-            data = path.read_bytes()
-            if rng.random() < 0.5:
+            data, draw = path.read_bytes(), rng.random()
+            if draw < 0.3:
+                reencode_image(rng, path, m.ops)
+                continue
+            if draw < 0.65:
                 data = mutate_bytes(rng, data, m.ops)
             elif path.suffix == ".png":
                 data = mutate_png(rng, data, m.ops)

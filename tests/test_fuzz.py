@@ -45,8 +45,8 @@ class Campaign:
     """Runs the mutants on a thread pool (one subprocess each), all submitted at once so
     that the per-mutant tests below only wait for their own result."""
 
-    def __init__(self, base: fuzzing.Base, work: Path, jobs: int = JOBS):
-        self.base, self.work = base, work
+    def __init__(self, base: fuzzing.Base, work: Path, jobs: int = JOBS, seed: int = SEED):
+        self.base, self.work, self.jobs, self.seed = base, work, jobs, seed
         self.pool = ThreadPoolExecutor(max_workers=jobs)
         self.futures = {}
 
@@ -96,18 +96,18 @@ if pytest is not None:
 
 
 def run_for(camp: Campaign, *, start: int, count: int | None = None,
-            seconds: float | None = None, on_result=None):
+            seconds: float | None = None, on_result=None, family: str | None = None):
     """Run ``count`` mutants (or as many as ``seconds`` allow) from index ``start``."""
     counts = collections.Counter()
     failures = []
     deadline = time.monotonic() + seconds if seconds else None
     index, inflight = start, collections.deque()
-    jobs = camp.pool._max_workers
+    jobs = camp.jobs
     while True:
         while (len(inflight) < 2 * jobs and (count is None or index < start + count)
                and (deadline is None or time.monotonic() < deadline)):
-            (family, seed), = fuzzing.schedule(1, camp.seed, index)
-            inflight.append(camp.submit(family, seed))
+            (kind, seed), = fuzzing.schedule(1, camp.seed, index)
+            inflight.append(camp.submit(family or kind, seed))
             index += 1
         if not inflight:
             break
@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=None,
                         help="run mutants until this many seconds have passed")
     parser.add_argument("--jobs", type=int, default=JOBS)
+    parser.add_argument("--family", choices=sorted(set(fuzzing.FAMILIES)),
+                        help="only mutants of this family")
     parser.add_argument("--replay", metavar="FAMILY:SEED",
                         help="rebuild one mutant, print its command and run it")
     parser.add_argument("--keep", type=Path, help="with --replay: where to write the mutant")
@@ -158,14 +160,14 @@ def main(argv=None) -> int:
             m, outcome = fuzzing.run_mutant(family, int(seed), base, work, keep=True)
             print(f"mutations: {' | '.join(m.ops)}")
             print(f"command:   PYTHONPATH={fuzzing.ROOT} python -m onnx_sp2ps {' '.join(m.args)}")
-            print(f"exit {outcome.returncode} ({outcome.category}) in {outcome.seconds:.1f} s")
+            print(f"exit {outcome.returncode} ({outcome.category}) in {outcome.seconds:.1f} s"
+                  + (f", raised at {m.site}" if m.site else ""))
             print(outcome.stderr)
             found = fuzzing.problems(m.command, outcome)
             print("problems: " + ("; ".join(found) or "none"))
             return 1 if found else 0
 
-        camp = Campaign(base, tmp / "mutants", args.jobs)
-        camp.seed = args.seed
+        camp = Campaign(base, tmp / "mutants", args.jobs, args.seed)
         started = time.monotonic()
 
         def progress(m, outcome):
@@ -175,7 +177,8 @@ def main(argv=None) -> int:
 
         counts, failures = run_for(camp, start=args.start,
                                    count=None if args.seconds else args.count,
-                                   seconds=args.seconds, on_result=progress)
+                                   seconds=args.seconds, on_result=progress,
+                                   family=args.family)
         camp.pool.shutdown()
         total = sum(counts.values())
         print(f"\n{total} mutants, seed {args.seed}, {time.monotonic() - started:.0f} s, "
@@ -186,8 +189,6 @@ def main(argv=None) -> int:
             print("\n" + text)
         return 1 if failures else 0
 
-
-Campaign.seed = SEED
 
 if __name__ == "__main__":
     sys.exit(main())
