@@ -74,6 +74,22 @@ def run_cli(capsys, *args):
 NOBODY = 65534
 
 
+@pytest.fixture
+def open_tmp():
+    """A folder every user can enter and write (pytest's own tmp folders are private to
+    root), for tests that run as another user; removed after."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="sp2ps-shared-"))
+    folder.chmod(0o777)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o777)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_as_nobody(tmp_path: Path, *args) -> tuple[int, str, str]:
     """Run the CLI as an unprivileged user (uid and gid 65534) in a forked child.
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -493,51 +491,27 @@ def test_class_names_file_over_16_mib_is_refused_unread(tmp_path, capsys):
 # --------------------------------------------------------------------------- folders
 
 
-@contextmanager
-def _world_readable_folder():
-    """A folder outside pytest's tmp (whose parents are private to root) that another uid
-    can read; removed after."""
-    top = Path(tempfile.mkdtemp(prefix="sp2ps-guards-"))
-    top.chmod(0o755)
-    try:
-        yield top
-    finally:
-        for path in [top, *top.rglob("*")]:
-            if not path.is_symlink():
-                path.chmod(0o755)
-        shutil.rmtree(top)
-
-
-# As root, one run only to load every module (the interpreter's own folder may be private
-# to root), then the uid and gid of nobody, for good.
-_AS_NOBODY = """
-run(json.loads(sys.argv[1])[0])
-os.setgid(65534)
-os.setuid(65534)
-"""
-
-
 @needs_posix
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
-                    reason="needs root, to drop to another uid for which a folder is locked")
-def test_unreadable_sub_folders_are_listed_as_skipped():
-    with _world_readable_folder() as top:
-        folder = top / "imgs"
-        for k in range(2):
-            _image(folder / str(k) / f"good{k}.png", value=40 + k)
-        _image(folder / "1" / "locked" / "hidden.png")
-        for path in [folder, *folder.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        (folder / "1" / "locked").chmod(0)
-        args = ["audit", *MODELS, "--images", folder, "-q"]
-        (code, err), (strict_code, strict_err) = _runs(_AS_NOBODY, [args, args + ["--strict"]])
-        assert code == 0, err
-        line = _one_line(err)
-        assert line.startswith("skipped 1 unreadable image(s) or folder(s), e.g. 1/locked/: cannot list "
-                               "the sub-folder (Permission denied)"), line
-        assert strict_code == 3, strict_err
-        line = _one_line(strict_err)
-        assert "cannot list the sub-folder 1/locked/ of " in line and "--strict" in line
+def test_unreadable_sub_folders_are_listed_as_skipped(open_tmp):
+    from conftest import run_as_nobody
+
+    folder = open_tmp / "imgs"
+    for k in range(2):
+        _image(folder / str(k) / f"good{k}.png", value=40 + k)
+    _image(folder / "1" / "locked" / "hidden.png")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (folder / "1" / "locked").chmod(0)
+    args = ["audit", *MODELS, "--images", folder, "-q"]
+    code, _, err = run_as_nobody(open_tmp, *args)
+    strict_code, _, strict_err = run_as_nobody(open_tmp, *args, "--strict")
+    assert code == 0, err
+    line = _one_line(err)
+    assert line.startswith("skipped 1 unreadable image(s) or folder(s), e.g. 1/locked/: "
+                           "cannot list the sub-folder (Permission denied)"), line
+    assert strict_code == 3, strict_err
+    line = _one_line(strict_err)
+    assert "cannot list the sub-folder 1/locked/ of " in line and "--strict" in line
 
 
 def test_unreadable_sub_folders_in_the_library(tmp_path, monkeypatch):

@@ -492,17 +492,6 @@ def _world(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def open_tmp():
-    """A folder every user can enter (pytest's own tmp folders are private to root)."""
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="sp2ps-nobody-"))
-    folder.chmod(0o777)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def test_as_a_non_root_user_an_unwritable_out_is_exit_3_and_onnxruntime_stays_quiet(
         small, open_tmp):
     from conftest import run_as_nobody

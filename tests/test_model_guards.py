@@ -530,61 +530,14 @@ def test_bombs_are_refused_under_a_1_gb_address_space(tmp_path):
 
 # --------------------------------------------------------------------------- permissions
 
-_AS_NOBODY = """
-import contextlib, io, json, os, sys, tomllib, traceback
-import onnxruntime
-import onnx_sp2ps.cli, onnx_sp2ps.pipeline, onnx_sp2ps.runtime
-from onnx_sp2ps.errors import ModelError
-from onnx_sp2ps.graph import load_model
-os.setgid(65534)
-os.setuid(65534)  # (Python lives under /root here: everything is imported before this)
-out = {}
-try:
-    load_model(sys.argv[1])
-except ModelError as exc:
-    out["library"] = f"ModelError: {exc}"
-err = io.StringIO()
-with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-    try:
-        onnx_sp2ps.cli.main(["inspect", sys.argv[1]])
-    except SystemExit as exc:
-        out["cli"] = [exc.code, err.getvalue()]
-print(json.dumps(out))
-"""
+def test_unreadable_model_exits_3_for_another_user(open_tmp):
+    """A model of mode 000 (root reads it anyway: the run drops to another user)."""
+    from conftest import run_as_nobody
 
-
-@pytest.fixture(scope="module")
-def as_nobody():
-    """What uid 65534 gets from a model of mode 000: load_model, then ``inspect`` (one
-    process: Python with onnxruntime takes seconds to start)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to drop to uid 65534 (root reads a file of mode 000 anyway)")
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="sp2ps-locked-"))  # (pytest's tmp is root-only)
-    folder.chmod(0o755)
-    path = folder / "locked.onnx"
+    path = open_tmp / "locked.onnx"
     path.write_bytes(GAP.read_bytes())
     path.chmod(0)
-    try:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-c", _AS_NOBODY, str(path)],
-                              capture_output=True, text=True, timeout=30, env=env, cwd="/")
-    finally:
-        path.unlink()
-        folder.rmdir()
-    assert done.returncode == 0, done.stderr[-2000:]
-    return path, json.loads(done.stdout)
-
-
-def test_unreadable_model_is_a_model_error_for_another_user(as_nobody):
-    path, got = as_nobody
-    assert got["library"].startswith(f"ModelError: cannot read model {path}: Permission "
-                                     "denied: check the file's permissions"), got
-
-
-def test_unreadable_model_exits_3_for_another_user(as_nobody):
-    path, got = as_nobody
-    code, err = got["cli"]
+    code, _, err = run_as_nobody(open_tmp, "inspect", path)
     assert code == 3, err
-    assert "cannot read model" in err and err.count("\n") == 1
+    assert err.startswith(f"error: cannot read model {path}: Permission denied: check the "
+                          "file's permissions") and err.count("\n") == 1
