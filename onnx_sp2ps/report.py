@@ -7,6 +7,7 @@ and prints nothing: it returns strings and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -254,6 +255,23 @@ def check_target(path: str | Path, *, option: str, force: bool = False) -> Path:
     return p
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on ``folder`` itself (no lock file), so that two runs writing
+    one --out swap their sets one after the other, never interleaved."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: renames only
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class ReportSet:
     """The files one run writes under an output folder, replaced as a whole.
 
@@ -307,7 +325,7 @@ class ReportSet:
             os.chmod(folder, umask_mode(directory=True))
         aside = self.staging / ".previous"
         moved: list[tuple[Path, Path]] = []
-        with uninterruptible():
+        with uninterruptible(), _folder_lock(self.out):
             try:
                 aside.mkdir()
                 for name in self.members:

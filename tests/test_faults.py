@@ -589,3 +589,16 @@ def test_an_image_of_another_format_under_an_image_name_is_skipped_unread(capsys
     skipped = json.loads(stdout)["images"]["skipped"]
     assert [s["path"] for s in skipped] == ["0/disguised.png"]
     assert "cannot identify" in skipped[0]["reason"] or "cannot decode" in skipped[0]["reason"]
+
+
+def test_two_runs_into_one_out_folder_leave_one_whole_set(small, reference, tmp_path):
+    """Concurrent audits into one --out swap their sets one after the other."""
+    out = tmp_path / "out"
+    args = [str(a) for a in _audit(small, out, "--overlays", "all", "--save-maps")]
+    runs = [subprocess.Popen([sys.executable, "-m", "onnx_sp2ps", *args], env=_ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for proc in runs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert _tree(out) == reference["new"]
