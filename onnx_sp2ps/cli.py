@@ -322,15 +322,29 @@ def _config_settings(path: Path | None) -> tuple[dict, str | None]:
     sources = []
     pyproject = Path("pyproject.toml")
     if pyproject.is_file():
-        table = _load_toml(pyproject).get("tool", {}).get(CONFIG_TABLE)
+        table = _settings_table(_load_toml(pyproject), pyproject, whole=False)
         if table:
             settings.update(table)
             sources.append(str(pyproject))
     if path is not None:
-        data = _load_toml(path)
-        settings.update(data.get("tool", {}).get(CONFIG_TABLE, data))
+        settings.update(_settings_table(_load_toml(path), path, whole=True))
         sources.append(str(path))
     return settings, " + ".join(sources) or None
+
+
+def _settings_table(data: dict, path: Path, *, whole: bool) -> dict:
+    """``[tool.onnx-sp2ps]`` of a TOML document (or, with ``whole``, the document itself
+    when it has no such table)."""
+    tool = data.get("tool")
+    table = tool.get(CONFIG_TABLE) if isinstance(tool, dict) else None
+    if table is None:
+        table = data if whole else {}
+    if not isinstance(table, dict):
+        from onnx_sp2ps.files import show
+
+        raise click.UsageError(f"[tool.{CONFIG_TABLE}] in {show(path)} is not a table: write "
+                               "option = value lines under it")
+    return table
 
 
 def _apply_config(ctx: click.Context, param, value: Path | None) -> None:
@@ -363,10 +377,23 @@ def _default_map(command: click.Command, settings: dict, source: str) -> dict:
         param = params.get(name)
         if param is None:
             continue  # a setting of another command
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        out[param.name] = value
+        out[param.name] = _setting_value(key, value, param, source)
     return out
+
+
+def _setting_value(key, value, param: click.Option, source: str):
+    """A config value as the command line would give it: a string (so click converts and
+    checks it exactly as typed), a boolean for a flag, a list of scalars joined by commas.
+    Tables, nested lists and dates are refused."""
+    scalar = (str, int, float, bool)
+    if isinstance(value, list) and all(isinstance(v, scalar) for v in value):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool) and param.is_flag:
+        return value
+    if isinstance(value, scalar):
+        return str(value)
+    raise click.UsageError(f"setting {key!r} in {source} is a {type(value).__name__}: give a "
+                           "number, a string, a boolean or a list of numbers")
 
 
 def setting_sources(ctx: click.Context) -> dict:

@@ -602,3 +602,20 @@ def test_two_runs_into_one_out_folder_leave_one_whole_set(small, reference, tmp_
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     assert _tree(out) == reference["new"]
+
+
+@pytest.mark.parametrize("text,phrase", [
+    ("fail-under = {a = 1}", "is a dict"),
+    ("out = {}", "is a dict"),
+    ("save-maps = {x = 1}", "is a dict"),
+    ("threads = 1.5", "not a valid integer"),
+    ("mean = [[1]]", "is a list"),
+    ("tool = {onnx-sp2ps = 3}", "is not a table"),
+    ("[tool]\nonnx-sp2ps = [1]", "is not a table"),
+])
+def test_config_values_of_the_wrong_type_are_usage_errors(text, phrase, capsys, small,
+                                                         tmp_path):
+    config = tmp_path / "settings.toml"
+    config.write_text(text + "\n")
+    code, _, err = run_cli(capsys, *_audit(small, tmp_path / "out", "--config", config))
+    assert code == 2 and len(err.splitlines()) == 1 and phrase in err, err
