@@ -345,13 +345,16 @@ def _wait_for_handlers(pid: int, signum: int) -> None:
 # the batches and the writes (an uninterrupted run takes about 3-4 s here).
 @pytest.mark.parametrize("signum,delay", [
     *[(signal.SIGTERM, d) for d in (0.0, 0.6, 1.2, 1.8, 2.4, 3.0, 3.6)],
-    (signal.SIGHUP, 0.6), (signal.SIGHUP, 2.4), (signal.SIGINT, 1.2), (signal.SIGINT, 3.0)])
+    (signal.SIGHUP, 0.6), (signal.SIGHUP, 2.4), (signal.SIGINT, 1.2), (signal.SIGINT, 3.0),
+    (signal.SIGTERM, -2.4)])  # (negative: one process, no supervisor)
 def test_a_signal_at_any_moment_keeps_one_whole_report_set(signum, delay, small, reference,
                                                            tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference["previous"], out)
     args = [str(a) for a in _audit(small, out, "--overlays", "all", "--save-maps")]
-    proc = subprocess.Popen([sys.executable, "-m", "onnx_sp2ps", *args], env=_ENV,
+    env = {**_ENV, "ONNX_SP2PS_NO_SUPERVISOR": "1"} if delay < 0 else _ENV
+    delay = abs(delay)
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_sp2ps", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_handlers(proc.pid, signum)
     time.sleep(delay)
