@@ -264,7 +264,10 @@ def _folder_lock(folder: Path):
     except ImportError:  # Windows: renames only
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as exc:  # the folder vanished or became unreadable meanwhile
+        raise _write_error(folder, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
