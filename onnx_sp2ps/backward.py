@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from onnx_sp2ps.graph import check_model, constant_value
 
-__all__ = ["GRADIENT_OPS", "UnsupportedHead", "HeadGradient", "build_head_gradient",
+__all__ = ["UnsupportedHead", "HeadGradient", "build_head_gradient",
            "fuse_gradient", "qdq_form"]
 
 TARGET = "sp2ps_target"
@@ -41,14 +41,6 @@ GRADIENT_OUT = "sp2ps_gradient"
 TARGET_USED = "sp2ps_target_used"
 MIN_OPSET = 11
 
-GRADIENT_OPS = (
-    "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "ReduceMean",
-    "ReduceSum", "ReduceMax", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose",
-    "Identity", "Dropout", "Cast", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div",
-    "BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish",
-    "Sigmoid", "Conv", "Concat", "QuantizeLinear", "DequantizeLinear", "Tanh", "Exp", "Neg",
-    "Sqrt", "Pow", "Erf", "Gelu", "Softmax", "LogSoftmax", "LayerNormalization", "Gather",
-)
 #: Note given with exact gradients of quantized heads.
 STRAIGHT_THROUGH = ("straight-through: QuantizeLinear/DequantizeLinear taken as identity "
                     "inside the quantization range (rounding has no gradient)")
@@ -537,12 +529,9 @@ class _Builder:
                                      self.op("Mul", [dy, self.const(alpha)])))
 
     def _bw_Clip(self, node, dy):
-        x = node.input[0]
-        if self.opset >= 11:
-            lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
-            hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        else:  # pragma: no cover - MIN_OPSET is 11
-            lo, hi = self.const(_attr(node, "min", -3.4e38)), self.const(_attr(node, "max", 3.4e38))
+        x = node.input[0]  # (opset >= MIN_OPSET = 11: the bounds are inputs)
+        lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
         conds = []
         if lo:
             conds.append(self.op("Greater", [x, lo]))

@@ -53,7 +53,6 @@ __all__ = [
     "check_tensor_sizes",
     "analyse_model",
     "prepare_model",
-    "add_outputs",
     "extract_head",
     "constant_value",
     "check_model",
@@ -1519,12 +1518,6 @@ def _value_info(g: _Graph, probe: _Graph, name: str, *, batch: str | None = None
     if shape is not None and batch is not None:
         shape = (batch,) + tuple(shape[1:])
     return helper.make_tensor_value_info(name, elem, None if shape is None else list(shape))
-
-
-def add_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``names`` added as graph outputs, keeping their real
-    element type and shape (as shape inference gives them)."""
-    return _add_outputs(model, _Graph(_infer(model)), names)
 
 
 def _add_outputs(model: onnx.ModelProto, inferred: _Graph,

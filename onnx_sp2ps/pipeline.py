@@ -186,12 +186,6 @@ class CandidateResult:
     maps: ModelMaps | None = None
     worst: "WorstImages | None" = None
 
-    def passed(self, fail_under: float | None) -> bool:
-        if fail_under is None:
-            return True
-        value = self.summary.mean
-        return value is not None and np.isfinite(value) and value >= fail_under
-
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -233,10 +227,6 @@ class AuditResult:
     @property
     def labels(self) -> np.ndarray | None:
         return _labels_at(self.images, self.indices)
-
-    def passed(self, fail_under: float | None = None) -> bool:
-        threshold = self.settings.threshold if fail_under is None else fail_under
-        return all(c.passed(threshold) for c in self.candidates)
 
     def records(self, candidate: int = 0) -> list[ImageRecord]:
         """Per-image results of candidate number ``candidate``."""
