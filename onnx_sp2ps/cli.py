@@ -580,7 +580,7 @@ def overlay_name(path: str) -> str:
 def _model_folders(paths: list[str]) -> list[str]:
     """One overlay/maps folder per model, from its path's distinct ending (a path given
     twice gets ``_2``)."""
-    from onnx_sp2ps.report import path_endings
+    from onnx_sp2ps.pipeline import path_endings
 
     used: set[str] = set()
     out = []
@@ -661,9 +661,10 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
           overlay_mode, method, scorecam_channels, target, force, max_memory, provider,
           threads, batch_size, quiet, debug, class_names, strict, **kwargs):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
-    from onnx_sp2ps import pipeline as audit_module
+    import onnx_sp2ps.pipeline as audit_module
     from onnx_sp2ps.gate import apply_gate
-    from onnx_sp2ps.report import (ReportSet, append_text, audit_to_dict,
+    from onnx_sp2ps.pipeline import audit_to_dict
+    from onnx_sp2ps.report import (ReportSet, append_text,
                                    check_target, format_table, html_report,
                                    junit_xml, samples_csv, summary_markdown, write_atomic,
                                    write_json)

@@ -18,19 +18,17 @@ import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from onnx_sp2ps.errors import ReportError
-from onnx_sp2ps.gate import GateCheck, GateCriteria, apply_gate
-from onnx_sp2ps.gate import finite_or_none as _num
+from onnx_sp2ps.gate import GateCheck, finite_or_none
 from onnx_sp2ps.files import (check_regular, read_bounded, show, track_temporary, umask_mode,
                               uninterruptible, untrack_temporary)
 
 __all__ = [
-    "audit_to_dict",
     "format_table",
     "load_report",
     "write_atomic",
@@ -367,116 +365,9 @@ def _ranked(candidates: list[dict]) -> list[dict]:
                                               if c["sp2ps"]["mean"] is not None else -1.0))
 
 
-def path_endings(paths: list[str | None]) -> list[str]:
-    """For each model path, the shortest ending (file name, then parent/file name, ...)
-    that the other, different paths do not share; the same path given twice keeps one
-    ending."""
-    parts = []
-    for p in paths:
-        pure = PurePath(show(p)) if p else PurePath("model")
-        parts.append(pure.parts[1:] if pure.anchor else pure.parts)
-    out = []
-    for i, mine in enumerate(parts):
-        others = [q for q in parts if q != mine]
-        depth = 1
-        while depth < len(mine) and any(q[-depth:] == mine[-depth:] for q in others):
-            depth += 1
-        out.append("/".join(mine[-depth:]))
-    return out
-
-
-def display_names(paths: list[str | None]) -> list[str]:
-    """Distinct display names of models (``paths[0]`` the original, then the candidates):
-    :func:`path_endings`, and ``(candidate K)`` after a path given before. Models are
-    identified by position and path, never by file name alone."""
-    endings = path_endings(paths)
-    return [e if e not in endings[:i] else f"{e} (candidate {i})"
-            for i, e in enumerate(endings)]
-
-
-def _model_dict(info, name: str) -> dict:
-    out = info.to_dict()
-    out["name"] = name
-    out["path"] = None if info.path is None else show(info.path)
-    return out
-
-
-def audit_to_dict(result, *, schema_version: int,
-                  criteria: "GateCriteria | None" = None) -> dict:
-    """report.json content of an :class:`onnx_sp2ps.pipeline.AuditResult` (README documents
-    the schema); with ``criteria``, each candidate's ``gate`` and the top-level
-    ``passed`` are filled in."""
-    labels = result.labels
-    paths = result.paths  # (image paths and reasons come escaped from the data layer)
-    names = display_names([result.original.path] + [c.model.path for c in result.candidates])
-    candidates = []
-    for cand, name in zip(result.candidates, names[1:]):
-        rows = []
-        for i, path in enumerate(paths):
-            rows.append({
-                "path": path,
-                "label": None if labels is None or labels[i] < 0 else int(labels[i]),
-                "target": int(cand.targets[i]),
-                "target_original": int(result.original_targets[i]),
-                "prediction_original": int(result.original_predictions[i]),
-                "prediction_candidate": int(cand.predictions[i]),
-                "confidence_original": _num(result.original_confidence[i]),
-                "confidence_candidate": _num(cand.confidence[i]),
-                "spatial": _num(cand.scores.spatial[i]),
-                "spectral": _num(cand.scores.spectral[i]),
-                "score": _num(cand.scores.score[i]),
-                "finite": bool(cand.scores.finite[i]),
-                "flat_original": bool(cand.scores.flat_a[i]),
-                "flat_candidate": bool(cand.scores.flat_b[i]),
-            })
-        summary = {k: (_num(v) if isinstance(v, float) else v)
-                   for k, v in cand.summary.to_dict().items()}
-        candidates.append({
-            "model": _model_dict(cand.model, name),
-            "sp2ps": summary,
-            "agreement": _num(cand.agreement),
-            "accuracy": _num(cand.accuracy),
-            "confidence_drop": _num(cand.confidence_drop),
-            "non_finite_images": list(cand.non_finite_paths),
-            "gate": None,
-            "images": rows,
-        })
-    report = {
-        "schema_version": schema_version,
-        "tool": "onnx-sp2ps",
-        "versions": dict(result.versions),
-        "settings": result.settings.to_dict(),
-        "preprocess": result.preprocess,
-        "providers": {
-            "requested": result.settings.provider,
-            "used": list(result.original.providers),
-            "note": result.provider_note,
-        },
-        "images": {
-            "source": result.images.source,
-            "scored": int(len(result.indices)),
-            "skipped": [{"path": p, "reason": r} for p, r in result.images.skipped],
-            "labelled": labels is not None and bool((labels >= 0).any()),
-        },
-        "original": {
-            "model": _model_dict(result.original, names[0]),
-            "accuracy": _num(result.original_accuracy),
-        },
-        "candidates": candidates,
-        "passed": None,
-    }
-    if criteria is not None and criteria.any():
-        apply_gate(report, criteria)
-    return report
-
-
 #: report.json versions ``gate`` reads, and the largest report it reads.
 KNOWN_SCHEMAS = (1,)
 MAX_REPORT_BYTES = 256 << 20
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _schema_errors(data) -> str | None:
@@ -492,7 +383,7 @@ def _schema_errors(data) -> str | None:
                 f"({', '.join(map(str, KNOWN_SCHEMAS))})")
 
     def fraction(value, where: str) -> str | None:
-        if value is None or (_is_number(value) and 0.0 <= value <= 1.0):
+        if value is None or (finite_or_none(value) is not None and 0.0 <= value <= 1.0):
             return None
         return f"{where} is {json.dumps(value)[:40]}, not a number in [0, 1] or null"
 

@@ -1,0 +1,77 @@
+"""The package's imports run one way (docs: README "Development"): no module imports a
+module of a higher layer, none imports the package root, and the root only re-exports.
+
+Layers, lowest first (a module may import its own layer and those below):
+errors, files, _version -> graph, backward -> runtime -> cams -> similarity, targets,
+data, gate -> pipeline -> report -> cli, __main__.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "onnx_sp2ps"
+LAYERS = [
+    {"errors", "files", "_version"},
+    {"graph", "backward"},
+    {"runtime"},
+    {"cams"},
+    {"similarity", "targets", "data", "gate"},
+    {"pipeline"},
+    {"report"},
+    {"cli", "__main__"},
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[0]
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module (relative to the package) -> modules of the package it imports, at any
+    depth of its code (imports inside functions count)."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found.update(n for n in names if n == "onnx_sp2ps" or n.startswith("onnx_sp2ps."))
+        out[name] = found
+    return out
+
+
+def test_every_module_has_a_layer():
+    modules = [m for m in _imports() if m != "__init__"]
+    assert modules and all(_layer(m) >= 0 for m in modules)
+
+
+def test_no_module_imports_a_higher_layer_or_the_package_root():
+    back_edges = []
+    for module, imported in _imports().items():
+        if module == "__init__":
+            continue
+        for target in imported:
+            if target == "onnx_sp2ps":
+                back_edges.append(f"{module} -> onnx_sp2ps (the package root)")
+                continue
+            inner = target.removeprefix("onnx_sp2ps.")
+            if _layer(inner) > _layer(module):
+                back_edges.append(f"{module} -> {inner}")
+    assert back_edges == []
+
+
+def test_the_package_root_only_re_exports():
+    imported = _imports()["__init__"]
+    assert imported == {"onnx_sp2ps._version"}  # the API itself is imported on first use
+    import onnx_sp2ps
+
+    for name in onnx_sp2ps.__all__:
+        assert getattr(onnx_sp2ps, name) is not None
