@@ -50,7 +50,7 @@ __all__ = [
 #: Marks the PNGs, HTML and XML this tool writes, so that a later run can tell them from
 #: files it must not replace (README "Supported and refused": files not ours).
 GENERATOR = "onnx-sp2ps"
-_SCAN_BYTES = 1 << 16
+_SCAN_BYTES = 4096  # every mark sits in the first few hundred bytes
 _HTML_MARK = f'<meta name="generator" content="{GENERATOR}">'
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -178,7 +178,7 @@ def _png_is_ours(head: bytes) -> bool:
 def written_by_us(path: Path) -> bool:
     """Whether a regular file is one this tool writes (recognised by its content: the
     report's ``tool`` key, the samples.csv header, the HTML and XML generator marks,
-    the PNG Software chunk, the keys of a maps file). Reads at most 64 KiB."""
+    the PNG Software chunk, the keys of a maps file). Reads at most 4 KiB."""
     import zipfile
 
     name = path.name
