@@ -97,8 +97,13 @@ def make_pair(kind: str, workdir: Path, size: int = 224) -> Pair:
         candidate = ROOT / "sample_models" / "gap_l1_30_ft.onnx"
         if not (original.exists() and candidate.exists()):
             raise SystemExit("sample models missing: python scripts/build_sample_models.py")
-        return Pair(kind, original, candidate, 64,
-                    "sample gap_original vs gap_l1_30_ft (64x64, 8x8 feature map)")
+        return Pair(
+            kind,
+            original,
+            candidate,
+            64,
+            "sample gap_original vs gap_l1_30_ft (64x64, 8x8 feature map)",
+        )
     original = workdir / f"resnet18_{size}.onnx"
     candidate = workdir / f"resnet18_{size}_l1_{round(100 * PRUNE_RATIO)}.onnx"
     if not (original.exists() and candidate.exists()):
@@ -106,17 +111,24 @@ def make_pair(kind: str, workdir: Path, size: int = 224) -> Pair:
         model = build_resnet18(size=size)
         onnx.save(model, original)
         onnx.save(prune_resnet18(model, PRUNE_RATIO), candidate)
-    return Pair(kind, original, candidate, size,
-                f"ResNet-18 vs conv1 of each block L1-pruned {PRUNE_RATIO:.0%} "
-                f"({size}x{size}, {size // 32}x{size // 32} feature map)")
+    return Pair(
+        kind,
+        original,
+        candidate,
+        size,
+        f"ResNet-18 vs conv1 of each block L1-pruned {PRUNE_RATIO:.0%} "
+        f"({size}x{size}, {size // 32}x{size // 32} feature map)",
+    )
 
 
 def _pixels(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """(count, size, size, 3) uint8: a coloured Gaussian blob on noise per image."""
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     centres = rng.integers(size // 4, 3 * size // 4, (count, 2)).astype(np.float32)
-    blob = np.exp(-((yy - centres[:, 0, None, None]) ** 2 + (xx - centres[:, 1, None, None]) ** 2)
-                  / (2 * (size / 8) ** 2))
+    blob = np.exp(
+        -((yy - centres[:, 0, None, None]) ** 2 + (xx - centres[:, 1, None, None]) ** 2)
+        / (2 * (size / 8) ** 2)
+    )
     colour = rng.random((count, 1, 1, 3), dtype=np.float32)
     noise = 0.3 * rng.random((count, size, size, 3), dtype=np.float32)
     return (255 * np.clip(blob[..., None] * colour + noise, 0, 1)).astype(np.uint8)
@@ -139,8 +151,9 @@ def make_images(n: int, size: int, workdir: Path) -> tuple[Path, Path]:
         for i, pixels in enumerate(_pixels(min(64, n - start), size, rng), start):
             Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
     images = open_images(folder, spec=InputSpec("NCHW", 3, size, size))
-    out = np.lib.format.open_memmap(npy.with_suffix(".tmp.npy"), mode="w+", dtype=np.float32,
-                                    shape=(n, 3, size, size))
+    out = np.lib.format.open_memmap(
+        npy.with_suffix(".tmp.npy"), mode="w+", dtype=np.float32, shape=(n, 3, size, size)
+    )
     for batch in images.iter_batches(64):
         out[batch.indices] = batch.inputs
     out.flush()
@@ -175,8 +188,10 @@ for start in range(0, len(x), batch):
 
 
 #: --provider -> onnxruntime providers of the floor (the audit gets --provider itself).
-ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+ORT_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 PROVIDER = "cpu"  # set from --provider in main()
 
 
@@ -187,8 +202,10 @@ def floor_pass(pair: Pair, array: np.ndarray, batch: int, threads: int | None) -
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
-    sessions = [ort.InferenceSession(str(p), so, providers=ORT_PROVIDERS[PROVIDER])
-                for p in (pair.original, pair.candidate)]
+    sessions = [
+        ort.InferenceSession(str(p), so, providers=ORT_PROVIDERS[PROVIDER])
+        for p in (pair.original, pair.candidate)
+    ]
     names = [s.get_inputs()[0].name for s in sessions]
     loaded = time.perf_counter()
     for span in _spans(len(array), batch):
@@ -199,9 +216,20 @@ def floor_pass(pair: Pair, array: np.ndarray, batch: int, threads: int | None) -
 
 def floor_process_pass(pair: Pair, npy: Path, batch: int, threads: int | None) -> None:
     """(a'): the floor in a fresh interpreter."""
-    subprocess.run([sys.executable, "-c", FLOOR_CODE, str(pair.original), str(pair.candidate),
-                    str(npy), str(batch), str(threads or 0), ",".join(ORT_PROVIDERS[PROVIDER])],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FLOOR_CODE,
+            str(pair.original),
+            str(pair.candidate),
+            str(npy),
+            str(batch),
+            str(threads or 0),
+            ",".join(ORT_PROVIDERS[PROVIDER]),
+        ],
+        check=True,
+    )
 
 
 def api_pass(pair: Pair, images: Path, batch: int, threads: int | None) -> None:
@@ -209,23 +237,44 @@ def api_pass(pair: Pair, images: Path, batch: int, threads: int | None) -> None:
     from onnx_sp2ps import audit
     from onnx_sp2ps.pipeline import AuditSettings
 
-    audit(pair.original, [pair.candidate], images,
-          settings=AuditSettings(batch_size=batch, provider=PROVIDER, threads=threads))
+    audit(
+        pair.original,
+        [pair.candidate],
+        images,
+        settings=AuditSettings(batch_size=batch, provider=PROVIDER, threads=threads),
+    )
 
 
-def cli_command(pair: Pair, images: Path, batch: int, threads: int | None, out: Path
-                ) -> list[str]:
-    cmd = [sys.executable, "-m", "onnx_sp2ps", "audit", str(pair.original),
-           str(pair.candidate), "--images", str(images), "--batch-size", str(batch),
-           "--provider", PROVIDER, "--out", str(out), "-q"]
+def cli_command(pair: Pair, images: Path, batch: int, threads: int | None, out: Path) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnx_sp2ps",
+        "audit",
+        str(pair.original),
+        str(pair.candidate),
+        "--images",
+        str(images),
+        "--batch-size",
+        str(batch),
+        "--provider",
+        PROVIDER,
+        "--out",
+        str(out),
+        "-q",
+    ]
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
 def cli_pass(pair: Pair, images: Path, batch: int, threads: int | None, out: Path) -> None:
     """(c): the CLI in a fresh process, writing its reports."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(cli_command(pair, images, batch, threads, out), check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        cli_command(pair, images, batch, threads, out),
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def torch_pass_factory(pair: Pair, array: np.ndarray, batch: int, threads: int | None):
@@ -234,7 +283,6 @@ def torch_pass_factory(pair: Pair, array: np.ndarray, batch: int, threads: int |
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import torch
-
         from make_reference_cams import OnnxNet  # puts scripts/_stubs on sys.path
         from pytorch_grad_cam import GradCAM
     except (ImportError, SystemExit) as exc:
@@ -278,8 +326,10 @@ def interleaved(passes: dict, repeat: int) -> Timings:
             timings.add(name, time.perf_counter() - start)
             for key, value in (extra or {}).items():
                 timings.add(key, value)
-        log(f"  round {round_ + 1}/{repeat}: "
-            + ", ".join(f"{k} {v:.2f} s" for k, v in timings.best.items()))
+        log(
+            f"  round {round_ + 1}/{repeat}: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in timings.best.items())
+        )
     return timings
 
 
@@ -341,9 +391,22 @@ print(int(status.split()[0]))
 
 def peak_rss_mb(pair: Pair, images: Path, batch: int) -> float:
     """Peak resident set (MiB) of a fresh process running the default API audit."""
-    out = subprocess.run([sys.executable, "-c", RSS_CODE, str(ROOT), str(pair.original),
-                          str(pair.candidate), str(images), str(batch), PROVIDER],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RSS_CODE,
+            str(ROOT),
+            str(pair.original),
+            str(pair.candidate),
+            str(images),
+            str(batch),
+            PROVIDER,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return int(out.split()[-1]) / 1024  # KiB
 
 
@@ -354,8 +417,9 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def timing_table(pair: Pair, args, t: Timings, split: dict, other: float | None,
-                 torch_note: str | None) -> list[str]:
+def timing_table(
+    pair: Pair, args, t: Timings, split: dict, other: float | None, torch_note: str | None
+) -> list[str]:
     n = args.images
     floor, floor_proc = t.best["a"], t.best["a'"]
     rows = [
@@ -363,44 +427,65 @@ def timing_table(pair: Pair, args, t: Timings, split: dict, other: float | None,
         ("(a-run) the floor's runs alone (sessions made)", "a-run", floor, None),
         ("(a') the floor in a fresh process", "a'", floor, None),
         ("(b) audit, Python API, .npy", "b", floor, AUDIT_TARGET[pair.name]),
-        ("(c) audit, CLI with --out, .npy (vs a')", "c", floor_proc,
-         AUDIT_TARGET[pair.name]),
+        ("(c) audit, CLI with --out, .npy (vs a')", "c", floor_proc, AUDIT_TARGET[pair.name]),
         ("(d) pytorch-grad-cam GradCAM on both models", "d", floor, None),
         ("(e) audit, Python API, JPEG folder", "e", floor, None),
     ]
-    out = [f"### {pair.description}", "",
-           f"{n} images, batch {args.batch_size}, threads {args.threads or 'all'}, "
-           f"provider {args.provider}, "
-           f"best of {args.repeat} interleaved rounds"
-           + ("" if other is None else f"; other processes used {100 * other:.0f} % of the "
-              "CPUs during the run" + (" (**disturbed**)" if other > 0.05 else "")), "",
-           "| measurement | seconds | ms per image | ratio | target | |",
-           "|---|---:|---:|---:|---:|---|"]
+    out = [
+        f"### {pair.description}",
+        "",
+        f"{n} images, batch {args.batch_size}, threads {args.threads or 'all'}, "
+        f"provider {args.provider}, "
+        f"best of {args.repeat} interleaved rounds"
+        + (
+            ""
+            if other is None
+            else f"; other processes used {100 * other:.0f} % of the "
+            "CPUs during the run" + (" (**disturbed**)" if other > 0.05 else "")
+        ),
+        "",
+        "| measurement | seconds | ms per image | ratio | target | |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for label, key, ref, target in rows:
         if key not in t.best:
             continue
         sec = t.best[key]
         ratio = sec / ref
         verdict = "" if target is None else _verdict(ratio <= target)
-        out.append(f"| {label} | {sec:.3f} | {1000 * sec / n:.2f} | {ratio:.3f}x | "
-                   f"{'' if target is None else f'<= {target:.2f}x'} | {verdict} |")
+        out.append(
+            f"| {label} | {sec:.3f} | {1000 * sec / n:.2f} | {ratio:.3f}x | "
+            f"{'' if target is None else f'<= {target:.2f}x'} | {verdict} |"
+        )
     out.append("")
     checks = []
     if "d" in t.best:
         speedup = t.best["d"] / t.best["b"]
-        checks.append(f"- pytorch-grad-cam (d) / audit (b): {speedup:.2f}x "
-                      f"(target >= {TORCH_SPEEDUP:.0f}x: {_verdict(speedup >= TORCH_SPEEDUP)})")
+        checks.append(
+            f"- pytorch-grad-cam (d) / audit (b): {speedup:.2f}x "
+            f"(target >= {TORCH_SPEEDUP:.0f}x: {_verdict(speedup >= TORCH_SPEEDUP)})"
+        )
     elif torch_note:
         checks.append(f"- (d) not run: {torch_note}")
     jpeg = t.best["e"] / t.best["b"]
-    checks.append(f"- JPEG folder (e) / .npy (b): {jpeg:.3f}x (target <= "
-                  f"{1 + JPEG_OVERHEAD:.2f}x: {_verdict(jpeg <= 1 + JPEG_OVERHEAD)})")
-    share = (split["maps: CAM, upsample, normalise"] + split["similarity: SSIM, spectra"]) \
-        / split["total"]
-    checks.append(f"- maps + similarity: {100 * share:.1f} % of one instrumented audit "
-                  f"(target <= {100 * MAPS_SHARE:.0f} %: {_verdict(share <= MAPS_SHARE)})")
-    out += checks + ["", "Where one instrumented audit (b) spends its time:", "",
-                     "| stage | seconds | share |", "|---|---:|---:|"]
+    checks.append(
+        f"- JPEG folder (e) / .npy (b): {jpeg:.3f}x (target <= "
+        f"{1 + JPEG_OVERHEAD:.2f}x: {_verdict(jpeg <= 1 + JPEG_OVERHEAD)})"
+    )
+    share = (split["maps: CAM, upsample, normalise"] + split["similarity: SSIM, spectra"]) / split[
+        "total"
+    ]
+    checks.append(
+        f"- maps + similarity: {100 * share:.1f} % of one instrumented audit "
+        f"(target <= {100 * MAPS_SHARE:.0f} %: {_verdict(share <= MAPS_SHARE)})"
+    )
+    out += checks + [
+        "",
+        "Where one instrumented audit (b) spends its time:",
+        "",
+        "| stage | seconds | share |",
+        "|---|---:|---:|",
+    ]
     for label, sec in split.items():
         if label != "total":
             out.append(f"| {label} | {sec:.3f} | {100 * sec / split['total']:.1f} % |")
@@ -410,15 +495,20 @@ def timing_table(pair: Pair, args, t: Timings, split: dict, other: float | None,
 
 def memory_table(rows: list[tuple[Pair, dict[int, float]]]) -> list[str]:
     counts = sorted({n for _, r in rows for n in r})
-    out = ["### Peak RSS of a fresh process running the default API audit (.npy input)", "",
-           "| pair | " + " | ".join(f"{n} images (MiB)" for n in counts)
-           + " | growth | target |",
-           "|---|" + "---:|" * len(counts) + "---:|---|"]
+    out = [
+        "### Peak RSS of a fresh process running the default API audit (.npy input)",
+        "",
+        "| pair | " + " | ".join(f"{n} images (MiB)" for n in counts) + " | growth | target |",
+        "|---|" + "---:|" * len(counts) + "---:|---|",
+    ]
     for pair, rss in rows:
         growth = rss[counts[-1]] / rss[counts[0]] - 1
-        out.append(f"| {pair.description} | " + " | ".join(f"{rss[n]:.0f}" for n in counts)
-                   + f" | {100 * growth:+.1f} % | <= {100 * RSS_GROWTH:.0f} %: "
-                   f"{_verdict(growth <= RSS_GROWTH)} |")
+        out.append(
+            f"| {pair.description} | "
+            + " | ".join(f"{rss[n]:.0f}" for n in counts)
+            + f" | {100 * growth:+.1f} % | <= {100 * RSS_GROWTH:.0f} %: "
+            f"{_verdict(growth <= RSS_GROWTH)} |"
+        )
     return out + [""]
 
 
@@ -431,18 +521,27 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16, help="default: the audit's")
     p.add_argument("--threads", type=int, default=None, help="default: all cores")
-    p.add_argument("--provider", choices=sorted(ORT_PROVIDERS), default="cpu",
-                   help="cuda: floor, audits and (d) on the GPU (see benchmarks/README.md)")
+    p.add_argument(
+        "--provider",
+        choices=sorted(ORT_PROVIDERS),
+        default="cpu",
+        help="cuda: floor, audits and (d) on the GPU (see benchmarks/README.md)",
+    )
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--memory-images", default="256,2048")
-    p.add_argument("--memory-models", default="samples,resnet18@112",
-                   help="comma list of samples, resnet18@SIZE")
+    p.add_argument(
+        "--memory-models",
+        default="samples,resnet18@112",
+        help="comma list of samples, resnet18@SIZE",
+    )
     p.add_argument("--compare-pytorch-grad-cam", action="store_true")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep built models and images here between runs")
-    p.add_argument("--write", action="store_true",
-                   help="also write the tables to benchmarks/results_audit.md")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="keep built models and images here between runs"
+    )
+    p.add_argument(
+        "--write", action="store_true", help="also write the tables to benchmarks/results_audit.md"
+    )
     return p.parse_args(argv)
 
 
@@ -502,11 +601,15 @@ def main(argv=None) -> int:
             lines += bench_memory(args, workdir)
     import onnxruntime
 
-    command = "python benchmarks/bench_audit.py " + shlex.join(sys.argv[1:] if argv is None
-                                                              else argv)
-    lines += [f"Command: `{command.strip()}`; {os.cpu_count()} CPUs, onnxruntime "
-              f"{onnxruntime.__version__}, numpy {np.__version__}; benchmark wall time "
-              f"{time.perf_counter() - started:.0f} s.", ""]
+    command = "python benchmarks/bench_audit.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    lines += [
+        f"Command: `{command.strip()}`; {os.cpu_count()} CPUs, onnxruntime "
+        f"{onnxruntime.__version__}, numpy {np.__version__}; benchmark wall time "
+        f"{time.perf_counter() - started:.0f} s.",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -54,9 +54,16 @@ BATCH = 16
 SEED = 1234
 #: Target ratio to one forward pass per method (None: no target).
 TARGETS = {
-    "gradcam": 1.10, "gradcam++": 1.10, "xgradcam": 1.10, "hirescam": 1.10,
-    "layercam": 1.10, "cam": 1.10, "eigencam": 1.05,
-    "ablationcam": 3.0, "reciprocam": 3.0, "scorecam": None,
+    "gradcam": 1.10,
+    "gradcam++": 1.10,
+    "xgradcam": 1.10,
+    "hirescam": 1.10,
+    "layercam": 1.10,
+    "cam": 1.10,
+    "eigencam": 1.05,
+    "ablationcam": 3.0,
+    "reciprocam": 3.0,
+    "scorecam": None,
 }
 #: Seconds of Score-CAM timing allowed per model before it runs on fewer images.
 SCORECAM_BUDGET_S = 60.0
@@ -71,6 +78,7 @@ def _log(msg: str) -> None:
 
 
 # -- timing -------------------------------------------------------------------------------
+
 
 class Breakdown:
     """Exclusive time per category of wrapped calls (nested calls are not double-counted)."""
@@ -91,12 +99,13 @@ class Breakdown:
                 self.totals[category] = self.totals.get(category, 0.0) + elapsed - child
                 if self._stack:
                     self._stack[-1] += elapsed
+
         return timed
 
 
 def _batches(images: np.ndarray):
     for s in range(0, len(images), BATCH):
-        yield images[s:s + BATCH]
+        yield images[s : s + BATCH]
 
 
 def _pass(fn, images: np.ndarray) -> float:
@@ -107,8 +116,9 @@ def _pass(fn, images: np.ndarray) -> float:
     return time.perf_counter() - t0
 
 
-def _best_interleaved(floor, floor_images: np.ndarray, fn, images: np.ndarray,
-                      repeat: int) -> tuple[float, float]:
+def _best_interleaved(
+    floor, floor_images: np.ndarray, fn, images: np.ndarray, repeat: int
+) -> tuple[float, float]:
     """Best wall times (s) of the floor and of ``fn``, timed in alternating passes (floor,
     method, floor, method, ...) after one warm-up batch of ``fn``, so that both see the
     same machine load."""
@@ -157,12 +167,12 @@ def floor_fn(model: onnx.ModelProto, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    sess = ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
 
     def run(x):
         return sess.run(None, {name: x})
+
     return run
 
 
@@ -186,6 +196,7 @@ def cam_fn(runner: ModelRunner, cam, size: tuple[int, int], timers: Breakdown | 
         targets = logits.argmax(1)
         raw = cam(acts, targets, x)
         return norm(up(raw, size))
+
     return step
 
 
@@ -205,15 +216,20 @@ def profile(step, images: np.ndarray, top: int = 15) -> str:
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
     lines = buf.getvalue().splitlines()
     start = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
-    return "\n".join(line.replace(str(ROOT) + "/", "") for line in lines[start:]
-                     if line.strip()) + "\n"
+    return (
+        "\n".join(line.replace(str(ROOT) + "/", "") for line in lines[start:] if line.strip())
+        + "\n"
+    )
 
 
 def instrument(runner: ModelRunner, timers: Breakdown) -> dict:
     """Wrap the runner's head/gradient/masked-input entry points (instance attributes);
     returns the originals for :func:`restore`."""
-    names = {"head_gradients": "head backward graph", "run_head": "head runs",
-             "run_inputs": "masked full-model runs"}
+    names = {
+        "head_gradients": "head backward graph",
+        "run_head": "head runs",
+        "run_inputs": "masked full-model runs",
+    }
     saved = {n: getattr(runner, n) for n in names}
     for n, cat in names.items():
         setattr(runner, n, timers.wrap(saved[n], cat))
@@ -226,6 +242,7 @@ def restore(runner: ModelRunner, saved: dict) -> None:
 
 
 # -- one model ----------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -259,8 +276,10 @@ def bench_model(name: str, model: onnx.ModelProto, args, *, resnet: bool) -> Mod
     images = np.random.default_rng(SEED).uniform(0, 1, shape).astype(np.float32)
     fm = spec.feature_map
     head_ops = spec.to_dict().get("head", {}).get("ops") or []
-    detail = (f"input {list(shape[1:])}, feature map `{fm.name}` {list(fm.shape[1:])}, "
-              f"head {' -> '.join(head_ops)}")
+    detail = (
+        f"input {list(shape[1:])}, feature map `{fm.name}` {list(fm.shape[1:])}, "
+        f"head {' -> '.join(head_ops)}"
+    )
 
     load = OtherLoad()
     floor = floor_fn(model, args.threads)
@@ -298,8 +317,7 @@ def bench_model(name: str, model: onnx.ModelProto, args, *, resnet: bool) -> Mod
         sub = images[:n_img]
         f, t = _best_interleaved(floor, images, step, sub, repeat)
         floor_s = min(floor_s, f)
-        row = Row(method, 1000 * t / n_img, n_img, repeat, note,
-                  floor_ms=1000 * f / args.images)
+        row = Row(method, 1000 * t / n_img, n_img, repeat, note, floor_ms=1000 * f / args.images)
         if args.breakdown:
             timers = Breakdown()
             saved = instrument(runner, timers)
@@ -315,35 +333,55 @@ def bench_model(name: str, model: onnx.ModelProto, args, *, resnet: bool) -> Mod
             row.breakdown["total"] = 1000 * total / n_img
         rows.append(row)
         if method in args.profile:
-            notes.append(f"cProfile of {method}, one pass over {n_img} images:\n\n```text\n"
-                         + profile(step, sub) + "```")
+            notes.append(
+                f"cProfile of {method}, one pass over {n_img} images:\n\n```text\n"
+                + profile(step, sub)
+                + "```"
+            )
     if not np.isfinite(floor_s):
         floor_s = min(_pass(floor, images) for _ in range(args.repeat))
-    return ModelResult(name, detail, 1000 * floor_s / args.images, runner.gradient_path,
-                       rows, notes, load.share())
+    return ModelResult(
+        name, detail, 1000 * floor_s / args.images, runner.gradient_path, rows, notes, load.share()
+    )
 
 
 # -- report -------------------------------------------------------------------------------
 
-BREAKDOWN_COLUMNS = ("forward+outputs", "head backward graph", "head runs",
-                     "masked full-model runs", "cam numpy", "upsample+normalise")
+BREAKDOWN_COLUMNS = (
+    "forward+outputs",
+    "head backward graph",
+    "head runs",
+    "masked full-model runs",
+    "cam numpy",
+    "upsample+normalise",
+)
 
 
 def render(result: ModelResult, args) -> str:
-    out = [f"### {result.name}", "",
-           f"{result.detail}; {args.images} random images, batches of {BATCH}, "
-           f"{args.threads} intra-op thread(s), best of {args.repeat}.", "",
-           f"- forward pass (plain onnxruntime session, unmodified model, best of all "
-           f"rounds): **{result.floor_ms:.3f} ms per image**",
-           f"- gradient path: `{result.gradient_path}`",
-           "- ratio = the method's best pass / the best floor pass timed in alternation "
-           "with it (column `floor`), so that both saw the same machine load"]
+    out = [
+        f"### {result.name}",
+        "",
+        f"{result.detail}; {args.images} random images, batches of {BATCH}, "
+        f"{args.threads} intra-op thread(s), best of {args.repeat}.",
+        "",
+        f"- forward pass (plain onnxruntime session, unmodified model, best of all "
+        f"rounds): **{result.floor_ms:.3f} ms per image**",
+        f"- gradient path: `{result.gradient_path}`",
+        "- ratio = the method's best pass / the best floor pass timed in alternation "
+        "with it (column `floor`), so that both saw the same machine load",
+    ]
     if result.other_load is not None:
-        out.append(f"- other processes used {100 * result.other_load:.0f} % of the CPUs "
-                   "during these measurements" + (" (**timings disturbed**)"
-                                                  if result.other_load > 0.05 else ""))
-    out += ["", "| method | ms per image | floor ms per image | ratio to one forward pass "
-            "| target | met? |", "|---|---:|---:|---:|---:|:---:|"]
+        out.append(
+            f"- other processes used {100 * result.other_load:.0f} % of the CPUs "
+            "during these measurements"
+            + (" (**timings disturbed**)" if result.other_load > 0.05 else "")
+        )
+    out += [
+        "",
+        "| method | ms per image | floor ms per image | ratio to one forward pass "
+        "| target | met? |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
     for r in result.rows:
         target = TARGETS.get(r.method)
         tgt = f"<= {target:.2f}x" if target else "none"
@@ -355,17 +393,19 @@ def render(result: ModelResult, args) -> str:
         name = f"{r.method} ({r.note})" if r.note else r.method
         out.append(f"| {name} | {r.ms:.3f} | {r.floor_ms:.3f} | {ratio:.2f}x | {tgt} | {met} |")
     if any(r.breakdown for r in result.rows):
-        out += ["", "Where the time goes (ms per image, one instrumented pass; exclusive "
-                "times; `cam numpy` = the CAM call minus the runner calls inside it):", "",
-                "| method | " + " | ".join(BREAKDOWN_COLUMNS) + " | total |",
-                "|---|" + "---:|" * (len(BREAKDOWN_COLUMNS) + 1)]
+        out += [
+            "",
+            "Where the time goes (ms per image, one instrumented pass; exclusive "
+            "times; `cam numpy` = the CAM call minus the runner calls inside it):",
+            "",
+            "| method | " + " | ".join(BREAKDOWN_COLUMNS) + " | total |",
+            "|---|" + "---:|" * (len(BREAKDOWN_COLUMNS) + 1),
+        ]
         for r in result.rows:
             if not r.breakdown:
                 continue
-            cells = [f"{r.breakdown[k]:.3f}" if k in r.breakdown else "" for k in
-                     BREAKDOWN_COLUMNS]
-            out.append(f"| {r.method} | " + " | ".join(cells) +
-                       f" | {r.breakdown['total']:.3f} |")
+            cells = [f"{r.breakdown[k]:.3f}" if k in r.breakdown else "" for k in BREAKDOWN_COLUMNS]
+            out.append(f"| {r.method} | " + " | ".join(cells) + f" | {r.breakdown['total']:.3f} |")
     out += ["\n" + n for n in result.notes]
     return "\n".join(out) + "\n"
 
@@ -374,18 +414,35 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0))
-                   if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma list (default: all: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+    )
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma list (default: all: %(default)s)"
+    )
     p.add_argument("--skip-resnet", action="store_true")
-    p.add_argument("--scorecam-channels", type=int, default=64,
-                   help="Score-CAM channels on ResNet-18 (0: all 512)")
+    p.add_argument(
+        "--scorecam-channels",
+        type=int,
+        default=64,
+        help="Score-CAM channels on ResNet-18 (0: all 512)",
+    )
     p.add_argument("--write", action="store_true", help="also write benchmarks/results_cams.md")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the instrumented pass that splits each method's time")
-    p.add_argument("--profile", default="",
-                   help="comma list of methods to also run under cProfile (top 15 by own time)")
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the instrumented pass that splits each method's time",
+    )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="comma list of methods to also run under cProfile (top 15 by own time)",
+    )
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.profile = [m.strip() for m in args.profile.split(",") if m.strip()]
@@ -406,8 +463,10 @@ def main(argv=None) -> int:
         if path.exists():
             models.append((f"sample_models/{fname}", path, False))
         else:
-            _log(f"skipping sample_models/{fname}: not found "
-                 "(build it with scripts/build_sample_models.py)")
+            _log(
+                f"skipping sample_models/{fname}: not found "
+                "(build it with scripts/build_sample_models.py)"
+            )
     if not args.skip_resnet:
         models.append(("ResNet-18 (benchmarks/models.py)", None, True))
 
@@ -425,14 +484,19 @@ def main(argv=None) -> int:
         print(text, flush=True)
         sections.append(text)
     total = time.perf_counter() - start
-    footer = (f"Total benchmark time {total:.0f} s; onnxruntime {ort.__version__}, "
-              f"numpy {np.__version__}, {os.cpu_count()} CPU(s).")
+    footer = (
+        f"Total benchmark time {total:.0f} s; onnxruntime {ort.__version__}, "
+        f"numpy {np.__version__}, {os.cpu_count()} CPU(s)."
+    )
     print(footer)
     if args.write:
-        cmd = "python benchmarks/bench_cams.py " + " ".join(argv if argv is not None
-                                                             else sys.argv[1:])
-        text = ("# CAM cost relative to one forward pass\n\n"
-                f"`{cmd.strip()}`\n\n" + "\n".join(sections) + "\n" + footer + "\n")
+        cmd = "python benchmarks/bench_cams.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
+        text = (
+            "# CAM cost relative to one forward pass\n\n"
+            f"`{cmd.strip()}`\n\n" + "\n".join(sections) + "\n" + footer + "\n"
+        )
         (ROOT / "benchmarks" / "results_cams.md").write_text(text)
         _log("wrote benchmarks/results_cams.md")
     return 0

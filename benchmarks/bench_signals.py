@@ -48,11 +48,28 @@ def main() -> None:
             out = Path(work) / "out"
             shutil.rmtree(out, ignore_errors=True)
             proc = subprocess.Popen(
-                [sys.executable, "-m", "onnx_sp2ps", "audit",
-                 str(ROOT / "sample_models" / "gap_original.onnx"),
-                 str(ROOT / "sample_models" / "gap_l1_60.onnx"), "--images", str(images),
-                 "--out", str(out), "--batch-size", "2", "--overlays", "all", "--save-maps",
-                 "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                [
+                    sys.executable,
+                    "-m",
+                    "onnx_sp2ps",
+                    "audit",
+                    str(ROOT / "sample_models" / "gap_original.onnx"),
+                    str(ROOT / "sample_models" / "gap_l1_60.onnx"),
+                    "--images",
+                    str(images),
+                    "--out",
+                    str(out),
+                    "--batch-size",
+                    "2",
+                    "--overlays",
+                    "all",
+                    "--save-maps",
+                    "-q",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             _wait_for_handlers(proc.pid, signum)
             time.sleep(moment)
             sent = time.monotonic()

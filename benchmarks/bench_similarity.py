@@ -46,8 +46,9 @@ def cam_like_maps(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarr
     low = 7 if size % 7 == 0 else 8
     raw = rng.normal(size=(n, low, low))
     other = raw + rng.normal(scale=0.5, size=raw.shape)
-    maps = [normalise_maps(upsample_bilinear(np.maximum(r, 0), (size, size)))[0]
-            for r in (raw, other)]
+    maps = [
+        normalise_maps(upsample_bilinear(np.maximum(r, 0), (size, size)))[0] for r in (raw, other)
+    ]
     return maps[0], maps[1]
 
 
@@ -57,16 +58,18 @@ def ssim_before(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
     b = maps_b.astype(np.float64)
 
     def smooth(images):
-        return ndimage.gaussian_filter(images, sigma=(0.0, 1.5, 1.5), mode="reflect",
-                                       truncate=3.5)
+        return ndimage.gaussian_filter(images, sigma=(0.0, 1.5, 1.5), mode="reflect", truncate=3.5)
 
     c1, c2, pad = 0.01**2, 0.03**2, 5
     mean_a, mean_b = smooth(a), smooth(b)
     cov = smooth(a * b) - mean_a * mean_b
     var_a = smooth(a * a) - mean_a * mean_a
     var_b = smooth(b * b) - mean_b * mean_b
-    ssim_map = ((2 * mean_a * mean_b + c1) * (2 * cov + c2)
-                / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)))
+    ssim_map = (
+        (2 * mean_a * mean_b + c1)
+        * (2 * cov + c2)
+        / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2))
+    )
     return ssim_map[:, pad:-pad, pad:-pad].mean(axis=(1, 2), dtype=np.float64)
 
 
@@ -84,11 +87,15 @@ def spectral_before(maps_a: np.ndarray, maps_b: np.ndarray, workers: int) -> np.
 
 def skimage_ssim(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
     from skimage.metrics import structural_similarity
-    return np.array([
-        structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
-                              use_sample_covariance=False, data_range=1.0)
-        for a, b in zip(maps_a.astype(np.float64), maps_b.astype(np.float64))
-    ])
+
+    return np.array(
+        [
+            structural_similarity(
+                a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+            )
+            for a, b in zip(maps_a.astype(np.float64), maps_b.astype(np.float64))
+        ]
+    )
 
 
 def best_times(functions: dict, repeat: int, inner: int) -> dict[str, float]:
@@ -115,32 +122,44 @@ def main() -> None:
     workers = args.workers
     fft_workers = workers or -1
     rng = np.random.default_rng(0)
-    print(f"ms per pair, batches of {args.batch}, workers={workers or 'all'}, "
-          f"best of {args.repeat} interleaved rounds")
+    print(
+        f"ms per pair, batches of {args.batch}, workers={workers or 'all'}, "
+        f"best of {args.repeat} interleaved rounds"
+    )
     print(f"{'size':>7} {'part':<9} {'before':>8} {'after':>8} {'ratio':>6} {'skimage':>8}")
     for size in (int(s) for s in args.sizes.split(",")):
         maps_a, maps_b = cam_like_maps(rng, args.batch, size)
         inner = max(1, 20000 // (size * size))
-        times = best_times({
-            "ssim before": lambda: ssim_before(maps_a, maps_b),
-            "ssim after": lambda: ssim(maps_a, maps_b, workers=workers),
-            "spectral before": lambda: spectral_before(maps_a, maps_b, fft_workers),
-            "spectral after": lambda: spectral_similarity(maps_a, maps_b, workers=workers),
-            "score after": lambda: score_pairs(maps_a, maps_b, workers=workers),
-        }, args.repeat, inner)
+        times = best_times(
+            {
+                "ssim before": lambda: ssim_before(maps_a, maps_b),
+                "ssim after": lambda: ssim(maps_a, maps_b, workers=workers),
+                "spectral before": lambda: spectral_before(maps_a, maps_b, fft_workers),
+                "spectral after": lambda: spectral_similarity(maps_a, maps_b, workers=workers),
+                "score after": lambda: score_pairs(maps_a, maps_b, workers=workers),
+            },
+            args.repeat,
+            inner,
+        )
         sk = best_times({"sk": lambda: skimage_ssim(maps_a, maps_b)}, 3, 1)["sk"]
         per_pair = {k: v / args.batch * 1e3 for k, v in times.items()}
         for part in ("ssim", "spectral"):
             before, after = per_pair[f"{part} before"], per_pair[f"{part} after"]
             extra = f"{sk / args.batch * 1e3:8.3f}" if part == "ssim" else ""
-            print(f"{size:>3}x{size:<3} {part:<9} {before:8.3f} {after:8.3f} "
-                  f"{before / after:5.2f}x {extra}")
+            print(
+                f"{size:>3}x{size:<3} {part:<9} {before:8.3f} {after:8.3f} "
+                f"{before / after:5.2f}x {extra}"
+            )
         both_before = per_pair["ssim before"] + per_pair["spectral before"]
-        print(f"{size:>3}x{size:<3} {'both':<9} {both_before:8.3f} {per_pair['score after']:8.3f} "
-              f"{both_before / per_pair['score after']:5.2f}x  (after: score_pairs)")
+        print(
+            f"{size:>3}x{size:<3} {'both':<9} {both_before:8.3f} {per_pair['score after']:8.3f} "
+            f"{both_before / per_pair['score after']:5.2f}x  (after: score_pairs)"
+        )
         noise_a, noise_b = rng.random((2, 4, size, size))
-        error = max(np.abs(ssim(a, b) - skimage_ssim(a, b)).max()
-                    for a, b in ((maps_a, maps_b), (noise_a, noise_b)))
+        error = max(
+            np.abs(ssim(a, b) - skimage_ssim(a, b)).max()
+            for a, b in ((maps_a, maps_b), (noise_a, noise_b))
+        )
         print(f"{'':7} max |SSIM - skimage| = {error:.1e} (CAM-like maps and noise)")
 
 

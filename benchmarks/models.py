@@ -56,26 +56,48 @@ class _Builder:
         self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
         return out
 
-    def conv(self, scope: str, x: str, cin: int, cout: int, k: int, stride: int,
-             gamma: tuple[float, float]) -> str:
+    def conv(
+        self,
+        scope: str,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int,
+        stride: int,
+        gamma: tuple[float, float],
+    ) -> str:
         fan_in = cin * k * k
-        w = (self.rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / fan_in))
+        w = self.rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / fan_in)
         w_name, b_name = self._param_name("Conv"), self._param_name("Conv")
         self.inits[w_name] = w.astype(np.float32)
         self.inits[b_name] = np.zeros(cout, np.float32)
         pad = k // 2
-        out = self.node("Conv", scope, [x, w_name, b_name], dilations=[1, 1], group=1,
-                        kernel_shape=[k, k], pads=[pad, pad, pad, pad], strides=[stride, stride])
-        self.convs.append({
-            "index": len(self.nodes) - 1, "output": out, "weight": w_name, "bias": b_name,
-            "gamma": self.rng.uniform(*gamma, size=cout),
-            "beta": self.rng.normal(0.0, 0.1, size=cout),
-        })
+        out = self.node(
+            "Conv",
+            scope,
+            [x, w_name, b_name],
+            dilations=[1, 1],
+            group=1,
+            kernel_shape=[k, k],
+            pads=[pad, pad, pad, pad],
+            strides=[stride, stride],
+        )
+        self.convs.append(
+            {
+                "index": len(self.nodes) - 1,
+                "output": out,
+                "weight": w_name,
+                "bias": b_name,
+                "gamma": self.rng.uniform(*gamma, size=cout),
+                "beta": self.rng.normal(0.0, 0.1, size=cout),
+            }
+        )
         return out
 
 
-def _graph(b: _Builder, nodes: list[onnx.NodeProto], outputs: list[onnx.ValueInfoProto],
-           size: int) -> onnx.GraphProto:
+def _graph(
+    b: _Builder, nodes: list[onnx.NodeProto], outputs: list[onnx.ValueInfoProto], size: int
+) -> onnx.GraphProto:
     used = {i for n in nodes for i in n.input}
     inits = [numpy_helper.from_array(v, k) for k, v in b.inits.items() if k in used]
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])
@@ -83,8 +105,12 @@ def _graph(b: _Builder, nodes: list[onnx.NodeProto], outputs: list[onnx.ValueInf
 
 
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              ir_version=IR_VERSION, producer_name="onnx-sp2ps benchmarks")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        ir_version=IR_VERSION,
+        producer_name="onnx-sp2ps benchmarks",
+    )
     model.doc_string = "ResNet-18 (random weights, BatchNorm folded), benchmarks/models.py"
     return model
 
@@ -94,12 +120,15 @@ def _calibrate(b: _Builder, size: int, seed: int) -> None:
     statistics measured on a calibration batch through the already-folded layers."""
     import onnxruntime as ort
 
-    x = np.random.default_rng(seed + 1).uniform(
-        0, 1, (CALIBRATION_IMAGES, 3, size, size)).astype(np.float32)
+    x = (
+        np.random.default_rng(seed + 1)
+        .uniform(0, 1, (CALIBRATION_IMAGES, 3, size, size))
+        .astype(np.float32)
+    )
     so = ort.SessionOptions()
     so.log_severity_level = 3
     for conv in b.convs:
-        prefix = b.nodes[:conv["index"] + 1]
+        prefix = b.nodes[: conv["index"] + 1]
         out = helper.make_tensor_value_info(conv["output"], TensorProto.FLOAT, None)
         data = _model(_graph(b, prefix, [out], size)).SerializeToString()
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
@@ -134,8 +163,16 @@ def build_resnet18(num_classes: int = 1000, size: int = 224, seed: int = 0) -> o
 
     x = b.conv("/conv1", "input", 3, 64, 7, 2, normal)
     x = b.node("Relu", "/relu", [x])
-    x = b.node("MaxPool", "/maxpool", [x], ceil_mode=0, dilations=[1, 1],
-               kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    x = b.node(
+        "MaxPool",
+        "/maxpool",
+        [x],
+        ceil_mode=0,
+        dilations=[1, 1],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        strides=[2, 2],
+    )
     cin = 64
     for s, (cout, stride) in enumerate(STAGES, start=1):
         for i in range(BLOCKS_PER_STAGE):
@@ -146,8 +183,7 @@ def build_resnet18(num_classes: int = 1000, size: int = 224, seed: int = 0) -> o
             y = b.node("Relu", f"{scope}/relu", [y])
             y = b.conv(f"{scope}/conv2", y, cout, cout, 3, 1, last)
             if st != 1 or cin != cout:
-                identity = b.conv(f"{scope}/downsample/downsample.0", x, cin, cout, 1, st,
-                                  normal)
+                identity = b.conv(f"{scope}/downsample/downsample.0", x, cin, cout, 1, st, normal)
             y = b.node("Add", scope, [y, identity])
             x = b.node("Relu", f"{scope}/relu_1", [y])
             cin = cout
@@ -156,8 +192,17 @@ def build_resnet18(num_classes: int = 1000, size: int = 224, seed: int = 0) -> o
     bound = 1.0 / np.sqrt(cin)  # torch.nn.Linear's default init, then scaled below
     b.inits["fc.weight"] = rng.uniform(-bound, bound, (num_classes, cin)).astype(np.float32)
     b.inits["fc.bias"] = rng.uniform(-bound, bound, num_classes).astype(np.float32)
-    b.nodes.append(helper.make_node("Gemm", [x, "fc.weight", "fc.bias"], ["logits"],
-                                    name="/fc/Gemm", alpha=1.0, beta=1.0, transB=1))
+    b.nodes.append(
+        helper.make_node(
+            "Gemm",
+            [x, "fc.weight", "fc.bias"],
+            ["logits"],
+            name="/fc/Gemm",
+            alpha=1.0,
+            beta=1.0,
+            transB=1,
+        )
+    )
 
     _calibrate(b, size, seed)
     # Scale the classifier so that the logits spread over a few units, as a trained
@@ -195,10 +240,16 @@ def prune_resnet18(model: onnx.ModelProto, ratio: float = 0.5) -> onnx.ModelProt
         w1 = numpy_helper.to_array(inits[conv1.input[1]])
         b1 = numpy_helper.to_array(inits[conv1.input[2]])
         w2 = numpy_helper.to_array(inits[conv2.input[1]])
-        keep = np.sort(np.argsort(-np.abs(w1).sum(axis=(1, 2, 3)), kind="stable")[
-            :max(1, round(len(w1) * (1.0 - ratio)))])
-        for tensor, array in ((conv1.input[1], w1[keep]), (conv1.input[2], b1[keep]),
-                              (conv2.input[1], w2[:, keep])):
+        keep = np.sort(
+            np.argsort(-np.abs(w1).sum(axis=(1, 2, 3)), kind="stable")[
+                : max(1, round(len(w1) * (1.0 - ratio)))
+            ]
+        )
+        for tensor, array in (
+            (conv1.input[1], w1[keep]),
+            (conv1.input[2], b1[keep]),
+            (conv2.input[1], w2[:, keep]),
+        ):
             inits[tensor].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), tensor))
     out.doc_string = f"{model.doc_string}; conv1 of each block L1-pruned by {ratio:.0%}"
     onnx.checker.check_model(out, full_check=True)
@@ -212,8 +263,11 @@ def _pooled_features(b: _Builder, size: int, seed: int) -> np.ndarray:
     out = helper.make_tensor_value_info(flat, TensorProto.FLOAT, None)
     data = _model(_graph(b, b.nodes[:-1], [out], size)).SerializeToString()
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(seed + 1).uniform(
-        0, 1, (CALIBRATION_IMAGES, 3, size, size)).astype(np.float32)
+    x = (
+        np.random.default_rng(seed + 1)
+        .uniform(0, 1, (CALIBRATION_IMAGES, 3, size, size))
+        .astype(np.float32)
+    )
     return sess.run(None, {"input": x})[0].astype(np.float64)
 
 
@@ -228,22 +282,30 @@ def _main() -> None:
     onnx.checker.check_model(model, full_check=True)
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     convs = sum(n.op_type == "Conv" for n in model.graph.node)
-    print(f"built in {t1 - t0:.1f} s: {len(model.graph.node)} nodes, {convs} Conv, "
-          f"{params:,} parameters, {model.ByteSize() / 2**20:.1f} MiB")
+    print(
+        f"built in {t1 - t0:.1f} s: {len(model.graph.node)} nodes, {convs} Conv, "
+        f"{params:,} parameters, {model.ByteSize() / 2**20:.1f} MiB"
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(123).uniform(0, 1, (4, 3, 224, 224)).astype(np.float32)
     probe = onnx.helper.make_tensor_value_info(
-        "/layer4/layer4.1/relu_1/Relu_output_0", TensorProto.FLOAT, None)
+        "/layer4/layer4.1/relu_1/Relu_output_0", TensorProto.FLOAT, None
+    )
     m2 = onnx.ModelProto()
     m2.CopyFrom(model)
     m2.graph.output.append(probe)
-    logits, feat = ort.InferenceSession(m2.SerializeToString(),
-                                        providers=["CPUExecutionProvider"]).run(None, {"input": x})
-    print(f"feature map {feat.shape}: mean {feat.mean():.3f} std {feat.std():.3f} "
-          f"zeros {np.mean(feat == 0):.2f}")
-    print(f"logits {logits.shape}: finite {np.isfinite(logits).all()}, std over classes "
-          f"{logits.std(axis=1).mean():.3f}, std over images {logits.std(axis=0).mean():.3f}, "
-          f"top-1 {logits.argmax(1).tolist()}")
+    logits, feat = ort.InferenceSession(
+        m2.SerializeToString(), providers=["CPUExecutionProvider"]
+    ).run(None, {"input": x})
+    print(
+        f"feature map {feat.shape}: mean {feat.mean():.3f} std {feat.std():.3f} "
+        f"zeros {np.mean(feat == 0):.2f}"
+    )
+    print(
+        f"logits {logits.shape}: finite {np.isfinite(logits).all()}, std over classes "
+        f"{logits.std(axis=1).mean():.3f}, std over images {logits.std(axis=0).mean():.3f}, "
+        f"top-1 {logits.argmax(1).tolist()}"
+    )
     assert sess.run(None, {"input": x})[0].shape == (4, 1000)
 
 

@@ -35,11 +35,12 @@ if SPIN is not None:
         so = _orig(threads)
         so.add_session_config_entry("session.intra_op.allow_spinning", SPIN)
         return so
+
     rt._session_options = _options
 
 import onnxruntime as ort  # noqa: E402
-
 from bench_cams import BATCH, cam_fn  # noqa: E402
+
 from onnx_sp2ps.cams import make_cam  # noqa: E402
 from onnx_sp2ps.cams.base import normalise_maps, upsample_bilinear  # noqa: E402
 from onnx_sp2ps.graph import prepare_model  # noqa: E402
@@ -52,6 +53,7 @@ def main() -> None:
     threads = len(os.sched_getaffinity(0))
     if name == "resnet":
         from models import build_resnet18
+
         model = build_resnet18()
     else:
         model = onnx.load(name)
@@ -60,8 +62,7 @@ def main() -> None:
     h, w = prepared.spec.input_size
     x = np.random.default_rng(0).uniform(0, 1, (BATCH, 3, h, w)).astype(np.float32)
     so = rt._session_options(threads)
-    sess = ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0].name
 
     def tmin(fn):
@@ -78,8 +79,10 @@ def main() -> None:
     targets = logits.argmax(1)
     floor = tmin(lambda: sess.run(None, {inp: x}))
     fwd = tmin(lambda: runner.run(x))
-    print(f"{name} (spinning {'default' if SPIN is None else SPIN}), ms per image, min of "
-          f"{reps}: floor {floor:.3f}, runner.run {fwd:.3f}")
+    print(
+        f"{name} (spinning {'default' if SPIN is None else SPIN}), ms per image, min of "
+        f"{reps}: floor {floor:.3f}, runner.run {fwd:.3f}"
+    )
     for method in methods:
         cam = make_cam(method, runner)
         raw = cam(acts, targets, x)
@@ -87,9 +90,11 @@ def main() -> None:
         u = tmin(lambda: normalise_maps(upsample_bilinear(raw, (h, w))))
         step = cam_fn(runner, cam, (h, w))
         pipe = tmin(lambda: step(x))
-        print(f"  {method:11s} cam() {c:.3f}  upsample+normalise {u:.3f}  "
-              f"sum of stages {fwd + c + u:.3f} ({(fwd + c + u) / floor:.2f}x)  "
-              f"pipeline {pipe:.3f} ({pipe / floor:.2f}x)")
+        print(
+            f"  {method:11s} cam() {c:.3f}  upsample+normalise {u:.3f}  "
+            f"sum of stages {fwd + c + u:.3f} ({(fwd + c + u) / floor:.2f}x)  "
+            f"pipeline {pipe:.3f} ({pipe / floor:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

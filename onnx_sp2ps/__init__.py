@@ -27,9 +27,19 @@ _EXPORTS = {
     "GateCriteria": "onnx_sp2ps.gate",
 }
 
-__all__ = ["__version__", "audit", "compute_cams", "AuditResult", "AuditSettings",
-           "CandidateResult", "ImageRecord", "ModelMaps", "ModelOptions", "Preprocess",
-           "GateCriteria"]
+__all__ = [
+    "__version__",
+    "audit",
+    "compute_cams",
+    "AuditResult",
+    "AuditSettings",
+    "CandidateResult",
+    "ImageRecord",
+    "ModelMaps",
+    "ModelOptions",
+    "Preprocess",
+    "GateCriteria",
+]
 
 
 def __getattr__(name: str):

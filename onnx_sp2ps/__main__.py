@@ -122,16 +122,24 @@ def _supervise(pid: int, read_fd: int) -> None:
         os._exit(code)
     _clean(temporaries)
     signum = -code
-    name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+    name = (
+        signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+    )
     if received:
         from onnx_sp2ps.errors import Interrupted
 
         _exit(Interrupted(received[0]).message, 128 + received[0])
     if signum == signal.SIGKILL:
-        _exit(f"error: the run was killed ({name}), perhaps by the out-of-memory killer: "
-              "lower --batch-size or --max-memory, or use a machine with more memory", 137)
-    _exit(f"internal error: the run crashed with {name} inside a native library (run with "
-          "--debug for details, and please report it)", 4)
+        _exit(
+            f"error: the run was killed ({name}), perhaps by the out-of-memory killer: "
+            "lower --batch-size or --max-memory, or use a machine with more memory",
+            137,
+        )
+    _exit(
+        f"internal error: the run crashed with {name} inside a native library (run with "
+        "--debug for details, and please report it)",
+        4,
+    )
 
 
 def _clean(temporaries: set[str]) -> None:

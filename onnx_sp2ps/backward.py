@@ -32,8 +32,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from onnx_sp2ps.graph import check_model, constant_value
 
-__all__ = ["UnsupportedHead", "HeadGradient", "build_head_gradient",
-           "fuse_gradient", "qdq_form"]
+__all__ = ["UnsupportedHead", "HeadGradient", "build_head_gradient", "fuse_gradient", "qdq_form"]
 
 TARGET = "sp2ps_target"
 LOGITS_OUT = "sp2ps_logits"
@@ -42,8 +41,10 @@ TARGET_USED = "sp2ps_target_used"
 MIN_OPSET = 11
 
 #: Note given with exact gradients of quantized heads.
-STRAIGHT_THROUGH = ("straight-through: QuantizeLinear/DequantizeLinear taken as identity "
-                    "inside the quantization range (rounding has no gradient)")
+STRAIGHT_THROUGH = (
+    "straight-through: QuantizeLinear/DequantizeLinear taken as identity "
+    "inside the quantization range (rounding has no gradient)"
+)
 
 
 class UnsupportedHead(Exception):
@@ -76,20 +77,28 @@ class _Builder:
         self.opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), 0)
         if self.opset < MIN_OPSET:
             raise UnsupportedHead(f"opset {self.opset} < {MIN_OPSET}")
-        if any(o.domain not in ("", "ai.onnx") for o in head.opset_import
-               if any(n.domain == o.domain for n in head.graph.node)):
+        if any(
+            o.domain not in ("", "ai.onnx")
+            for o in head.opset_import
+            if any(n.domain == o.domain for n in head.graph.node)
+        ):
             raise UnsupportedHead("ops from a custom domain")
         try:
             inferred = shape_inference.infer_shapes(head, strict_mode=False, data_prop=True)
         except Exception:
             inferred = head
         self.shapes: dict[str, tuple | None] = {}
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) \
-                + list(inferred.graph.output):
+        for vi in (
+            list(inferred.graph.value_info)
+            + list(inferred.graph.input)
+            + list(inferred.graph.output)
+        ):
             dims = None
             if vi.type.tensor_type.HasField("shape"):
-                dims = tuple(d.dim_value if d.HasField("dim_value") else None
-                             for d in vi.type.tensor_type.shape.dim)
+                dims = tuple(
+                    d.dim_value if d.HasField("dim_value") else None
+                    for d in vi.type.tensor_type.shape.dim
+                )
             self.shapes[vi.name] = dims
         g = head.graph
         self.feature = g.input[0].name
@@ -109,8 +118,9 @@ class _Builder:
         self.count += 1
         return f"sp2ps_bw/{hint}_{self.count}"
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
-           **attrs) -> str | list[str]:
+    def op(
+        self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs
+    ) -> str | list[str]:
         outs = [self.name(hint or op_type) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
         return outs[0] if n_out == 1 else outs
@@ -166,8 +176,9 @@ class _Builder:
 
     def reduce_sum(self, tensor: str, axes: list[int], keepdims: int) -> str:
         if self.opset >= 13:
-            return self.op("ReduceSum", [tensor, self.const(axes, "axes", np.int64)], "rsum",
-                           keepdims=keepdims)
+            return self.op(
+                "ReduceSum", [tensor, self.const(axes, "axes", np.int64)], "rsum", keepdims=keepdims
+            )
         return self.op("ReduceSum", [tensor], "rsum", axes=axes, keepdims=keepdims)
 
     def unbroadcast(self, grad: str, x: str, y: str) -> str:
@@ -177,8 +188,12 @@ class _Builder:
             return grad
         if xs is None or ys is None or len(xs) > len(ys):
             raise UnsupportedHead(f"broadcast of {x!r} with unknown shapes")
-        if (len(xs) == len(ys) and xs[1:] == ys[1:] and None not in xs[1:]
-                and xs[0] in (None, ys[0])):
+        if (
+            len(xs) == len(ys)
+            and xs[1:] == ys[1:]
+            and None not in xs[1:]
+            and xs[0] in (None, ys[0])
+        ):
             return grad  # equal but for a symbolic batch
         if None in xs or None in ys:
             return self._unbroadcast_dynamic(grad, x, y, len(ys) - len(xs))
@@ -201,13 +216,22 @@ class _Builder:
             raise UnsupportedHead(f"broadcast of {x!r} with symbolic shapes (opset < 13)")
         x_shape = self.shape(x)
         if lead:
-            x_shape = self.op("Concat", [self.const([1] * lead, "ones", np.int64), x_shape],
-                              "xpad", axis=0)
+            x_shape = self.op(
+                "Concat", [self.const([1] * lead, "ones", np.int64), x_shape], "xpad", axis=0
+            )
         one = self.const(1, "one", np.int64)
-        summed = self.op("And", [self.op("Equal", [x_shape, one]),
-                                 self.op("Not", [self.op("Equal", [self.shape(y), one])])])
-        axes = self.op("Reshape", [self.op("NonZero", [summed], "axes"),
-                                   self.const([-1], "flat", np.int64)], "axes_flat")
+        summed = self.op(
+            "And",
+            [
+                self.op("Equal", [x_shape, one]),
+                self.op("Not", [self.op("Equal", [self.shape(y), one])]),
+            ],
+        )
+        axes = self.op(
+            "Reshape",
+            [self.op("NonZero", [summed], "axes"), self.const([-1], "flat", np.int64)],
+            "axes_flat",
+        )
         out = self.op("ReduceSum", [grad, axes], "rsum", keepdims=1, noop_with_empty_axes=1)
         return self.op("Reshape", [out, self.shape(x)], "unb")
 
@@ -220,10 +244,10 @@ class _Builder:
         top1 = self.op("ArgMax", [flat], "top1", axis=1, keepdims=0)
         negative = self.op("Less", [TARGET, self.const(0, "zero", np.int64)], "own")
         target = self.op("Where", [negative, top1, TARGET], "target")
-        depth = self.op("Gather", [self.op("Shape", [flat], "kshape"),
-                                   self.const(1, "one", np.int64)], "depth")
-        seed = self.op("OneHot", [target, depth, self.const([0.0, 1.0], "onoff")], "seed",
-                       axis=-1)
+        depth = self.op(
+            "Gather", [self.op("Shape", [flat], "kshape"), self.const(1, "one", np.int64)], "depth"
+        )
+        seed = self.op("OneHot", [target, depth, self.const([0.0, 1.0], "onoff")], "seed", axis=-1)
         seed = self.op("Reshape", [seed, self.shape(logits)], "seed_shaped")
         self.add_grad(logits, seed)
         for node in reversed(list(g.node)):
@@ -250,19 +274,29 @@ class _Builder:
         logits_vi.name = LOGITS_OUT
         grad_vi = copy.deepcopy(g.input[0])
         grad_vi.name = GRADIENT_OUT
-        outputs = [logits_vi, grad_vi,
-                   helper.make_tensor_value_info(TARGET_USED, onnx.TensorProto.INT64, ["N"])]
-        graph = helper.make_graph(nodes, "head_gradient", [f_in, t_in], outputs,
-                                  initializer=[copy.deepcopy(t) for t in g.initializer]
-                                  + self.inits)
-        model = helper.make_model(graph, opset_imports=[copy.deepcopy(o) for o in
-                                                         self.head.opset_import],
-                                  ir_version=self.head.ir_version, producer_name="onnx-sp2ps")
+        outputs = [
+            logits_vi,
+            grad_vi,
+            helper.make_tensor_value_info(TARGET_USED, onnx.TensorProto.INT64, ["N"]),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "head_gradient",
+            [f_in, t_in],
+            outputs,
+            initializer=[copy.deepcopy(t) for t in g.initializer] + self.inits,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[copy.deepcopy(o) for o in self.head.opset_import],
+            ir_version=self.head.ir_version,
+            producer_name="onnx-sp2ps",
+        )
         check_model(model)
-        quantized = any(n.op_type == "QuantizeLinear" and n.input[0] in self.active
-                        for n in g.node)
-        return HeadGradient(model=model, feature=self.feature,
-                            note=STRAIGHT_THROUGH if quantized else None)
+        quantized = any(n.op_type == "QuantizeLinear" and n.input[0] in self.active for n in g.node)
+        return HeadGradient(
+            model=model, feature=self.feature, note=STRAIGHT_THROUGH if quantized else None
+        )
 
     def data(self, node) -> list[int]:
         return [i for i, t in enumerate(node.input) if t and t in self.active]
@@ -278,8 +312,12 @@ class _Builder:
     def _bw_Cast(self, node, dy):
         # Between float types (the head is float32 throughout: graph.float32_head) the
         # gradient passes unchanged; a cast to an integer type has none.
-        if _attr(node, "to") in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                                 onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        if _attr(node, "to") in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.DOUBLE,
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.BFLOAT16,
+        ):
             self.add_grad(node.input[0], dy)
 
     def _reshape_back(self, node, dy):
@@ -298,8 +336,10 @@ class _Builder:
             if not rank:
                 raise UnsupportedHead("Transpose of unknown rank")
             perm = list(reversed(range(rank)))
-        self.add_grad(node.input[0], self.op("Transpose", [dy], "untranspose",
-                                             perm=[int(i) for i in np.argsort(perm)]))
+        self.add_grad(
+            node.input[0],
+            self.op("Transpose", [dy], "untranspose", perm=[int(i) for i in np.argsort(perm)]),
+        )
 
     def _bw_Concat(self, node, dy):
         axis = _attr(node, "axis")
@@ -310,9 +350,16 @@ class _Builder:
                 raise UnsupportedHead("Concat of inputs with unknown sizes")
             size = shape[axis]
             if x in self.active:
-                part = self.op("Slice", [dy, self.const([start], "s", np.int64),
-                                         self.const([start + size], "e", np.int64),
-                                         self.const([axis], "a", np.int64)], "unconcat")
+                part = self.op(
+                    "Slice",
+                    [
+                        dy,
+                        self.const([start], "s", np.int64),
+                        self.const([start + size], "e", np.int64),
+                        self.const([axis], "a", np.int64),
+                    ],
+                    "unconcat",
+                )
                 self.add_grad(x, part)
             start += size
 
@@ -320,9 +367,14 @@ class _Builder:
 
     def _mean_back(self, x, y, dy):
         """dx = expand(dy) * size(y) / size(x), dy already shaped with kept dims."""
-        scale = self.op("Div", [self.op("Cast", [self.op("Size", [y])], to=onnx.TensorProto.FLOAT),
-                                self.op("Cast", [self.op("Size", [x])], to=onnx.TensorProto.FLOAT)],
-                        "inv_count")
+        scale = self.op(
+            "Div",
+            [
+                self.op("Cast", [self.op("Size", [y])], to=onnx.TensorProto.FLOAT),
+                self.op("Cast", [self.op("Size", [x])], to=onnx.TensorProto.FLOAT),
+            ],
+            "inv_count",
+        )
         return self.op("Mul", [self.op("Expand", [dy, self.shape(x)], "expand"), scale], "mean_bw")
 
     def _keepdims_shape(self, node) -> str:
@@ -357,10 +409,12 @@ class _Builder:
 
     def _max_back(self, x, y_keep, dy_keep):
         ys = self.op("Expand", [y_keep, self.shape(x)], "expand_y")
-        mask = self.op("Cast", [self.op("Equal", [x, ys], "is_max")], "mask",
-                       to=onnx.TensorProto.FLOAT)
-        return self.op("Mul", [self.op("Expand", [dy_keep, self.shape(x)], "expand"), mask],
-                       "max_bw")
+        mask = self.op(
+            "Cast", [self.op("Equal", [x, ys], "is_max")], "mask", to=onnx.TensorProto.FLOAT
+        )
+        return self.op(
+            "Mul", [self.op("Expand", [dy_keep, self.shape(x)], "expand"), mask], "max_bw"
+        )
 
     def _bw_GlobalMaxPool(self, node, dy):
         self.add_grad(node.input[0], self._max_back(node.input[0], node.output[0], dy))
@@ -385,8 +439,11 @@ class _Builder:
             raise UnsupportedHead(f"{node.op_type} with indices output")
         if any(d != 1 for d in dil) or any(pads) or auto not in ("NOTSET", "VALID"):
             raise UnsupportedHead(f"{node.op_type} with padding or dilation")
-        if xs is not None and len(xs) == 2 + len(kernel) and all(
-                isinstance(d, int) and d for d in xs[2:]):
+        if (
+            xs is not None
+            and len(xs) == 2 + len(kernel)
+            and all(isinstance(d, int) and d for d in xs[2:])
+        ):
             if all(k == d for k, d in zip(kernel, xs[2:])):
                 return "global"
         if kernel == strides and xs is not None and xs[1]:
@@ -421,8 +478,9 @@ class _Builder:
             return
         ys = self._tile_up(node, node.output[0])
         dys = self._tile_up(node, dy)
-        mask = self.op("Cast", [self.op("Equal", [x, ys], "is_max")], "mask",
-                       to=onnx.TensorProto.FLOAT)
+        mask = self.op(
+            "Cast", [self.op("Equal", [x, ys], "is_max")], "mask", to=onnx.TensorProto.FLOAT
+        )
         self.add_grad(x, self.op("Mul", [dys, mask], "maxpool_bw"))
 
     # -- rules: linear algebra ----------------------------------------------------------
@@ -449,14 +507,16 @@ class _Builder:
             bs = self.static_shape(b)
             if bs is None or len(bs) != 2:
                 raise UnsupportedHead("MatMul with weights that are not 2-D")
-            self.add_grad(a, self.op("MatMul", [dy, self.op("Transpose", [b], perm=[1, 0])],
-                                     "matmul_bw"))
+            self.add_grad(
+                a, self.op("MatMul", [dy, self.op("Transpose", [b], perm=[1, 0])], "matmul_bw")
+            )
         else:
             as_ = self.static_shape(a)
             if as_ is None or len(as_) != 2:
                 raise UnsupportedHead("MatMul with weights that are not 2-D")
-            self.add_grad(b, self.op("MatMul", [self.op("Transpose", [a], perm=[1, 0]), dy],
-                                     "matmul_bw"))
+            self.add_grad(
+                b, self.op("MatMul", [self.op("Transpose", [a], perm=[1, 0]), dy], "matmul_bw")
+            )
 
     def _bw_Add(self, node, dy):
         for i in self.data(node):
@@ -489,11 +549,15 @@ class _Builder:
         if any(t in self.active for t in (scale, var)):
             raise UnsupportedHead("BatchNormalization with computed statistics")
         eps = float(_attr(node, "epsilon", 1e-5))
-        factor = self.op("Div", [scale, self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])],
-                         "bn_factor")
+        factor = self.op(
+            "Div", [scale, self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])], "bn_factor"
+        )
         rank = len(self.static_shape(x) or ()) or 4
-        factor = self.op("Reshape", [factor, self.const([1, -1] + [1] * (rank - 2), "bn_shape",
-                                                         np.int64)], "bn_factor_b")
+        factor = self.op(
+            "Reshape",
+            [factor, self.const([1, -1] + [1] * (rank - 2), "bn_shape", np.int64)],
+            "bn_factor_b",
+        )
         self.add_grad(x, self.op("Mul", [dy, factor], "bn_bw"))
 
     def _bw_Conv(self, node, dy):
@@ -506,8 +570,14 @@ class _Builder:
             ws = None if value is None else value.shape
         strides = list(_attr(node, "strides", [1, 1]))
         pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-        if (ws is None or len(ws) != 4 or tuple(ws[2:]) != (1, 1) or int(_attr(node, "group", 1)) != 1
-                or any(s != 1 for s in strides) or any(pads)):
+        if (
+            ws is None
+            or len(ws) != 4
+            or tuple(ws[2:]) != (1, 1)
+            or int(_attr(node, "group", 1)) != 1
+            or any(s != 1 for s in strides)
+            or any(pads)
+        ):
             raise UnsupportedHead("Conv other than 1x1, stride 1, group 1")
         wt = self.op("Transpose", [w], "conv_wT", perm=[1, 0, 2, 3])
         self.add_grad(x, self.op("Conv", [dy, wt], "conv_bw"))
@@ -519,14 +589,19 @@ class _Builder:
 
     def _bw_Relu(self, node, dy):
         x = node.input[0]
-        self.add_grad(x, self._where(self.op("Greater", [x, self.const(0.0)]), dy,
-                                     self.const(0.0)))
+        self.add_grad(x, self._where(self.op("Greater", [x, self.const(0.0)]), dy, self.const(0.0)))
 
     def _bw_LeakyRelu(self, node, dy):
         x = node.input[0]
         alpha = float(_attr(node, "alpha", 0.01))
-        self.add_grad(x, self._where(self.op("Greater", [x, self.const(0.0)]), dy,
-                                     self.op("Mul", [dy, self.const(alpha)])))
+        self.add_grad(
+            x,
+            self._where(
+                self.op("Greater", [x, self.const(0.0)]),
+                dy,
+                self.op("Mul", [dy, self.const(alpha)]),
+            ),
+        )
 
     def _bw_Clip(self, node, dy):
         x = node.input[0]  # (opset >= MIN_OPSET = 11: the bounds are inputs)
@@ -548,18 +623,22 @@ class _Builder:
         alpha = float(_attr(node, "alpha", 0.2))
         beta = float(_attr(node, "beta", 0.5))
         z = self.op("Add", [self.op("Mul", [x, self.const(alpha)]), self.const(beta)])
-        cond = self.op("And", [self.op("Greater", [z, self.const(0.0)]),
-                               self.op("Less", [z, self.const(1.0)])])
-        self.add_grad(x, self._where(cond, self.op("Mul", [dy, self.const(alpha)]),
-                                     self.const(0.0)))
+        cond = self.op(
+            "And", [self.op("Greater", [z, self.const(0.0)]), self.op("Less", [z, self.const(1.0)])]
+        )
+        self.add_grad(
+            x, self._where(cond, self.op("Mul", [dy, self.const(alpha)]), self.const(0.0))
+        )
 
     def _bw_HardSwish(self, node, dy):
         # As torch: 0 for x < -3, x/3 + 1/2 for -3 <= x <= 3, 1 above.
         x = node.input[0]
         mid = self.op("Add", [self.op("Div", [x, self.const(3.0)]), self.const(0.5)])
-        slope = self._where(self.op("Less", [x, self.const(-3.0)]), self.const(0.0),
-                            self._where(self.op("Greater", [x, self.const(3.0)]),
-                                        self.const(1.0), mid))
+        slope = self._where(
+            self.op("Less", [x, self.const(-3.0)]),
+            self.const(0.0),
+            self._where(self.op("Greater", [x, self.const(3.0)]), self.const(1.0), mid),
+        )
         self.add_grad(x, self.op("Mul", [dy, slope], "hswish_bw"))
 
     # -- rules: quantization (straight-through) ----------------------------------------
@@ -576,17 +655,24 @@ class _Builder:
             self.add_grad(x, dy)
             return
         scale = self.constant_value(node.input[1])
-        zp = self.constant_value(node.input[2]) if len(node.input) > 2 and node.input[2] \
+        zp = (
+            self.constant_value(node.input[2])
+            if len(node.input) > 2 and node.input[2]
             else np.zeros((), np.uint8)
+        )
         if scale is None or zp is None or scale.size != 1 or zp.size != 1:
-            raise UnsupportedHead("QuantizeLinear of an activation with computed or "
-                                  "per-axis scale")
+            raise UnsupportedHead("QuantizeLinear of an activation with computed or per-axis scale")
         info = np.iinfo(zp.dtype)
         s, z = float(scale.reshape(())), float(zp.reshape(()))
         lo, hi = (info.min - z - 0.5) * s, (info.max - z + 0.5) * s
-        inside = self.op("And", [self.op("Not", [self.op("Less", [x, self.const(lo)])]),
-                                 self.op("Not", [self.op("Greater", [x, self.const(hi)])])],
-                         "in_range")
+        inside = self.op(
+            "And",
+            [
+                self.op("Not", [self.op("Less", [x, self.const(lo)])]),
+                self.op("Not", [self.op("Greater", [x, self.const(hi)])]),
+            ],
+            "in_range",
+        )
         self.add_grad(x, self._where(inside, dy, self.const(0.0)))
 
     def _ends_head(self, q: str) -> bool:
@@ -598,7 +684,12 @@ class _Builder:
                 return True
             users = [n for n in self.head.graph.node if current in n.input]
             if len(users) != 1 or users[0].op_type not in (
-                    "DequantizeLinear", "Identity", "Flatten", "Reshape", "Squeeze"):
+                "DequantizeLinear",
+                "Identity",
+                "Flatten",
+                "Reshape",
+                "Squeeze",
+            ):
                 return False
             current = users[0].output[0]
         return False
@@ -623,8 +714,10 @@ class _Builder:
         self.add_grad(node.input[0], self.op("Neg", [dy], "neg_bw"))
 
     def _bw_Sqrt(self, node, dy):
-        self.add_grad(node.input[0], self.op("Div", [self.op("Mul", [dy, self.const(0.5)]),
-                                                     node.output[0]], "sqrt_bw"))
+        self.add_grad(
+            node.input[0],
+            self.op("Div", [self.op("Mul", [dy, self.const(0.5)]), node.output[0]], "sqrt_bw"),
+        )
 
     def _bw_Pow(self, node, dy):
         a, b = node.input
@@ -632,14 +725,19 @@ class _Builder:
             raise UnsupportedHead("Pow with a computed exponent")
         b = self.op("Cast", [b], "exponent", to=onnx.TensorProto.FLOAT)
         slope = self.op("Mul", [b, self.op("Pow", [a, self.op("Sub", [b, self.const(1.0)])])])
-        self.add_grad(a, self.unbroadcast(self.op("Mul", [dy, slope], "pow_bw"), a,
-                                          node.output[0]))
+        self.add_grad(a, self.unbroadcast(self.op("Mul", [dy, slope], "pow_bw"), a, node.output[0]))
 
     def _erf_slope(self, x: str, scale: float) -> str:
         """d erf(scale x) / dx = scale 2/sqrt(pi) exp(-(scale x)^2)."""
         z = self.op("Mul", [x, self.const(scale)])
-        return self.op("Mul", [self.op("Exp", [self.op("Neg", [self.op("Mul", [z, z])])]),
-                               self.const(scale * 2.0 / np.sqrt(np.pi))], "erf_slope")
+        return self.op(
+            "Mul",
+            [
+                self.op("Exp", [self.op("Neg", [self.op("Mul", [z, z])])]),
+                self.const(scale * 2.0 / np.sqrt(np.pi)),
+            ],
+            "erf_slope",
+        )
 
     def _bw_Erf(self, node, dy):
         x = node.input[0]
@@ -655,21 +753,43 @@ class _Builder:
             k, c = float(np.sqrt(2.0 / np.pi)), 0.044715
             x2 = self.op("Mul", [x, x])
             x3 = self.op("Mul", [x2, x])
-            u = self.op("Mul", [self.op("Add", [x, self.op("Mul", [x3, self.const(c)])]),
-                                self.const(k)])
+            u = self.op(
+                "Mul", [self.op("Add", [x, self.op("Mul", [x3, self.const(c)])]), self.const(k)]
+            )
             t = self.op("Tanh", [u])
-            du = self.op("Mul", [self.op("Add", [self.const(1.0),
-                                                 self.op("Mul", [x2, self.const(3 * c)])]),
-                                 self.const(k)])
+            du = self.op(
+                "Mul",
+                [
+                    self.op("Add", [self.const(1.0), self.op("Mul", [x2, self.const(3 * c)])]),
+                    self.const(k),
+                ],
+            )
             sech2 = self.op("Sub", [self.const(1.0), self.op("Mul", [t, t])])
-            slope = self.op("Mul", [self.op("Add", [self.op("Add", [self.const(1.0), t]),
-                                                    self.op("Mul", [self.op("Mul", [x, sech2]),
-                                                                    du])]),
-                                    self.const(0.5)])
+            slope = self.op(
+                "Mul",
+                [
+                    self.op(
+                        "Add",
+                        [
+                            self.op("Add", [self.const(1.0), t]),
+                            self.op("Mul", [self.op("Mul", [x, sech2]), du]),
+                        ],
+                    ),
+                    self.const(0.5),
+                ],
+            )
         else:
             r2 = float(1.0 / np.sqrt(2.0))
-            cdf = self.op("Mul", [self.op("Add", [self.op("Erf", [self.op(
-                "Mul", [x, self.const(r2)])]), self.const(1.0)]), self.const(0.5)])
+            cdf = self.op(
+                "Mul",
+                [
+                    self.op(
+                        "Add",
+                        [self.op("Erf", [self.op("Mul", [x, self.const(r2)])]), self.const(1.0)],
+                    ),
+                    self.const(0.5),
+                ],
+            )
             pdf = self.op("Mul", [self._erf_slope(x, r2), self.const(0.5)])  # phi(x)
             slope = self.op("Add", [cdf, self.op("Mul", [x, pdf])])
         self.add_grad(x, self.op("Mul", [dy, slope], "gelu_bw"))
@@ -686,21 +806,22 @@ class _Builder:
         # dx = y (dy - sum(dy y)) along the axis.
         y, axis = node.output[0], self._softmax_axis(node)
         inner = self.reduce_sum(self.op("Mul", [dy, y]), [axis], keepdims=1)
-        self.add_grad(node.input[0], self.op("Mul", [y, self.op("Sub", [dy, inner])],
-                                             "softmax_bw"))
+        self.add_grad(node.input[0], self.op("Mul", [y, self.op("Sub", [dy, inner])], "softmax_bw"))
 
     def _bw_LogSoftmax(self, node, dy):
         # dx = dy - softmax(x) sum(dy) along the axis.
         y, axis = node.output[0], self._softmax_axis(node)
         total = self.reduce_sum(dy, [axis], keepdims=1)
-        self.add_grad(node.input[0], self.op("Sub", [dy, self.op("Mul", [self.op("Exp", [y]),
-                                                                         total])],
-                                             "logsoftmax_bw"))
+        self.add_grad(
+            node.input[0],
+            self.op("Sub", [dy, self.op("Mul", [self.op("Exp", [y]), total])], "logsoftmax_bw"),
+        )
 
     def reduce_mean(self, tensor: str, axes: list[int]) -> str:
         if self.opset >= 18:
-            return self.op("ReduceMean", [tensor, self.const(axes, "axes", np.int64)], "rmean",
-                           keepdims=1)
+            return self.op(
+                "ReduceMean", [tensor, self.const(axes, "axes", np.int64)], "rmean", keepdims=1
+            )
         return self.op("ReduceMean", [tensor], "rmean", axes=axes, keepdims=1)
 
     def _bw_LayerNormalization(self, node, dy):
@@ -719,13 +840,18 @@ class _Builder:
         eps = float(_attr(node, "epsilon", 1e-5))
         centred = self.op("Sub", [x, self.reduce_mean(x, axes)], "ln_centred")
         var = self.reduce_mean(self.op("Mul", [centred, centred]), axes)
-        inv_std = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])],
-                          "ln_inv_std")
+        inv_std = self.op(
+            "Reciprocal", [self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])], "ln_inv_std"
+        )
         xhat = self.op("Mul", [centred, inv_std], "ln_xhat")
         g = self.op("Mul", [dy, scale], "ln_g")
-        inner = self.op("Add", [self.reduce_mean(g, axes),
-                                self.op("Mul", [xhat, self.reduce_mean(self.op("Mul", [g, xhat]),
-                                                                       axes)])])
+        inner = self.op(
+            "Add",
+            [
+                self.reduce_mean(g, axes),
+                self.op("Mul", [xhat, self.reduce_mean(self.op("Mul", [g, xhat]), axes)]),
+            ],
+        )
         self.add_grad(x, self.op("Mul", [self.op("Sub", [g, inner]), inv_std], "ln_bw"))
 
     def _bw_Gather(self, node, dy):
@@ -742,19 +868,27 @@ class _Builder:
         axis = int(_attr(node, "axis", 0)) % rank
         to_front = [axis] + [i for i in range(rank) if i != axis]
         # dy dims: x's before axis, idx's, x's after axis -> idx's first.
-        dy_perm = (list(range(axis, axis + q)) + list(range(axis))
-                   + list(range(axis + q, rank - 1 + q)))
+        dy_perm = (
+            list(range(axis, axis + q)) + list(range(axis)) + list(range(axis + q, rank - 1 + q))
+        )
         xt = self.op("Transpose", [x], "gather_xT", perm=to_front)
         dyt = self.op("Transpose", [dy], "gather_dyT", perm=dy_perm)
         index = self.op("Cast", [idx], "gather_idx", to=onnx.TensorProto.INT64)
         size = self.op("Gather", [self.shape(x), self.const(axis, "ax", np.int64)], "gather_dim")
-        index = self._where(self.op("Less", [index, self.const(0, "zero", np.int64)]),
-                            self.op("Add", [index, size]), index)
+        index = self._where(
+            self.op("Less", [index, self.const(0, "zero", np.int64)]),
+            self.op("Add", [index, size]),
+            index,
+        )
         index = self.op("Unsqueeze", [index, self.const([-1], "last", np.int64)], "gather_i")
         zeros = self.op("ConstantOfShape", [self.shape(xt)], "gather_zeros")
         scattered = self.op("ScatterND", [zeros, index, dyt], "gather_bw", reduction="add")
-        self.add_grad(x, self.op("Transpose", [scattered], "gather_back",
-                                 perm=[int(i) for i in np.argsort(to_front)]))
+        self.add_grad(
+            x,
+            self.op(
+                "Transpose", [scattered], "gather_back", perm=[int(i) for i in np.argsort(to_front)]
+            ),
+        )
 
 
 def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:
@@ -819,8 +953,13 @@ def _requantize(add, node, y, at):
 def _float_bias(add, bias, *scales, alpha=1.0):
     scale = add("Mul", list(scales[:2])) if len(scales) == 2 else scales[0]
     if alpha != 1.0:
-        scale = add("Mul", [scale, add("Constant", [], value=numpy_helper.from_array(
-            np.asarray(alpha, np.float32)))])
+        scale = add(
+            "Mul",
+            [
+                scale,
+                add("Constant", [], value=numpy_helper.from_array(np.asarray(alpha, np.float32))),
+            ],
+        )
     return add("Mul", [add("Cast", [bias], to=onnx.TensorProto.FLOAT), scale])
 
 
@@ -834,8 +973,9 @@ def _q_conv(node, add):
 
 def _q_matmul(node, add):
     i = node.input
-    _requantize(add, node, add("MatMul", [_dq(add, i[0], i[1], i[2]),
-                                          _dq(add, i[3], i[4], i[5])]), 6)
+    _requantize(
+        add, node, add("MatMul", [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]), 6
+    )
 
 
 def _q_gemm(node, add):
@@ -844,8 +984,13 @@ def _q_gemm(node, add):
     ins = [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]
     if len(i) > 6 and i[6]:
         ins.append(_float_bias(add, i[6], i[1], i[4], alpha=alpha))
-    y = add("Gemm", ins, alpha=alpha, transA=int(_attr(node, "transA", 0)),
-            transB=int(_attr(node, "transB", 0)))
+    y = add(
+        "Gemm",
+        ins,
+        alpha=alpha,
+        transA=int(_attr(node, "transA", 0)),
+        transB=int(_attr(node, "transB", 0)),
+    )
     _requantize(add, node, y, 7)
 
 
@@ -859,15 +1004,20 @@ def _q_global_average_pool(node, add):
 def _q_binary(op_type):
     def rule(node, add):
         i = node.input
-        _requantize(add, node, add(op_type, [_dq(add, i[0], i[1], i[2]),
-                                             _dq(add, i[3], i[4], i[5])]), 6)
+        _requantize(
+            add, node, add(op_type, [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]), 6
+        )
+
     return rule
 
 
 _QOPERATOR = {
-    "QLinearConv": _q_conv, "QLinearMatMul": _q_matmul, "QGemm": _q_gemm,
+    "QLinearConv": _q_conv,
+    "QLinearMatMul": _q_matmul,
+    "QGemm": _q_gemm,
     "QLinearGlobalAveragePool": _q_global_average_pool,
-    "QLinearAdd": _q_binary("Add"), "QLinearMul": _q_binary("Mul"),
+    "QLinearAdd": _q_binary("Add"),
+    "QLinearMul": _q_binary("Mul"),
 }
 
 
@@ -880,12 +1030,13 @@ def fuse_gradient(model: onnx.ModelProto, grad: HeadGradient) -> onnx.ModelProto
     g = fused.graph
     existing = {o for n in g.node for o in n.output}
     names = {i.name for i in g.initializer}
-    g.node.extend(copy.deepcopy(n) for n in grad.model.graph.node
-                  if not any(o in existing for o in n.output))
-    g.initializer.extend(copy.deepcopy(t) for t in grad.model.graph.initializer
-                         if t.name not in names)
-    g.input.append(copy.deepcopy(next(i for i in grad.model.graph.input
-                                      if i.name == grad.target)))
+    g.node.extend(
+        copy.deepcopy(n) for n in grad.model.graph.node if not any(o in existing for o in n.output)
+    )
+    g.initializer.extend(
+        copy.deepcopy(t) for t in grad.model.graph.initializer if t.name not in names
+    )
+    g.input.append(copy.deepcopy(next(i for i in grad.model.graph.input if i.name == grad.target)))
     outputs = {o.name: o for o in grad.model.graph.output}
     for name in (grad.gradient, grad.target_used):
         g.output.append(copy.deepcopy(outputs[name]))

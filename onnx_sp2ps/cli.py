@@ -84,27 +84,66 @@ def _parse_size_option(ctx, param, value):
 def preprocess_options(f):
     """Options that build a :class:`onnx_sp2ps.data.Preprocess`."""
     options = [
-        click.option("--preprocess", "pre_preset", type=click.Choice(["unit", "imagenet", "raw"]),
-                     default="unit", show_default=True,
-                     help="Preset: unit x/255; imagenet x/255 then ImageNet mean/std; raw x."),
-        click.option("--size", "pre_size", callback=_parse_size_option, metavar="HxW",
-                     help="Input size (default: the model's static input size)."),
-        click.option("--center-crop", "pre_center_crop", is_flag=True,
-                     help="Resize the shorter side to size/0.875, then crop the centre."),
-        click.option("--scale", "pre_scale", callback=_parse_scale, metavar="X",
-                     help="Multiply pixels by X (default from the preset, e.g. 1/255)."),
-        click.option("--mean", "pre_mean", callback=_parse_floats, metavar="M[,M,M]",
-                     help="Subtract per channel, after scaling."),
-        click.option("--std", "pre_std", callback=_parse_floats, metavar="S[,S,S]",
-                     help="Divide per channel, after the mean."),
+        click.option(
+            "--preprocess",
+            "pre_preset",
+            type=click.Choice(["unit", "imagenet", "raw"]),
+            default="unit",
+            show_default=True,
+            help="Preset: unit x/255; imagenet x/255 then ImageNet mean/std; raw x.",
+        ),
+        click.option(
+            "--size",
+            "pre_size",
+            callback=_parse_size_option,
+            metavar="HxW",
+            help="Input size (default: the model's static input size).",
+        ),
+        click.option(
+            "--center-crop",
+            "pre_center_crop",
+            is_flag=True,
+            help="Resize the shorter side to size/0.875, then crop the centre.",
+        ),
+        click.option(
+            "--scale",
+            "pre_scale",
+            callback=_parse_scale,
+            metavar="X",
+            help="Multiply pixels by X (default from the preset, e.g. 1/255).",
+        ),
+        click.option(
+            "--mean",
+            "pre_mean",
+            callback=_parse_floats,
+            metavar="M[,M,M]",
+            help="Subtract per channel, after scaling.",
+        ),
+        click.option(
+            "--std",
+            "pre_std",
+            callback=_parse_floats,
+            metavar="S[,S,S]",
+            help="Divide per channel, after the mean.",
+        ),
         click.option("--bgr", "pre_bgr", is_flag=True, help="Feed channels in BGR order."),
-        click.option("--layout", "pre_layout", type=click.Choice(["NCHW", "NHWC"]),
-                     help="Input layout (default: detected from the model)."),
-        click.option("--class-names", type=_FILE_PATH,
-                     help="File with one class name per line, in class order; image "
-                          "sub-folders named after classes give the labels."),
-        click.option("--strict", is_flag=True,
-                     help="Stop (exit 3) on an unreadable image instead of skipping it."),
+        click.option(
+            "--layout",
+            "pre_layout",
+            type=click.Choice(["NCHW", "NHWC"]),
+            help="Input layout (default: detected from the model).",
+        ),
+        click.option(
+            "--class-names",
+            type=_FILE_PATH,
+            help="File with one class name per line, in class order; image "
+            "sub-folders named after classes give the labels.",
+        ),
+        click.option(
+            "--strict",
+            is_flag=True,
+            help="Stop (exit 3) on an unreadable image instead of skipping it.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -115,10 +154,15 @@ def _preprocess(kwargs: dict):
     from onnx_sp2ps.data import Preprocess
 
     return Preprocess(
-        preset=kwargs.pop("pre_preset"), size=kwargs.pop("pre_size"),
-        center_crop=kwargs.pop("pre_center_crop"), scale=kwargs.pop("pre_scale"),
-        mean=kwargs.pop("pre_mean"), std=kwargs.pop("pre_std"), bgr=kwargs.pop("pre_bgr"),
-        layout=kwargs.pop("pre_layout"))
+        preset=kwargs.pop("pre_preset"),
+        size=kwargs.pop("pre_size"),
+        center_crop=kwargs.pop("pre_center_crop"),
+        scale=kwargs.pop("pre_scale"),
+        mean=kwargs.pop("pre_mean"),
+        std=kwargs.pop("pre_std"),
+        bgr=kwargs.pop("pre_bgr"),
+        layout=kwargs.pop("pre_layout"),
+    )
 
 
 def model_options(candidates: bool):
@@ -126,22 +170,37 @@ def model_options(candidates: bool):
 
     def decorate(f):
         opts = [
-            click.option("--input-name", metavar="NAME",
-                         help="Image input tensor (when the model has several inputs)."),
-            click.option("--feature-layer", metavar="NAME",
-                         help="Feature-map tensor, overriding detection."),
-            click.option("--logits", "logits_name", metavar="NAME",
-                         help="Logits tensor, overriding detection."),
+            click.option(
+                "--input-name",
+                metavar="NAME",
+                help="Image input tensor (when the model has several inputs).",
+            ),
+            click.option(
+                "--feature-layer", metavar="NAME", help="Feature-map tensor, overriding detection."
+            ),
+            click.option(
+                "--logits",
+                "logits_name",
+                metavar="NAME",
+                help="Logits tensor, overriding detection.",
+            ),
         ]
         if candidates:
             opts += [
-                click.option("--candidate-input-name", metavar="NAME",
-                             help="Like --input-name, for the candidates."),
-                click.option("--candidate-feature-layer", metavar="NAME",
-                             help="Like --feature-layer, for the candidates (pruned graphs "
-                                  "may rename tensors)."),
-                click.option("--candidate-logits", metavar="NAME",
-                             help="Like --logits, for the candidates."),
+                click.option(
+                    "--candidate-input-name",
+                    metavar="NAME",
+                    help="Like --input-name, for the candidates.",
+                ),
+                click.option(
+                    "--candidate-feature-layer",
+                    metavar="NAME",
+                    help="Like --feature-layer, for the candidates (pruned graphs "
+                    "may rename tensors).",
+                ),
+                click.option(
+                    "--candidate-logits", metavar="NAME", help="Like --logits, for the candidates."
+                ),
             ]
         for option in reversed(opts):
             f = option(f)
@@ -153,9 +212,11 @@ def model_options(candidates: bool):
 def _model_options(kwargs: dict, prefix: str = ""):
     from onnx_sp2ps.pipeline import ModelOptions
 
-    return ModelOptions(input_name=kwargs.pop(f"{prefix}input_name"),
-                        feature_layer=kwargs.pop(f"{prefix}feature_layer"),
-                        logits=kwargs.pop(f"{prefix}logits" if prefix else "logits_name"))
+    return ModelOptions(
+        input_name=kwargs.pop(f"{prefix}input_name"),
+        feature_layer=kwargs.pop(f"{prefix}feature_layer"),
+        logits=kwargs.pop(f"{prefix}logits" if prefix else "logits_name"),
+    )
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -168,31 +229,48 @@ def _parse_bytes(ctx, param, value):
     text = value.strip().upper().removesuffix("B").removesuffix("I")
     unit = text[-1:] if text[-1:] in _UNITS else ""
     try:
-        amount = float(text[:len(text) - len(unit)])
+        amount = float(text[: len(text) - len(unit)])
     except ValueError:
-        raise click.BadParameter(f"expected a size such as 8G, 512M or 1073741824, got "
-                                 f"{value!r}") from None
+        raise click.BadParameter(
+            f"expected a size such as 8G, 512M or 1073741824, got {value!r}"
+        ) from None
     if not (amount > 0 and amount * _UNITS[unit] < 1 << 60):
         raise click.BadParameter("must be a size above 0 and below 1 EiB")
     return int(amount * _UNITS[unit])
 
 
 _max_memory_option = click.option(
-    "--max-memory", callback=_parse_bytes, metavar="SIZE",
+    "--max-memory",
+    callback=_parse_bytes,
+    metavar="SIZE",
     help="Memory budget (e.g. 8G): models and batches declaring more are refused before "
-         "anything is allocated (default: half the memory available).")
+    "anything is allocated (default: half the memory available).",
+)
 
 
 def runtime_options(f):
     options = [
         _max_memory_option,
-        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     show_default=True, help="Execution provider; CUDA falls back to CPU."),
-        click.option("--threads", type=click.IntRange(1, MAX_THREADS), metavar="N",
-                     help=f"onnxruntime intra-op threads, 1 to {MAX_THREADS} (default: all "
-                          "cores)."),
-        click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=16,
-                     show_default=True, help=f"Images per batch, 1 to {MAX_BATCH}."),
+        click.option(
+            "--provider",
+            type=click.Choice(["auto", "cpu", "cuda"]),
+            default="auto",
+            show_default=True,
+            help="Execution provider; CUDA falls back to CPU.",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(1, MAX_THREADS),
+            metavar="N",
+            help=f"onnxruntime intra-op threads, 1 to {MAX_THREADS} (default: all cores).",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(1, MAX_BATCH),
+            default=16,
+            show_default=True,
+            help=f"Images per batch, 1 to {MAX_BATCH}.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -200,10 +278,15 @@ def runtime_options(f):
 
 
 def common_options(f):
-    f = click.option("--config", type=_PATH, is_eager=True, callback=_apply_config,
-                     expose_value=False, metavar="FILE",
-                     help="TOML file of settings (long option names as keys); the "
-                          "command line wins.")(f)
+    f = click.option(
+        "--config",
+        type=_PATH,
+        is_eager=True,
+        callback=_apply_config,
+        expose_value=False,
+        metavar="FILE",
+        help="TOML file of settings (long option names as keys); the command line wins.",
+    )(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar or diagnostics.")(f)
     f = click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")(f)
     return f
@@ -229,8 +312,9 @@ class _Console:
             if bar is None:
                 if time.monotonic() - state["start"] < delay:
                     return
-                bar = click.progressbar(length=total, label=label, file=sys.stderr,
-                                        show_pos=True, show_eta=True)
+                bar = click.progressbar(
+                    length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True
+                )
                 bar.__enter__()
                 state["bar"] = bar
             bar.update(done - state["done"])
@@ -252,15 +336,35 @@ def _unit_interval(ctx, param, value):
 def gate_options(f):
     """The gate criteria, shared by ``audit`` and ``gate``."""
     options = [
-        click.option("--fail-under", type=float, metavar="X", callback=_unit_interval,
-                     help="Gate: each candidate's Sp2PS mean must be >= X."),
-        click.option("--fail-under-p5", type=float, metavar="X", callback=_unit_interval,
-                     help="Gate: the 5th percentile of per-image Sp2PS must be >= X."),
-        click.option("--min-agreement", type=float, metavar="X", callback=_unit_interval,
-                     help="Gate: top-1 agreement with the original must be >= X."),
-        click.option("--max-accuracy-drop", type=float, metavar="X", callback=_unit_interval,
-                     help="Gate: original accuracy minus candidate accuracy must be <= X "
-                          "(absolute; needs labels)."),
+        click.option(
+            "--fail-under",
+            type=float,
+            metavar="X",
+            callback=_unit_interval,
+            help="Gate: each candidate's Sp2PS mean must be >= X.",
+        ),
+        click.option(
+            "--fail-under-p5",
+            type=float,
+            metavar="X",
+            callback=_unit_interval,
+            help="Gate: the 5th percentile of per-image Sp2PS must be >= X.",
+        ),
+        click.option(
+            "--min-agreement",
+            type=float,
+            metavar="X",
+            callback=_unit_interval,
+            help="Gate: top-1 agreement with the original must be >= X.",
+        ),
+        click.option(
+            "--max-accuracy-drop",
+            type=float,
+            metavar="X",
+            callback=_unit_interval,
+            help="Gate: original accuracy minus candidate accuracy must be <= X "
+            "(absolute; needs labels).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -270,15 +374,23 @@ def gate_options(f):
 def _criteria(kwargs: dict):
     from onnx_sp2ps.gate import GateCriteria
 
-    return GateCriteria(fail_under=kwargs.pop("fail_under"),
-                        fail_under_p5=kwargs.pop("fail_under_p5"),
-                        min_agreement=kwargs.pop("min_agreement"),
-                        max_accuracy_drop=kwargs.pop("max_accuracy_drop"))
+    return GateCriteria(
+        fail_under=kwargs.pop("fail_under"),
+        fail_under_p5=kwargs.pop("fail_under_p5"),
+        min_agreement=kwargs.pop("min_agreement"),
+        max_accuracy_drop=kwargs.pop("max_accuracy_drop"),
+    )
 
 
 def _format_choice(f):
-    return click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="Output on stdout.")(f)
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Output on stdout.",
+    )(f)
 
 
 def _out_path(ctx, param, value):
@@ -289,9 +401,11 @@ def _out_path(ctx, param, value):
     return Path(value)
 
 
-_force_option = click.option("--force", is_flag=True,
-                             help="Replace files under --out (and --junit) that this tool "
-                                  "did not write.")
+_force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Replace files under --out (and --junit) that this tool did not write.",
+)
 
 
 # --------------------------------------------------------------------------- commands
@@ -311,8 +425,9 @@ def _load_toml(path: Path) -> dict:
     try:
         return tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise InputError(f"cannot read config file {show(path)}: "
-                         f"{' '.join(str(exc).split())}: fix the TOML") from None
+        raise InputError(
+            f"cannot read config file {show(path)}: {' '.join(str(exc).split())}: fix the TOML"
+        ) from None
 
 
 def _config_settings(path: Path | None) -> tuple[dict, str | None]:
@@ -342,8 +457,10 @@ def _settings_table(data: dict, path: Path, *, whole: bool) -> dict:
     if not isinstance(table, dict):
         from onnx_sp2ps.files import show
 
-        raise click.UsageError(f"[tool.{CONFIG_TABLE}] in {show(path)} is not a table: write "
-                               "option = value lines under it")
+        raise click.UsageError(
+            f"[tool.{CONFIG_TABLE}] in {show(path)} is not a table: write "
+            "option = value lines under it"
+        )
     return table
 
 
@@ -372,8 +489,10 @@ def _default_map(command: click.Command, settings: dict, source: str) -> dict:
     for key, value in settings.items():
         name = str(key).replace("_", "-")
         if name not in known_anywhere or name == "config":
-            raise click.UsageError(f"unknown setting {key!r} in {source}: use the long option "
-                                   "names of the command line, e.g. fail-under = 0.8")
+            raise click.UsageError(
+                f"unknown setting {key!r} in {source}: use the long option "
+                "names of the command line, e.g. fail-under = 0.8"
+            )
         param = params.get(name)
         if param is None:
             continue  # a setting of another command
@@ -392,18 +511,22 @@ def _setting_value(key, value, param: click.Option, source: str):
         return value
     if isinstance(value, scalar):
         return str(value)
-    raise click.UsageError(f"setting {key!r} in {source} is a {type(value).__name__}: give a "
-                           "number, a string, a boolean or a list of numbers")
+    raise click.UsageError(
+        f"setting {key!r} in {source} is a {type(value).__name__}: give a "
+        "number, a string, a boolean or a list of numbers"
+    )
 
 
 def setting_sources(ctx: click.Context) -> dict:
     """Where each setting of the running command came from (for the report)."""
     from click.core import ParameterSource
 
-    names = {ParameterSource.COMMANDLINE: "command line",
-             ParameterSource.ENVIRONMENT: "environment",
-             ParameterSource.DEFAULT_MAP: ctx.find_root().meta.get("config_source") or "config",
-             ParameterSource.DEFAULT: "default"}
+    names = {
+        ParameterSource.COMMANDLINE: "command line",
+        ParameterSource.ENVIRONMENT: "environment",
+        ParameterSource.DEFAULT_MAP: ctx.find_root().meta.get("config_source") or "config",
+        ParameterSource.DEFAULT: "default",
+    }
     out = {}
     for p in ctx.command.params:
         if isinstance(p, click.Option) and p.name not in ("quiet", "debug", "config"):
@@ -427,8 +550,13 @@ def cli():
 @click.argument("model", type=_PATH)
 @_format_choice
 @model_options(candidates=False)
-@click.option("--size", "size", callback=_parse_size_option, metavar="HxW",
-              help="Input size used to infer shapes when the model's is symbolic.")
+@click.option(
+    "--size",
+    "size",
+    callback=_parse_size_option,
+    metavar="HxW",
+    help="Input size used to infer shapes when the model's is symbolic.",
+)
 @_max_memory_option
 @common_options
 def inspect(model, fmt, size, max_memory, quiet, debug, **kwargs):
@@ -438,15 +566,24 @@ def inspect(model, fmt, size, max_memory, quiet, debug, **kwargs):
     from onnx_sp2ps.runtime import ModelRunner, available_providers
 
     opts = _model_options(kwargs)
-    prepared = prepare_model(model, input_name=opts.input_name,
-                             feature_layer=opts.feature_layer, logits=opts.logits, size=size,
-                             max_memory=max_memory)
+    prepared = prepare_model(
+        model,
+        input_name=opts.input_name,
+        feature_layer=opts.feature_layer,
+        logits=opts.logits,
+        size=size,
+        max_memory=max_memory,
+    )
     runner = ModelRunner(prepared, provider="cpu")
     from onnx_sp2ps.files import show
 
-    data = {"model": show(model), "size_bytes": prepared.size_bytes,
-            "parameters": prepared.parameters, **prepared.spec.to_dict(),
-            "providers": available_providers()}
+    data = {
+        "model": show(model),
+        "size_bytes": prepared.size_bytes,
+        "parameters": prepared.parameters,
+        **prepared.spec.to_dict(),
+        "providers": available_providers(),
+    }
     data["head"]["gradient"] = runner.gradient_path
     data["head"]["gradient_reason"] = runner.gradient_note
     if fmt == "json":
@@ -481,24 +618,47 @@ def _shape(shape) -> str:
 def _method_options(f):
     from onnx_sp2ps.cams import METHODS
 
-    f = click.option("--scorecam-channels", type=click.IntRange(1, MAX_SCORECAM_CHANNELS),
-                     metavar="N", help="Score-CAM: use the N channels with the largest mean "
-                                       f"activation, 1 to {MAX_SCORECAM_CHANNELS}.")(f)
-    return click.option("--method", type=click.Choice(list(METHODS)), default="gradcam",
-                        show_default=True, help="CAM method.")(f)
+    f = click.option(
+        "--scorecam-channels",
+        type=click.IntRange(1, MAX_SCORECAM_CHANNELS),
+        metavar="N",
+        help="Score-CAM: use the N channels with the largest mean "
+        f"activation, 1 to {MAX_SCORECAM_CHANNELS}.",
+    )(f)
+    return click.option(
+        "--method",
+        type=click.Choice(list(METHODS)),
+        default="gradcam",
+        show_default=True,
+        help="CAM method.",
+    )(f)
 
 
 def _target_option(f):
-    return click.option("--target", default="own", show_default=True, metavar="own|label|K",
-                        help="Class explained: each image's top-1, its label, or class K.")(f)
+    return click.option(
+        "--target",
+        default="own",
+        show_default=True,
+        metavar="own|label|K",
+        help="Class explained: each image's top-1, its label, or class K.",
+    )(f)
 
 
 @cli.command()
 @click.argument("model", type=_PATH)
-@click.option("--images", required=True, type=_PATH,
-              help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
-@click.option("--out", required=True, type=click.Path(), callback=_out_path,
-              help="Folder for cams.npz (and overlays).")
+@click.option(
+    "--images",
+    required=True,
+    type=_PATH,
+    help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    callback=_out_path,
+    help="Folder for cams.npz (and overlays).",
+)
 @_method_options
 @_target_option
 @click.option("--overlays", is_flag=True, help="Also write one PNG per image: the map over it.")
@@ -507,8 +667,25 @@ def _target_option(f):
 @model_options(candidates=False)
 @runtime_options
 @common_options
-def cam(model, images, out, method, scorecam_channels, target, overlays, force, max_memory,
-        provider, threads, batch_size, quiet, debug, class_names, strict, **kwargs):
+def cam(
+    model,
+    images,
+    out,
+    method,
+    scorecam_channels,
+    target,
+    overlays,
+    force,
+    max_memory,
+    provider,
+    threads,
+    batch_size,
+    quiet,
+    debug,
+    class_names,
+    strict,
+    **kwargs,
+):
     """Compute CAMs of MODEL on images; write OUT/cams.npz (paths, targets, logits, raw,
     maps)."""
     from onnx_sp2ps.pipeline import compute_cams
@@ -527,10 +704,21 @@ def cam(model, images, out, method, scorecam_channels, target, overlays, force, 
         update, close = console.progress("cam")
         try:
             maps, info, image_set = compute_cams(
-                model, images, preprocess=preprocess, method=method, target=chosen,
-                options=opts, class_names=class_names, batch_size=batch_size,
-                provider=provider, threads=threads, strict=strict,
-                scorecam_channels=scorecam_channels, max_memory=max_memory, progress=update)
+                model,
+                images,
+                preprocess=preprocess,
+                method=method,
+                target=chosen,
+                options=opts,
+                class_names=class_names,
+                batch_size=batch_size,
+                provider=provider,
+                threads=threads,
+                strict=strict,
+                scorecam_channels=scorecam_channels,
+                max_memory=max_memory,
+                progress=update,
+            )
         finally:
             close()
         console.info(f"preprocess: {image_set.preprocess.describe()}")
@@ -540,8 +728,9 @@ def cam(model, images, out, method, scorecam_channels, target, overlays, force, 
             index = {p: i for i, p in enumerate(image_set.paths)}
             for k, p in enumerate(maps.paths):
                 rgb = image_set.display_image(index[p])
-                write_png(files.path("overlays") / overlay_name(p),
-                          overlay_image(rgb, maps.maps[k]))
+                write_png(
+                    files.path("overlays") / overlay_name(p), overlay_image(rgb, maps.maps[k])
+                )
         files.commit()
     _report_skipped(console, image_set)
     from onnx_sp2ps.files import show
@@ -606,9 +795,11 @@ def _check_out_not_in_images(out: Path, images: Path) -> None:
         return
     root, target = os.path.realpath(images), os.path.realpath(out)
     if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
-        raise ReportError(f"--out {show(out)} is inside the --images folder {show(images)}: "
-                          "a later run would read its overlays as images; choose a folder "
-                          "outside it")
+        raise ReportError(
+            f"--out {show(out)} is inside the --images folder {show(images)}: "
+            "a later run would read its overlays as images; choose a folder "
+            "outside it"
+        )
 
 
 def _provider_note(console: _Console, info) -> None:
@@ -621,53 +812,113 @@ def _provider_note(console: _Console, info) -> None:
 
 def _report_skipped(console: _Console, image_set) -> None:
     if image_set.skipped:
-        _err(f"skipped {len(image_set.skipped)} unreadable image(s) or folder(s), e.g. "
-             f"{image_set.skipped[0][0]}: {image_set.skipped[0][1]}")
+        _err(
+            f"skipped {len(image_set.skipped)} unreadable image(s) or folder(s), e.g. "
+            f"{image_set.skipped[0][0]}: {image_set.skipped[0][1]}"
+        )
 
 
 @cli.command()
 @click.argument("original", type=_PATH)
 @click.argument("candidates", nargs=-1, required=True, type=_PATH)
-@click.option("--images", required=True, type=_PATH,
-              help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.")
-@click.option("--out", type=click.Path(), callback=_out_path,
-              help="Folder for report.json (and maps).")
+@click.option(
+    "--images",
+    required=True,
+    type=_PATH,
+    help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.",
+)
+@click.option(
+    "--out", type=click.Path(), callback=_out_path, help="Folder for report.json (and maps)."
+)
 @_format_choice
 @gate_options
-@click.option("--junit", type=_FILE_PATH, metavar="FILE",
-              help="Write JUnit XML (one test case per candidate and criterion).")
-@click.option("--summary-md", type=_FILE_PATH, metavar="FILE",
-              help="Append a short Markdown summary (pull-request comment, CI job summary "
-                   "such as $GITHUB_STEP_SUMMARY); an existing file is never truncated.")
-@click.option("--save-maps", is_flag=True,
-              help="With --out: write OUT/maps/<model>.npz for every model.")
-@click.option("--worst", type=click.IntRange(0, MAX_WORST), default=12, show_default=True,
-              metavar="N", help="With --out: show the N lowest-scoring images per candidate "
-                                f"(0 to {MAX_WORST}).")
-@click.option("--overlays", "overlay_mode", type=click.Choice(["worst", "all", "none"]),
-              default="worst", show_default=True,
-              help="With --out: PNG overlays under OUT/overlays/ for the worst N or all images.")
+@click.option(
+    "--junit",
+    type=_FILE_PATH,
+    metavar="FILE",
+    help="Write JUnit XML (one test case per candidate and criterion).",
+)
+@click.option(
+    "--summary-md",
+    type=_FILE_PATH,
+    metavar="FILE",
+    help="Append a short Markdown summary (pull-request comment, CI job summary "
+    "such as $GITHUB_STEP_SUMMARY); an existing file is never truncated.",
+)
+@click.option(
+    "--save-maps", is_flag=True, help="With --out: write OUT/maps/<model>.npz for every model."
+)
+@click.option(
+    "--worst",
+    type=click.IntRange(0, MAX_WORST),
+    default=12,
+    show_default=True,
+    metavar="N",
+    help=f"With --out: show the N lowest-scoring images per candidate (0 to {MAX_WORST}).",
+)
+@click.option(
+    "--overlays",
+    "overlay_mode",
+    type=click.Choice(["worst", "all", "none"]),
+    default="worst",
+    show_default=True,
+    help="With --out: PNG overlays under OUT/overlays/ for the worst N or all images.",
+)
 @_method_options
-@click.option("--target", type=click.Choice(["original", "label", "own"]), default="original",
-              show_default=True,
-              help="Class explained: the original's top-1 (both models), the label, or each "
-                   "model's own top-1.")
+@click.option(
+    "--target",
+    type=click.Choice(["original", "label", "own"]),
+    default="original",
+    show_default=True,
+    help="Class explained: the original's top-1 (both models), the label, or each "
+    "model's own top-1.",
+)
 @_force_option
 @preprocess_options
 @model_options(candidates=True)
 @runtime_options
 @common_options
-def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, worst,
-          overlay_mode, method, scorecam_channels, target, force, max_memory, provider,
-          threads, batch_size, quiet, debug, class_names, strict, **kwargs):
+def audit(
+    original,
+    candidates,
+    images,
+    out,
+    fmt,
+    junit,
+    summary_md,
+    save_maps,
+    worst,
+    overlay_mode,
+    method,
+    scorecam_channels,
+    target,
+    force,
+    max_memory,
+    provider,
+    threads,
+    batch_size,
+    quiet,
+    debug,
+    class_names,
+    strict,
+    **kwargs,
+):
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     import onnx_sp2ps.pipeline as audit_module
     from onnx_sp2ps.gate import apply_gate
     from onnx_sp2ps.pipeline import audit_to_dict
-    from onnx_sp2ps.report import (ReportSet, append_text,
-                                   check_target, format_table, html_report,
-                                   junit_xml, samples_csv, summary_markdown, write_atomic,
-                                   write_json)
+    from onnx_sp2ps.report import (
+        ReportSet,
+        append_text,
+        check_target,
+        format_table,
+        html_report,
+        junit_xml,
+        samples_csv,
+        summary_markdown,
+        write_atomic,
+        write_json,
+    )
 
     console = _Console(quiet)
     if save_maps and out is None:
@@ -680,16 +931,23 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
     cand_opts = type(cand_opts)(
         input_name=cand_opts.input_name or orig_opts.input_name,
         feature_layer=cand_opts.feature_layer or orig_opts.feature_layer,
-        logits=cand_opts.logits or orig_opts.logits)
+        logits=cand_opts.logits or orig_opts.logits,
+    )
     if junit is not None:
         check_target(junit, option="--junit", force=force)
     if summary_md is not None:
         check_target(summary_md, option="--summary-md", force=True)
-    settings = audit_module.AuditSettings(method=method, target=target, batch_size=batch_size,
-                                          provider=provider, threads=threads,
-                                          threshold=fail_under, strict=strict,
-                                          scorecam_channels=scorecam_channels,
-                                          max_memory=max_memory)
+    settings = audit_module.AuditSettings(
+        method=method,
+        target=target,
+        batch_size=batch_size,
+        provider=provider,
+        threads=threads,
+        threshold=fail_under,
+        strict=strict,
+        scorecam_channels=scorecam_channels,
+        max_memory=max_memory,
+    )
     folders = _model_folders([str(original), *map(str, candidates)])
     files = None
     if out is not None:
@@ -697,14 +955,26 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
         files = ReportSet(out, AUDIT_SET, force=force)
     try:
         update, close = console.progress("audit")
-        streamer = _OverlayStreamer(files.path("overlays"), folders) if (
-            files is not None and overlay_mode == "all") else None
+        streamer = (
+            _OverlayStreamer(files.path("overlays"), folders)
+            if (files is not None and overlay_mode == "all")
+            else None
+        )
         try:
             result = audit_module.audit(
-                original, list(candidates), images, preprocess=preprocess, settings=settings,
-                original_options=orig_opts, candidate_options=cand_opts,
-                class_names=class_names, keep_maps=save_maps,
-                worst=worst if files is not None else 0, on_maps=streamer, progress=update)
+                original,
+                list(candidates),
+                images,
+                preprocess=preprocess,
+                settings=settings,
+                original_options=orig_opts,
+                candidate_options=cand_opts,
+                class_names=class_names,
+                keep_maps=save_maps,
+                worst=worst if files is not None else 0,
+                on_maps=streamer,
+                progress=update,
+            )
         finally:
             close()
         console.info(f"preprocess: {result.images.preprocess.describe()}")
@@ -716,8 +986,11 @@ def audit(original, candidates, images, out, fmt, junit, summary_md, save_maps, 
         checks = apply_gate(report, criteria) if criteria.any() else []
         if files is not None:
             overlays = files.path("overlays") if overlay_mode == "worst" else None
-            page = html_report(report, _worst_images(result, report, folders, overlays),
-                               class_names=result.images.class_names)
+            page = html_report(
+                report,
+                _worst_images(result, report, folders, overlays),
+                class_names=result.images.class_names,
+            )
             table = samples_csv(report).encode("utf-8")
             write_atomic(files.path("samples.csv"), lambda h: h.write(table))
             write_atomic(files.path("report.html"), lambda h: h.write(page.encode("utf-8")))
@@ -782,21 +1055,32 @@ def _worst_images(result, report: dict, folders: list[str], overlays: Path | Non
                 original_png = png_bytes(overlay_image(rgb, w.original_maps[k]))
                 originals[index] = (png_bytes(rgb), original_png)
                 if overlays is not None:
-                    write_atomic(overlays / folders[0] / overlay_name(path),
-                                 lambda handle: handle.write(original_png))
+                    write_atomic(
+                        overlays / folders[0] / overlay_name(path),
+                        lambda handle: handle.write(original_png),
+                    )
             image_png, original_png = originals[index]
             candidate_png = png_bytes(overlay_image(rgb, w.candidate_maps[k]))
             if overlays is not None:
-                write_atomic(overlays / folder / overlay_name(path),
-                             lambda handle: handle.write(candidate_png))
+                write_atomic(
+                    overlays / folder / overlay_name(path),
+                    lambda handle: handle.write(candidate_png),
+                )
             label = None if labels is None or labels[pos] < 0 else int(labels[pos])
-            rows.append(WorstImage(
-                path=entry["images"][int(pos)]["path"], image_png=image_png,
-                original_png=original_png, candidate_png=candidate_png,
-                spatial=float(cand.scores.spatial[pos]),
-                spectral=float(cand.scores.spectral[pos]), score=float(cand.scores.score[pos]),
-                prediction_original=int(result.original_predictions[pos]),
-                prediction_candidate=int(cand.predictions[pos]), label=label))
+            rows.append(
+                WorstImage(
+                    path=entry["images"][int(pos)]["path"],
+                    image_png=image_png,
+                    original_png=original_png,
+                    candidate_png=candidate_png,
+                    spatial=float(cand.scores.spatial[pos]),
+                    spectral=float(cand.scores.spectral[pos]),
+                    score=float(cand.scores.score[pos]),
+                    prediction_original=int(result.original_predictions[pos]),
+                    prediction_candidate=int(cand.predictions[pos]),
+                    label=label,
+                )
+            )
         out[entry["model"]["name"]] = rows
     return out
 
@@ -829,8 +1113,10 @@ def gate(report, quiet, debug, **kwargs):
 
     criteria = _criteria(kwargs)
     if not criteria.any():
-        raise click.UsageError("give at least one criterion (--fail-under, --fail-under-p5, "
-                               "--min-agreement, --max-accuracy-drop)")
+        raise click.UsageError(
+            "give at least one criterion (--fail-under, --fail-under-p5, "
+            "--min-agreement, --max-accuracy-drop)"
+        )
     return _gate(check_report(load_report(report), criteria))
 
 
@@ -892,8 +1178,10 @@ def _run(args: list[str], debug: bool) -> int | None:
         _err(f"usage error: {exc}")
         return EXIT_USAGE
     except MemoryError:
-        _err("error: out of memory: the inputs need more memory than this machine has; "
-             "use a smaller --batch-size or --size, or a machine with more memory")
+        _err(
+            "error: out of memory: the inputs need more memory than this machine has; "
+            "use a smaller --batch-size or --size, or a machine with more memory"
+        )
         return EXIT_INPUT
     except Sp2psError as exc:
         _err(f"error: {exc}")
@@ -901,6 +1189,8 @@ def _run(args: list[str], debug: bool) -> int | None:
     except Exception as exc:  # a bug: never let it look like a failed gate
         if debug:
             traceback.print_exc()
-        _err(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
-             "traceback, and please report it)")
+        _err(
+            f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
+            "traceback, and please report it)"
+        )
         return EXIT_INTERNAL

@@ -37,8 +37,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from onnx_sp2ps.errors import DataError, MismatchError, UsageError
-from onnx_sp2ps.files import (NotRegularFile, file_kind, memory_budget, open_regular, show,
-                              special_kind)
+from onnx_sp2ps.files import (
+    NotRegularFile,
+    file_kind,
+    memory_budget,
+    open_regular,
+    show,
+    special_kind,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -459,7 +465,6 @@ def parse_size(text: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- files
 
 
-
 # --------------------------------------------------------------------------- images
 
 
@@ -658,8 +663,10 @@ def _bomb_reason(pillow: str) -> str:
     Pillow's by default), so that it never shows Pillow's doubled one."""
     found = re.search(r"\(([0-9]+) pixels\)", pillow)
     if found and int(found.group(1)) > MAX_IMAGE_PIXELS:
-        return (f"refused before decoding (decompression-bomb guard): image is "
-                f"{int(found.group(1))} pixels, over the limit of {MAX_IMAGE_PIXELS}")
+        return (
+            f"refused before decoding (decompression-bomb guard): image is "
+            f"{int(found.group(1))} pixels, over the limit of {MAX_IMAGE_PIXELS}"
+        )
     return "refused before decoding (decompression-bomb guard): " + show(pillow.rstrip("."))
 
 
@@ -699,8 +706,9 @@ def _open_image(path: Path, pre: ResolvedPreprocess) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _DecodeFailure(_bomb_reason(str(exc))) from None
     except UnidentifiedImageError:
-        raise _DecodeFailure("cannot decode: UnidentifiedImageError: not an image file that "
-                             "Pillow recognises") from None
+        raise _DecodeFailure(
+            "cannot decode: UnidentifiedImageError: not an image file that Pillow recognises"
+        ) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise _DecodeFailure(f"cannot decode: {type(exc).__name__}: {show(reason)}") from None
@@ -716,8 +724,13 @@ def _release_rows(array: np.ndarray | None, stop: int) -> None:
     ``.npy`` (read-only), so that streaming a large file keeps the resident set flat
     instead of growing by the file's size; a later read of those rows maps them again."""
     mapped = getattr(array, "_mmap", None)
-    if (mapped is None or stop <= 0 or not array.flags.c_contiguous
-            or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED")):
+    if (
+        mapped is None
+        or stop <= 0
+        or not array.flags.c_contiguous
+        or not hasattr(mapped, "madvise")
+        or not hasattr(mmap, "MADV_DONTNEED")
+    ):
         return
     offset = int(getattr(array, "offset", 0))
     begin = offset - offset % mmap.ALLOCATIONGRANULARITY  # where numpy's mapping starts
@@ -751,7 +764,7 @@ class _RowNames(Sequence[str]):
     def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
         prefix = f"{self._name}["
         if isinstance(value, str) and value.startswith(prefix) and value.endswith("]"):
-            digits = value[len(prefix):-1]
+            digits = value[len(prefix) : -1]
             if _INTEGER_NAME.fullmatch(digits) and str(int(digits)) == digits:
                 position = int(digits)
                 end = self._n if stop is None else stop
@@ -869,8 +882,9 @@ class ImageSet:
         Images are added as batches are read: complete only after a full pass of
         :meth:`iter_batches`.
         """
-        return ([(self.paths[i], reason) for i, reason in sorted(self._failures.items())]
-                + self._unlisted)
+        return [
+            (self.paths[i], reason) for i, reason in sorted(self._failures.items())
+        ] + self._unlisted
 
     def iter_batches(self, batch_size: int) -> Iterator[Batch]:
         """Yield the images as float32 batches, in order.
@@ -1152,9 +1166,7 @@ def _read_class_names(class_names: str | os.PathLike[str] | list[str] | None) ->
             ) from None
         names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
-            raise DataError(
-                f"the class names file {shown} is empty: write one class name per line"
-            )
+            raise DataError(f"the class names file {shown} is empty: write one class name per line")
         return names
     names = [str(name).strip() for name in class_names]
     if not names:
@@ -1278,13 +1290,17 @@ def _open_folder(
             f"cannot list the sub-folder {folder} of {show(root)} ({why}): fix its "
             "permissions, or drop --strict to skip what cannot be read"
         )
-    unlisted = [(folder, f"cannot list the sub-folder ({why}); the images in it were not read")
-                for folder, why in unreadable]
+    unlisted = [
+        (folder, f"cannot list the sub-folder ({why}); the images in it were not read")
+        for folder, why in unreadable
+    ]
     if not files:
         hint = f" (found only {', '.join(others)} files)" if others else ""
         if unreadable:
-            hint += (f" ({len(unreadable)} sub-folder(s) could not be listed, e.g. "
-                     f"{unreadable[0][0]}: {unreadable[0][1]})")
+            hint += (
+                f" ({len(unreadable)} sub-folder(s) could not be listed, e.g. "
+                f"{unreadable[0][0]}: {unreadable[0][1]})"
+            )
         raise DataError(
             f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {show(root)} or its "
             f"sub-folders{hint}: pass a folder that holds images, or a .npy/.npz array file"
@@ -1342,8 +1358,9 @@ def _load_npy(path: Path) -> np.ndarray:
             )
         if claimed == 0:
             return np.empty(shape, dtype=dtype)
-        return np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=shape,
-                         order="F" if fortran else "C")
+        return np.memmap(
+            handle, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+        )
 
 
 def _npz_members(
@@ -1416,8 +1433,9 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
                 input_key = rest[0]
             inputs, labels = _npz_members(path, archive, [input_key, label_key])
             assert inputs is not None
-            source = f"no labels in {show(path.name)}" if label_key is None else (
-                f"array {label_key!r}")
+            source = (
+                f"no labels in {show(path.name)}" if label_key is None else (f"array {label_key!r}")
+            )
             return inputs, labels, source
     except NotRegularFile as exc:
         raise DataError(
@@ -1468,7 +1486,9 @@ def _check_array_shape(
             f"{expected}{extra}, in the model's {layout} layout"
         )
     if n == 0:
-        raise DataError(f"{show(path)} holds no inputs (shape {tuple(inputs.shape)}): save at least one")
+        raise DataError(
+            f"{show(path)} holds no inputs (shape {tuple(inputs.shape)}): save at least one"
+        )
     if min(channels, height, width) < 1:
         raise DataError(f"{show(path)} holds inputs of empty shape {tuple(inputs.shape)}")
     model = (spec.channels, spec.height, spec.width)
@@ -1478,14 +1498,18 @@ def _check_array_shape(
         hint = ""
         if inputs.ndim == 4:  # would the other layout fit?
             _, a, b, c = inputs.shape
-            other, name, axes = ((c, a, b), "NHWC", "(0, 3, 1, 2)") if layout == "NCHW" else (
-                (a, b, c), "NCHW", "(0, 2, 3, 1)"
+            other, name, axes = (
+                ((c, a, b), "NHWC", "(0, 3, 1, 2)")
+                if layout == "NCHW"
+                else ((a, b, c), "NCHW", "(0, 2, 3, 1)")
             )
             if all(m is None or m == g for m, g in zip(model, other)):
                 hint = f"; the array looks {name}: use np.transpose(x, {axes})"
         if not hint:
-            hint = (f": save inputs of {want} (arrays are used as given, never resized), "
-                    "or pass a folder of images")
+            hint = (
+                f": save inputs of {want} (arrays are used as given, never resized), "
+                "or pass a folder of images"
+            )
         raise MismatchError(
             f"{show(path)} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as {layout}) "
             f"but the model takes {want}{hint}"
@@ -1498,7 +1522,9 @@ def _check_array_labels(
 ) -> np.ndarray | None:
     labels = np.asarray(labels)
     if labels.dtype.hasobject or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{show(path)}: labels must be integers; got {labels.dtype}: save them as int64")
+        raise DataError(
+            f"{show(path)}: labels must be integers; got {labels.dtype}: save them as int64"
+        )
     if labels.shape != (n,):
         raise DataError(
             f"{show(path)}: labels have shape {labels.shape} but there are {n} inputs: save (N,) labels"
@@ -1540,7 +1566,9 @@ def _open_array(
             f"size asked is {preprocess.size[0]}x{preprocess.size[1]}: drop --size"
         )
     if preprocess.bgr and channels != 3:
-        raise UsageError(f"BGR order needs 3 channels; {show(path.name)} holds {channels}: drop --bgr")
+        raise UsageError(
+            f"BGR order needs 3 channels; {show(path.name)} holds {channels}: drop --bgr"
+        )
     scale, mean, std = _values(preprocess, channels)
     n = int(inputs.shape[0])
     labels = None if raw_labels is None else _check_array_labels(path, raw_labels, n, class_names)

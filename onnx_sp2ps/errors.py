@@ -83,6 +83,8 @@ class Interrupted(BaseException):
 
         name = signal.Signals(self.signum).name
         shown = {"SIGINT": "Ctrl-C"}.get(name, name)
-        return (f"interrupted ({shown}): the run stopped before the end; the output folder "
-                "holds its previous files and no temporary file was kept; run the command "
-                "again for complete results")
+        return (
+            f"interrupted ({shown}): the run stopped before the end; the output folder "
+            "holds its previous files and no temporary file was kept; run the command "
+            "again for complete results"
+        )

@@ -19,11 +19,31 @@ from typing import IO
 
 from onnx_sp2ps.errors import InputError, Interrupted
 
-__all__ = ["MAX_TEXT_BYTES", "check_regular", "read_bounded", "show", "umask_mode",
-           "NotRegularFile", "one_line", "file_kind", "special_kind", "open_regular", "human_bytes",
-           "available_memory", "memory_budget", "FALLBACK_BUDGET",
-           "interrupt", "uninterruptible", "install_signal_handlers", "SIGNALS",
-           "track_temporary", "untrack_temporary", "announce_ending", "GRACE_SECONDS", "SUPERVISOR_FD"]
+__all__ = [
+    "MAX_TEXT_BYTES",
+    "check_regular",
+    "read_bounded",
+    "show",
+    "umask_mode",
+    "NotRegularFile",
+    "one_line",
+    "file_kind",
+    "special_kind",
+    "open_regular",
+    "human_bytes",
+    "available_memory",
+    "memory_budget",
+    "FALLBACK_BUDGET",
+    "interrupt",
+    "uninterruptible",
+    "install_signal_handlers",
+    "SIGNALS",
+    "track_temporary",
+    "untrack_temporary",
+    "announce_ending",
+    "GRACE_SECONDS",
+    "SUPERVISOR_FD",
+]
 
 #: Largest settings, class-names or report file read (16 MiB of text is far beyond any
 #: real one; larger is a mistake or an attack).
@@ -69,9 +89,13 @@ class NotRegularFile(Exception):
 
 
 def file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return kind
     return "a special file"
@@ -117,9 +141,13 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() or ch == "\\" else show(ch) for ch in text)
 
 
-def check_regular(path: str | os.PathLike[str], what: str, *,
-                  error: type[InputError] = InputError,
-                  limit: int | None = None) -> os.stat_result:
+def check_regular(
+    path: str | os.PathLike[str],
+    what: str,
+    *,
+    error: type[InputError] = InputError,
+    limit: int | None = None,
+) -> os.stat_result:
     """The ``os.stat`` of ``path`` (links followed) when it is a regular file of at most
     ``limit`` bytes; else ``error`` with one line naming the path and its kind. Nothing
     is opened."""
@@ -129,21 +157,29 @@ def check_regular(path: str | os.PathLike[str], what: str, *,
     except FileNotFoundError:
         raise error(f"{what} not found: {show(p)} (check the path)") from None
     except OSError as exc:
-        raise error(f"cannot read {what} {show(p)}: {exc.strerror or exc}: check the path "
-                    "and its permissions") from None
+        raise error(
+            f"cannot read {what} {show(p)}: {exc.strerror or exc}: check the path "
+            "and its permissions"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         kind = file_kind(st.st_mode)
-        raise error(f"{what} {show(p)} is {kind}, not a regular file: refused (only plain "
-                    "files are read)")
+        raise error(
+            f"{what} {show(p)} is {kind}, not a regular file: refused (only plain files are read)"
+        )
     if limit is not None and st.st_size > limit:
-        raise error(f"{what} {show(p)} is {st.st_size:,} bytes, over the limit of "
-                    f"{limit:,}: refused")
+        raise error(
+            f"{what} {show(p)} is {st.st_size:,} bytes, over the limit of {limit:,}: refused"
+        )
     return st
 
 
-def read_bounded(path: str | os.PathLike[str], what: str, *,
-                 limit: int | None = None,
-                 error: type[InputError] = InputError) -> bytes:
+def read_bounded(
+    path: str | os.PathLike[str],
+    what: str,
+    *,
+    limit: int | None = None,
+    error: type[InputError] = InputError,
+) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes. The file is opened without
     blocking (a FIFO swapped in after the check cannot hang the read) and at most
     ``limit + 1`` bytes are read, whatever size it claims (default limit:
@@ -154,14 +190,15 @@ def read_bounded(path: str | os.PathLike[str], what: str, *,
         with open_regular(path) as handle:
             data = handle.read(limit + 1)
     except NotRegularFile as exc:
-        raise error(f"{what} {show(path)} changed into {exc} while being opened: "
-                    "refused") from None
+        raise error(f"{what} {show(path)} changed into {exc} while being opened: refused") from None
     except OSError as exc:
-        raise error(f"cannot read {what} {show(path)}: {exc.strerror or exc}: check the "
-                    "file's permissions") from None
+        raise error(
+            f"cannot read {what} {show(path)}: {exc.strerror or exc}: check the file's permissions"
+        ) from None
     if len(data) > limit:
-        raise error(f"{what} {show(path)} grew past the limit of {limit:,} bytes while "
-                    "being read: refused")
+        raise error(
+            f"{what} {show(path)} grew past the limit of {limit:,} bytes while being read: refused"
+        )
     return data
 
 

@@ -12,8 +12,14 @@ import math
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["GateCriteria", "GateCheck", "check_report", "apply_gate", "gate_lines",
-           "finite_or_none"]
+__all__ = [
+    "GateCriteria",
+    "GateCheck",
+    "check_report",
+    "apply_gate",
+    "gate_lines",
+    "finite_or_none",
+]
 
 
 def finite_or_none(x) -> float | None:
@@ -43,9 +49,12 @@ class GateCriteria:
         return any(v is not None for v in self.to_dict().values())
 
     def to_dict(self) -> dict:
-        return {"fail_under": self.fail_under, "fail_under_p5": self.fail_under_p5,
-                "min_agreement": self.min_agreement,
-                "max_accuracy_drop": self.max_accuracy_drop}
+        return {
+            "fail_under": self.fail_under,
+            "fail_under_p5": self.fail_under_p5,
+            "min_agreement": self.min_agreement,
+            "max_accuracy_drop": self.max_accuracy_drop,
+        }
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,13 @@ class GateCheck:
     passed: bool
 
     def to_dict(self) -> dict:
-        return {"criterion": self.criterion, "value": finite_or_none(self.value), "op": self.op,
-                "threshold": self.threshold, "passed": self.passed}
+        return {
+            "criterion": self.criterion,
+            "value": finite_or_none(self.value),
+            "op": self.op,
+            "threshold": self.threshold,
+            "passed": self.passed,
+        }
 
 
 def _accuracy_drop(report: dict, cand: dict) -> float | None:
@@ -81,8 +95,7 @@ def check_report(report: dict, criteria: GateCriteria) -> list[GateCheck]:
         ("sp2ps mean", criteria.fail_under, ">=", lambda c: (c.get("sp2ps") or {}).get("mean")),
         ("sp2ps p5", criteria.fail_under_p5, ">=", lambda c: (c.get("sp2ps") or {}).get("p5")),
         ("agreement", criteria.min_agreement, ">=", lambda c: c.get("agreement")),
-        ("accuracy drop", criteria.max_accuracy_drop, "<=",
-         lambda c: _accuracy_drop(report, c)),
+        ("accuracy drop", criteria.max_accuracy_drop, "<=", lambda c: _accuracy_drop(report, c)),
     ]
     checks = []
     candidates = report.get("candidates") or [{}]
@@ -103,21 +116,26 @@ def gate_lines(checks: list[GateCheck]) -> list[str]:
     lines = []
     for c in checks:
         value = "missing" if c.value is None else f"{c.value:.6f}"
-        lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.candidate}: {c.criterion} "
-                     f"{value} (must be {c.op} {c.threshold:.6f})")
+        lines.append(
+            f"  {'ok  ' if c.passed else 'FAIL'} {c.candidate}: {c.criterion} "
+            f"{value} (must be {c.op} {c.threshold:.6f})"
+        )
     failed = [c for c in checks if not c.passed]
     names = {c.index for c in checks}
     if failed:
         worst = "; ".join(
             f"{c.candidate} {c.criterion} "
             f"{'missing' if c.value is None else f'{c.value:.6f}'} {c.op} {c.threshold:.6f} fails"
-            for c in failed)
-        lines.append(f"FAILED | {len(failed)} of {len(checks)} checks on {len(names)} "
-                     f"candidate(s) | {worst}")
+            for c in failed
+        )
+        lines.append(
+            f"FAILED | {len(failed)} of {len(checks)} checks on {len(names)} candidate(s) | {worst}"
+        )
     else:
-        lines.append(f"PASSED | {len(checks)} checks on {len(names)} candidate(s) | "
-                     + "; ".join(f"{c.candidate} {c.criterion} {c.value:.6f}"
-                                 for c in checks))
+        lines.append(
+            f"PASSED | {len(checks)} checks on {len(names)} candidate(s) | "
+            + "; ".join(f"{c.candidate} {c.criterion} {c.value:.6f}" for c in checks)
+        )
     return lines
 
 
@@ -127,9 +145,10 @@ def apply_gate(report: dict, criteria: GateCriteria) -> list[GateCheck]:
     checks = check_report(report, criteria)
     for index, cand in enumerate(report.get("candidates", [])):
         mine = [c for c in checks if c.index == index]
-        cand["gate"] = {"passed": all(c.passed for c in mine),
-                        "checks": [c.to_dict() for c in mine]}
+        cand["gate"] = {
+            "passed": all(c.passed for c in mine),
+            "checks": [c.to_dict() for c in mine],
+        }
     report["gate_criteria"] = criteria.to_dict()
     report["passed"] = bool(checks) and all(c.passed for c in checks)
     return checks
-

@@ -61,35 +61,77 @@ __all__ = [
 ]
 
 #: Ops read through when looking for the logits behind the graph output.
-PASS_THROUGH_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout", "Cast",
-                    "QuantizeLinear", "DequantizeLinear")
+PASS_THROUGH_OPS = (
+    "Identity",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Dropout",
+    "Cast",
+    "QuantizeLinear",
+    "DequantizeLinear",
+)
 #: Ops whose input is taken as the logits when a model ends in one.
 FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
 #: Quantized (QOperator, com.microsoft) final activations and the float op each stands for.
 _QUANTIZED_ACTIVATIONS = {"QLinearSoftmax": "Softmax", "QLinearSigmoid": "Sigmoid"}
 #: Where a quantized op's output scale and zero point are: (scale input, zero-point input).
 _OUTPUT_QPARAMS = {
-    "QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7),
-    "QGemm": (7, 8), "QLinearGlobalAveragePool": (3, 4), "QLinearAveragePool": (3, 4),
-    "QLinearAdd": (6, 7), "QLinearMul": (6, 7), "QLinearSoftmax": (3, 4),
-    "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4),
+    "QuantizeLinear": (1, 2),
+    "QLinearConv": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QGemm": (7, 8),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearAveragePool": (3, 4),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QLinearSoftmax": (3, 4),
+    "QLinearSigmoid": (3, 4),
+    "QLinearLeakyRelu": (3, 4),
 }
 #: Ops that keep the quantization of their (first) int8 input.
-_QPARAMS_KEPT = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
-                 "Identity", "Dropout")
+_QPARAMS_KEPT = (
+    "MaxPool",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Dropout",
+)
 #: Suffixes of the tensors added for the float view of an int8 feature map or logits.
 FLOAT_VIEW = "/sp2ps_float"
 _REQUANTIZED = "/sp2ps_requantized"
 #: Element-wise ops skipped when looking behind the feature map for a 1x1 Conv classifier.
 _ELEMENTWISE_OPS = (
-    "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Identity",
-    "Dropout", "BatchNormalization", "Transpose",
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Sigmoid",
+    "Identity",
+    "Dropout",
+    "BatchNormalization",
+    "Transpose",
 )
 #: Ops whose output is NCHW whatever the layout of their input (ONNX semantics).
 _NCHW_PRODUCERS = (
-    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool",
-    "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
-    "QLinearGlobalAveragePool", "InstanceNormalization", "LRN",
+    "Conv",
+    "ConvTranspose",
+    "ConvInteger",
+    "QLinearConv",
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+    "QLinearGlobalAveragePool",
+    "InstanceNormalization",
+    "LRN",
 )
 _TO_NCHW = [0, 3, 1, 2]
 _TO_NHWC = [0, 2, 3, 1]
@@ -222,21 +264,27 @@ def load_model(path: str | Path, *, max_memory: int | None = None) -> onnx.Model
 
 
 def _out_of_memory(where, doing: str) -> ModelError:
-    return ModelError(f"{where}: out of memory while {doing} the model: free memory, use "
-                      "a machine with more, or check that the model is what it claims to be")
+    return ModelError(
+        f"{where}: out of memory while {doing} the model: free memory, use "
+        "a machine with more, or check that the model is what it claims to be"
+    )
 
 
 def _load_model(p: Path, budget: int) -> onnx.ModelProto:
     st = _regular_file(p)
     if st.st_size > budget:
-        raise ModelError(f"model file {p} is {human_bytes(st.st_size)}, over the memory budget "
-                         f"of {human_bytes(budget)}: refused before reading; raise --max-memory "
-                         "if the machine has the memory, or use one that has")
+        raise ModelError(
+            f"model file {p} is {human_bytes(st.st_size)}, over the memory budget "
+            f"of {human_bytes(budget)}: refused before reading; raise --max-memory "
+            "if the machine has the memory, or use one that has"
+        )
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise ModelError(f"cannot read model {p}: {exc.strerror or exc}: check the file's "
-                         "permissions (read access is all onnx-sp2ps needs)") from exc
+        raise ModelError(
+            f"cannot read model {p}: {exc.strerror or exc}: check the file's "
+            "permissions (read access is all onnx-sp2ps needs)"
+        ) from exc
     if not data:
         raise ModelError(f"model file {p} is empty: export the model again")
     try:
@@ -250,8 +298,9 @@ def _load_model(p: Path, budget: int) -> onnx.ModelProto:
         ) from exc
     del data
     if not model.graph.node:
-        raise ModelError(f"{p} is not an ONNX model with a graph (no nodes found): "
-                         "export the model again")
+        raise ModelError(
+            f"{p} is not an ONNX model with a graph (no nodes found): export the model again"
+        )
     check_tensor_sizes(model, p, budget)
     _load_external_data(model, p)
     try:
@@ -271,8 +320,10 @@ def _load_model(p: Path, budget: int) -> onnx.ModelProto:
                 except Exception:
                     pass
         reason = first[:300].rstrip(".")
-        raise ModelError(f"{p} fails the ONNX checker: {reason}: export the model again, "
-                         "or repair it until onnx.checker.check_model accepts it") from exc
+        raise ModelError(
+            f"{p} fails the ONNX checker: {reason}: export the model again, "
+            "or repair it until onnx.checker.check_model accepts it"
+        ) from exc
     return model
 
 
@@ -323,28 +374,37 @@ def _check_external(t: onnx.TensorProto, path: Path, folder: Path) -> None:
 
     if "\0" in location:
         refuse("name a location with a NUL byte")
-    if (len(location.encode("utf-8", "surrogateescape")) > _MAX_LOCATION
-            or any(len(part.encode("utf-8", "surrogateescape")) > _MAX_NAME
-                   for part in location.split("/"))):
+    if len(location.encode("utf-8", "surrogateescape")) > _MAX_LOCATION or any(
+        len(part.encode("utf-8", "surrogateescape")) > _MAX_NAME for part in location.split("/")
+    ):
         refuse(f"name a location too long to be a file ({len(location)} characters)")
     try:
         target = (folder / location).resolve()
     except (OSError, RuntimeError, ValueError) as exc:  # (3.11: RuntimeError on a loop)
-        refuse(f"name a location that cannot be resolved ({location!r}: "
-               f"{getattr(exc, 'strerror', None) or exc})", "remove the looping links")
+        refuse(
+            f"name a location that cannot be resolved ({location!r}: "
+            f"{getattr(exc, 'strerror', None) or exc})",
+            "remove the looping links",
+        )
     if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
         refuse(f"point outside the model's folder ({location!r})")
     try:
         st = os.stat(target)
     except (FileNotFoundError, NotADirectoryError):
-        raise ModelError(f"{path}: external weights file {location!r} of {name!r} not "
-                         f"found in {folder}: copy it next to the model") from None
+        raise ModelError(
+            f"{path}: external weights file {location!r} of {name!r} not "
+            f"found in {folder}: copy it next to the model"
+        ) from None
     except (OSError, ValueError) as exc:
-        refuse(f"cannot be read from {location!r} ({getattr(exc, 'strerror', None) or exc})",
-               "check the file and its permissions")
+        refuse(
+            f"cannot be read from {location!r} ({getattr(exc, 'strerror', None) or exc})",
+            "check the file and its permissions",
+        )
     if not stat.S_ISREG(st.st_mode):
-        refuse(f"point to {location!r}, which is not a regular file (a device, pipe or "
-               "socket)", "keep the weights in a regular file next to the model")
+        refuse(
+            f"point to {location!r}, which is not a regular file (a device, pipe or socket)",
+            "keep the weights in a regular file next to the model",
+        )
     try:
         offset = int(info.get("offset", 0) or 0)
         length = int(info["length"]) if info.get("length") else None
@@ -356,11 +416,16 @@ def _check_external(t: onnx.TensorProto, path: Path, folder: Path) -> None:
         need = -(-_numel(t.dims) * bits // 8)
     reads = (st.st_size - offset) if length is None else length
     if offset < 0 or (length is not None and length < 0) or offset + max(reads, 0) > st.st_size:
-        refuse(f"lie beyond the end of {location!r} (offset {offset}, length "
-               f"{reads}, file {st.st_size} bytes)", "export the model again")
+        refuse(
+            f"lie beyond the end of {location!r} (offset {offset}, length "
+            f"{reads}, file {st.st_size} bytes)",
+            "export the model again",
+        )
     if reads != need:
-        refuse(f"take {reads} bytes of {location!r} but its type and shape "
-               f"{list(t.dims)} need {need}", "export the model again")
+        refuse(
+            f"take {reads} bytes of {location!r} but its type and shape {list(t.dims)} need {need}",
+            "export the model again",
+        )
 
 
 # --------------------------------------------------------------------------- guards
@@ -378,8 +443,12 @@ _T = onnx.TensorProto
 #: Element types stored with fewer than 8 bits: bits per element in raw_data, and
 #: elements per entry of int32_data.
 _PACKED = {_T.UINT4: (4, 2), _T.INT4: (4, 2), _T.FLOAT4E2M1: (4, 2)}
-for _name, _bits, _per in (("UINT2", 2, 4), ("INT2", 2, 4), ("FLOAT6E2M3", 6, 1),
-                           ("FLOAT6E3M2", 6, 1)):
+for _name, _bits, _per in (
+    ("UINT2", 2, 4),
+    ("INT2", 2, 4),
+    ("FLOAT6E2M3", 6, 1),
+    ("FLOAT6E3M2", 6, 1),
+):
     if hasattr(_T, _name):
         _PACKED[getattr(_T, _name)] = (_bits, _per)
 #: Typed-field entries per element (complex numbers take two).
@@ -397,13 +466,17 @@ def _regular_file(p: Path) -> os.stat_result:
     except ValueError:
         raise ModelError(f"model path {p!r} contains a NUL byte: check the path") from None
     except OSError as exc:
-        raise ModelError(f"cannot read model {p}: {exc.strerror or exc}: check the path and "
-                         "the file's permissions") from exc
+        raise ModelError(
+            f"cannot read model {p}: {exc.strerror or exc}: check the path and "
+            "the file's permissions"
+        ) from exc
     if stat.S_ISDIR(st.st_mode):
         raise ModelError(f"{p} is a folder, not an ONNX model file: name the .onnx file")
     if not stat.S_ISREG(st.st_mode):
-        raise ModelError(f"{p} is not a regular file (a device, pipe or socket): refused "
-                         "before reading; name the .onnx file itself")
+        raise ModelError(
+            f"{p} is not a regular file (a device, pipe or socket): refused "
+            "before reading; name the .onnx file itself"
+        )
     return st
 
 
@@ -464,13 +537,17 @@ def _declared(t: onnx.TensorProto, where, what: str) -> tuple[int, int]:
     """(elements, bytes in memory) that ``t`` declares, with Python integers (no
     overflow); refuses an unknown element type or a negative dimension."""
     if any(d < 0 for d in t.dims):
-        raise ModelError(f"{where}: {what} declares a negative dimension {list(t.dims)}: "
-                         "the file is corrupt; export the model again")
+        raise ModelError(
+            f"{where}: {what} declares a negative dimension {list(t.dims)}: "
+            "the file is corrupt; export the model again"
+        )
     try:
         item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
     except Exception:
-        raise ModelError(f"{where}: {what} has an unknown element type ({t.data_type}): the "
-                         "file is corrupt or from a newer ONNX; export the model again") from None
+        raise ModelError(
+            f"{where}: {what} has an unknown element type ({t.data_type}): the "
+            "file is corrupt or from a newer ONNX; export the model again"
+        ) from None
     n = _numel(t.dims)
     return n, n * item
 
@@ -482,8 +559,11 @@ def _stored(t: onnx.TensorProto, n: int) -> tuple[str, int, int]:
     if t.HasField("raw_data"):
         if t.data_type == _T.STRING:
             return "raw_data", len(t.raw_data), 0  # strings are never raw
-        need = -(-n * bits // 8) if bits else n * np.dtype(
-            helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        need = (
+            -(-n * bits // 8)
+            if bits
+            else n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        )
         return "raw_data", len(t.raw_data), need
     field_name = helper.tensor_dtype_to_field(t.data_type)
     return field_name, len(getattr(t, field_name)), -(-n // per) * _ENTRIES.get(t.data_type, 1)
@@ -500,7 +580,8 @@ def _check_dense(t: onnx.TensorProto, where, what: str) -> int:
         raise ModelError(
             f"{where}: {what} declares {_shape_text(t.dims)} {_type_name(t.data_type)} "
             f"({need} {unit} of {field_name}) but holds {have}: its data does not match "
-            "its shape or type; the file is corrupt or hostile, export the model again")
+            "its shape or type; the file is corrupt or hostile, export the model again"
+        )
     return nbytes
 
 
@@ -509,22 +590,30 @@ def _check_sparse(s: onnx.SparseTensorProto, where, what: str) -> int:
     and that form is within what onnxruntime accepts (``PROTOBUF_LIMIT``)."""
     _check_dense(s.values, where, what + " values")
     _check_dense(s.indices, where, what + " indices")
-    n, dense = _declared(onnx.TensorProto(data_type=s.values.data_type, dims=s.dims),
-                         where, what)
+    n, dense = _declared(onnx.TensorProto(data_type=s.values.data_type, dims=s.dims), where, what)
     nnz = _numel(s.values.dims)
     idims = list(s.indices.dims)
-    if (len(s.values.dims) != 1 or not idims or idims[0] != nnz or len(idims) > 2
-            or (len(idims) == 2 and idims[1] != len(s.dims)) or nnz > n
-            or s.indices.data_type not in (_T.INT64, _T.INT32)):
-        raise ModelError(f"{where}: {what} has values {list(s.values.dims)} and indices "
-                         f"{idims} that do not fit its shape {list(s.dims)}: the file is "
-                         "corrupt; export the model again")
+    if (
+        len(s.values.dims) != 1
+        or not idims
+        or idims[0] != nnz
+        or len(idims) > 2
+        or (len(idims) == 2 and idims[1] != len(s.dims))
+        or nnz > n
+        or s.indices.data_type not in (_T.INT64, _T.INT32)
+    ):
+        raise ModelError(
+            f"{where}: {what} has values {list(s.values.dims)} and indices "
+            f"{idims} that do not fit its shape {list(s.dims)}: the file is "
+            "corrupt; export the model again"
+        )
     if dense > PROTOBUF_LIMIT:
         raise ModelError(
             f"{where}: {what} declares a dense {_shape_text(s.dims)} "
             f"{_type_name(s.values.data_type)} ({human_bytes(dense)}) for {nnz} stored values, "
             "over the 2 GiB onnxruntime takes for one tensor: refused before densifying; "
-            "the file is hostile or corrupt, export the model again")
+            "the file is hostile or corrupt, export the model again"
+        )
     return dense
 
 
@@ -564,7 +653,8 @@ def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
             f"{where}: its tensors declare {human_bytes(total)} (the largest, {largest[1]}, "
             f"{human_bytes(largest[0])}), over the memory budget of {human_bytes(budget)}: refused "
             "before allocating; check the model, or raise --max-memory if the machine has "
-            "the memory")
+            "the memory"
+        )
     return total
 
 
@@ -596,13 +686,18 @@ def _constant_output_sizes(model: onnx.ModelProto):
                 if shape is None or not shape.size or shape.dtype.kind not in "iu":
                     continue
                 item = 4
-                source = (node.attribute[0].t if node.op_type == "ConstantOfShape"
-                          and node.attribute and node.attribute[0].HasField("t")
-                          else consts.get(node.input[0]) if node.op_type == "Expand" else None)
+                source = (
+                    node.attribute[0].t
+                    if node.op_type == "ConstantOfShape"
+                    and node.attribute
+                    and node.attribute[0].HasField("t")
+                    else consts.get(node.input[0])
+                    if node.op_type == "Expand"
+                    else None
+                )
                 if source is not None:
                     try:
-                        item = np.dtype(helper.tensor_dtype_to_np_dtype(
-                            source.data_type)).itemsize
+                        item = np.dtype(helper.tensor_dtype_to_np_dtype(source.data_type)).itemsize
                     except Exception:
                         pass
                 dims = [max(int(d), 0) for d in shape]
@@ -645,8 +740,16 @@ def _has_data(t: onnx.TensorProto) -> bool:
     """True when the tensor holds its values (raw or typed fields), not only its shape."""
     return t.data_location != onnx.TensorProto.EXTERNAL and any(
         t.HasField(f) if f == "raw_data" else len(getattr(t, f)) > 0
-        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                  "uint64_data", "string_data"))
+        for f in (
+            "raw_data",
+            "float_data",
+            "int32_data",
+            "int64_data",
+            "double_data",
+            "uint64_data",
+            "string_data",
+        )
+    )
 
 
 def _copy_fields(src, dst, skip: str) -> None:
@@ -687,8 +790,11 @@ def split_large_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
     """
     light = _weightless(model)
     large = {t.name for t in light.graph.initializer if not _has_data(t)}
-    held = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-            if t.name in large and _has_data(t)}
+    held = {
+        t.name: numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.name in large and _has_data(t)
+    }
     for t in light.graph.initializer:
         if t.name in held:
             t.data_location = onnx.TensorProto.EXTERNAL
@@ -829,8 +935,18 @@ class _Graph:
 
     def data_inputs(self, node: onnx.NodeProto) -> list[str]:
         """The inputs of ``node`` that carry data (not weights, shapes or constants)."""
-        if node.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Expand", "Tile", "Slice",
-                            "Pad", "Resize", "Upsample", "Gather"):
+        if node.op_type in (
+            "Reshape",
+            "Squeeze",
+            "Unsqueeze",
+            "Expand",
+            "Tile",
+            "Slice",
+            "Pad",
+            "Resize",
+            "Upsample",
+            "Gather",
+        ):
             return [node.input[0]] if node.input and not self.is_constant(node.input[0]) else []
         return [i for i in node.input if i and not self.is_constant(i)]
 
@@ -856,8 +972,9 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     Inferred on a copy without the large weights' data (:func:`_weightless`), which is
     also how models over the 2 GB limit are inferred."""
     try:
-        inferred = shape_inference.infer_shapes(_weightless(model), check_type=False,
-                                                strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(
+            _weightless(model), check_type=False, strict_mode=False, data_prop=True
+        )
     except Exception:
         return model
     out = onnx.ModelProto()
@@ -869,8 +986,9 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _with_static_input(model: onnx.ModelProto, input_name: str, layout: str,
-                       size: tuple[int, int] | None) -> onnx.ModelProto:
+def _with_static_input(
+    model: onnx.ModelProto, input_name: str, layout: str, size: tuple[int, int] | None
+) -> onnx.ModelProto:
     """A copy whose image input has concrete dims (batch 1, probe H/W) for inference;
     without the data of its large weights (:func:`_weightless`), which shapes never need."""
     probe = _weightless(model)
@@ -895,9 +1013,33 @@ def _with_static_input(model: onnx.ModelProto, input_name: str, layout: str,
 
 #: Ops of shape arithmetic (x.view(n, g, c // g, h, w) and the like) that the probe
 #: evaluates where ONNX shape inference stops (it does not propagate Div, for one).
-_SHAPE_OPS = ("Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Add",
-              "Sub", "Mul", "Div", "Slice", "Floor", "Ceil", "Identity", "Reshape", "Equal",
-              "Where", "Max", "Min", "Neg", "Abs", "Range", "Expand", "ConstantOfShape")
+_SHAPE_OPS = (
+    "Shape",
+    "Size",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Cast",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Slice",
+    "Floor",
+    "Ceil",
+    "Identity",
+    "Reshape",
+    "Equal",
+    "Where",
+    "Max",
+    "Min",
+    "Neg",
+    "Abs",
+    "Range",
+    "Expand",
+    "ConstantOfShape",
+)
 #: Largest tensor (elements) taken for a shape value.
 _SHAPE_VALUE_SIZE = 64
 
@@ -917,8 +1059,9 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
         def value(name: str) -> np.ndarray | None:
             if name not in values:
                 v = None
-                if name in g.initializers or (name in g.producer
-                                              and g.producer[name].op_type == "Constant"):
+                if name in g.initializers or (
+                    name in g.producer and g.producer[name].op_type == "Constant"
+                ):
                     try:  # (the probe's large weights have no data: never shape values)
                         v = constant_value(probe.graph, name, g.producer)
                     except Exception:
@@ -928,8 +1071,11 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
 
         folded: dict[int, list[np.ndarray]] = {}
         for i, node in enumerate(probe.graph.node):
-            if (node.op_type not in _SHAPE_OPS or node.domain not in ("", "ai.onnx")
-                    or len(node.output) != 1):
+            if (
+                node.op_type not in _SHAPE_OPS
+                or node.domain not in ("", "ai.onnx")
+                or len(node.output) != 1
+            ):
                 continue
             if node.op_type == "Shape":
                 shape = g.info(node.input[0]).shape
@@ -945,14 +1091,26 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
                     continue
                 try:
                     one = helper.make_model(
-                        helper.make_graph([node], "fold", [
-                            helper.make_tensor_value_info(
-                                n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-                            for n, v in zip(node.input, ins) if n], [
-                            helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
-                            for o in node.output]), opset_imports=opset)
+                        helper.make_graph(
+                            [node],
+                            "fold",
+                            [
+                                helper.make_tensor_value_info(
+                                    n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape
+                                )
+                                for n, v in zip(node.input, ins)
+                                if n
+                            ],
+                            [
+                                helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                                for o in node.output
+                            ],
+                        ),
+                        opset_imports=opset,
+                    )
                     outs = ReferenceEvaluator(one).run(
-                        None, {n: v for n, v in zip(node.input, ins) if n})
+                        None, {n: v for n, v in zip(node.input, ins) if n}
+                    )
                 except Exception:
                     continue
                 outs = [np.asarray(o) for o in outs]
@@ -965,8 +1123,14 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
             return probe  # (constants alone: shape inference already propagates those)
         for i, (v,) in folded.items():
             node = probe.graph.node[i]
-            node.CopyFrom(helper.make_node("Constant", [], [node.output[0]],
-                                           value=numpy_helper.from_array(v, node.output[0])))
+            node.CopyFrom(
+                helper.make_node(
+                    "Constant",
+                    [],
+                    [node.output[0]],
+                    value=numpy_helper.from_array(v, node.output[0]),
+                )
+            )
         del probe.graph.value_info[:]
         probe = _infer(probe)
     return probe
@@ -1005,8 +1169,9 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def constant_value(graph: onnx.GraphProto, name: str,
-                   producer: dict[str, onnx.NodeProto] | None = None) -> np.ndarray | None:
+def constant_value(
+    graph: onnx.GraphProto, name: str, producer: dict[str, onnx.NodeProto] | None = None
+) -> np.ndarray | None:
     """The value of ``name`` when it is an initializer or a Constant node's output (the
     two ways exporters store weights), else None.  ``producer`` (output name -> node) saves
     a scan of the nodes when the caller has one."""
@@ -1036,15 +1201,15 @@ def _find_input(g: _Graph, input_name: str | None) -> str:
     if input_name is not None:
         if input_name not in g.inputs:
             raise DetectionError(
-                f"input {input_name!r} not found; the model's inputs are: "
-                + ", ".join(g.inputs)
+                f"input {input_name!r} not found; the model's inputs are: " + ", ".join(g.inputs)
             )
         return input_name
     if not g.inputs:
         raise DetectionError("the model has no input that is not a weight")
     if len(g.inputs) > 1:
         raise DetectionError(
-            "the model has several inputs (" + ", ".join(g.inputs)
+            "the model has several inputs ("
+            + ", ".join(g.inputs)
             + "): name the image input with --input-name"
         )
     return g.inputs[0]
@@ -1107,8 +1272,14 @@ def _find_logits(g: _Graph, logits_name: str | None) -> tuple[str, str | None]:
             )
         consumers = g.consumers.get(logits_name, [])
         act = next((c.op_type for c in consumers if c.op_type in FINAL_ACTIVATIONS), None)
-        act = act or next((_QUANTIZED_ACTIVATIONS[c.op_type] for c in consumers
-                           if c.op_type in _QUANTIZED_ACTIVATIONS), None)
+        act = act or next(
+            (
+                _QUANTIZED_ACTIVATIONS[c.op_type]
+                for c in consumers
+                if c.op_type in _QUANTIZED_ACTIVATIONS
+            ),
+            None,
+        )
         return logits_name, act
     if not g.outputs:
         raise DetectionError("the model has no outputs")
@@ -1127,6 +1298,7 @@ def _classifier_outputs(g: _Graph) -> list[str]:
     """Outputs that can be logits, best first: one vector per image (not a feature map)
     and computed from no other output (models that also return their features or
     embeddings, before or after the logits); else all outputs in graph order."""
+
     def vector(name: str) -> bool:
         shape = g.info(name).shape
         return shape is None or len([d for d in shape[1:] if d != 1]) <= 1
@@ -1166,8 +1338,9 @@ def _is_spatial(shape: tuple[Dim, ...] | None, layout: str) -> bool:
     return hv * wv > 1
 
 
-def _find_feature_map(g: _Graph, probe: _Graph, logits: str, layouts: dict[str, str],
-                      num_classes: int | None) -> str:
+def _find_feature_map(
+    g: _Graph, probe: _Graph, logits: str, layouts: dict[str, str], num_classes: int | None
+) -> str:
     found: list[str] = []
     queue = deque([logits])
     visited = set()
@@ -1191,7 +1364,8 @@ def _find_feature_map(g: _Graph, probe: _Graph, logits: str, layouts: dict[str, 
         )
     if len(set(found)) > 1:
         raise DetectionError(
-            "several tensors feed the head (" + ", ".join(sorted(set(found)))
+            "several tensors feed the head ("
+            + ", ".join(sorted(set(found)))
             + "): choose one with --feature-layer"
         )
     feature = found[0]
@@ -1216,15 +1390,21 @@ def _behind_classifier_conv(g: _Graph, feature: str, num_classes: int | None) ->
         if node.op_type == "Conv" and len(node.input) >= 2:
             weight = constant_value(g.model.graph, node.input[1], g.producer)
             group = _attr(node, "group", 1)
-            if (weight is not None and weight.ndim == 4 and weight.shape[2:] == (1, 1)
-                    and weight.shape[0] == num_classes and group == 1):
+            if (
+                weight is not None
+                and weight.ndim == 4
+                and weight.shape[2:] == (1, 1)
+                and weight.shape[0] == num_classes
+                and group == 1
+            ):
                 return node.input[0]
         return feature
     return feature
 
 
-def _head_nodes(g: _Graph, feature: str, logits: str,
-                image_input: str | None = None) -> list[onnx.NodeProto]:
+def _head_nodes(
+    g: _Graph, feature: str, logits: str, image_input: str | None = None
+) -> list[onnx.NodeProto]:
     """Nodes computing ``logits`` from ``feature``, in graph order; raises if the head
     needs any other activation of the model (a skip connection around the feature map).
     Graph inputs other than ``image_input`` are allowed (the caller decides)."""
@@ -1279,10 +1459,14 @@ def _batch_size_only(g: _Graph, name: str) -> bool:
             return True
         users = g.consumers.get(name, [])
         return bool(users) and all(
-            u.op_type == "Gather" and u.input[0] == name and _attr(u, "axis", 0) == 0
+            u.op_type == "Gather"
+            and u.input[0] == name
+            and _attr(u, "axis", 0) == 0
             and (lambda v: v is not None and v.size == 1 and int(v.reshape(-1)[0]) == 0)(
-                constant_value(g.model.graph, u.input[1], g.producer))
-            for u in users)
+                constant_value(g.model.graph, u.input[1], g.producer)
+            )
+            for u in users
+        )
     return all(_batch_size_only(g, i) for i in node.input if i)
 
 
@@ -1319,9 +1503,14 @@ def _outer_names(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
-def analyse_model(model: onnx.ModelProto, *, input_name: str | None = None,
-                  feature_layer: str | None = None, logits: str | None = None,
-                  size: tuple[int, int] | None = None) -> ModelSpec:
+def analyse_model(
+    model: onnx.ModelProto,
+    *,
+    input_name: str | None = None,
+    feature_layer: str | None = None,
+    logits: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> ModelSpec:
     """Find the image input, its layout, the feature map and the logits of ``model``.
 
     Parameters
@@ -1338,13 +1527,25 @@ def analyse_model(model: onnx.ModelProto, *, input_name: str | None = None,
     DetectionError
         When something cannot be determined; the message lists the choices.
     """
-    return _analyse(model, _Graph(_infer(model)), input_name=input_name,
-                    feature_layer=feature_layer, logits=logits, size=size)
+    return _analyse(
+        model,
+        _Graph(_infer(model)),
+        input_name=input_name,
+        feature_layer=feature_layer,
+        logits=logits,
+        size=size,
+    )
 
 
-def _analyse(model: onnx.ModelProto, g: _Graph, *, input_name: str | None,
-             feature_layer: str | None, logits: str | None,
-             size: tuple[int, int] | None) -> ModelSpec:
+def _analyse(
+    model: onnx.ModelProto,
+    g: _Graph,
+    *,
+    input_name: str | None,
+    feature_layer: str | None,
+    logits: str | None,
+    size: tuple[int, int] | None,
+) -> ModelSpec:
     """:func:`analyse_model` on the index ``g`` of the shape-inferred ``model``."""
     name = _find_input(g, input_name)
     in_info = g.info(name)
@@ -1358,8 +1559,11 @@ def _analyse(model: onnx.ModelProto, g: _Graph, *, input_name: str | None,
     if logits_info.shape is None:  # e.g. made by a com.microsoft op shape inference skips
         logits_info = _shape_from_output(g, logits_info)
     num_classes = _num_classes(logits_info.shape)
-    if logits_name in layouts and _is_spatial(probe.info(logits_name).shape,
-                                              layouts[logits_name]) and logits is None:
+    if (
+        logits_name in layouts
+        and _is_spatial(probe.info(logits_name).shape, layouts[logits_name])
+        and logits is None
+    ):
         raise DetectionError(
             f"the output {logits_name!r} has spatial extent (shape "
             f"{list(probe.info(logits_name).shape)}): this is not an image classifier; "
@@ -1377,9 +1581,7 @@ def _analyse(model: onnx.ModelProto, g: _Graph, *, input_name: str | None,
     else:
         feature = _find_feature_map(g, probe, logits_name, layouts, num_classes)
     if feature not in layouts:
-        raise DetectionError(
-            f"feature map {feature!r} does not depend on the input {name!r}"
-        )
+        raise DetectionError(f"feature map {feature!r} does not depend on the input {name!r}")
     if logits_name not in _descendants(g, feature):
         raise DetectionError(
             f"the logits {logits_name!r} do not depend on the feature map {feature!r}"
@@ -1425,8 +1627,7 @@ def _largest_activation(probe: _Graph) -> int | None:
         if not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
             continue
         try:
-            item = np.dtype(helper.tensor_dtype_to_np_dtype(
-                vi.type.tensor_type.elem_type)).itemsize
+            item = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).itemsize
         except Exception:
             item = 4
         nbytes = _numel(shape[1:]) * item
@@ -1437,8 +1638,11 @@ def _largest_activation(probe: _Graph) -> int | None:
 def _shape_from_output(g: _Graph, info: TensorInfo) -> TensorInfo:
     """``info`` with the shape of the graph output it leads to through ops that keep
     shapes (a final activation, Quantize/DequantizeLinear, Identity, Cast)."""
-    keep = FINAL_ACTIVATIONS + tuple(_QUANTIZED_ACTIVATIONS) + (
-        "QuantizeLinear", "DequantizeLinear", "Identity", "Cast")
+    keep = (
+        FINAL_ACTIVATIONS
+        + tuple(_QUANTIZED_ACTIVATIONS)
+        + ("QuantizeLinear", "DequantizeLinear", "Identity", "Cast")
+    )
     current = info.name
     for _ in range(8):
         if current in g.outputs:
@@ -1468,11 +1672,20 @@ def _best_info(g: _Graph, probe: _Graph, name: str) -> TensorInfo:
     if info.shape is None and pinfo.shape is not None:
         # Keep only what does not depend on the probe: batch and spatial become None.
         info = TensorInfo(name, pinfo.dtype, tuple([None] + list(pinfo.shape[1:])))
-    elif (info.shape is not None and pinfo.shape is not None and getattr(probe, "real_size", False)
-          and len(info.shape) == len(pinfo.shape) and None in info.shape[1:]):
+    elif (
+        info.shape is not None
+        and pinfo.shape is not None
+        and getattr(probe, "real_size", False)
+        and len(info.shape) == len(pinfo.shape)
+        and None in info.shape[1:]
+    ):
         # The model's own input size (not a probe size): the probe's dims are the real ones.
-        info = TensorInfo(name, info.dtype, info.shape[:1] + tuple(
-            p if d is None else d for d, p in zip(info.shape[1:], pinfo.shape[1:])))
+        info = TensorInfo(
+            name,
+            info.dtype,
+            info.shape[:1]
+            + tuple(p if d is None else d for d, p in zip(info.shape[1:], pinfo.shape[1:])),
+        )
     if info.dtype == "undefined" and pinfo.dtype != "undefined":
         info = TensorInfo(name, pinfo.dtype, info.shape)
     return info
@@ -1491,8 +1704,9 @@ def _descendants(g: _Graph, name: str) -> set[str]:
     return out
 
 
-def _spatial_candidates(g: _Graph, probe: _Graph, layouts: dict[str, str],
-                        logits: str) -> list[str]:
+def _spatial_candidates(
+    g: _Graph, probe: _Graph, layouts: dict[str, str], logits: str
+) -> list[str]:
     ancestors = _ancestors(g, logits, "")
     names = []
     for node in reversed(g.model.graph.node):
@@ -1505,8 +1719,14 @@ def _spatial_candidates(g: _Graph, probe: _Graph, layouts: dict[str, str],
 # --------------------------------------------------------------------------- editing
 
 
-def _value_info(g: _Graph, probe: _Graph, name: str, *, batch: str | None = None,
-                shape: tuple[Dim, ...] | None = None) -> onnx.ValueInfoProto:
+def _value_info(
+    g: _Graph,
+    probe: _Graph,
+    name: str,
+    *,
+    batch: str | None = None,
+    shape: tuple[Dim, ...] | None = None,
+) -> onnx.ValueInfoProto:
     info = _best_info(g, probe, name)
     if shape is not None:
         info = TensorInfo(name, info.dtype, shape)
@@ -1520,8 +1740,7 @@ def _value_info(g: _Graph, probe: _Graph, name: str, *, batch: str | None = None
     return helper.make_tensor_value_info(name, elem, None if shape is None else list(shape))
 
 
-def _add_outputs(model: onnx.ModelProto, inferred: _Graph,
-                 names: Iterable[str]) -> onnx.ModelProto:
+def _add_outputs(model: onnx.ModelProto, inferred: _Graph, names: Iterable[str]) -> onnx.ModelProto:
     out = copy.deepcopy(model)
     existing = {o.name for o in out.graph.output}
     for name in names:
@@ -1542,8 +1761,7 @@ def extract_head(model: onnx.ModelProto, feature: str, logits: str) -> onnx.Mode
     return _extract_head(model, _Graph(_infer(model)), feature, logits)
 
 
-def _extract_head(model: onnx.ModelProto, g: _Graph, feature: str,
-                  logits: str) -> onnx.ModelProto:
+def _extract_head(model: onnx.ModelProto, g: _Graph, feature: str, logits: str) -> onnx.ModelProto:
     nodes = [copy.deepcopy(n) for n in _head_nodes(g, feature, logits)]
     made = {feature} | {o for n in nodes for o in n.output}
     for n in nodes:  # the batch size of another activation (_batch_size_only)
@@ -1555,8 +1773,7 @@ def _extract_head(model: onnx.ModelProto, g: _Graph, feature: str,
             if attr.type == onnx.AttributeProto.GRAPH:
                 used.update(_outer_names(attr.g))
     inits = [copy.deepcopy(t) for t in model.graph.initializer if t.name in used]
-    sparse = [copy.deepcopy(t) for t in model.graph.sparse_initializer
-              if t.values.name in used]
+    sparse = [copy.deepcopy(t) for t in model.graph.sparse_initializer if t.values.name in used]
     f_vi = _value_info(g, g, feature, batch="N")
     l_vi = _value_info(g, g, logits, batch="N")
     head_graph = helper.make_graph(
@@ -1589,8 +1806,7 @@ def float32_head(head: onnx.ModelProto) -> onnx.ModelProto:
 
     def convert(t: onnx.TensorProto) -> None:
         if t.data_type in low:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32),
-                                               t.name))
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
 
     for t in g.initializer:
         convert(t)
@@ -1633,10 +1849,15 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return total
 
 
-def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | None = None,
-                  feature_layer: str | None = None, logits: str | None = None,
-                  size: tuple[int, int] | None = None,
-                  max_memory: int | None = None) -> PreparedModel:
+def prepare_model(
+    source: str | Path | onnx.ModelProto,
+    *,
+    input_name: str | None = None,
+    feature_layer: str | None = None,
+    logits: str | None = None,
+    size: tuple[int, int] | None = None,
+    max_memory: int | None = None,
+) -> PreparedModel:
     """Load (if a path), analyse and edit a model: everything needed to run it.
 
     ``max_memory``: the memory budget in bytes (None: :func:`memory_budget`'s default);
@@ -1644,15 +1865,27 @@ def prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | Non
     out of memory anyway is a :class:`ModelError`, never a crash."""
     where = "model" if isinstance(source, onnx.ModelProto) else str(source)
     try:
-        return _prepare_model(source, input_name=input_name, feature_layer=feature_layer,
-                              logits=logits, size=size, budget=memory_budget(max_memory))
+        return _prepare_model(
+            source,
+            input_name=input_name,
+            feature_layer=feature_layer,
+            logits=logits,
+            size=size,
+            budget=memory_budget(max_memory),
+        )
     except MemoryError as exc:
         raise _out_of_memory(where, "preparing") from exc
 
 
-def _prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | None,
-                   feature_layer: str | None, logits: str | None,
-                   size: tuple[int, int] | None, budget: int) -> PreparedModel:
+def _prepare_model(
+    source: str | Path | onnx.ModelProto,
+    *,
+    input_name: str | None,
+    feature_layer: str | None,
+    logits: str | None,
+    size: tuple[int, int] | None,
+    budget: int,
+) -> PreparedModel:
     path = None
     size_bytes = None
     if isinstance(source, onnx.ModelProto):
@@ -1665,8 +1898,9 @@ def _prepare_model(source: str | Path | onnx.ModelProto, *, input_name: str | No
     parameters = count_parameters(model)
     model = _densified(model)
     g = _Graph(_infer(model))  # shape inference once, for detection and both edits
-    spec = _analyse(model, g, input_name=input_name, feature_layer=feature_layer,
-                    logits=logits, size=size)
+    spec = _analyse(
+        model, g, input_name=input_name, feature_layer=feature_layer, logits=logits, size=size
+    )
     if _is_quantized(g, spec.feature_map) or _is_quantized(g, spec.logits):
         model, spec = _float_views(model, g, spec)
         g = _Graph(_infer(model))
@@ -1706,8 +1940,10 @@ def _dense(t: onnx.SparseTensorProto) -> np.ndarray:
     shape = tuple(int(d) for d in t.dims)
     bounds = np.asarray(shape if indices.ndim == 2 else [_numel(shape)], np.int64)
     if indices.size and ((indices < 0).any() or (indices >= bounds).any()):
-        raise ModelError(f"sparse initializer {t.values.name!r} has indices outside its shape "
-                         f"{list(shape)}: the file is corrupt; export the model again")
+        raise ModelError(
+            f"sparse initializer {t.values.name!r} has indices outside its shape "
+            f"{list(shape)}: the file is corrupt; export the model again"
+        )
     out = np.zeros(shape, dtype=values.dtype)
     if indices.ndim == 2:
         indices = np.ravel_multi_index(tuple(indices.T), shape) if indices.size else indices[:, 0]
@@ -1724,8 +1960,9 @@ def _densified(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    g.initializer.extend(numpy_helper.from_array(_dense(t), t.values.name)
-                         for t in g.sparse_initializer)
+    g.initializer.extend(
+        numpy_helper.from_array(_dense(t), t.values.name) for t in g.sparse_initializer
+    )
     del g.sparse_initializer[:]
     return out
 
@@ -1754,14 +1991,22 @@ def _quant_params(g: _Graph, name: str) -> tuple[str, str] | None:
             break
         current = node.input[0]
     for node in g.consumers.get(name, []):
-        if (node.op_type == "DequantizeLinear" or node.op_type.startswith("QLinear")
-                or node.op_type == "QGemm") and node.input[0] == name and len(node.input) > 2:
+        if (
+            (
+                node.op_type == "DequantizeLinear"
+                or node.op_type.startswith("QLinear")
+                or node.op_type == "QGemm"
+            )
+            and node.input[0] == name
+            and len(node.input) > 2
+        ):
             return node.input[1], node.input[2]
     return None
 
 
-def _float_views(model: onnx.ModelProto, g: _Graph, spec: ModelSpec
-                 ) -> tuple[onnx.ModelProto, ModelSpec]:
+def _float_views(
+    model: onnx.ModelProto, g: _Graph, spec: ModelSpec
+) -> tuple[onnx.ModelProto, ModelSpec]:
     """For a QOperator model whose feature map or logits are int8/uint8: a copy with
     ``DequantizeLinear`` nodes giving their float values (``<name>/sp2ps_float``), and
     the spec naming those.  The int8 feature map is quantized back from its float view
@@ -1790,8 +2035,9 @@ def _float_views(model: onnx.ModelProto, g: _Graph, spec: ModelSpec
         nodes.append(helper.make_node("DequantizeLinear", [info.name, *params], [view]))
         infos[info.name] = TensorInfo(view, "float32", info.shape)
         if info.shape is not None:  # (shape inference stops at com.microsoft ops)
-            out.graph.value_info.append(helper.make_tensor_value_info(
-                view, onnx.TensorProto.FLOAT, list(info.shape)))
+            out.graph.value_info.append(
+                helper.make_tensor_value_info(view, onnx.TensorProto.FLOAT, list(info.shape))
+            )
         if info is spec.feature_map:
             requantized = info.name + _REQUANTIZED
             for node in out.graph.node:

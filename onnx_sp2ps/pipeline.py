@@ -21,8 +21,7 @@ from onnx_sp2ps._version import __version__
 from onnx_sp2ps.cams import make_cam
 from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
-from onnx_sp2ps.errors import (DataError, InputError, MismatchError, NonFiniteError,
-                               UsageError)
+from onnx_sp2ps.errors import DataError, InputError, MismatchError, NonFiniteError, UsageError
 from onnx_sp2ps.files import human_bytes, memory_budget, show
 from onnx_sp2ps.gate import GateCriteria, apply_gate
 from onnx_sp2ps.gate import finite_or_none as _num
@@ -130,10 +129,10 @@ class ModelMaps:
 
     paths: list[str]
     targets: np.ndarray  # (N,) int64
-    logits: np.ndarray   # (N, K) float32
-    raw: np.ndarray      # (N, h, w) float32, ReLU(R) at feature resolution
-    maps: np.ndarray     # (N, H, W) float32, normalised CAM images
-    flat: np.ndarray     # (N,) bool
+    logits: np.ndarray  # (N, K) float32
+    raw: np.ndarray  # (N, h, w) float32, ReLU(R) at feature resolution
+    maps: np.ndarray  # (N, H, W) float32, normalised CAM images
+    flat: np.ndarray  # (N,) bool
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -153,7 +152,7 @@ class WorstImages:
     limit: int
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    original_maps: np.ndarray | None = None   # (n, H, W)
+    original_maps: np.ndarray | None = None  # (n, H, W)
     candidate_maps: np.ndarray | None = None  # (n, H, W)
 
     def add(self, positions, scores, original_maps, candidate_maps) -> None:
@@ -166,7 +165,7 @@ class WorstImages:
         sc = np.concatenate([self.scores, scores])
         om = np.concatenate([self.original_maps, original_maps])
         cm = np.concatenate([self.candidate_maps, candidate_maps])
-        keep = np.lexsort((pos, sc))[:self.limit]  # lowest score first, then order
+        keep = np.lexsort((pos, sc))[: self.limit]  # lowest score first, then order
         self.positions, self.scores = pos[keep], sc[keep]
         self.original_maps, self.candidate_maps = om[keep], cm[keep]
 
@@ -181,12 +180,12 @@ class CandidateResult:
     model: ModelInfo
     scores: PairScores
     summary: ScoreSummary
-    targets: np.ndarray          # (N,) target class used for the candidate's maps
-    predictions: np.ndarray      # (N,) candidate's top-1
-    confidence: np.ndarray       # (N,) candidate's probability of the original's target
-    agreement: float             # top-1 agreement with the original
-    accuracy: float | None       # when labels are known
-    confidence_drop: float       # mean over images of p_orig[c] - p_cand[c]
+    targets: np.ndarray  # (N,) target class used for the candidate's maps
+    predictions: np.ndarray  # (N,) candidate's top-1
+    confidence: np.ndarray  # (N,) candidate's probability of the original's target
+    agreement: float  # top-1 agreement with the original
+    accuracy: float | None  # when labels are known
+    confidence_drop: float  # mean over images of p_orig[c] - p_cand[c]
     non_finite_paths: tuple[str, ...]
     maps: ModelMaps | None = None
     worst: "WorstImages | None" = None
@@ -237,14 +236,20 @@ class AuditResult:
         """Per-image results of candidate number ``candidate``."""
         cand = self.candidates[candidate]
         labels = self.labels
-        return [ImageRecord(
-            path=path, label=None if labels is None or labels[i] < 0 else int(labels[i]),
-            target=int(cand.targets[i]),
-            prediction_original=int(self.original_predictions[i]),
-            prediction_candidate=int(cand.predictions[i]),
-            spatial=float(cand.scores.spatial[i]), spectral=float(cand.scores.spectral[i]),
-            score=float(cand.scores.score[i]), finite=bool(cand.scores.finite[i]))
-            for i, path in enumerate(self.paths)]
+        return [
+            ImageRecord(
+                path=path,
+                label=None if labels is None or labels[i] < 0 else int(labels[i]),
+                target=int(cand.targets[i]),
+                prediction_original=int(self.original_predictions[i]),
+                prediction_candidate=int(cand.predictions[i]),
+                spatial=float(cand.scores.spatial[i]),
+                spectral=float(cand.scores.spectral[i]),
+                score=float(cand.scores.score[i]),
+                finite=bool(cand.scores.finite[i]),
+            )
+            for i, path in enumerate(self.paths)
+        ]
 
     def to_dict(self, criteria=None) -> dict:
         """The report.json content (see README); ``criteria`` a
@@ -284,8 +289,7 @@ def display_names(paths: list[str | None]) -> list[str]:
     :func:`path_endings`, and ``(candidate K)`` after a path given before. Models are
     identified by position and path, never by file name alone."""
     endings = path_endings(paths)
-    return [e if e not in endings[:i] else f"{e} (candidate {i})"
-            for i, e in enumerate(endings)]
+    return [e if e not in endings[:i] else f"{e} (candidate {i})" for i, e in enumerate(endings)]
 
 
 def _model_dict(info, name: str) -> dict:
@@ -295,8 +299,12 @@ def _model_dict(info, name: str) -> dict:
     return out
 
 
-def audit_to_dict(result: "AuditResult", *, schema_version: int = SCHEMA_VERSION,
-                  criteria: GateCriteria | None = None) -> dict:
+def audit_to_dict(
+    result: "AuditResult",
+    *,
+    schema_version: int = SCHEMA_VERSION,
+    criteria: GateCriteria | None = None,
+) -> dict:
     """report.json content of an :class:`onnx_sp2ps.pipeline.AuditResult` (README documents
     the schema); with ``criteria``, each candidate's ``gate`` and the top-level
     ``passed`` are filled in."""
@@ -307,34 +315,39 @@ def audit_to_dict(result: "AuditResult", *, schema_version: int = SCHEMA_VERSION
     for cand, name in zip(result.candidates, names[1:]):
         rows = []
         for i, path in enumerate(paths):
-            rows.append({
-                "path": path,
-                "label": None if labels is None or labels[i] < 0 else int(labels[i]),
-                "target": int(cand.targets[i]),
-                "target_original": int(result.original_targets[i]),
-                "prediction_original": int(result.original_predictions[i]),
-                "prediction_candidate": int(cand.predictions[i]),
-                "confidence_original": _num(result.original_confidence[i]),
-                "confidence_candidate": _num(cand.confidence[i]),
-                "spatial": _num(cand.scores.spatial[i]),
-                "spectral": _num(cand.scores.spectral[i]),
-                "score": _num(cand.scores.score[i]),
-                "finite": bool(cand.scores.finite[i]),
-                "flat_original": bool(cand.scores.flat_a[i]),
-                "flat_candidate": bool(cand.scores.flat_b[i]),
-            })
-        summary = {k: (_num(v) if isinstance(v, float) else v)
-                   for k, v in cand.summary.to_dict().items()}
-        candidates.append({
-            "model": _model_dict(cand.model, name),
-            "sp2ps": summary,
-            "agreement": _num(cand.agreement),
-            "accuracy": _num(cand.accuracy),
-            "confidence_drop": _num(cand.confidence_drop),
-            "non_finite_images": list(cand.non_finite_paths),
-            "gate": None,
-            "images": rows,
-        })
+            rows.append(
+                {
+                    "path": path,
+                    "label": None if labels is None or labels[i] < 0 else int(labels[i]),
+                    "target": int(cand.targets[i]),
+                    "target_original": int(result.original_targets[i]),
+                    "prediction_original": int(result.original_predictions[i]),
+                    "prediction_candidate": int(cand.predictions[i]),
+                    "confidence_original": _num(result.original_confidence[i]),
+                    "confidence_candidate": _num(cand.confidence[i]),
+                    "spatial": _num(cand.scores.spatial[i]),
+                    "spectral": _num(cand.scores.spectral[i]),
+                    "score": _num(cand.scores.score[i]),
+                    "finite": bool(cand.scores.finite[i]),
+                    "flat_original": bool(cand.scores.flat_a[i]),
+                    "flat_candidate": bool(cand.scores.flat_b[i]),
+                }
+            )
+        summary = {
+            k: (_num(v) if isinstance(v, float) else v) for k, v in cand.summary.to_dict().items()
+        }
+        candidates.append(
+            {
+                "model": _model_dict(cand.model, name),
+                "sp2ps": summary,
+                "agreement": _num(cand.agreement),
+                "accuracy": _num(cand.accuracy),
+                "confidence_drop": _num(cand.confidence_drop),
+                "non_finite_images": list(cand.non_finite_paths),
+                "gate": None,
+                "images": rows,
+            }
+        )
     report = {
         "schema_version": schema_version,
         "tool": "onnx-sp2ps",
@@ -392,8 +405,9 @@ def input_spec(spec: ModelSpec, layout: str | None = None) -> InputSpec:
         c, h, w = shape[1], shape[2], shape[3]
     else:
         h, w, c = shape[1], shape[2], shape[3]
-    return InputSpec(layout=layout, channels=static(c), height=static(h), width=static(w),
-                     batch=spec.fixed_batch)
+    return InputSpec(
+        layout=layout, channels=static(c), height=static(h), width=static(w), batch=spec.fixed_batch
+    )
 
 
 def _probabilities(logits: np.ndarray, activation: str | None) -> np.ndarray:
@@ -414,30 +428,50 @@ def _check_compatible(original: ModelSpec, candidate: ModelSpec, name: str) -> N
             if i and isinstance(da, int) and isinstance(db, int) and da != db:
                 problems.append(f"input shape {list(a)} vs {list(b)}")
                 break
-    if (original.num_classes and candidate.num_classes
-            and original.num_classes != candidate.num_classes):
+    if (
+        original.num_classes
+        and candidate.num_classes
+        and original.num_classes != candidate.num_classes
+    ):
         problems.append(f"{original.num_classes} vs {candidate.num_classes} classes")
     if problems:
-        raise MismatchError(f"candidate {name} does not match the original: "
-                            + "; ".join(problems) + ": compare a candidate made from this "
-                            "original (same input size, layout and classes)")
+        raise MismatchError(
+            f"candidate {name} does not match the original: "
+            + "; ".join(problems)
+            + ": compare a candidate made from this "
+            "original (same input size, layout and classes)"
+        )
 
 
 class _Explainer:
     """One model's runner and CAM method."""
 
-    def __init__(self, prepared: PreparedModel, settings: AuditSettings,
-                 device_inputs: DeviceInputs | None = None):
+    def __init__(
+        self,
+        prepared: PreparedModel,
+        settings: AuditSettings,
+        device_inputs: DeviceInputs | None = None,
+    ):
         self.prepared = prepared
-        self.runner = ModelRunner(prepared, provider=settings.provider,
-                                  threads=settings.threads, device_inputs=device_inputs)
-        self.cam = make_cam(settings.method, self.runner,
-                            scorecam_channels=settings.scorecam_channels)
+        self.runner = ModelRunner(
+            prepared,
+            provider=settings.provider,
+            threads=settings.threads,
+            device_inputs=device_inputs,
+        )
+        self.cam = make_cam(
+            settings.method, self.runner, scorecam_channels=settings.scorecam_channels
+        )
         self.info = ModelInfo(
-            path=prepared.path, spec=prepared.spec, size_bytes=prepared.size_bytes,
-            parameters=prepared.parameters, providers=self.runner.provider.providers,
-            provider_note=self.runner.provider.note, gradient=self.runner.gradient_path,
-            gradient_note=self.runner.gradient_note)
+            path=prepared.path,
+            spec=prepared.spec,
+            size_bytes=prepared.size_bytes,
+            parameters=prepared.parameters,
+            providers=self.runner.provider.providers,
+            provider_note=self.runner.provider.note,
+            gradient=self.runner.gradient_path,
+            gradient_note=self.runner.gradient_note,
+        )
 
     def run(self, inputs: np.ndarray, targets: np.ndarray | None):
         """Activations and logits; with the gradients in the same run when the method
@@ -446,9 +480,14 @@ class _Explainer:
             return self.runner.run(inputs)
         return self.runner.run(inputs, targets=targets)
 
-    def maps(self, activations: np.ndarray, targets: np.ndarray, logits: np.ndarray,
-             size: tuple[int, int], inputs: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def maps(
+        self,
+        activations: np.ndarray,
+        targets: np.ndarray,
+        logits: np.ndarray,
+        size: tuple[int, int],
+        inputs: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raw = self.cam(activations, targets, inputs)
         bad = ~np.isfinite(logits).all(axis=1)
         raw[bad] = np.nan
@@ -491,17 +530,28 @@ def _target_hint(target, labels, original_targets, n: int) -> np.ndarray | None:
 def _open(images, spec: ModelSpec, preprocess: Preprocess, class_names, strict) -> ImageSet:
     if isinstance(images, ImageSet):
         return images
-    return open_images(images, spec=input_spec(spec, preprocess.layout),
-                       preprocess=preprocess, class_names=class_names, strict=strict)
+    return open_images(
+        images,
+        spec=input_spec(spec, preprocess.layout),
+        preprocess=preprocess,
+        class_names=class_names,
+        strict=strict,
+    )
 
 
-def _prepare(model, options: ModelOptions, preprocess: Preprocess,
-             max_memory: int | None = None) -> PreparedModel:
+def _prepare(
+    model, options: ModelOptions, preprocess: Preprocess, max_memory: int | None = None
+) -> PreparedModel:
     if isinstance(model, PreparedModel):
         return model
-    return prepare_model(model, input_name=options.input_name,
-                         feature_layer=options.feature_layer, logits=options.logits,
-                         size=preprocess.size, max_memory=max_memory)
+    return prepare_model(
+        model,
+        input_name=options.input_name,
+        feature_layer=options.feature_layer,
+        logits=options.logits,
+        size=preprocess.size,
+        max_memory=max_memory,
+    )
 
 
 def _dim_product(dims) -> int | None:
@@ -513,8 +563,13 @@ def _dim_product(dims) -> int | None:
     return n
 
 
-def check_batch_memory(specs: Sequence[ModelSpec], size: tuple[int, int], batch_size: int,
-                       channels: int | None = None, max_memory: int | None = None) -> int:
+def check_batch_memory(
+    specs: Sequence[ModelSpec],
+    size: tuple[int, int],
+    batch_size: int,
+    channels: int | None = None,
+    max_memory: int | None = None,
+) -> int:
     """Refuse a run whose one batch cannot fit the memory budget, before it is allocated.
 
     The rule: the rows run at once (``batch_size``, padded up to a multiple of the
@@ -543,27 +598,37 @@ def check_batch_memory(specs: Sequence[ModelSpec], size: tuple[int, int], batch_
     for spec in specs:
         fm = spec.feature_map.shape
         maps = _dim_product(fm[1:]) if fm else None
-        per_row += (4 * maps if maps is not None else spec.largest_activation or 0)
+        per_row += 4 * maps if maps is not None else spec.largest_activation or 0
         per_row += 4 * h * w * 4
     total = rows * per_row
     if total <= budget:
         return total
     shape = f"{c}x{h}x{w}"
-    over = (f"over the memory budget of {human_bytes(budget)} (--max-memory): refused before "
-            "allocating")
+    over = (
+        f"over the memory budget of {human_bytes(budget)} (--max-memory): refused before allocating"
+    )
     if fixed and fixed * per_row > budget:
-        raise InputError(f"the model's fixed batch of {fixed} inputs of {shape} (with its "
-                         f"feature maps) takes {human_bytes(fixed * per_row)}, {over}; export "
-                         "the model with a dynamic (or smaller) batch dimension")
+        raise InputError(
+            f"the model's fixed batch of {fixed} inputs of {shape} (with its "
+            f"feature maps) takes {human_bytes(fixed * per_row)}, {over}; export "
+            "the model with a dynamic (or smaller) batch dimension"
+        )
     if per_row > budget:
         declared = all(s.input_size == (h, w) for s in specs)
-        remedy = ("export the model with a smaller (or dynamic) input size" if declared
-                  else "pass a smaller --size")
-        raise InputError(f"one input of {shape} (with its feature maps) takes "
-                         f"{human_bytes(per_row)}, {over}; {remedy}")
-    raise InputError(f"one batch of {rows} inputs of {shape} (with their feature maps) "
-                     f"takes {human_bytes(total)}, {over}; lower --batch-size to "
-                     f"{max(budget // per_row, 1)} or less")
+        remedy = (
+            "export the model with a smaller (or dynamic) input size"
+            if declared
+            else "pass a smaller --size"
+        )
+        raise InputError(
+            f"one input of {shape} (with its feature maps) takes "
+            f"{human_bytes(per_row)}, {over}; {remedy}"
+        )
+    raise InputError(
+        f"one batch of {rows} inputs of {shape} (with their feature maps) "
+        f"takes {human_bytes(total)}, {over}; lower --batch-size to "
+        f"{max(budget // per_row, 1)} or less"
+    )
 
 
 def _labels_at(image_set: ImageSet, indices: np.ndarray) -> np.ndarray | None:
@@ -573,8 +638,10 @@ def _labels_at(image_set: ImageSet, indices: np.ndarray) -> np.ndarray | None:
 def _nothing_read(image_set: ImageSet, what: str) -> DataError:
     skipped = image_set.skipped
     example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
-    return DataError(f"none of the {len(image_set)} images could be read{example}: "
-                     f"nothing to {what}; replace the files or point --images elsewhere")
+    return DataError(
+        f"none of the {len(image_set)} images could be read{example}: "
+        f"nothing to {what}; replace the files or point --images elsewhere"
+    )
 
 
 def _batches(image_set: ImageSet, batch_size: int):
@@ -586,13 +653,23 @@ def _batches(image_set: ImageSet, batch_size: int):
 # --------------------------------------------------------------------------- API
 
 
-def compute_cams(model: str | Path | PreparedModel, images, *,
-                 preprocess: Preprocess = Preprocess(), method: str = "gradcam",
-                 target: str | int = "own", options: ModelOptions = ModelOptions(),
-                 class_names=None, batch_size: int = 16, provider: str = "auto",
-                 threads: int | None = None, strict: bool = False,
-                 scorecam_channels: int | None = None, max_memory: int | None = None,
-                 progress: Progress | None = None) -> tuple[ModelMaps, ModelInfo, ImageSet]:
+def compute_cams(
+    model: str | Path | PreparedModel,
+    images,
+    *,
+    preprocess: Preprocess = Preprocess(),
+    method: str = "gradcam",
+    target: str | int = "own",
+    options: ModelOptions = ModelOptions(),
+    class_names=None,
+    batch_size: int = 16,
+    provider: str = "auto",
+    threads: int | None = None,
+    strict: bool = False,
+    scorecam_channels: int | None = None,
+    max_memory: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[ModelMaps, ModelInfo, ImageSet]:
     """CAMs of one model over a folder of images or an array file.
 
     Parameters
@@ -611,43 +688,64 @@ def compute_cams(model: str | Path | PreparedModel, images, *,
     if target == "original":
         raise UsageError("target 'original' is for audits; use own, label or a class index")
     prepared = _prepare(model, options, preprocess, max_memory)
-    settings = AuditSettings(method=method, target=target, batch_size=batch_size,
-                             provider=provider, threads=threads, strict=strict,
-                             scorecam_channels=scorecam_channels, max_memory=max_memory)
+    settings = AuditSettings(
+        method=method,
+        target=target,
+        batch_size=batch_size,
+        provider=provider,
+        threads=threads,
+        strict=strict,
+        scorecam_channels=scorecam_channels,
+        max_memory=max_memory,
+    )
     explainer = _Explainer(prepared, settings)
     image_set = _open(images, prepared.spec, preprocess, class_names, strict)
     size = image_set.preprocess.size
-    check_batch_memory([prepared.spec], size, batch_size, image_set.preprocess.channels,
-                       max_memory)
+    check_batch_memory([prepared.spec], size, batch_size, image_set.preprocess.channels, max_memory)
     out = _Collector()
     done = 0
     for batch in _batches(image_set, batch_size):
         labels = _labels_at(image_set, batch.indices)
-        acts, logits = explainer.run(batch.inputs, _target_hint(target, labels, None,
-                                                                len(batch.indices)))
+        acts, logits = explainer.run(
+            batch.inputs, _target_hint(target, labels, None, len(batch.indices))
+        )
         targets = select_targets(target, logits=logits, labels=labels)
         raw, maps, flat = explainer.maps(acts, targets, logits, size, batch.inputs)
-        out.add(indices=batch.indices, targets=targets, logits=logits, raw=raw, maps=maps,
-                flat=flat)
+        out.add(
+            indices=batch.indices, targets=targets, logits=logits, raw=raw, maps=maps, flat=flat
+        )
         done += len(batch.indices)
         if progress:
             progress(done, len(image_set))
     if not out.has("indices"):
         raise _nothing_read(image_set, "explain")
     indices = out.get("indices")
-    result = ModelMaps(paths=[image_set.paths[i] for i in indices],
-                       targets=out.get("targets"), logits=out.get("logits"),
-                       raw=out.get("raw"), maps=out.get("maps"), flat=out.get("flat"))
+    result = ModelMaps(
+        paths=[image_set.paths[i] for i in indices],
+        targets=out.get("targets"),
+        logits=out.get("logits"),
+        raw=out.get("raw"),
+        maps=out.get("maps"),
+        flat=out.get("flat"),
+    )
     return result, explainer.info, image_set
 
 
-def audit(original: str | Path | PreparedModel,
-          candidates: Sequence[str | Path | PreparedModel], images, *,
-          preprocess: Preprocess = Preprocess(), settings: AuditSettings = AuditSettings(),
-          original_options: ModelOptions = ModelOptions(),
-          candidate_options: ModelOptions = ModelOptions(), class_names=None,
-          keep_maps: bool = False, worst: int = 0, on_maps: MapsCallback | None = None,
-          progress: Progress | None = None) -> AuditResult:
+def audit(
+    original: str | Path | PreparedModel,
+    candidates: Sequence[str | Path | PreparedModel],
+    images,
+    *,
+    preprocess: Preprocess = Preprocess(),
+    settings: AuditSettings = AuditSettings(),
+    original_options: ModelOptions = ModelOptions(),
+    candidate_options: ModelOptions = ModelOptions(),
+    class_names=None,
+    keep_maps: bool = False,
+    worst: int = 0,
+    on_maps: MapsCallback | None = None,
+    progress: Progress | None = None,
+) -> AuditResult:
     """Score each candidate's CAMs against the original's, image by image.
 
     Parameters
@@ -685,14 +783,20 @@ def audit(original: str | Path | PreparedModel,
         raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
 
     orig_prep = _prepare(original, original_options, preprocess, settings.max_memory)
-    cand_preps = [_prepare(c, candidate_options, preprocess, settings.max_memory)
-                  for c in candidates]
+    cand_preps = [
+        _prepare(c, candidate_options, preprocess, settings.max_memory) for c in candidates
+    ]
     for cp in cand_preps:
         _check_compatible(orig_prep.spec, cp.spec, Path(cp.path).name if cp.path else "model")
     image_set = _open(images, orig_prep.spec, preprocess, class_names, settings.strict)
     size = image_set.preprocess.size
-    check_batch_memory([orig_prep.spec] + [cp.spec for cp in cand_preps], size,
-                       settings.batch_size, image_set.preprocess.channels, settings.max_memory)
+    check_batch_memory(
+        [orig_prep.spec] + [cp.spec for cp in cand_preps],
+        size,
+        settings.batch_size,
+        image_set.preprocess.channels,
+        settings.max_memory,
+    )
 
     shared = DeviceInputs()  # on CUDA, each batch crosses to the GPU once for all models
     orig = _Explainer(orig_prep, settings, shared)
@@ -703,29 +807,44 @@ def audit(original: str | Path | PreparedModel,
     done = 0  # images scored so far: also the row of the batch's first image
     for batch in _batches(image_set, settings.batch_size):
         labels = _labels_at(image_set, batch.indices)
-        o_acts, o_logits = orig.run(batch.inputs, _target_hint(
-            settings.target, labels, None, len(batch.indices)))
-        o_targets = select_targets(settings.target, logits=o_logits, labels=labels,
-                                   reference_logits=o_logits)
+        o_acts, o_logits = orig.run(
+            batch.inputs, _target_hint(settings.target, labels, None, len(batch.indices))
+        )
+        o_targets = select_targets(
+            settings.target, logits=o_logits, labels=labels, reference_logits=o_logits
+        )
         o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size, batch.inputs)
         o_prob = _probabilities(o_logits, orig_prep.spec.activation)
-        o_out.add(indices=batch.indices, targets=o_targets, pred=top1(o_logits),
-                  conf=o_prob[np.arange(len(o_targets)), o_targets])
+        o_out.add(
+            indices=batch.indices,
+            targets=o_targets,
+            pred=top1(o_logits),
+            conf=o_prob[np.arange(len(o_targets)), o_targets],
+        )
         if keep_maps:  # (N, K) logits too: with many classes, they grow with N
             o_out.add(logits=o_logits, raw=o_raw, maps=o_maps, flat=o_flat)
         batch_maps = []
         for cand, out, wst in zip(cands, c_out, worsts):
-            c_acts, c_logits = cand.run(batch.inputs, _target_hint(
-                settings.target, labels, o_targets, len(batch.indices)))
-            c_targets = select_targets(settings.target, logits=c_logits, labels=labels,
-                                       reference_logits=o_logits)
+            c_acts, c_logits = cand.run(
+                batch.inputs, _target_hint(settings.target, labels, o_targets, len(batch.indices))
+            )
+            c_targets = select_targets(
+                settings.target, logits=c_logits, labels=labels, reference_logits=o_logits
+            )
             c_raw, c_maps, c_flat = cand.maps(c_acts, c_targets, c_logits, size, batch.inputs)
             pair = score_pairs(o_maps, c_maps, workers=settings.threads)
             c_prob = _probabilities(c_logits, cand.prepared.spec.activation)
-            out.add(targets=c_targets, pred=top1(c_logits),
-                    conf=c_prob[np.arange(len(o_targets)), o_targets],
-                    spatial=pair.spatial, spectral=pair.spectral, score=pair.score,
-                    finite=pair.finite, flat_a=pair.flat_a, flat_b=pair.flat_b)
+            out.add(
+                targets=c_targets,
+                pred=top1(c_logits),
+                conf=c_prob[np.arange(len(o_targets)), o_targets],
+                spatial=pair.spatial,
+                spectral=pair.spectral,
+                score=pair.score,
+                finite=pair.finite,
+                flat_a=pair.flat_a,
+                flat_b=pair.flat_b,
+            )
             if keep_maps:
                 out.add(logits=c_logits, raw=c_raw, maps=c_maps, flat=c_flat)
             wst.add(done + np.arange(len(batch.indices)), pair.score, o_maps, c_maps)
@@ -753,35 +872,51 @@ def audit(original: str | Path | PreparedModel,
     def model_maps(out: _Collector, targets):
         if not keep_maps:
             return None
-        return ModelMaps(paths=paths, targets=targets, logits=out.get("logits"),
-                         raw=out.get("raw"), maps=out.get("maps"), flat=out.get("flat"))
+        return ModelMaps(
+            paths=paths,
+            targets=targets,
+            logits=out.get("logits"),
+            raw=out.get("raw"),
+            maps=out.get("maps"),
+            flat=out.get("flat"),
+        )
 
     results = []
     for cand, out, wst in zip(cands, c_out, worsts):
-        scores = PairScores(spatial=out.get("spatial"), spectral=out.get("spectral"),
-                            score=out.get("score"), finite=out.get("finite"),
-                            flat_a=out.get("flat_a"), flat_b=out.get("flat_b"))
+        scores = PairScores(
+            spatial=out.get("spatial"),
+            spectral=out.get("spectral"),
+            score=out.get("score"),
+            finite=out.get("finite"),
+            flat_a=out.get("flat_a"),
+            flat_b=out.get("flat_b"),
+        )
         if not scores.finite.any():
             raise NonFiniteError(
                 f"every image gave non-finite logits or maps for {cand.info.name} or the "
-                "original: check the models and the preprocessing")
+                "original: check the models and the preprocessing"
+            )
         summary = summarise_scores(scores, o_targets, threshold=settings.threshold)
         c_pred = out.get("pred")
         drop = o_out.get("conf") - out.get("conf")
-        results.append(CandidateResult(
-            model=cand.info,
-            scores=scores,
-            summary=summary,
-            targets=out.get("targets"),
-            predictions=c_pred,
-            confidence=out.get("conf"),
-            agreement=float(np.mean(c_pred == o_pred)),
-            accuracy=accuracy(c_pred),
-            confidence_drop=float(np.nanmean(drop)) if np.isfinite(drop).any() else float("nan"),
-            non_finite_paths=tuple(p for p, ok in zip(paths, scores.finite) if not ok),
-            maps=model_maps(out, out.get("targets")),
-            worst=wst if worst > 0 else None,
-        ))
+        results.append(
+            CandidateResult(
+                model=cand.info,
+                scores=scores,
+                summary=summary,
+                targets=out.get("targets"),
+                predictions=c_pred,
+                confidence=out.get("conf"),
+                agreement=float(np.mean(c_pred == o_pred)),
+                accuracy=accuracy(c_pred),
+                confidence_drop=float(np.nanmean(drop))
+                if np.isfinite(drop).any()
+                else float("nan"),
+                non_finite_paths=tuple(p for p, ok in zip(paths, scores.finite) if not ok),
+                maps=model_maps(out, out.get("targets")),
+                worst=wst if worst > 0 else None,
+            )
+        )
     return AuditResult(
         settings=settings,
         preprocess=image_set.preprocess.to_dict(),

@@ -24,9 +24,16 @@ from typing import Callable
 import numpy as np
 
 from onnx_sp2ps.errors import ReportError
+from onnx_sp2ps.files import (
+    check_regular,
+    read_bounded,
+    show,
+    track_temporary,
+    umask_mode,
+    uninterruptible,
+    untrack_temporary,
+)
 from onnx_sp2ps.gate import GateCheck, finite_or_none
-from onnx_sp2ps.files import (check_regular, read_bounded, show, track_temporary, umask_mode,
-                              uninterruptible, untrack_temporary)
 
 __all__ = [
     "format_table",
@@ -59,12 +66,14 @@ def _write_error(path: Path, exc: OSError, option: str = "--out") -> ReportError
     """One line for a failed write: a full disk says what to do about it."""
     where = show(path)
     if exc.errno in _NO_SPACE:
-        return ReportError(f"no space left on the device of {where}: free space or choose "
-                           f"another {option}")
+        return ReportError(
+            f"no space left on the device of {where}: free space or choose another {option}"
+        )
     if exc.errno == errno.EROFS:
         return ReportError(f"{where} is on a read-only file system: choose another {option}")
-    return ReportError(f"cannot write {where}: {exc.strerror or exc}: check the folder or "
-                       f"choose another {option}")
+    return ReportError(
+        f"cannot write {where}: {exc.strerror or exc}: check the folder or choose another {option}"
+    )
 
 
 def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
@@ -74,21 +83,23 @@ def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
     try:
         if p.exists() and not p.is_dir():
             kind = "a file" if p.is_file() else "a special file"
-            raise ReportError(f"{option} {show(p)} is {kind}, not a folder: choose a folder "
-                              "path")
+            raise ReportError(f"{option} {show(p)} is {kind}, not a folder: choose a folder path")
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".sp2ps-write-test-"):
             pass
     except OSError as exc:
         if exc.errno in _NO_SPACE:
             raise _write_error(p, exc, option) from None
-        raise ReportError(f"cannot write to {option} {show(p)}: {exc.strerror or exc}: "
-                          "choose a folder you can write to") from None
+        raise ReportError(
+            f"cannot write to {option} {show(p)}: {exc.strerror or exc}: "
+            "choose a folder you can write to"
+        ) from None
     return p
 
 
-def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None], *,
-                 option: str = "--out") -> Path:
+def write_atomic(
+    path: str | Path, write: Callable[[io.BufferedWriter], None], *, option: str = "--out"
+) -> Path:
     """Write a file through ``write(handle)`` into a temporary file beside it, then rename
     it into place; the file gets the mode the umask gives. A failed write (a full disk
     included) leaves no temporary file and raises :class:`ReportError`."""
@@ -127,14 +138,17 @@ def append_text(path: str | Path, text: str, *, option: str) -> Path:
         check_regular(p, f"{option} file", error=ReportError)
     data = text.encode("utf-8")
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
-                     | getattr(os, "O_NOCTTY", 0), 0o666)
+        fd = os.open(
+            p,
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0),
+            0o666,
+        )
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ReportError(f"{option} {show(p)} is not a regular file: refused")
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
     except OSError as exc:
@@ -163,10 +177,10 @@ def _png_is_ours(head: bytes) -> bool:
         return False
     pos = 8
     while pos + 8 <= len(head):
-        length = int.from_bytes(head[pos:pos + 4], "big")
-        kind = head[pos + 4:pos + 8]
+        length = int.from_bytes(head[pos : pos + 4], "big")
+        kind = head[pos + 4 : pos + 8]
         if kind == b"tEXt":
-            key, _, value = head[pos + 8:pos + 8 + length].partition(b"\0")
+            key, _, value = head[pos + 8 : pos + 8 + length].partition(b"\0")
             if key == b"Software" and value == GENERATOR.encode():
                 return True
         if kind in (b"IDAT", b"IEND"):
@@ -186,7 +200,8 @@ def written_by_us(path: Path) -> bool:
         if name.endswith(".npz"):
             with zipfile.ZipFile(path) as archive:
                 return {"paths.npy", "targets.npy", "raw.npy", "maps.npy"} <= set(
-                    archive.namelist())
+                    archive.namelist()
+                )
         head = _head(path)
     except (OSError, zipfile.BadZipFile, ValueError):
         return False
@@ -211,35 +226,45 @@ def _check_replaceable(path: Path, option: str, force: bool) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ReportError(f"cannot check {show(path)}: {exc.strerror or exc}: choose another "
-                          f"{option}") from None
+        raise ReportError(
+            f"cannot check {show(path)}: {exc.strerror or exc}: choose another {option}"
+        ) from None
     if stat.S_ISLNK(st.st_mode):
         try:
             target = os.stat(path)
         except OSError:
             target = None  # a dangling link: replacing it loses nothing of the user's
         if target is not None and not stat.S_ISREG(target.st_mode):
-            raise ReportError(f"{show(path)} is a link to a special file or folder: refused "
-                              f"(it is never replaced); choose another {option}")
+            raise ReportError(
+                f"{show(path)} is a link to a special file or folder: refused "
+                f"(it is never replaced); choose another {option}"
+            )
         if force or target is None:
             return
-        raise ReportError(f"{show(path)} is a link this tool did not write: refused; remove "
-                          f"it, choose another {option}, or pass --force to replace it")
+        raise ReportError(
+            f"{show(path)} is a link this tool did not write: refused; remove "
+            f"it, choose another {option}, or pass --force to replace it"
+        )
     if stat.S_ISDIR(st.st_mode):
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError as exc:
-            raise ReportError(f"cannot read {show(path)}: {exc.strerror or exc}: choose "
-                              f"another {option}") from None
+            raise ReportError(
+                f"cannot read {show(path)}: {exc.strerror or exc}: choose another {option}"
+            ) from None
         for entry in entries:
             _check_replaceable(Path(entry.path), option, force)
         return
     if not stat.S_ISREG(st.st_mode):
-        raise ReportError(f"{show(path)} is a special file (FIFO, socket or device): refused "
-                          f"(it is never replaced); choose another {option}")
+        raise ReportError(
+            f"{show(path)} is a special file (FIFO, socket or device): refused "
+            f"(it is never replaced); choose another {option}"
+        )
     if not force and not written_by_us(path):
-        raise ReportError(f"{show(path)} exists and was not written by onnx-sp2ps: choose "
-                          f"another {option}, or pass --force to replace it")
+        raise ReportError(
+            f"{show(path)} exists and was not written by onnx-sp2ps: choose "
+            f"another {option}, or pass --force to replace it"
+        )
 
 
 def check_target(path: str | Path, *, option: str, force: bool = False) -> Path:
@@ -288,8 +313,14 @@ class ReportSet:
 
     PREFIX = ".sp2ps-staging-"
 
-    def __init__(self, out: str | Path, members: tuple[str, ...], *, force: bool = False,
-                 option: str = "--out"):
+    def __init__(
+        self,
+        out: str | Path,
+        members: tuple[str, ...],
+        *,
+        force: bool = False,
+        option: str = "--out",
+    ):
         self.out = prepare_out_dir(out, option=option)
         self.members = members
         self.option = option
@@ -297,15 +328,16 @@ class ReportSet:
             _check_replaceable(self.out / name, option, force)
         self._remove_stale()
         try:
-            self.staging = Path(tempfile.mkdtemp(dir=self.out,
-                                                 prefix=f"{self.PREFIX}{os.getpid()}-"))
+            self.staging = Path(
+                tempfile.mkdtemp(dir=self.out, prefix=f"{self.PREFIX}{os.getpid()}-")
+            )
         except OSError as exc:
             raise _write_error(self.out, exc, option) from None
         track_temporary(self.staging, self.discard)
 
     def _remove_stale(self) -> None:
         for entry in self.out.glob(self.PREFIX + "*"):
-            pid = entry.name[len(self.PREFIX):].split("-", 1)[0]
+            pid = entry.name[len(self.PREFIX) :].split("-", 1)[0]
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
             try:
@@ -361,8 +393,9 @@ class ReportSet:
 
 def _ranked(candidates: list[dict]) -> list[dict]:
     """Candidates of a report dict, highest Sp2PS mean first, missing means last."""
-    return sorted(candidates, key=lambda c: -(c["sp2ps"]["mean"]
-                                              if c["sp2ps"]["mean"] is not None else -1.0))
+    return sorted(
+        candidates, key=lambda c: -(c["sp2ps"]["mean"] if c["sp2ps"]["mean"] is not None else -1.0)
+    )
 
 
 #: report.json versions ``gate`` reads, and the largest report it reads.
@@ -375,12 +408,16 @@ def _schema_errors(data) -> str | None:
     Everything the gate reads is checked: types (a boolean is not a number, a string
     is not a score), ranges, a known ``schema_version``."""
     if not isinstance(data, dict) or data.get("tool") != "onnx-sp2ps":
-        return "it is not an onnx-sp2ps report.json (no \"tool\": \"onnx-sp2ps\")"
+        return 'it is not an onnx-sp2ps report.json (no "tool": "onnx-sp2ps")'
     version = data.get("schema_version")
-    if not (isinstance(version, int) and not isinstance(version, bool)) \
-            or version not in KNOWN_SCHEMAS:
-        return (f"schema_version {json.dumps(version)[:40]} is not one this version reads "
-                f"({', '.join(map(str, KNOWN_SCHEMAS))})")
+    if (
+        not (isinstance(version, int) and not isinstance(version, bool))
+        or version not in KNOWN_SCHEMAS
+    ):
+        return (
+            f"schema_version {json.dumps(version)[:40]} is not one this version reads "
+            f"({', '.join(map(str, KNOWN_SCHEMAS))})"
+        )
 
     def fraction(value, where: str) -> str | None:
         if value is None or (finite_or_none(value) is not None and 0.0 <= value <= 1.0):
@@ -401,16 +438,22 @@ def _schema_errors(data) -> str | None:
         if not isinstance(cand, dict):
             return f"{where} is not an object"
         model, sp2ps = cand.get("model"), cand.get("sp2ps")
-        if not isinstance(model, dict) or not isinstance(model.get("name"), str) \
-                or not model["name"]:
+        if (
+            not isinstance(model, dict)
+            or not isinstance(model.get("name"), str)
+            or not model["name"]
+        ):
             return f"{where}.model.name is missing or not a string"
         if model.get("path") is not None and not isinstance(model.get("path"), str):
             return f"{where}.model.path is not a string"
         if not isinstance(sp2ps, dict):
             return f"{where}.sp2ps is missing or not an object"
-        for key, value in (("sp2ps.mean", sp2ps.get("mean")), ("sp2ps.p5", sp2ps.get("p5")),
-                           ("agreement", cand.get("agreement")),
-                           ("accuracy", cand.get("accuracy"))):
+        for key, value in (
+            ("sp2ps.mean", sp2ps.get("mean")),
+            ("sp2ps.p5", sp2ps.get("p5")),
+            ("agreement", cand.get("agreement")),
+            ("accuracy", cand.get("accuracy")),
+        ):
             problem = fraction(value, f"{where}.{key}")
             if problem:
                 return problem
@@ -462,8 +505,24 @@ def format_table(report: dict) -> str:
         f"{len(report['images']['skipped'])}  method {report['settings']['method']}, "
         f"target {report['settings']['target']}",
     ]
-    header = ["candidate", "sp2ps", "balanced", "median", "p5", "min", "S", "F",
-              "flat o/c", "agree", "acc", "conf drop", "non-finite", "size", "params", "gate"]
+    header = [
+        "candidate",
+        "sp2ps",
+        "balanced",
+        "median",
+        "p5",
+        "min",
+        "S",
+        "F",
+        "flat o/c",
+        "agree",
+        "acc",
+        "conf drop",
+        "non-finite",
+        "size",
+        "params",
+        "gate",
+    ]
     rows = []
     order = _ranked(report["candidates"])
 
@@ -474,43 +533,61 @@ def format_table(report: dict) -> str:
     for c in order:
         s = c["sp2ps"]
         gate = c.get("gate")
-        rows.append([
-            c["model"]["name"], _fmt(s["mean"]), _fmt(s["class_balanced_mean"]),
-            _fmt(s["median"]), _fmt(s["p5"]), _fmt(s["minimum"]),
-            _fmt(s["spatial_mean"]), _fmt(s["spectral_mean"]),
-            f"{s['flat_original']}/{s['flat_candidate']}",
-            _fmt(c["agreement"], 3), _fmt(c["accuracy"], 3),
-            _fmt(c["confidence_drop"], 4), str(s["non_finite"]),
-            ratio(c, "size_bytes"), ratio(c, "parameters"),
-            "-" if gate is None else ("pass" if gate["passed"] else "FAIL"),
-        ])
+        rows.append(
+            [
+                c["model"]["name"],
+                _fmt(s["mean"]),
+                _fmt(s["class_balanced_mean"]),
+                _fmt(s["median"]),
+                _fmt(s["p5"]),
+                _fmt(s["minimum"]),
+                _fmt(s["spatial_mean"]),
+                _fmt(s["spectral_mean"]),
+                f"{s['flat_original']}/{s['flat_candidate']}",
+                _fmt(c["agreement"], 3),
+                _fmt(c["accuracy"], 3),
+                _fmt(c["confidence_drop"], 4),
+                str(s["non_finite"]),
+                ratio(c, "size_bytes"),
+                ratio(c, "parameters"),
+                "-" if gate is None else ("pass" if gate["passed"] else "FAIL"),
+            ]
+        )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines.append("  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i])
-                           for i, h in enumerate(header)))
+    lines.append(
+        "  ".join(
+            h.ljust(widths[i]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header)
+        )
+    )
     for r in rows:
-        lines.append("  ".join(v.ljust(widths[i]) if i == 0 else v.rjust(widths[i])
-                               for i, v in enumerate(r)))
+        lines.append(
+            "  ".join(v.ljust(widths[i]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(r))
+        )
     for c in report["candidates"]:
         if c["non_finite_images"]:
             names = ", ".join(c["non_finite_images"][:5])
             more = len(c["non_finite_images"]) - 5
-            lines.append(f"non-finite for {c['model']['name']}: {names}"
-                         + (f" (+{more} more)" if more > 0 else ""))
+            lines.append(
+                f"non-finite for {c['model']['name']}: {names}"
+                + (f" (+{more} more)" if more > 0 else "")
+            )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- images
 
 # Polynomial fit of matplotlib's viridis (perceptually uniform), coefficients c0..c6.
-_VIRIDIS = np.array([
-    [0.2777273272234177, 0.005407344544966578, 0.3340998053353061],
-    [0.1050930431085774, 1.404613529898575, 1.384590162594685],
-    [-0.3308618287255563, 0.214847559468213, 0.09509516302823659],
-    [-4.634230498983486, -5.799100973351585, -19.33244095627987],
-    [6.228269936347081, 14.17993336680509, 56.69055260068105],
-    [4.776384997670288, -13.74514537774601, -65.35303263337234],
-    [-5.435455855934631, 4.645852612178535, 26.3124352495832],
-])
+_VIRIDIS = np.array(
+    [
+        [0.2777273272234177, 0.005407344544966578, 0.3340998053353061],
+        [0.1050930431085774, 1.404613529898575, 1.384590162594685],
+        [-0.3308618287255563, 0.214847559468213, 0.09509516302823659],
+        [-4.634230498983486, -5.799100973351585, -19.33244095627987],
+        [6.228269936347081, 14.17993336680509, 56.69055260068105],
+        [4.776384997670288, -13.74514537774601, -65.35303263337234],
+        [-5.435455855934631, 4.645852612178535, 26.3124352495832],
+    ]
+)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -549,10 +626,23 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
 # --------------------------------------------------------------------------- CSV, JUnit, Markdown
 
 #: Columns of samples.csv, one row per image and candidate.
-SAMPLE_COLUMNS = ("candidate", "path", "label", "target", "target_original",
-                  "prediction_original", "prediction_candidate", "confidence_original",
-                  "confidence_candidate", "spatial", "spectral", "score", "finite",
-                  "flat_original", "flat_candidate")
+SAMPLE_COLUMNS = (
+    "candidate",
+    "path",
+    "label",
+    "target",
+    "target_original",
+    "prediction_original",
+    "prediction_candidate",
+    "confidence_original",
+    "confidence_candidate",
+    "spatial",
+    "spectral",
+    "score",
+    "finite",
+    "flat_original",
+    "flat_candidate",
+)
 
 
 def samples_csv(report: dict) -> str:
@@ -565,8 +655,9 @@ def samples_csv(report: dict) -> str:
     for cand in report["candidates"]:
         name = cand["model"]["name"]
         for row in cand["images"]:
-            writer.writerow([name] + ["" if row.get(k) is None else row[k]
-                                      for k in SAMPLE_COLUMNS[1:]])
+            writer.writerow(
+                [name] + ["" if row.get(k) is None else row[k] for k in SAMPLE_COLUMNS[1:]]
+            )
     return buffer.getvalue()
 
 
@@ -582,34 +673,50 @@ def junit_xml(report: dict, checks: list[GateCheck], *, timestamp: str | None = 
         timestamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
     suites = ET.Element("testsuites", name="onnx-sp2ps")
-    suite = ET.SubElement(suites, "testsuite", name="onnx-sp2ps audit",
-                          timestamp=timestamp, hostname="localhost")
+    suite = ET.SubElement(
+        suites, "testsuite", name="onnx-sp2ps audit", timestamp=timestamp, hostname="localhost"
+    )
     props = ET.SubElement(suite, "properties")
     for key in ("method", "target"):
-        ET.SubElement(props, "property", name=key,
-                      value=str((report.get("settings") or {}).get(key)))
-    ET.SubElement(props, "property", name="original",
-                  value=str(report["original"]["model"]["name"]))
+        ET.SubElement(
+            props, "property", name=key, value=str((report.get("settings") or {}).get(key))
+        )
+    ET.SubElement(
+        props, "property", name="original", value=str(report["original"]["model"]["name"])
+    )
     cases = []
     if checks:
         for c in checks:
-            case = ET.SubElement(suite, "testcase", classname=f"onnx-sp2ps.{c.candidate}",
-                                 name=f"{c.criterion} {c.op} {c.threshold:.6f}", time="0")
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"onnx-sp2ps.{c.candidate}",
+                name=f"{c.criterion} {c.op} {c.threshold:.6f}",
+                time="0",
+            )
             value = "missing" if c.value is None else f"{c.value:.6f}"
             if not c.passed:
-                failure = ET.SubElement(case, "failure", type="GateFailure",
-                                        message=f"{c.criterion} {value}, must be {c.op} "
-                                                f"{c.threshold:.6f}")
+                failure = ET.SubElement(
+                    case,
+                    "failure",
+                    type="GateFailure",
+                    message=f"{c.criterion} {value}, must be {c.op} {c.threshold:.6f}",
+                )
                 failure.text = f"{c.candidate}: {c.criterion} = {value}"
             ET.SubElement(case, "system-out").text = f"{c.criterion} = {value}"
             cases.append(c.passed)
     else:
         for cand in report["candidates"]:
-            case = ET.SubElement(suite, "testcase",
-                                 classname=f"onnx-sp2ps.{cand['model']['name']}",
-                                 name="audit", time="0")
-            ET.SubElement(case, "system-out").text = (
-                f"sp2ps mean = {_fmt(cand['sp2ps']['mean'], 6)}")
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"onnx-sp2ps.{cand['model']['name']}",
+                name="audit",
+                time="0",
+            )
+            ET.SubElement(
+                case, "system-out"
+            ).text = f"sp2ps mean = {_fmt(cand['sp2ps']['mean'], 6)}"
             cases.append(True)
     failures = str(sum(1 for ok in cases if not ok))
     for element in (suites, suite):
@@ -619,25 +726,31 @@ def junit_xml(report: dict, checks: list[GateCheck], *, timestamp: str | None = 
         element.set("time", "0")
     suite.set("skipped", "0")
     ET.indent(suites)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(
-        suites, encoding="unicode") + "\n"
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+    )
 
 
 def summary_markdown(report: dict, checks: list[GateCheck]) -> str:
     """A short Markdown summary for pull-request comments or CI job summaries."""
+
     def cell(text) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
 
     verdict = ""
     if checks:
         verdict = "**PASSED**" if all(c.passed for c in checks) else "**FAILED**"
-    lines = [f"### onnx-sp2ps audit {verdict}".rstrip(), "",
-             f"Original `{cell(report['original']['model']['name'])}`, accuracy "
-             f"{_fmt(report['original']['accuracy'], 3)}; {report['images']['scored']} images "
-             f"({len(report['images']['skipped'])} skipped); method "
-             f"{cell(report['settings']['method'])}.", "",
-             "| candidate | Sp2PS | p5 | S | F | agreement | accuracy | gate |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"### onnx-sp2ps audit {verdict}".rstrip(),
+        "",
+        f"Original `{cell(report['original']['model']['name'])}`, accuracy "
+        f"{_fmt(report['original']['accuracy'], 3)}; {report['images']['scored']} images "
+        f"({len(report['images']['skipped'])} skipped); method "
+        f"{cell(report['settings']['method'])}.",
+        "",
+        "| candidate | Sp2PS | p5 | S | F | agreement | accuracy | gate |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     position = {id(c): i for i, c in enumerate(report["candidates"])}
     order = _ranked(report["candidates"])
     for c in order:
@@ -645,18 +758,24 @@ def summary_markdown(report: dict, checks: list[GateCheck]) -> str:
         mine = [k for k in checks if k.index == position[id(c)]]
         gate = "-" if not mine else ("pass" if all(k.passed for k in mine) else "**fail**")
         s = c["sp2ps"]
-        lines.append(f"| `{cell(name)}` | {_fmt(s['mean'])} | {_fmt(s['p5'])} | "
-                     f"{_fmt(s['spatial_mean'])} | {_fmt(s['spectral_mean'])} | "
-                     f"{_fmt(c['agreement'], 3)} | {_fmt(c['accuracy'], 3)} | {gate} |")
+        lines.append(
+            f"| `{cell(name)}` | {_fmt(s['mean'])} | {_fmt(s['p5'])} | "
+            f"{_fmt(s['spatial_mean'])} | {_fmt(s['spectral_mean'])} | "
+            f"{_fmt(c['agreement'], 3)} | {_fmt(c['accuracy'], 3)} | {gate} |"
+        )
     failed = [k for k in checks if not k.passed]
     if failed:
-        lines += [""] + [f"- `{cell(k.candidate)}`: {k.criterion} "
-                         f"{'missing' if k.value is None else f'{k.value:.6f}'} "
-                         f"(must be {k.op} {k.threshold:.6f})" for k in failed]
+        lines += [""] + [
+            f"- `{cell(k.candidate)}`: {k.criterion} "
+            f"{'missing' if k.value is None else f'{k.value:.6f}'} "
+            f"(must be {k.op} {k.threshold:.6f})"
+            for k in failed
+        ]
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- HTML
+
 
 @dataclass(frozen=True)
 class WorstImage:
@@ -686,30 +805,41 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 
 def _histogram_svg(scores: list[float], threshold: float | None, bins: int = 20) -> str:
-    counts, edges = np.histogram(np.clip(np.asarray(scores, dtype=float), 0, 1),
-                                 bins=bins, range=(0.0, 1.0))
+    counts, edges = np.histogram(
+        np.clip(np.asarray(scores, dtype=float), 0, 1), bins=bins, range=(0.0, 1.0)
+    )
     width, height, pad = 420, 160, 28
     top = max(int(counts.max()) if len(counts) else 0, 1)
     bar_w = (width - 2 * pad) / bins
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="histogram of per-image Sp2PS">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="histogram of per-image Sp2PS">'
+    ]
     for i, count in enumerate(counts):
         h = (height - 2 * pad) * count / top
         x = pad + i * bar_w
-        parts.append(f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{bar_w - 1:.1f}" '
-                     f'height="{h:.1f}" fill="#3b528b"><title>{edges[i]:.2f}-'
-                     f'{edges[i + 1]:.2f}: {int(count)}</title></rect>')
-    parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" '
-                 f'y2="{height - pad}" stroke="#333"/>')
+        parts.append(
+            f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{bar_w - 1:.1f}" '
+            f'height="{h:.1f}" fill="#3b528b"><title>{edges[i]:.2f}-'
+            f"{edges[i + 1]:.2f}: {int(count)}</title></rect>"
+        )
+    parts.append(
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" '
+        f'y2="{height - pad}" stroke="#333"/>'
+    )
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = pad + tick * (width - 2 * pad)
-        parts.append(f'<text x="{x:.1f}" y="{height - pad + 14}" font-size="10" '
-                     f'text-anchor="middle">{tick:.2f}</text>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - pad + 14}" font-size="10" '
+            f'text-anchor="middle">{tick:.2f}</text>'
+        )
     parts.append(f'<text x="{pad}" y="{pad - 10}" font-size="10">{top} max</text>')
     if threshold is not None:
         x = pad + threshold * (width - 2 * pad)
-        parts.append(f'<line x1="{x:.1f}" y1="{pad - 4}" x2="{x:.1f}" y2="{height - pad}" '
-                     f'stroke="#c0392b" stroke-dasharray="4 2"/>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{pad - 4}" x2="{x:.1f}" y2="{height - pad}" '
+            f'stroke="#c0392b" stroke-dasharray="4 2"/>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -726,15 +856,25 @@ def _per_class_rows(cand: dict) -> list[list[str]]:
             values = [r[key] for r in items if r[key] is not None]
             return float(np.mean(values)) if values else None
 
-        agree = float(np.mean([r["prediction_candidate"] == r["prediction_original"]
-                               for r in items]))
-        rows.append([str(cls), str(len(items)), _fmt(mean("score")), _fmt(mean("spatial")),
-                     _fmt(mean("spectral")), _fmt(agree, 3)])
+        agree = float(
+            np.mean([r["prediction_candidate"] == r["prediction_original"] for r in items])
+        )
+        rows.append(
+            [
+                str(cls),
+                str(len(items)),
+                _fmt(mean("score")),
+                _fmt(mean("spatial")),
+                _fmt(mean("spectral")),
+                _fmt(agree, 3),
+            ]
+        )
     return rows
 
 
-def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
-                class_names: list[str] | None = None) -> str:
+def html_report(
+    report: dict, worst: dict[str, list[WorstImage]], *, class_names: list[str] | None = None
+) -> str:
     """report.html: one self-contained page (no network, no JavaScript): settings,
     ranking, and per candidate a histogram, a per-class table and the worst images."""
     import base64
@@ -746,7 +886,9 @@ def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
     def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
         head = "".join(f"<th>{e(h)}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in r) + "</tr>" for r in rows)
-        return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return (
+            f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        )
 
     def img(data: bytes, alt: str) -> str:
         src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
@@ -765,20 +907,34 @@ def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
     threshold = (report.get("gate_criteria") or {}).get("fail_under")
     settings_rows = [[k, json.dumps(v)] for k, v in report["settings"].items()]
     settings_rows += [[f"preprocess.{k}", json.dumps(v)] for k, v in report["preprocess"].items()]
-    settings_rows += [["providers", ", ".join(report["providers"]["used"])],
-                      ["images", f"{report['images']['source']}: {report['images']['scored']} "
-                                 f"scored, {len(report['images']['skipped'])} skipped"]]
+    settings_rows += [
+        ["providers", ", ".join(report["providers"]["used"])],
+        [
+            "images",
+            f"{report['images']['source']}: {report['images']['scored']} "
+            f"scored, {len(report['images']['skipped'])} skipped",
+        ],
+    ]
     settings_rows += [[f"version.{k}", v] for k, v in report["versions"].items()]
     ranking = []
     order = _ranked(report["candidates"])
     for c in order:
         s = c["sp2ps"]
         gate = c.get("gate")
-        ranking.append([c["model"]["name"], _fmt(s["mean"]), _fmt(s["class_balanced_mean"]),
-                        _fmt(s["p5"]), _fmt(s["spatial_mean"]), _fmt(s["spectral_mean"]),
-                        _fmt(c["agreement"], 3), _fmt(c["accuracy"], 3),
-                        _fmt(c["confidence_drop"]),
-                        "-" if gate is None else ("pass" if gate["passed"] else "FAIL")])
+        ranking.append(
+            [
+                c["model"]["name"],
+                _fmt(s["mean"]),
+                _fmt(s["class_balanced_mean"]),
+                _fmt(s["p5"]),
+                _fmt(s["spatial_mean"]),
+                _fmt(s["spectral_mean"]),
+                _fmt(c["agreement"], 3),
+                _fmt(c["accuracy"], 3),
+                _fmt(c["confidence_drop"]),
+                "-" if gate is None else ("pass" if gate["passed"] else "FAIL"),
+            ]
+        )
     sections = []
     for c in order:
         name = c["model"]["name"]
@@ -792,10 +948,18 @@ def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
                 f"<td>{img(w.candidate_png, 'candidate map')}<br>pred {e(name_of(w.prediction_candidate))}</td>"
                 f"<td>S {e(_fmt(w.spatial))}<br>F {e(_fmt(w.spectral))}<br>"
                 f"<b>Sp2PS {e(_fmt(w.score))}</b><br>label {e(name_of(w.label))}</td>"
-                "</tr>")
-        worst_html = ("<table class=worst><thead><tr><th>input</th><th>original's map</th>"
-                      "<th>candidate's map</th><th>scores</th></tr></thead><tbody>"
-                      + "".join(rows) + "</tbody></table>") if rows else "<p>(no images)</p>"
+                "</tr>"
+            )
+        worst_html = (
+            (
+                "<table class=worst><thead><tr><th>input</th><th>original's map</th>"
+                "<th>candidate's map</th><th>scores</th></tr></thead><tbody>"
+                + "".join(rows)
+                + "</tbody></table>"
+            )
+            if rows
+            else "<p>(no images)</p>"
+        )
         params = c["model"].get("parameters")
         size = c["model"].get("size_bytes")
         rel = []
@@ -808,16 +972,21 @@ def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
             f"<p>{e('; '.join(rel))}</p>"
             f"<h3>Per-image Sp2PS</h3>{_histogram_svg(scores, threshold)}"
             f"<h3>Per class (original's target)</h3>"
-            + table(["class", "images", "Sp2PS", "S", "F", "agreement"],
-                    [[name_of(r[0])] + r[1:] for r in _per_class_rows(c)])
-            + f"<h3>Lowest-scoring images</h3>{worst_html}</section>")
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}"
-             "th:first-child,td:first-child{text-align:left}"
-             ".worst td{text-align:center}.verdict{font-size:1.4em;font-weight:bold}"
-             ".PASSED{color:#1e7b34}.FAILED{color:#c0392b}img{image-rendering:pixelated}"
-             "code{font-size:.85em}")
+            + table(
+                ["class", "images", "Sp2PS", "S", "F", "agreement"],
+                [[name_of(r[0])] + r[1:] for r in _per_class_rows(c)],
+            )
+            + f"<h3>Lowest-scoring images</h3>{worst_html}</section>"
+        )
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}"
+        "th:first-child,td:first-child{text-align:left}"
+        ".worst td{text-align:center}.verdict{font-size:1.4em;font-weight:bold}"
+        ".PASSED{color:#1e7b34}.FAILED{color:#c0392b}img{image-rendering:pixelated}"
+        "code{font-size:.85em}"
+    )
     return (
         f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>{_HTML_MARK}"
         f"<title>onnx-sp2ps audit of {e(orig['model']['name'])}</title>"
@@ -827,8 +996,24 @@ def html_report(report: dict, worst: dict[str, list[WorstImage]], *,
         + f"<p>Original accuracy {e(_fmt(orig['accuracy'], 3))}; method "
         f"{e(report['settings']['method'])}, target {e(report['settings']['target'])}.</p>"
         "<h2>Ranking</h2>"
-        + table(["candidate", "Sp2PS", "balanced", "p5", "S", "F", "agreement", "accuracy",
-                 "conf. drop", "gate"], ranking, "ranking")
+        + table(
+            [
+                "candidate",
+                "Sp2PS",
+                "balanced",
+                "p5",
+                "S",
+                "F",
+                "agreement",
+                "accuracy",
+                "conf. drop",
+                "gate",
+            ],
+            ranking,
+            "ranking",
+        )
         + "".join(sections)
-        + "<h2>Settings</h2>" + table(["setting", "value"], settings_rows, "settings")
-        + "</body></html>\n")
+        + "<h2>Settings</h2>"
+        + table(["setting", "value"], settings_rows, "settings")
+        + "</body></html>\n"
+    )

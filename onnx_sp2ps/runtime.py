@@ -73,7 +73,7 @@ class ProviderChoice:
 
 
 def _device(providers: Sequence[str]) -> str:
-    """"cuda" when a session's providers (most preferred first) start with CUDA."""
+    """ "cuda" when a session's providers (most preferred first) start with CUDA."""
     return "cuda" if providers and providers[0] == CUDA else "cpu"
 
 
@@ -92,8 +92,10 @@ def resolve_providers(requested: str, offered: Sequence[str]) -> tuple[list[str]
         return [CUDA, CPU], None
     note = None
     if requested == "cuda":
-        note = ("CUDA requested but this onnxruntime build has no CUDA provider "
-                "(install onnxruntime-gpu); running on CPU")
+        note = (
+            "CUDA requested but this onnxruntime build has no CUDA provider "
+            "(install onnxruntime-gpu); running on CPU"
+        )
     return [CPU], note
 
 
@@ -123,8 +125,13 @@ def _session_options(threads: int | None):
     return so
 
 
-def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
-                   threads: int | None = None, what: str = "model"):
+def create_session(
+    model: onnx.ModelProto | bytes,
+    *,
+    provider: str = "auto",
+    threads: int | None = None,
+    what: str = "model",
+):
     """An onnxruntime session and the :class:`ProviderChoice` it really got.
 
     When CUDA is tried but the session does not get it (no GPU, missing CUDA/cuDNN
@@ -166,8 +173,10 @@ def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
                 raise ModelError(_ort_reason(what, exc)) from exc
     got = tuple(session.get_providers())
     if CUDA in tried and CUDA not in got and provider == "cuda":
-        note = ("CUDA requested but not usable here (no GPU or CUDA/cuDNN libraries "
-                "missing); running on CPU")
+        note = (
+            "CUDA requested but not usable here (no GPU or CUDA/cuDNN libraries "
+            "missing); running on CPU"
+        )
     # onnxruntime reads the held weights in place: they must live as long as the session.
     session.sp2ps_held_weights = held
     session.sp2ps_what = what  # named in errors of later runs
@@ -175,8 +184,10 @@ def create_session(model: onnx.ModelProto | bytes, *, provider: str = "auto",
 
 
 def _out_of_memory(what: str) -> ModelError:
-    return ModelError(f"{what}: out of memory while onnxruntime loaded it: free memory, use "
-                      "a machine with more, or check that the model is what it claims to be")
+    return ModelError(
+        f"{what}: out of memory while onnxruntime loaded it: free memory, use "
+        "a machine with more, or check that the model is what it claims to be"
+    )
 
 
 def _serialized(model: onnx.ModelProto | bytes) -> tuple[bytes, dict]:
@@ -188,8 +199,9 @@ def _serialized(model: onnx.ModelProto | bytes) -> tuple[bytes, dict]:
         return model.SerializeToString(), {}
     light, held = split_large_weights(model)
     ort = _ort()
-    return light.SerializeToString(), {name: ort.OrtValue.ortvalue_from_numpy(value)
-                                       for name, value in held.items()}
+    return light.SerializeToString(), {
+        name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in held.items()
+    }
 
 
 def _ort_text(exc: Exception, markers: Sequence[str]) -> str:
@@ -205,29 +217,39 @@ def _ort_text(exc: Exception, markers: Sequence[str]) -> str:
 def _ort_reason(what: str, exc: Exception) -> str:
     text = _ort_text(exc, ("failed:", "FAIL :", "INVALID_GRAPH :", "NOT_IMPLEMENTED :"))
     version = getattr(_ort(), "__version__", "")
-    opset = re.search(r"Opset (\d+) is under development.*support for domain (\S+) is till "
-                      r"opset (\d+)", text)
+    opset = re.search(
+        r"Opset (\d+) is under development.*support for domain (\S+) is till "
+        r"opset (\d+)",
+        text,
+    )
     if opset:
         used, domain, top = opset.groups()
-        return (f"onnxruntime cannot run the {what}: it uses opset {used} of {domain}, "
-                f"onnxruntime {version} supports up to opset {top}: export the model again "
-                f"with opset {top} or lower")
+        return (
+            f"onnxruntime cannot run the {what}: it uses opset {used} of {domain}, "
+            f"onnxruntime {version} supports up to opset {top}: export the model again "
+            f"with opset {top} or lower"
+        )
     unknown = re.search(r"(\S+)\(-?\d+\) is not a registered function/op", text)
     if unknown:
-        return (f"onnxruntime cannot run the {what}: onnxruntime {version} has no op "
-                f"{unknown.group(1)} (unknown domain, or not in the model's opset): export "
-                "the model with standard ONNX ops (or register the custom-op library)")
+        return (
+            f"onnxruntime cannot run the {what}: onnxruntime {version} has no op "
+            f"{unknown.group(1)} (unknown domain, or not in the model's opset): export "
+            "the model with standard ONNX ops (or register the custom-op library)"
+        )
     if " onnxruntime::" in text:
         # Drop C++ source locations, keep the message after them.
         text = text.split(")")[-1].strip() or text
-    ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)",
-                   text)
+    ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", text)
     if ir:
-        return (f"onnxruntime cannot run the {what}: its IR version is {ir.group(1)}, "
-                f"onnxruntime {version} reads up to {ir.group(2)}: save the model with "
-                f"ir_version {ir.group(2)} or lower (or upgrade onnxruntime)")
-    return (f"onnxruntime cannot run the {what}: {text[:300]}: check that onnxruntime "
-            f"{version} supports the model's ops and opset")
+        return (
+            f"onnxruntime cannot run the {what}: its IR version is {ir.group(1)}, "
+            f"onnxruntime {version} reads up to {ir.group(2)}: save the model with "
+            f"ir_version {ir.group(2)} or lower (or upgrade onnxruntime)"
+        )
+    return (
+        f"onnxruntime cannot run the {what}: {text[:300]}: check that onnxruntime "
+        f"{version} supports the model's ops and opset"
+    )
 
 
 def _as_float32(array: np.ndarray) -> np.ndarray:
@@ -253,9 +275,11 @@ def _run(session, names: list[str], feed: dict) -> list[np.ndarray]:
         # data (e.g. a Flatten head exported for another input size), not a bug of ours.
         text = _ort_text(exc, ("Status Message:", "INVALID_ARGUMENT :", "FAIL :"))
         what = getattr(session, "sp2ps_what", "model")
-        raise ModelError(f"onnxruntime could not run the {what} on these inputs: {text[:300]}: "
-                         "check --size and the preprocessing against what the model was "
-                         "exported for") from exc
+        raise ModelError(
+            f"onnxruntime could not run the {what} on these inputs: {text[:300]}: "
+            "check --size and the preprocessing against what the model was "
+            "exported for"
+        ) from exc
 
 
 def _run_unchecked(session, names: list[str], feed: dict) -> list[np.ndarray]:
@@ -313,8 +337,14 @@ class ModelRunner:
         to the GPU once for all of them); by default each run copies its own.
     """
 
-    def __init__(self, prepared: PreparedModel, *, provider: str = "auto",
-                 threads: int | None = None, device_inputs: DeviceInputs | None = None):
+    def __init__(
+        self,
+        prepared: PreparedModel,
+        *,
+        provider: str = "auto",
+        threads: int | None = None,
+        device_inputs: DeviceInputs | None = None,
+    ):
         self.prepared = prepared
         self._uploads = device_inputs
         spec = prepared.spec
@@ -345,19 +375,23 @@ class ModelRunner:
             try:
                 fused = fuse_gradient(prepared.audit_model, grad)
                 self._fused, self.provider = create_session(
-                    fused, provider=provider, threads=threads, what=f"model {self._name}")
+                    fused, provider=provider, threads=threads, what=f"model {self._name}"
+                )
             except Exception:  # the plain model and a separate head-gradient run still work
                 self._fused = None
         if self._fused is None:  # made now, so that a model ORT cannot run fails here
             self._session, self.provider = create_session(
-                prepared.audit_model, provider=provider, threads=threads,
-                what=f"model {self._name}")
+                prepared.audit_model, provider=provider, threads=threads, what=f"model {self._name}"
+            )
         if grad is not None:
             try:
                 # Checked now unless the fused session (which contains it) already ran
                 # through onnxruntime; else made on first use.
-                session = None if self._fused is not None else self._create(
-                    grad.model, f"head gradient of {self._name}")
+                session = (
+                    None
+                    if self._fused is not None
+                    else self._create(grad.model, f"head gradient of {self._name}")
+                )
                 self._grad = (grad, session)
                 self.gradient_path, self.gradient_note = "exact", grad.note
             except ModelError as exc:
@@ -365,8 +399,9 @@ class ModelRunner:
 
     def _create(self, model, what: str):
         """A session on the device the first session got."""
-        return create_session(model, provider=self.provider.device, threads=self._threads,
-                              what=what)[0]
+        return create_session(
+            model, provider=self.provider.device, threads=self._threads, what=what
+        )[0]
 
     @property
     def session(self):
@@ -379,16 +414,16 @@ class ModelRunner:
     def head_session(self):
         """The head (feature map -> logits), made on first use."""
         if self._head_session is None:
-            self._head_session = self._create(self.prepared.head_model,
-                                              f"head of {self._name}")
+            self._head_session = self._create(self.prepared.head_model, f"head of {self._name}")
             self._head_input = self._head_session.get_inputs()[0].name
             self._head_output = self._head_session.get_outputs()[0].name
         return self._head_session
 
     # -- full model ----------------------------------------------------------------
 
-    def run(self, inputs: np.ndarray, targets: np.ndarray | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
+    def run(
+        self, inputs: np.ndarray, targets: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Activations (N, C, h, w) float32 and logits (N, K) float32 for a batch.
 
         With ``targets`` (N,) int64 (-1: each image's top-1) and an exact head gradient,
@@ -397,11 +432,13 @@ class ModelRunner:
         """
         return self._run_model(inputs, targets, self._uploads)
 
-    def _run_model(self, inputs: np.ndarray, targets: np.ndarray | None,
-                   uploads: DeviceInputs | None) -> tuple[np.ndarray, np.ndarray]:
+    def _run_model(
+        self, inputs: np.ndarray, targets: np.ndarray | None, uploads: DeviceInputs | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         fused = self._fused is not None and targets is not None
-        names = self._outputs + ([self._grad[0].gradient, self._grad[0].target_used]
-                                 if fused else [])
+        names = self._outputs + (
+            [self._grad[0].gradient, self._grad[0].target_used] if fused else []
+        )
         session = self._fused if fused else self.session
         on_device = _device(session.get_providers()) == "cuda"
 
@@ -422,8 +459,9 @@ class ModelRunner:
             self._cache = (activations, parts[3], logits, grads)
         return activations, logits
 
-    def _image_input(self, inputs: np.ndarray, span: slice, on_device: bool,
-                     uploads: DeviceInputs | None):
+    def _image_input(
+        self, inputs: np.ndarray, span: slice, on_device: bool, uploads: DeviceInputs | None
+    ):
         """The image input of the run on ``inputs[span]``: the host array, or on CUDA its
         copy on the GPU (made once for all runners sharing ``uploads``)."""
         if not on_device:
@@ -431,7 +469,8 @@ class ModelRunner:
 
         def upload():
             return _ort().OrtValue.ortvalue_from_numpy(
-                np.ascontiguousarray(self._as_input(inputs[span])), "cuda", CUDA_DEVICE_ID)
+                np.ascontiguousarray(self._as_input(inputs[span])), "cuda", CUDA_DEVICE_ID
+            )
 
         if uploads is None:
             return upload()
@@ -469,14 +508,16 @@ class ModelRunner:
         if len(activations) == 0:
             return np.zeros((0, 0), np.float32)
         self._check_head_batch(activations)
-        y, = _in_batches(self.head_batch_limit, [activations],
-                         lambda a, span: [self._head(a[span])], 1)
+        (y,) = _in_batches(
+            self.head_batch_limit, [activations], lambda a, span: [self._head(a[span])], 1
+        )
         return _as_float32(y).reshape(len(activations), -1)
 
     def _head(self, activations: np.ndarray) -> np.ndarray:
         session = self.head_session
-        return _run(session, [self._head_output],
-                    {self._head_input: self._to_head_layout(activations)})[0]
+        return _run(
+            session, [self._head_output], {self._head_input: self._to_head_layout(activations)}
+        )[0]
 
     def _probe_head_batch(self, activations: np.ndarray) -> None:
         """Find whether the head takes batches > 1 (some exports hard-code batch 1)."""
@@ -500,15 +541,19 @@ class ModelRunner:
     def has_exact_gradient(self) -> bool:
         return self._grad is not None
 
-    def head_gradients(self, activations: np.ndarray, targets: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def head_gradients(
+        self, activations: np.ndarray, targets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, K) and exact gradients d logit_target / dA (N, C, h, w) in NCHW, in
         one run of the head's backward graph; ``targets`` -1 means each image's top-1."""
         if self._grad is None:
             raise UsageError(f"no exact gradient for this head ({self.gradient_note})")
         cache = self._cache
-        if (cache is not None and activations is cache[0]
-                and np.array_equal(np.asarray(targets), cache[1])):
+        if (
+            cache is not None
+            and activations is cache[0]
+            and np.array_equal(np.asarray(targets), cache[1])
+        ):
             return cache[2], cache[3]
         grad, session = self._grad
         if session is None:
@@ -517,9 +562,14 @@ class ModelRunner:
         self._check_head_batch(activations)
 
         def run(a, t, span):
-            return _run(session, [grad.logits, grad.gradient], {
-                grad.feature: self._to_head_layout(a[span]),
-                grad.target: np.asarray(t[span], dtype=np.int64)})
+            return _run(
+                session,
+                [grad.logits, grad.gradient],
+                {
+                    grad.feature: self._to_head_layout(a[span]),
+                    grad.target: np.asarray(t[span], dtype=np.int64),
+                },
+            )
 
         y, g = _in_batches(self.head_batch_limit, [activations, np.asarray(targets)], run, 2)
         y = _as_float32(y)
@@ -530,8 +580,9 @@ class ModelRunner:
         per_item = int(np.prod(per_item_shape)) * 4
         return max(1, HEAD_CHUNK_BYTES // max(per_item, 1))
 
-    def map_head(self, make: Callable[[int, int], np.ndarray], total: int,
-                 per_item_shape: tuple[int, ...]) -> np.ndarray:
+    def map_head(
+        self, make: Callable[[int, int], np.ndarray], total: int, per_item_shape: tuple[int, ...]
+    ) -> np.ndarray:
         """Run the head on ``total`` maps made chunk by chunk by ``make(start, stop)``,
         so that memory stays bounded; returns the logits (total, K)."""
         step = self.head_chunk(per_item_shape)
@@ -549,8 +600,7 @@ def _padded(rows: np.ndarray, limit: int | None) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)])
 
 
-def _in_batches(limit: int | None, rows: list[np.ndarray], run, outputs: int
-                ) -> list[np.ndarray]:
+def _in_batches(limit: int | None, rows: list[np.ndarray], run, outputs: int) -> list[np.ndarray]:
     """``run(*padded_rows, span=span)`` over slices of ``limit`` rows (all at once without
     a limit), rows padded to full batches (:func:`_padded`); each of the ``outputs``
     results concatenated over the slices and trimmed to the real rows."""
@@ -574,7 +624,12 @@ def _integer_input(values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray
     values a cast would silently change (fractions, values out of range, NaN)."""
     info = np.iinfo(dtype)
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(values) | (values != np.round(values)) | (values < info.min) | (values > info.max)
+        bad = (
+            ~np.isfinite(values)
+            | (values != np.round(values))
+            | (values < info.min)
+            | (values > info.max)
+        )
     if np.any(bad):
         low, high = float(np.nanmin(values)), float(np.nanmax(values))
         raise DataError(

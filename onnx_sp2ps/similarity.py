@@ -81,9 +81,11 @@ def _as_map_stack(maps: np.ndarray, name: str) -> np.ndarray:
             f"{name} must be an (N, H, W) stack of maps; got shape {maps.shape}. "
             "Add a leading batch axis for a single map."
         )
-    if not (np.issubdtype(maps.dtype, np.floating)
-            or np.issubdtype(maps.dtype, np.integer)
-            or maps.dtype == np.bool_):
+    if not (
+        np.issubdtype(maps.dtype, np.floating)
+        or np.issubdtype(maps.dtype, np.integer)
+        or maps.dtype == np.bool_
+    ):
         raise UsageError(f"{name} must hold real numbers; got dtype {maps.dtype}.")
     return maps
 
@@ -189,7 +191,9 @@ def ssim(
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     result = _by_chunks(
         lambda a, b: _ssim_chunk(a, b, sigma=sigma, c1=c1, c2=c2, pad=(win - 1) // 2),
-        maps_a, maps_b, workers,
+        maps_a,
+        maps_b,
+        workers,
     )
     # Identical maps: numerator == denominator in the formula, so exactly 1, whatever
     # rounding the BLAS kernels of the filtering do on this machine.
@@ -197,8 +201,7 @@ def ssim(
     return result
 
 
-def _by_chunks(function, maps_a: np.ndarray, maps_b: np.ndarray,
-               workers: int | None) -> np.ndarray:
+def _by_chunks(function, maps_a: np.ndarray, maps_b: np.ndarray, workers: int | None) -> np.ndarray:
     """``function(a, b) -> (n,)`` over chunks of pairs, on a pool of ``workers`` threads.
 
     A few pairs per chunk (not one per loop), at most ``_CHUNK_PIXELS`` pixels, and one
@@ -211,8 +214,7 @@ def _by_chunks(function, maps_a: np.ndarray, maps_b: np.ndarray,
     if n == 0:
         return result
     pixels = height * width
-    step = max(1, min(_CHUNK_PIXELS // pixels,
-                      max(-(-n // workers), _MIN_CHUNK_PIXELS // pixels)))
+    step = max(1, min(_CHUNK_PIXELS // pixels, max(-(-n // workers), _MIN_CHUNK_PIXELS // pixels)))
     chunks = [slice(start, min(n, start + step)) for start in range(0, n, step)]
 
     errors = np.geterr()  # the caller's np.errstate, which worker threads do not inherit
@@ -268,8 +270,11 @@ def _ssim_chunk(
     band_t = band.T
     for start in range(0, out_h, _BLOCK):
         size = min(_BLOCK, out_h - start)
-        np.matmul(band_t[:size, :size + 2 * pad], images[:, start:start + size + 2 * pad],
-                  out=smooth_rows[:, start:start + size])
+        np.matmul(
+            band_t[:size, : size + 2 * pad],
+            images[:, start : start + size + 2 * pad],
+            out=smooth_rows[:, start : start + size],
+        )
     del stack, images
     # Column pass into (blocks, 4 * out_h * n, _BLOCK); the last block's unused
     # columns are zeroed below, after the formula.
@@ -279,8 +284,11 @@ def _ssim_chunk(
     for block in range(blocks):
         start = block * _BLOCK
         size = min(_BLOCK, out_w - start)
-        np.matmul(smooth_rows[:, start:start + size + 2 * pad], band[:size + 2 * pad, :size],
-                  out=smooth[block, :, :size])
+        np.matmul(
+            smooth_rows[:, start : start + size + 2 * pad],
+            band[: size + 2 * pad, :size],
+            out=smooth[block, :, :size],
+        )
     del smooth_rows
     smooth = smooth.reshape(blocks, 4, out_h, n, _BLOCK)
     mean_a, mean_b, squares, numerator = (smooth[:, k] for k in range(4))
@@ -302,7 +310,7 @@ def _ssim_chunk(
     mean_a += c1
     mean_a *= squares  # the denominator
     numerator /= mean_a
-    numerator[-1, :, :, out_w - (blocks - 1) * _BLOCK:] = 0.0
+    numerator[-1, :, :, out_w - (blocks - 1) * _BLOCK :] = 0.0
     # Sum each pair's map in one layout whatever n is, so chunking changes nothing.
     per_pair = np.ascontiguousarray(numerator.transpose(2, 0, 1, 3))
     return per_pair.sum(axis=(1, 2, 3)) / (out_h * out_w)
@@ -322,13 +330,14 @@ def _gaussian_band(sigma: float) -> np.ndarray:
     taps /= taps.sum()
     band = np.zeros((_BLOCK + 2 * radius, _BLOCK))
     for column in range(_BLOCK):
-        band[column:column + 2 * radius + 1, column] = taps
+        band[column : column + 2 * radius + 1, column] = taps
     band.setflags(write=False)
     return band
 
 
-def spatial_similarity(maps_a: np.ndarray, maps_b: np.ndarray, *,
-                       workers: int | None = None) -> np.ndarray:
+def spatial_similarity(
+    maps_a: np.ndarray, maps_b: np.ndarray, *, workers: int | None = None
+) -> np.ndarray:
     r"""Spatial similarity of each pair: SSIM clipped to ``[0, 1]``.
 
     Parameters
@@ -385,8 +394,9 @@ def magnitude_spectrum(maps: np.ndarray) -> np.ndarray:
     return np.abs(np.fft.fft2(maps, axes=(-2, -1)))
 
 
-def spectral_similarity(maps_a: np.ndarray, maps_b: np.ndarray, *,
-                        workers: int | None = None) -> np.ndarray:
+def spectral_similarity(
+    maps_a: np.ndarray, maps_b: np.ndarray, *, workers: int | None = None
+) -> np.ndarray:
     r"""Spectral similarity of each pair: Bray-Curtis similarity of magnitude spectra.
 
     Parameters
@@ -512,8 +522,9 @@ def _flat(maps: np.ndarray, finite: np.ndarray) -> np.ndarray:
     return finite & (maps.max(axis=(1, 2)) == maps.min(axis=(1, 2)))
 
 
-def score_pairs(maps_a: np.ndarray, maps_b: np.ndarray, *,
-                workers: int | None = None) -> PairScores:
+def score_pairs(
+    maps_a: np.ndarray, maps_b: np.ndarray, *, workers: int | None = None
+) -> PairScores:
     r"""Sp2PS score of each pair of maps.
 
     Parameters

@@ -36,9 +36,13 @@ def top1(logits: np.ndarray) -> np.ndarray:
     return np.argmax(np.nan_to_num(logits, nan=-np.inf), axis=1).astype(np.int64)
 
 
-def select_targets(target: str | int, *, logits: np.ndarray,
-                   labels: np.ndarray | None = None,
-                   reference_logits: np.ndarray | None = None) -> np.ndarray:
+def select_targets(
+    target: str | int,
+    *,
+    logits: np.ndarray,
+    labels: np.ndarray | None = None,
+    reference_logits: np.ndarray | None = None,
+) -> np.ndarray:
     """Target class per image, ``(N,)`` int64.
 
     Parameters
@@ -57,8 +61,10 @@ def select_targets(target: str | int, *, logits: np.ndarray,
         return top1(reference_logits)
     if target == "label":
         if labels is None:
-            raise DataError("--target label needs labels: put images in class folders "
-                            "(or pass labels in the .npz)")
+            raise DataError(
+                "--target label needs labels: put images in class folders "
+                "(or pass labels in the .npz)"
+            )
         labels = np.asarray(labels, dtype=np.int64)
         if (labels < 0).any():
             raise DataError(f"--target label: {(labels < 0).sum()} image(s) have no label")

@@ -34,14 +34,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
-
+import onnx
+import onnxruntime as ort
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import onnx
-import onnxruntime as ort
+from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "sample_models"
@@ -78,12 +76,26 @@ def _shape_polygon(label: int, cx: float, cy: float, size: float, angle: float):
         pts = [(-a, -a), (a, -a), (a, a), (-a, a)]
     elif label == 2:  # equilateral triangle, circumradius
         r = size / 2 * 1.1
-        pts = [(r * math.cos(t), r * math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        pts = [
+            (r * math.cos(t), r * math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     else:  # plus / cross
         L = size / 2
         t = L * 0.34
-        pts = [(-t, -L), (t, -L), (t, -t), (L, -t), (L, t), (t, t),
-               (t, L), (-t, L), (-t, t), (-L, t), (-L, -t), (-t, -t)]
+        pts = [
+            (-t, -L),
+            (t, -L),
+            (t, -t),
+            (L, -t),
+            (L, t),
+            (t, t),
+            (t, L),
+            (-t, L),
+            (-t, t),
+            (-L, t),
+            (-L, -t),
+            (-t, -t),
+        ]
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
 
@@ -143,14 +155,19 @@ def make_image(rng: np.random.RandomState, label: int) -> np.ndarray:
     def lines(n):
         for _ in range(n):
             p = rng.uniform(-8, IMG + 8, size=4)
-            draw.line([tuple(p[:2]), tuple(p[2:])], fill=tuple(int(v) for v in _random_colour(rng)),
-                      width=int(rng.randint(1, 3)))
+            draw.line(
+                [tuple(p[:2]), tuple(p[2:])],
+                fill=tuple(int(v) for v in _random_colour(rng)),
+                width=int(rng.randint(1, 3)),
+            )
 
     def dots(n):
         for _ in range(n):
             x, y = rng.uniform(0, IMG, size=2)
             r = rng.uniform(0.8, 2.5)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in _random_colour(rng)))
+            draw.ellipse(
+                [x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in _random_colour(rng))
+            )
 
     lines(rng.randint(2, 7))
     dots(rng.randint(0, 10))
@@ -198,8 +215,11 @@ def make_split(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def conv_block(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(cout), nn.ReLU(inplace=False)]
+    return [
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=False),
+    ]
 
 
 class Net(nn.Module):
@@ -222,11 +242,17 @@ class Net(nn.Module):
             cin = w
         self.features = nn.Sequential(*layers)
         if head_kind == "gap":
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, NUM_CLASSES))
+            self.head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, NUM_CLASSES)
+            )
         elif head_kind == "fc":
             side = IMG // 2 ** (len(widths) - 1)  # 8
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(),
-                                      nn.Linear(hidden, NUM_CLASSES))
+            self.head = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(cin * side * side, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, NUM_CLASSES),
+            )
         else:
             raise ValueError(head_kind)
 
@@ -263,21 +289,31 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
 
-def train(model: Net, data, epochs: int, lr: float, seed: int, tag: str, batch: int = 128,
-          pct_start: float = 0.1) -> None:
+def train(
+    model: Net,
+    data,
+    epochs: int,
+    lr: float,
+    seed: int,
+    tag: str,
+    batch: int = 128,
+    pct_start: float = 0.1,
+) -> None:
     xtr, ytr, xva, yva = data
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(xtr) / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=steps, pct_start=pct_start
+    )
     for ep in range(epochs):
         model.train()
         t0 = time.time()
         perm = torch.randperm(len(xtr), generator=g)
         tot, n = 0.0, 0
         for i in range(0, len(xtr), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             xb = to_input(augment(xtr[idx], g))
             loss = F.cross_entropy(model.logits(xb), ytr[idx])
             opt.zero_grad(set_to_none=True)
@@ -287,13 +323,15 @@ def train(model: Net, data, epochs: int, lr: float, seed: int, tag: str, batch: 
             tot += loss.item() * len(idx)
             n += len(idx)
         va = accuracy(model, xva, yva)
-        log(f"  [{tag}] epoch {ep + 1}/{epochs} loss {tot / n:.4f} val acc {va:.4f} ({time.time() - t0:.1f}s)")
+        log(
+            f"  [{tag}] epoch {ep + 1}/{epochs} loss {tot / n:.4f} val acc {va:.4f} ({time.time() - t0:.1f}s)"
+        )
 
 
 @torch.no_grad()
 def predict_logits(model: Net, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     model.eval()
-    return torch.cat([model.logits(to_input(x[i:i + batch])) for i in range(0, len(x), batch)])
+    return torch.cat([model.logits(to_input(x[i : i + batch])) for i in range(0, len(x), batch)])
 
 
 def accuracy(model: Net, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -305,7 +343,9 @@ def accuracy(model: Net, x: torch.Tensor, y: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def keep_indices(conv: nn.Conv2d, ratio: float, method: str, rng: np.random.RandomState) -> np.ndarray:
+def keep_indices(
+    conv: nn.Conv2d, ratio: float, method: str, rng: np.random.RandomState
+) -> np.ndarray:
     c = conv.out_channels
     n_keep = max(1, c - int(round(c * ratio)))
     if method == "l1":
@@ -363,8 +403,14 @@ def export(model: Net, path: Path, x_check: torch.Tensor) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (to_input(x_check[:2]),), str(path), dynamo=False, opset_version=OPSET,
-            input_names=["image"], output_names=[out_name], export_params=True,
+            model,
+            (to_input(x_check[:2]),),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["image"],
+            output_names=[out_name],
+            export_params=True,
             do_constant_folding=True,
             dynamic_axes={"image": {0: "batch"}, out_name: {0: "batch"}},
         )
@@ -378,19 +424,25 @@ def export(model: Net, path: Path, x_check: torch.Tensor) -> None:
     got = sess.run(None, {"image": xb.numpy()})[0]
     err = float(np.abs(got - ref).max())
     assert err < 1e-4, f"{path.name}: ORT vs torch max abs diff {err}"
-    log(f"  exported {path.name} ({path.stat().st_size / 1024:.1f} KB), ORT vs torch max|diff| {err:.2e}")
+    log(
+        f"  exported {path.name} ({path.stat().st_size / 1024:.1f} KB), ORT vs torch max|diff| {err:.2e}"
+    )
 
 
 def ort_predict(path: Path, x_uint8: np.ndarray, batch: int = 500) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = [sess.run(None, {"image": x_uint8[i:i + batch].astype(np.float32) / 255.0})[0]
-            for i in range(0, len(x_uint8), batch)]
+    outs = [
+        sess.run(None, {"image": x_uint8[i : i + batch].astype(np.float32) / 255.0})[0]
+        for i in range(0, len(x_uint8), batch)
+    ]
     return np.concatenate(outs)
 
 
 def onnx_param_count(path: Path) -> int:
     m = onnx.load(str(path))
-    return int(sum(np.prod(t.dims) for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
+    return int(
+        sum(np.prod(t.dims) for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -402,13 +454,18 @@ def write_images(x_test: np.ndarray, y_test: np.ndarray) -> None:
     img_dir = OUT / "images"
     if img_dir.exists():
         shutil.rmtree(img_dir)
-    per_class = [N_IMAGES // NUM_CLASSES + (1 if c < N_IMAGES % NUM_CLASSES else 0) for c in range(NUM_CLASSES)]
+    per_class = [
+        N_IMAGES // NUM_CLASSES + (1 if c < N_IMAGES % NUM_CLASSES else 0)
+        for c in range(NUM_CLASSES)
+    ]
     for c, name in enumerate(CLASS_NAMES):
         d = img_dir / str(c)
         d.mkdir(parents=True)
-        idx = np.flatnonzero(y_test == c)[:per_class[c]]  # the first ones: no cherry-picking
+        idx = np.flatnonzero(y_test == c)[: per_class[c]]  # the first ones: no cherry-picking
         for j, i in enumerate(idx):
-            Image.fromarray(x_test[i].transpose(1, 2, 0), "RGB").save(d / f"{name}_{j:03d}.png", optimize=True)
+            Image.fromarray(x_test[i].transpose(1, 2, 0), "RGB").save(
+                d / f"{name}_{j:03d}.png", optimize=True
+            )
     (OUT / "class_names.txt").write_text("".join(n + "\n" for n in CLASS_NAMES))
 
 
@@ -417,7 +474,9 @@ def load_images() -> tuple[list[str], np.ndarray, np.ndarray]:
     img_dir = OUT / "images"
     files = sorted(img_dir.rglob("*.png"), key=lambda p: p.relative_to(img_dir).as_posix())
     paths = [p.relative_to(img_dir).as_posix() for p in files]
-    x = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1) for p in files])
+    x = np.stack(
+        [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1) for p in files]
+    )
     labels = np.array([int(p.split("/")[0]) for p in paths], dtype=np.int64)
     return paths, x, labels
 
@@ -455,7 +514,9 @@ def check_feature_map(path: Path, x_uint8: np.ndarray, ref: np.ndarray) -> str:
     return name
 
 
-def write_readme(rows: list[dict], n_images: int, total_kb: float, epochs: int, ft_epochs: int) -> None:
+def write_readme(
+    rows: list[dict], n_images: int, total_kb: float, epochs: int, ft_epochs: int
+) -> None:
     lines = [
         "# Sample models",
         "",
@@ -476,7 +537,8 @@ def write_readme(rows: list[dict], n_images: int, total_kb: float, epochs: int, 
         "## Data",
         "",
         f"Synthetic 64x64 RGB images, {NUM_CLASSES} classes by **shape**: "
-        + ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES)) + ".",
+        + ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))
+        + ".",
         "Each image holds one filled shape with a random colour (independent of the class),",
         "random position, size (18-34 px) and rotation, on a cluttered background: a random",
         "colour gradient, stripes of random period/orientation/colour, soft colour blobs, thin",
@@ -552,7 +614,9 @@ def write_readme(rows: list[dict], n_images: int, total_kb: float, epochs: int, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=16, help="training epochs of the original models")
-    ap.add_argument("--ft-epochs", type=int, default=5, help="fine-tune epochs of the pruned models")
+    ap.add_argument(
+        "--ft-epochs", type=int, default=5, help="fine-tune epochs of the pruned models"
+    )
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -566,7 +630,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log("generating data ...")
     t0 = time.time()
-    splits = {k: make_split(SEEDS[k], n) for k, n in (("train", N_TRAIN), ("val", N_VAL), ("test", N_TEST))}
+    splits = {
+        k: make_split(SEEDS[k], n)
+        for k, n in (("train", N_TRAIN), ("val", N_VAL), ("test", N_TEST))
+    }
     log(f"  done in {time.time() - t0:.1f}s")
     xtr, ytr = (torch.from_numpy(a) for a in splits["train"])
     xva, yva = (torch.from_numpy(a) for a in splits["val"])
@@ -601,13 +668,25 @@ def main(argv: list[str] | None = None) -> int:
             if ft:
                 train(pruned, data, args.ft_epochs, lr=2e-3, seed=20 + 10 * hi + vi, tag=stem)
             acc = accuracy(pruned, xte, yte)
-            log(f"{stem}: channels {pruned.widths}, test acc {acc:.4f}, {n_params(pruned):,} params")
-            models[stem] = (pruned, dict(head=head, method=method, ratio=f"{int(round(r * 100))} %",
-                                         ft="yes" if ft else "no"))
+            log(
+                f"{stem}: channels {pruned.widths}, test acc {acc:.4f}, {n_params(pruned):,} params"
+            )
+            models[stem] = (
+                pruned,
+                dict(
+                    head=head,
+                    method=method,
+                    ratio=f"{int(round(r * 100))} %",
+                    ft="yes" if ft else "no",
+                ),
+            )
 
     log("exporting ...")
-    order = [f"{h}_{s}" for h in ("gap", "fc")
-             for s in ("original", "l1_30", "l1_30_ft", "l1_60", "l1_60_ft", "random_60_ft")]
+    order = [
+        f"{h}_{s}"
+        for h in ("gap", "fc")
+        for s in ("original", "l1_30", "l1_30_ft", "l1_60", "l1_60_ft", "random_60_ft")
+    ]
     rows = []
     for stem in order:
         model, meta = models[stem]
@@ -616,11 +695,21 @@ def main(argv: list[str] | None = None) -> int:
         probs = ort_predict(path, x_test_np)
         test_acc = float((probs.argmax(1) == y_test_np).mean())
         img_pred = ort_predict(path, x_img).argmax(1)
-        rows.append(dict(file=path.name, widths="-".join(map(str, model.widths)), params=onnx_param_count(path),
-                         kb=path.stat().st_size / 1024, test_acc=test_acc,
-                         img_correct=int((img_pred == y_img).sum()), img_acc=float((img_pred == y_img).mean()),
-                         **meta))
-        log(f"  {stem}: ONNX test acc {test_acc:.4f}, images {rows[-1]['img_correct']}/{len(paths)}")
+        rows.append(
+            dict(
+                file=path.name,
+                widths="-".join(map(str, model.widths)),
+                params=onnx_param_count(path),
+                kb=path.stat().st_size / 1024,
+                test_acc=test_acc,
+                img_correct=int((img_pred == y_img).sum()),
+                img_acc=float((img_pred == y_img).mean()),
+                **meta,
+            )
+        )
+        log(
+            f"  {stem}: ONNX test acc {test_acc:.4f}, images {rows[-1]['img_correct']}/{len(paths)}"
+        )
 
     log("Grad-CAM fixtures ...")
     for stem in FIXTURE_STEMS:
@@ -629,14 +718,23 @@ def main(argv: list[str] | None = None) -> int:
         path = OUT / f"{stem}.onnx"
         feat_name = check_feature_map(path, x_img, cam["features"])
         onnx_top1 = ort_predict(path, x_img).argmax(1)
-        assert np.array_equal(onnx_top1, cam["targets"]), f"{stem}: ONNX top-1 differs from the fixture"
+        assert np.array_equal(onnx_top1, cam["targets"]), (
+            f"{stem}: ONNX top-1 differs from the fixture"
+        )
         fx = FIXTURES / f"gradcam_{stem}.npz"
         np.savez_compressed(
-            fx, paths=np.array(paths, dtype=np.str_), labels=y_img, targets=cam["targets"],
-            logits=cam["logits"], raw=cam["raw"], weights=cam["weights"],
+            fx,
+            paths=np.array(paths, dtype=np.str_),
+            labels=y_img,
+            targets=cam["targets"],
+            logits=cam["logits"],
+            raw=cam["raw"],
+            weights=cam["weights"],
         )
-        log(f"  {fx.relative_to(REPO)}: raw {cam['raw'].shape}, weights {cam['weights'].shape}, "
-            f"feature tensor in ONNX: {feat_name!r}, {fx.stat().st_size / 1024:.1f} KB")
+        log(
+            f"  {fx.relative_to(REPO)}: raw {cam['raw'].shape}, weights {cam['weights'].shape}, "
+            f"feature tensor in ONNX: {feat_name!r}, {fx.stat().st_size / 1024:.1f} KB"
+        )
 
     for _ in range(2):  # twice, so that the total includes the README itself
         total_kb = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file()) / 1024
@@ -647,8 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     # Reference maps of every CAM method (pytorch-grad-cam, torch autograd):
     # tests/fixtures/cams_*.npz, in a process of its own (it uses a torchvision stand-in).
     import subprocess
-    subprocess.run([sys.executable, str(Path(__file__).with_name("make_reference_cams.py"))],
-                   check=True)
+
+    subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("make_reference_cams.py"))], check=True
+    )
     return 0
 
 

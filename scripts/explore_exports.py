@@ -38,12 +38,11 @@ sys.path.insert(1, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
+import pytorch_grad_cam as pgc  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
-
-import pytorch_grad_cam as pgc  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from onnx_sp2ps import compute_cams  # noqa: E402
@@ -54,8 +53,11 @@ N_CAM_IMAGES = 8
 
 
 def cbr(cin, cout, k=3, s=1, g=1, act=nn.ReLU):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False),
-                         nn.BatchNorm2d(cout), act() if act else nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False),
+        nn.BatchNorm2d(cout),
+        act() if act else nn.Identity(),
+    )
 
 
 class Net(nn.Module):
@@ -76,6 +78,7 @@ def gap_fc(c, k=K):
 
 # -- ResNet ------------------------------------------------------------------------------
 
+
 class Basic(nn.Module):
     def __init__(self, cin, cout, s):
         super().__init__()
@@ -87,12 +90,18 @@ class Basic(nn.Module):
 
 
 def resnet(final=None):
-    f = nn.Sequential(cbr(3, 16, 3, 2), nn.MaxPool2d(3, 2, 1), Basic(16, 16, 1), Basic(16, 32, 2),
-                      Basic(32, 64, 2))
+    f = nn.Sequential(
+        cbr(3, 16, 3, 2),
+        nn.MaxPool2d(3, 2, 1),
+        Basic(16, 16, 1),
+        Basic(16, 32, 2),
+        Basic(32, 64, 2),
+    )
     return Net(f, gap_fc(64), final)
 
 
 # -- MobileNetV2 / V3, EfficientNet ----------------------------------------------------------
+
 
 class SE(nn.Module):
     def __init__(self, c, r=4, act=nn.ReLU, gate=nn.Hardsigmoid):
@@ -121,38 +130,67 @@ class InvRes(nn.Module):
 
 
 def mobilenet_v2():
-    f = nn.Sequential(cbr(3, 16, 3, 2, act=nn.ReLU6), InvRes(16, 16, 1), InvRes(16, 24, 2),
-                      InvRes(24, 24, 1), InvRes(24, 32, 2), cbr(32, 128, 1, act=nn.ReLU6))
+    f = nn.Sequential(
+        cbr(3, 16, 3, 2, act=nn.ReLU6),
+        InvRes(16, 16, 1),
+        InvRes(16, 24, 2),
+        InvRes(24, 24, 1),
+        InvRes(24, 32, 2),
+        cbr(32, 128, 1, act=nn.ReLU6),
+    )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(128, K))
     return Net(f, head)
 
 
 def mobilenet_v3():
     h = nn.Hardswish
-    f = nn.Sequential(cbr(3, 16, 3, 2, act=h), InvRes(16, 16, 2, 1, nn.ReLU, SE),
-                      InvRes(16, 24, 2, 3, nn.ReLU), InvRes(24, 40, 2, 3, h, SE, k=5),
-                      InvRes(40, 40, 1, 3, h, SE, k=5), cbr(40, 96, 1, act=h))
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 128), nn.Hardswish(),
-                         nn.Dropout(0.2), nn.Linear(128, K))
+    f = nn.Sequential(
+        cbr(3, 16, 3, 2, act=h),
+        InvRes(16, 16, 2, 1, nn.ReLU, SE),
+        InvRes(16, 24, 2, 3, nn.ReLU),
+        InvRes(24, 40, 2, 3, h, SE, k=5),
+        InvRes(40, 40, 1, 3, h, SE, k=5),
+        cbr(40, 96, 1, act=h),
+    )
+    head = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(96, 128),
+        nn.Hardswish(),
+        nn.Dropout(0.2),
+        nn.Linear(128, K),
+    )
     return Net(f, head)
 
 
 def efficientnet():
     se = lambda c: SE(c, 4, nn.SiLU, nn.Sigmoid)  # noqa: E731
-    f = nn.Sequential(cbr(3, 16, 3, 2, act=nn.SiLU), InvRes(16, 16, 1, 1, nn.SiLU, se),
-                      InvRes(16, 24, 2, 4, nn.SiLU, se), InvRes(24, 40, 2, 4, nn.SiLU, se, k=5),
-                      InvRes(40, 40, 1, 4, nn.SiLU, se, k=5), cbr(40, 128, 1, act=nn.SiLU))
+    f = nn.Sequential(
+        cbr(3, 16, 3, 2, act=nn.SiLU),
+        InvRes(16, 16, 1, 1, nn.SiLU, se),
+        InvRes(16, 24, 2, 4, nn.SiLU, se),
+        InvRes(24, 40, 2, 4, nn.SiLU, se, k=5),
+        InvRes(40, 40, 1, 4, nn.SiLU, se, k=5),
+        cbr(40, 128, 1, act=nn.SiLU),
+    )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(128, K))
     return Net(f, head)
 
 
 # -- DenseNet --------------------------------------------------------------------------------
 
+
 class DenseLayer(nn.Module):
     def __init__(self, cin, g=12):
         super().__init__()
-        self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, 4 * g, 1, bias=False),
-                                  nn.BatchNorm2d(4 * g), nn.ReLU(), nn.Conv2d(4 * g, g, 3, 1, 1, bias=False))
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, 4 * g, 1, bias=False),
+            nn.BatchNorm2d(4 * g),
+            nn.ReLU(),
+            nn.Conv2d(4 * g, g, 3, 1, 1, bias=False),
+        )
 
     def forward(self, x):
         return torch.cat([x, self.body(x)], 1)
@@ -161,15 +199,26 @@ class DenseLayer(nn.Module):
 class DenseFeatures(nn.Module):
     def __init__(self):
         super().__init__()
-        layers, c = [nn.Conv2d(3, 24, 3, 2, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
-                     nn.MaxPool2d(3, 2, 1)], 24
+        layers, c = (
+            [
+                nn.Conv2d(3, 24, 3, 2, 1, bias=False),
+                nn.BatchNorm2d(24),
+                nn.ReLU(),
+                nn.MaxPool2d(3, 2, 1),
+            ],
+            24,
+        )
         for block in range(2):
             for _ in range(3):
                 layers.append(DenseLayer(c))
                 c += 12
             if block == 0:
-                layers += [nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False),
-                           nn.AvgPool2d(2, 2)]
+                layers += [
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(),
+                    nn.Conv2d(c, c // 2, 1, bias=False),
+                    nn.AvgPool2d(2, 2),
+                ]
                 c //= 2
         layers += [nn.BatchNorm2d(c), nn.ReLU()]  # final norm5 + relu
         self.seq, self.channels = nn.Sequential(*layers), c
@@ -185,10 +234,15 @@ def densenet():
 
 # -- SqueezeNet ------------------------------------------------------------------------------
 
+
 class Fire(nn.Module):
     def __init__(self, cin, s, e):
         super().__init__()
-        self.sq, self.e1, self.e3 = nn.Conv2d(cin, s, 1), nn.Conv2d(s, e, 1), nn.Conv2d(s, e, 3, 1, 1)
+        self.sq, self.e1, self.e3 = (
+            nn.Conv2d(cin, s, 1),
+            nn.Conv2d(s, e, 1),
+            nn.Conv2d(s, e, 3, 1, 1),
+        )
 
     def forward(self, x):
         x = F.relu(self.sq(x))
@@ -196,15 +250,23 @@ class Fire(nn.Module):
 
 
 def squeezenet():
-    f = nn.Sequential(nn.Conv2d(3, 32, 3, 2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
-                      Fire(32, 8, 32), Fire(64, 8, 32), nn.MaxPool2d(3, 2, ceil_mode=True),
-                      Fire(64, 16, 64))
-    head = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(128, K, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
+    f = nn.Sequential(
+        nn.Conv2d(3, 32, 3, 2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        Fire(32, 8, 32),
+        Fire(64, 8, 32),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        Fire(64, 16, 64),
+    )
+    head = nn.Sequential(
+        nn.Dropout(0.5), nn.Conv2d(128, K, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
     return Net(f, head)
 
 
 # -- ShuffleNetV2 ----------------------------------------------------------------------------
+
 
 def shuffle(x, groups=2):
     n, c, h, w = x.shape
@@ -218,8 +280,9 @@ class ShuffleUnit(nn.Module):
         b = cout // 2
         if s > 1:
             self.left = nn.Sequential(cbr(cin, cin, 3, s, g=cin, act=None), cbr(cin, b, 1))
-        self.right = nn.Sequential(cbr(cin if s > 1 else b, b, 1), cbr(b, b, 3, s, g=b, act=None),
-                                   cbr(b, b, 1))
+        self.right = nn.Sequential(
+            cbr(cin if s > 1 else b, b, 1), cbr(b, b, 3, s, g=b, act=None), cbr(b, b, 1)
+        )
 
     def forward(self, x):
         if self.s == 1:
@@ -233,9 +296,15 @@ class ShuffleUnit(nn.Module):
 class ShuffleFeatures(nn.Module):
     def __init__(self):
         super().__init__()
-        self.seq = nn.Sequential(cbr(3, 24, 3, 2), nn.MaxPool2d(3, 2, 1), ShuffleUnit(24, 48, 2),
-                                 ShuffleUnit(48, 48, 1), ShuffleUnit(48, 96, 2),
-                                 ShuffleUnit(96, 96, 1), cbr(96, 192, 1))
+        self.seq = nn.Sequential(
+            cbr(3, 24, 3, 2),
+            nn.MaxPool2d(3, 2, 1),
+            ShuffleUnit(24, 48, 2),
+            ShuffleUnit(48, 48, 1),
+            ShuffleUnit(48, 96, 2),
+            ShuffleUnit(96, 96, 1),
+            cbr(96, 192, 1),
+        )
 
     def forward(self, x):
         return self.seq(x)
@@ -256,6 +325,7 @@ def shufflenet():
 
 # -- VGG -------------------------------------------------------------------------------------
 
+
 def vgg():
     layers, c = [], 3
     for v in (16, "M", 32, "M", 64, 64, "M", 64, 64, "M"):
@@ -264,12 +334,19 @@ def vgg():
         else:
             layers += [nn.Conv2d(c, v, 3, 1, 1), nn.ReLU()]
             c = v
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(c * 49, 128), nn.ReLU(),
-                         nn.Dropout(), nn.Linear(128, K))
+    head = nn.Sequential(
+        nn.AdaptiveAvgPool2d(7),
+        nn.Flatten(),
+        nn.Linear(c * 49, 128),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(128, K),
+    )
     return Net(nn.Sequential(*layers), head)  # 112x112 -> 7x7
 
 
 # -- GoogLeNet -------------------------------------------------------------------------------
+
 
 class Inception(nn.Module):
     def __init__(self, cin, c1, c3r, c3, c5r, c5, cp):
@@ -284,14 +361,19 @@ class Inception(nn.Module):
 
 
 def googlenet():
-    f = nn.Sequential(cbr(3, 32, 3, 2), nn.MaxPool2d(3, 2, ceil_mode=True),
-                      Inception(32, 16, 16, 24, 8, 8, 8), nn.MaxPool2d(3, 2, ceil_mode=True),
-                      Inception(56, 24, 16, 32, 8, 16, 16))
+    f = nn.Sequential(
+        cbr(3, 32, 3, 2),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        Inception(32, 16, 16, 24, 8, 8, 8),
+        nn.MaxPool2d(3, 2, ceil_mode=True),
+        Inception(56, 24, 16, 32, 8, 16, 16),
+    )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(88, K))
     return Net(f, head)
 
 
 # -- ConvNeXt --------------------------------------------------------------------------------
+
 
 class LayerNorm2d(nn.LayerNorm):
     def forward(self, x):
@@ -302,7 +384,11 @@ class CNBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.dw = nn.Conv2d(c, c, 7, 1, 3, groups=c)
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(c, eps=1e-6), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.norm, self.fc1, self.fc2 = (
+            nn.LayerNorm(c, eps=1e-6),
+            nn.Linear(c, 4 * c),
+            nn.Linear(4 * c, c),
+        )
         self.gamma = nn.Parameter(torch.full((c,), 0.5))
 
     def forward(self, x):
@@ -312,20 +398,32 @@ class CNBlock(nn.Module):
 
 
 def convnext():
-    f = nn.Sequential(nn.Conv2d(3, 32, 4, 4), LayerNorm2d(32, eps=1e-6), CNBlock(32),
-                      LayerNorm2d(32, eps=1e-6), nn.Conv2d(32, 64, 2, 2), CNBlock(64))
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), LayerNorm2d(64, eps=1e-6), nn.Flatten(1),
-                         nn.Linear(64, K))
+    f = nn.Sequential(
+        nn.Conv2d(3, 32, 4, 4),
+        LayerNorm2d(32, eps=1e-6),
+        CNBlock(32),
+        LayerNorm2d(32, eps=1e-6),
+        nn.Conv2d(32, 64, 2, 2),
+        CNBlock(64),
+    )
+    head = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), LayerNorm2d(64, eps=1e-6), nn.Flatten(1), nn.Linear(64, K)
+    )
     return Net(f, head)
 
 
 # -- RegNet ----------------------------------------------------------------------------------
 
+
 class XBlock(nn.Module):
     def __init__(self, cin, cout, s, gw=8):
         super().__init__()
-        self.body = nn.Sequential(cbr(cin, cout, 1), cbr(cout, cout, 3, s, g=cout // gw),
-                                  SE(cout, 4, nn.ReLU, nn.Sigmoid), cbr(cout, cout, 1, act=None))
+        self.body = nn.Sequential(
+            cbr(cin, cout, 1),
+            cbr(cout, cout, 3, s, g=cout // gw),
+            SE(cout, 4, nn.ReLU, nn.Sigmoid),
+            cbr(cout, cout, 1, act=None),
+        )
         self.proj = cbr(cin, cout, 1, s, act=None) if (s != 1 or cin != cout) else nn.Identity()
 
     def forward(self, x):
@@ -372,6 +470,7 @@ def make(arch: str, seed: int = 0) -> tuple[nn.Module, int]:
 def pruned(model: nn.Module) -> nn.Module:
     """A copy with the 50% smallest-magnitude weights of every conv zeroed."""
     import copy
+
     out = copy.deepcopy(model)
     with torch.no_grad():
         for m in out.modules():
@@ -386,14 +485,28 @@ def export(model: nn.Module, size: int, exporter: str, path: Path) -> str | None
     x = torch.randn(2, 3, size, size)
     try:
         if exporter.startswith("ts"):
-            torch.onnx.export(model, (x,), str(path), opset_version=int(exporter[2:]), dynamo=False,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                opset_version=int(exporter[2:]),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
         else:
-            torch.onnx.export(model, (x,), str(path), opset_version=18, dynamo=True,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
-                              verbose=False)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                opset_version=18,
+                dynamo=True,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+                verbose=False,
+            )
     except Exception as exc:  # noqa: BLE001 - recorded in the table
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:150]}"
     return None
@@ -407,8 +520,13 @@ def run(cmd: list[str]) -> tuple[int, str, str, float]:
 
 def load_images(size: int, n: int) -> np.ndarray:
     paths = sorted(IMAGES.rglob("*.png"))[:: max(1, len(list(IMAGES.rglob("*.png"))) // n)][:n]
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR),
-                         np.float32).transpose(2, 0, 1) / 255.0 for p in paths]
+    arrays = [
+        np.asarray(
+            Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR), np.float32
+        ).transpose(2, 0, 1)
+        / 255.0
+        for p in paths
+    ]
     return np.stack(arrays)
 
 
@@ -463,8 +581,9 @@ def explore(arch: str, exporter: str, out: Path) -> dict:
     # Expected: the output shape of model.features.
     with torch.no_grad():
         row["expected_shape"] = list(model.features(torch.zeros(1, 3, size, size)).shape[1:])
-    code, stdout, stderr, secs = run(["onnx-sp2ps", "audit", str(orig), str(cand),
-                                      "--images", str(IMAGES), "-q"])
+    code, stdout, stderr, secs = run(
+        ["onnx-sp2ps", "audit", str(orig), str(cand), "--images", str(IMAGES), "-q"]
+    )
     row["audit_exit"], row["audit_seconds"] = code, round(secs, 1)
     if code not in (0, 1):
         row["audit_error"] = (stderr.strip().splitlines() or [""])[-1][:200]
@@ -476,8 +595,9 @@ def explore(arch: str, exporter: str, out: Path) -> dict:
             x = load_images(size, N_CAM_IMAGES)
             npy = out / f"images_{size}.npy"
             np.save(npy, x)
-            maps, _, _ = compute_cams(str(orig), str(npy), method="gradcam", target="own",
-                                      provider="cpu")
+            maps, _, _ = compute_cams(
+                str(orig), str(npy), method="gradcam", target="own", provider="cpu"
+            )
             with torch.no_grad():
                 logits = model(torch.from_numpy(x))
                 if model.final is not None:
@@ -485,33 +605,44 @@ def explore(arch: str, exporter: str, out: Path) -> dict:
             targets = maps.targets
             row["top1_agree_torch"] = float(np.mean(logits.argmax(1).numpy() == targets))
             ref = torch_gradcam_raw(model, x, targets)
-            row["pearson"] = round(pearson(maps.raw, ref), 4) if maps.raw.shape == ref.shape \
+            row["pearson"] = (
+                round(pearson(maps.raw, ref), 4)
+                if maps.raw.shape == ref.shape
                 else f"shape {maps.raw.shape[1:]} vs {ref.shape[1:]}"
+            )
         except Exception as exc:  # noqa: BLE001
             row["pearson"] = f"error {type(exc).__name__}: {str(exc)[:120]}"
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| architecture | exporter | feature map detected (shape; expected C,h,w) | gradient path"
-             " | exit (inspect/audit) | Pearson vs pytorch-grad-cam | audit s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| architecture | exporter | feature map detected (shape; expected C,h,w) | gradient path"
+        " | exit (inspect/audit) | Pearson vs pytorch-grad-cam | audit s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "export_error" in r:
-            lines.append(f"| {r['arch']} | {r['exporter']} | export failed: {r['export_error']} "
-                         "| | | | |")
+            lines.append(
+                f"| {r['arch']} | {r['exporter']} | export failed: {r['export_error']} | | | | |"
+            )
             continue
         shape = r.get("feature_shape")
-        feat = (f"`{r.get('feature', '-')}` {shape[1:] if shape else ''}; exp {r['expected_shape']}"
-                if "feature" in r else f"error: {r.get('inspect_error')}")
+        feat = (
+            f"`{r.get('feature', '-')}` {shape[1:] if shape else ''}; exp {r['expected_shape']}"
+            if "feature" in r
+            else f"error: {r.get('inspect_error')}"
+        )
         grad = r.get("gradient", "-")
         if r.get("gradient_reason"):
             grad += f" ({r['gradient_reason']})"
         ex = f"{r.get('inspect_exit')}/{r.get('audit_exit')}"
         if r.get("audit_error"):
             ex += f" ({r['audit_error']})"
-        lines.append(f"| {r['arch']} | {r['exporter']} | {feat} | {grad} | {ex} | "
-                     f"{r.get('pearson', '-')} | {r.get('audit_seconds', '-')} |")
+        lines.append(
+            f"| {r['arch']} | {r['exporter']} | {feat} | {grad} | {ex} | "
+            f"{r.get('pearson', '-')} | {r.get('audit_seconds', '-')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

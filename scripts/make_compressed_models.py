@@ -34,8 +34,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
-from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                      quantize_static)
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -66,22 +65,31 @@ class ImageReader(CalibrationDataReader):
 
 def quantize(src: Path, dst: Path, fmt: QuantFormat, batches: list[np.ndarray]) -> None:
     name = onnx.load(src).graph.input[0].name
-    quantize_static(str(src), str(dst), ImageReader(name, batches), quant_format=fmt,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=False)
+    quantize_static(
+        str(src),
+        str(dst),
+        ImageReader(name, batches),
+        quant_format=fmt,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=False,
+    )
 
 
 def _pruned_weights(model: onnx.ModelProto, ratio: float) -> dict[str, np.ndarray]:
     """Conv/Gemm/MatMul weights (all but the first Conv's) with the ``ratio`` smallest
     |values| of each tensor set to zero (ties broken by position: deterministic)."""
     inits = {t.name: t for t in model.graph.initializer}
-    names = [n.input[1] for n in model.graph.node
-             if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in inits][1:]
+    names = [
+        n.input[1]
+        for n in model.graph.node
+        if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in inits
+    ][1:]
     out = {}
     for name in names:
         w = numpy_helper.to_array(inits[name]).copy()
         order = np.argsort(np.abs(w).ravel(), kind="stable")
-        w.ravel()[order[:int(round(ratio * w.size))]] = 0
+        w.ravel()[order[: int(round(ratio * w.size))]] = 0
         out[name] = w
     return out
 
@@ -106,7 +114,8 @@ def prune_sparse(src: Path, dst: Path, ratio: float) -> None:
         values = numpy_helper.from_array(flat[idx], name)
         indices = numpy_helper.from_array(idx, "")
         model.graph.sparse_initializer.append(
-            helper.make_sparse_tensor(values, indices, list(w.shape)))
+            helper.make_sparse_tensor(values, indices, list(w.shape))
+        )
     onnx.save(model, dst)
 
 
@@ -119,8 +128,7 @@ def check(path: Path, reference: Path, batches: list[np.ndarray]) -> str:
     runs = []
     for p in (path, reference):
         s = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-        runs.append(np.concatenate([s.run(None, {s.get_inputs()[0].name: b})[0]
-                                    for b in batches]))
+        runs.append(np.concatenate([s.run(None, {s.get_inputs()[0].name: b})[0] for b in batches]))
     agree = float(np.mean(runs[0].argmax(1) == runs[1].argmax(1)))
     return f"{path.name:32s} {path.stat().st_size / 1024:7.1f} KB  top-1 agreement {agree:.2f}"
 
@@ -144,15 +152,19 @@ def build(out: Path, batches: list[np.ndarray]) -> list[str]:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.glob("*.onnx"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.onnx"))
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="build twice (the second time in a temporary folder) and "
-                             "fail unless the files are byte-identical")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="build twice (the second time in a temporary folder) and "
+        "fail unless the files are byte-identical",
+    )
     args = parser.parse_args()
     batches = calibration_inputs()
     for line in build(OUT, batches):

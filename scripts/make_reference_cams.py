@@ -73,9 +73,11 @@ try:
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 except ImportError as exc:  # pragma: no cover
-    sys.exit(f"make_reference_cams.py needs pytorch-grad-cam ({exc}); install it without its "
-             "dependencies (they include torchvision): pip install --no-deps grad-cam==1.5.7 "
-             "&& pip install ttach tqdm opencv-python-headless matplotlib scikit-learn scipy")
+    sys.exit(
+        f"make_reference_cams.py needs pytorch-grad-cam ({exc}); install it without its "
+        "dependencies (they include torchvision): pip install --no-deps grad-cam==1.5.7 "
+        "&& pip install ttach tqdm opencv-python-headless matplotlib scikit-learn scipy"
+    )
 
 from onnx_sp2ps.graph import analyse_model, load_model  # noqa: E402  (feature map name only)
 
@@ -132,9 +134,24 @@ class OnnxNet(nn.Module):
     require grad, as pytorch-grad-cam's gradient hooks need).
     """
 
-    OPS = ("Conv", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Gemm",
-           "MatMul", "Add", "Mul", "Reshape", "Identity", "Dropout", "BatchNormalization",
-           "Constant", "Softmax")
+    OPS = (
+        "Conv",
+        "Relu",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Flatten",
+        "Gemm",
+        "MatMul",
+        "Add",
+        "Mul",
+        "Reshape",
+        "Identity",
+        "Dropout",
+        "BatchNormalization",
+        "Constant",
+        "Softmax",
+    )
 
     def __init__(self, model: onnx.ModelProto, feature_name: str, dtype=torch.float64):
         super().__init__()
@@ -186,8 +203,11 @@ class OnnxNet(nn.Module):
             if not started:
                 started = self.feature_name in node.output
                 continue
-            if (self.final_softmax and node.op_type == "Softmax"
-                    and node.input[0] == self.logits_name):
+            if (
+                self.final_softmax
+                and node.op_type == "Softmax"
+                and node.input[0] == self.logits_name
+            ):
                 continue  # the final Softmax: the reference scores the logits
             if not all(self._available(env, i) for i in node.input):
                 continue
@@ -200,13 +220,15 @@ class OnnxNet(nn.Module):
         return env
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        env = self._run({self.input_name: x.to(self.dtype)}, through_target=True,
-                        start_after_feature=False)
+        env = self._run(
+            {self.input_name: x.to(self.dtype)}, through_target=True, start_after_feature=False
+        )
         return env[self.logits_name]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        env = self._run({self.input_name: x.to(self.dtype)}, through_target=False,
-                        start_after_feature=False)
+        env = self._run(
+            {self.input_name: x.to(self.dtype)}, through_target=False, start_after_feature=False
+        )
         return env[self.feature_name]
 
     def head(self, a: torch.Tensor) -> torch.Tensor:
@@ -222,9 +244,17 @@ class OnnxNet(nn.Module):
             pad, explicit = _pads2d(at.get("pads"))
             if explicit is not None:
                 x = F.pad(x, explicit)
-            return [F.conv2d(x, w, b, stride=tuple(at.get("strides", (1, 1))), padding=pad,
-                             dilation=tuple(at.get("dilations", (1, 1))),
-                             groups=at.get("group", 1))]
+            return [
+                F.conv2d(
+                    x,
+                    w,
+                    b,
+                    stride=tuple(at.get("strides", (1, 1))),
+                    padding=pad,
+                    dilation=tuple(at.get("dilations", (1, 1))),
+                    groups=at.get("group", 1),
+                )
+            ]
         if op == "Relu":
             return [torch.relu(ins[0])]
         if op in ("MaxPool", "AveragePool"):
@@ -237,10 +267,21 @@ class OnnxNet(nn.Module):
             stride = tuple(at.get("strides", (1,) * len(k)))
             ceil = bool(at.get("ceil_mode", 0))
             if op == "MaxPool":
-                return [F.max_pool2d(x, k, stride, pad, tuple(at.get("dilations", (1, 1))),
-                                     ceil_mode=ceil)] + [None] * (len(node.output) - 1)
-            return [F.avg_pool2d(x, k, stride, pad, ceil_mode=ceil,
-                                 count_include_pad=bool(at.get("count_include_pad", 0)))]
+                return [
+                    F.max_pool2d(
+                        x, k, stride, pad, tuple(at.get("dilations", (1, 1))), ceil_mode=ceil
+                    )
+                ] + [None] * (len(node.output) - 1)
+            return [
+                F.avg_pool2d(
+                    x,
+                    k,
+                    stride,
+                    pad,
+                    ceil_mode=ceil,
+                    count_include_pad=bool(at.get("count_include_pad", 0)),
+                )
+            ]
         if op == "GlobalAveragePool":
             return [ins[0].mean(dim=tuple(range(2, ins[0].dim())), keepdim=True)]
         if op == "Flatten":
@@ -275,8 +316,9 @@ class OnnxNet(nn.Module):
             return [ins[0]] + [None] * (len(node.output) - 1)
         if op == "BatchNormalization":
             x, scale, bias, mean, var = ins[:5]
-            return [F.batch_norm(x, mean, var, scale, bias, training=False,
-                                 eps=at.get("epsilon", 1e-5))]
+            return [
+                F.batch_norm(x, mean, var, scale, bias, training=False, eps=at.get("epsilon", 1e-5))
+            ]
         if op == "Constant":
             return [torch.from_numpy(numpy_helper.to_array(at["value"]).copy())]
         if op == "Softmax":
@@ -293,8 +335,9 @@ def load_images(img_dir: Path) -> tuple[list[str], np.ndarray]:
     """PNGs sorted by relative posix path; float32 NCHW = uint8 RGB / 255.0."""
     files = sorted(img_dir.rglob("*.png"), key=lambda p: p.relative_to(img_dir).as_posix())
     paths = [p.relative_to(img_dir).as_posix() for p in files]
-    x = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-                  for p in files]).astype(np.float32) / np.float32(255.0)
+    x = np.stack(
+        [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1) for p in files]
+    ).astype(np.float32) / np.float32(255.0)
     return paths, x
 
 
@@ -315,8 +358,9 @@ def ort_logits(model: onnx.ModelProto, logits_name: str, x: np.ndarray) -> np.nd
 # ----------------------------------------------------------------------------------------
 
 
-def library_raw(net: OnnxNet, cls, options: dict, x: torch.Tensor, targets: np.ndarray
-                ) -> np.ndarray:
+def library_raw(
+    net: OnnxNet, cls, options: dict, x: torch.Tensor, targets: np.ndarray
+) -> np.ndarray:
     """The library's raw maps at feature resolution: what ``get_cam_image`` returns inside
     ``compute_cam_per_layer`` during a normal ``__call__`` (unclipped)."""
     out = []
@@ -331,8 +375,8 @@ def library_raw(net: OnnxNet, cls, options: dict, x: torch.Tensor, targets: np.n
             return value
 
         cam.get_cam_image = capture
-        tg = [ClassifierOutputTarget(int(c)) for c in targets[s:s + CHUNK]]
-        cam(input_tensor=x[s:s + CHUNK], targets=tg, aug_smooth=False, eigen_smooth=False)
+        tg = [ClassifierOutputTarget(int(c)) for c in targets[s : s + CHUNK]]
+        cam(input_tensor=x[s : s + CHUNK], targets=tg, aug_smooth=False, eigen_smooth=False)
         cam.activations_and_grads.release()
         assert len(captured) == 1, f"{cls.__name__}: get_cam_image called {len(captured)} times"
         out.append(captured[0])
@@ -365,8 +409,9 @@ def autograd_gradients(net: OnnxNet, x: torch.Tensor, targets: np.ndarray) -> np
     return a.grad.numpy()
 
 
-def make_fixture(stem: str, paths: list[str], x_np: np.ndarray, out_dir: Path,
-                 samples: Path = SAMPLES) -> Path:
+def make_fixture(
+    stem: str, paths: list[str], x_np: np.ndarray, out_dir: Path, samples: Path = SAMPLES
+) -> Path:
     t0 = time.time()
     path = samples / f"{stem}.onnx"
     model = onnx.load(str(path))
@@ -382,12 +427,19 @@ def make_fixture(stem: str, paths: list[str], x_np: np.ndarray, out_dir: Path,
     assert err <= 1e-4, f"{stem}: torch interpreter vs ONNX Runtime logits differ by {err:.2e}"
     targets = logits.argmax(1).astype(np.int64)
     assert np.array_equal(targets, ref.argmax(1)), f"{stem}: top-1 differs from ONNX Runtime"
-    log(f"{stem}: feature map {feature_name!r} {tuple(a.shape[1:])}, logits {net.logits_name!r} "
-        f"(final Softmax dropped: {net.final_softmax}); |torch - ORT| max {err:.1e}")
+    log(
+        f"{stem}: feature map {feature_name!r} {tuple(a.shape[1:])}, logits {net.logits_name!r} "
+        f"(final Softmax dropped: {net.final_softmax}); |torch - ORT| max {err:.1e}"
+    )
 
-    data = dict(paths=np.array(paths, dtype=np.str_), targets=targets,
-                logits=logits.astype(np.float32), feature_name=np.str_(feature_name),
-                logits_name=np.str_(net.logits_name), gradcam_version=np.str_(GRADCAM_VERSION))
+    data = dict(
+        paths=np.array(paths, dtype=np.str_),
+        targets=targets,
+        logits=logits.astype(np.float32),
+        feature_name=np.str_(feature_name),
+        logits_name=np.str_(net.logits_name),
+        gradcam_version=np.str_(GRADCAM_VERSION),
+    )
     for key, (cls, options) in LIBRARY_METHODS.items():
         t1 = time.time()
         raw = library_raw(net, cls, options, x, targets)
@@ -409,8 +461,10 @@ def make_fixture(stem: str, paths: list[str], x_np: np.ndarray, out_dir: Path,
 
     out = out_dir / f"cams_{stem}.npz"
     np.savez_compressed(out, **data)
-    log(f"  -> {out.relative_to(REPO) if out.is_relative_to(REPO) else out}: "
-        f"{out.stat().st_size / 1024:.1f} KB, {time.time() - t0:.0f}s")
+    log(
+        f"  -> {out.relative_to(REPO) if out.is_relative_to(REPO) else out}: "
+        f"{out.stat().st_size / 1024:.1f} KB, {time.time() - t0:.0f}s"
+    )
     return out
 
 
@@ -422,8 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
-    log(f"pytorch-grad-cam (grad-cam) {GRADCAM_VERSION}, torch {torch.__version__}, "
-        f"onnxruntime {ort.__version__}")
+    log(
+        f"pytorch-grad-cam (grad-cam) {GRADCAM_VERSION}, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}"
+    )
     paths, x_np = load_images(args.samples / "images")
     log(f"{len(paths)} images from {args.samples / 'images'}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,14 @@ def save_with_external_data(model_path: Path, folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "model.onnx"
-    onnx.save_model(onnx.load(str(model_path)), str(out), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        onnx.load(str(model_path)),
+        str(out),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     return out
 
 
@@ -102,9 +108,9 @@ def run_as_nobody(tmp_path: Path, *args) -> tuple[int, str, str]:
     import json
     import tempfile
 
-    from onnx_sp2ps.cli import main
     from PIL import Image
 
+    from onnx_sp2ps.cli import main
     from onnx_sp2ps.pipeline import compute_cams  # noqa: F401  (loaded before the fork)
 
     Image.init()  # every image plugin, loaded before the fork
@@ -113,10 +119,25 @@ def run_as_nobody(tmp_path: Path, *args) -> tuple[int, str, str]:
     # One run as root first, in-process, so every lazily loaded library is in memory.
     with tempfile.TemporaryDirectory() as warm, contextlib.redirect_stdout(io.StringIO()):
         try:
-            main(["audit", str(SAMPLES / "gap_original.onnx"),
-                  str(SAMPLES / "gap_l1_60.onnx"), "--images", str(SAMPLES / "images"),
-                  "--out", warm, "--save-maps", "--junit", f"{warm}/j.xml",
-                  "--summary-md", f"{warm}/s.md", "--fail-under", "0.1", "-q"])
+            main(
+                [
+                    "audit",
+                    str(SAMPLES / "gap_original.onnx"),
+                    str(SAMPLES / "gap_l1_60.onnx"),
+                    "--images",
+                    str(SAMPLES / "images"),
+                    "--out",
+                    warm,
+                    "--save-maps",
+                    "--junit",
+                    f"{warm}/j.xml",
+                    "--summary-md",
+                    f"{warm}/s.md",
+                    "--fail-under",
+                    "0.1",
+                    "-q",
+                ]
+            )
         except SystemExit:
             pass
     out_path, err_path = tmp_path / ".nobody-out", tmp_path / ".nobody-err"

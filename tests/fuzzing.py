@@ -40,11 +40,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
-MEMORY_LIMIT = 1 << 30          # RLIMIT_AS of every mutant's process: 1 GiB
-TIMEOUT = 30.0                  # seconds before a mutant counts as a hang
+MEMORY_LIMIT = 1 << 30  # RLIMIT_AS of every mutant's process: 1 GiB
+TIMEOUT = 30.0  # seconds before a mutant counts as a hang
 ALLOWED = {"inspect": {0, 3}, "gate": {0, 1, 2, 3}, "audit": {0, 1, 3}}
-FAMILIES = ("model-field", "model-bytes", "report", "image", "model-field", "model-audit",
-            "report", "model-bytes", "image", "model-field")
+FAMILIES = (
+    "model-field",
+    "model-bytes",
+    "report",
+    "image",
+    "model-field",
+    "model-audit",
+    "report",
+    "model-bytes",
+    "image",
+    "model-field",
+)
 
 ORIGINALS = {"gap": SAMPLES / "gap_original.onnx", "fc": SAMPLES / "fc_original.onnx"}
 
@@ -88,19 +98,27 @@ def _limit_memory(limit: int | None):
     def apply():
         if limit:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
     return apply
 
 
-def run_cli(args, *, timeout: float = TIMEOUT, memory: int | None = MEMORY_LIMIT,
-            cwd: Path = ROOT) -> Outcome:
+def run_cli(
+    args, *, timeout: float = TIMEOUT, memory: int | None = MEMORY_LIMIT, cwd: Path = ROOT
+) -> Outcome:
     """``python -m onnx_sp2ps ARGS`` in a new process group, under RLIMIT_AS ``memory``;
     killed (with its whole group) after ``timeout`` seconds."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "onnx_sp2ps", *map(str, args)], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, preexec_fn=_limit_memory(memory),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onnx_sp2ps", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_limit_memory(memory),
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
         hung = False
@@ -111,8 +129,13 @@ def run_cli(args, *, timeout: float = TIMEOUT, memory: int | None = MEMORY_LIMIT
             pass
         out, err = proc.communicate()
         hung = True
-    return Outcome(proc.returncode, out.decode("utf-8", "replace"),
-                   err.decode("utf-8", "replace"), time.monotonic() - start, hung)
+    return Outcome(
+        proc.returncode,
+        out.decode("utf-8", "replace"),
+        err.decode("utf-8", "replace"),
+        time.monotonic() - start,
+        hung,
+    )
 
 
 def problems(command: str, outcome: Outcome, allowed=None) -> list[str]:
@@ -128,8 +151,10 @@ def problems(command: str, outcome: Outcome, allowed=None) -> list[str]:
         elif outcome.returncode not in (allowed or ALLOWED[command]):
             found.append(f"exit {outcome.returncode}, not one {command} documents")
         if outcome.returncode in (2, 3) and len(outcome.stderr_lines()) != 1:
-            found.append(f"exit {outcome.returncode} with {len(outcome.stderr_lines())} "
-                         "lines on stderr (must be exactly one)")
+            found.append(
+                f"exit {outcome.returncode} with {len(outcome.stderr_lines())} "
+                "lines on stderr (must be exactly one)"
+            )
     return found
 
 
@@ -155,14 +180,29 @@ def make_base(root: Path) -> Base:
         source = sorted(folder.glob("*.png"))[0]
         (images / folder.name).mkdir(parents=True, exist_ok=True)
         if k % 2:
-            Image.open(source).convert("RGB").save(images / folder.name / (source.stem + ".jpg"),
-                                                   quality=90)
+            Image.open(source).convert("RGB").save(
+                images / folder.name / (source.stem + ".jpg"), quality=90
+            )
         else:
             shutil.copyfile(source, images / folder.name / source.name)
     out = root / "audit"
-    result = run_cli(["audit", ORIGINALS["gap"], SAMPLES / "compressed" / "gap_qdq_int8.onnx",
-                      ORIGINALS["gap"], "--images", images, "--batch-size", "4", "-q",
-                      "--out", out], memory=None, timeout=120)
+    result = run_cli(
+        [
+            "audit",
+            ORIGINALS["gap"],
+            SAMPLES / "compressed" / "gap_qdq_int8.onnx",
+            ORIGINALS["gap"],
+            "--images",
+            images,
+            "--batch-size",
+            "4",
+            "-q",
+            "--out",
+            out,
+        ],
+        memory=None,
+        timeout=120,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"the base audit failed (exit {result.returncode}): {result.stderr}")
     return Base(root, images, out / "report.json")
@@ -171,13 +211,24 @@ def make_base(root: Path) -> Base:
 # --------------------------------------------------------------------------- byte mutations
 
 
-def mutate_bytes(rng: random.Random, data: bytes, ops: list[str],
-                 rounds: int | None = None) -> bytes:
+def mutate_bytes(
+    rng: random.Random, data: bytes, ops: list[str], rounds: int | None = None
+) -> bytes:
     buf = bytearray(data)
     for _ in range(rounds or rng.randint(1, 4)):
         n = len(buf)
-        kind = rng.choice(["flip", "flip", "truncate", "duplicate", "delete", "overwrite",
-                           "insert", "overwrite-ff"])
+        kind = rng.choice(
+            [
+                "flip",
+                "flip",
+                "truncate",
+                "duplicate",
+                "delete",
+                "overwrite",
+                "insert",
+                "overwrite-ff",
+            ]
+        )
         if n == 0:
             kind = "insert"
         if kind == "flip":
@@ -204,9 +255,12 @@ def mutate_bytes(rng: random.Random, data: bytes, ops: list[str],
         elif kind in ("overwrite", "overwrite-ff"):
             i = rng.randrange(n)
             length = min(n - i, rng.randint(1, 64))
-            fill = (bytes([0xFF]) * length if kind == "overwrite-ff"
-                    else bytes(rng.randrange(256) for _ in range(length)))
-            buf[i:i + length] = fill
+            fill = (
+                bytes([0xFF]) * length
+                if kind == "overwrite-ff"
+                else bytes(rng.randrange(256) for _ in range(length))
+            )
+            buf[i : i + length] = fill
             ops.append(f"bytes.{kind}([{i}:{i + length}])")
         else:
             at = rng.randrange(n + 1)
@@ -220,13 +274,52 @@ def mutate_bytes(rng: random.Random, data: bytes, ops: list[str],
 
 HUGE = [2**31 - 1, 2**31, 2**32 + 1, 10**10, 2**62, 2**63 - 1]
 NEGATIVE = [-1, -2, -(2**31), -(2**63)]
-OP_TYPES = ["Foo", "", "Conv", "Gemm", "Relu", "Softmax", "Reshape", "Loop", "If", "Scan",
-            "GlobalAveragePool", "Flatten", "MatMul", "Constant", "QLinearConv", "Identity",
-            "Split", "Resize", "Einsum", "NonZero", "ConstantOfShape", "Expand", "Tile"]
+OP_TYPES = [
+    "Foo",
+    "",
+    "Conv",
+    "Gemm",
+    "Relu",
+    "Softmax",
+    "Reshape",
+    "Loop",
+    "If",
+    "Scan",
+    "GlobalAveragePool",
+    "Flatten",
+    "MatMul",
+    "Constant",
+    "QLinearConv",
+    "Identity",
+    "Split",
+    "Resize",
+    "Einsum",
+    "NonZero",
+    "ConstantOfShape",
+    "Expand",
+    "Tile",
+]
 DOMAINS = ["com.microsoft", "ai.onnx.ml", "ai.onnx.preview.training", "x.y", "ai.onnx"]
-LOCATIONS = ["", "missing.bin", "../../etc/passwd", "/etc/passwd", "/dev/zero", "/dev/urandom",
-             ".", "..", "model.onnx", "a/../../b.bin", "~/x.bin", "con", "x" * 5000,
-             "\u00e9\u00e9.bin", "file:///etc/passwd", "./././w.bin", "sub/", "nul\u0001.bin"]
+LOCATIONS = [
+    "",
+    "missing.bin",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "/dev/zero",
+    "/dev/urandom",
+    ".",
+    "..",
+    "model.onnx",
+    "a/../../b.bin",
+    "~/x.bin",
+    "con",
+    "x" * 5000,
+    "\u00e9\u00e9.bin",
+    "file:///etc/passwd",
+    "./././w.bin",
+    "sub/",
+    "nul\u0001.bin",
+]
 
 
 def _dim_value(rng: random.Random) -> int:
@@ -276,13 +369,13 @@ def _m_raw_data(rng, model, ops):
     n = len(t.raw_data)
     kind = rng.choice(["truncate", "extend", "empty", "odd"])
     if kind == "truncate":
-        t.raw_data = t.raw_data[:rng.randrange(max(n, 1))]
+        t.raw_data = t.raw_data[: rng.randrange(max(n, 1))]
     elif kind == "extend":
         t.raw_data = t.raw_data + bytes(rng.randrange(256) for _ in range(rng.randint(1, 4096)))
     elif kind == "empty":
         t.raw_data = b""
     else:
-        t.raw_data = t.raw_data[:max(n - 1, 0)] + b"\x01\x02\x03"
+        t.raw_data = t.raw_data[: max(n - 1, 0)] + b"\x01\x02\x03"
     ops.append(f"field.raw_data.{kind}({t.name!r}: {n} -> {len(t.raw_data)} bytes)")
 
 
@@ -358,8 +451,10 @@ def _m_attribute(rng, model, ops):
         elif kind == "type":
             a.type = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 99])
         elif a.type == AttributeProto.INTS or len(a.ints):
-            values = [rng.choice([0, -1, 1, 2, 1000, 2**40, -(2**40)]) for _ in
-                      range(rng.choice([0, 1, len(a.ints), len(a.ints) + 3]))]
+            values = [
+                rng.choice([0, -1, 1, 2, 1000, 2**40, -(2**40)])
+                for _ in range(rng.choice([0, 1, len(a.ints), len(a.ints) + 3]))
+            ]
             del a.ints[:]
             a.ints.extend(values)
         elif a.type == AttributeProto.INT:
@@ -374,16 +469,30 @@ def _m_attribute(rng, model, ops):
             a.type = AttributeProto.INT
         ops.append(f"field.attribute.{kind}({label}.{a.name})")
     else:
-        name = rng.choice(["axis", "kernel_shape", "strides", "pads", "group", "alpha",
-                           "transA", "transB", "perm", "keepdims", "mode", "zzz"])
+        name = rng.choice(
+            [
+                "axis",
+                "kernel_shape",
+                "strides",
+                "pads",
+                "group",
+                "alpha",
+                "transA",
+                "transB",
+                "perm",
+                "keepdims",
+                "mode",
+                "zzz",
+            ]
+        )
         value = rng.choice([0, -1, 3, 2**40, [0, 0], [2**40, 1], [-5, -5, -5, -5], 1.5, "NOTSET"])
         node.attribute.append(helper.make_attribute(name, value))
         ops.append(f"field.attribute.add({label}.{name}={value!r})")
 
 
 def _m_sparse(rng, model, ops):
-    from onnx import numpy_helper
     import numpy as np
+    from onnx import numpy_helper
 
     g = model.graph
     if not len(g.sparse_initializer):
@@ -401,23 +510,31 @@ def _m_sparse(rng, model, ops):
         g.initializer.remove(t)
         ops.append(f"field.sparse.make({t.name!r})")
     s = rng.choice(g.sparse_initializer)
-    kind = rng.choice(["inflate", "inflate", "index-out-of-range", "negative-index",
-                       "values-short", "indices-2d", "dims-negative", "unsorted"])
+    kind = rng.choice(
+        [
+            "inflate",
+            "inflate",
+            "index-out-of-range",
+            "negative-index",
+            "values-short",
+            "indices-2d",
+            "dims-negative",
+            "unsorted",
+        ]
+    )
     if kind == "inflate":
-        s.dims[:] = rng.choice([[30000, 30000], [2**31, 2**31], [10**6, 10**6, 3, 3],
-                                [2**62, 4]])
+        s.dims[:] = rng.choice([[30000, 30000], [2**31, 2**31], [10**6, 10**6, 3, 3], [2**62, 4]])
     elif kind in ("index-out-of-range", "negative-index", "unsorted"):
         idx = numpy_helper.to_array(s.indices).copy()
         if idx.size:
             if kind == "unsorted":
                 idx = idx[::-1].copy()
             else:
-                idx.flat[rng.randrange(idx.size)] = (-5 if kind == "negative-index"
-                                                     else 2**40)
+                idx.flat[rng.randrange(idx.size)] = -5 if kind == "negative-index" else 2**40
             s.indices.CopyFrom(numpy_helper.from_array(idx, s.indices.name))
     elif kind == "values-short":
         s.values.dims[0] = max(int(s.values.dims[0]) // 2, 0) if len(s.values.dims) else 0
-        s.values.raw_data = s.values.raw_data[:len(s.values.raw_data) // 2]
+        s.values.raw_data = s.values.raw_data[: len(s.values.raw_data) // 2]
     elif kind == "indices-2d":
         s.indices.dims[:] = [1, *s.indices.dims, 7]
     else:
@@ -472,8 +589,19 @@ def _m_value_info(rng, model, ops):
     from onnx import helper
 
     g = model.graph
-    kind = rng.choice(["input-dim", "input-dim", "input-rank", "input-type", "output-dim",
-                       "add-value-info", "second-input", "drop-output", "input-dim-param"])
+    kind = rng.choice(
+        [
+            "input-dim",
+            "input-dim",
+            "input-rank",
+            "input-type",
+            "output-dim",
+            "add-value-info",
+            "second-input",
+            "drop-output",
+            "input-dim-param",
+        ]
+    )
     if kind.startswith("input") and len(g.input):
         vi = g.input[0]
         tt = vi.type.tensor_type
@@ -490,8 +618,10 @@ def _m_value_info(rng, model, ops):
                 tt.shape.dim.add().dim_value = _dim_value(rng)
         else:
             tt.elem_type = rng.choice([0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 16, 21, 99])
-        ops.append(f"field.value_info.{kind}({vi.name}: "
-                   f"{[d.dim_value or d.dim_param for d in tt.shape.dim]}, type {tt.elem_type})")
+        ops.append(
+            f"field.value_info.{kind}({vi.name}: "
+            f"{[d.dim_value or d.dim_param for d in tt.shape.dim]}, type {tt.elem_type})"
+        )
     elif kind == "output-dim" and len(g.output):
         tt = g.output[0].type.tensor_type
         if len(tt.shape.dim):
@@ -535,9 +665,24 @@ def _m_constant(rng, model, ops):
     ops.append(f"field.constant.{kind}({t.name!r}: {list(value.dims)})")
 
 
-FIELD_MUTATIONS = [_m_dims, _m_dims, _m_data_type, _m_raw_data, _m_raw_data, _m_node_op,
-                   _m_node_io, _m_node_io, _m_attribute, _m_attribute, _m_sparse, _m_external,
-                   _m_opset, _m_value_info, _m_value_info, _m_constant]
+FIELD_MUTATIONS = [
+    _m_dims,
+    _m_dims,
+    _m_data_type,
+    _m_raw_data,
+    _m_raw_data,
+    _m_node_op,
+    _m_node_io,
+    _m_node_io,
+    _m_attribute,
+    _m_attribute,
+    _m_sparse,
+    _m_external,
+    _m_opset,
+    _m_value_info,
+    _m_value_info,
+    _m_constant,
+]
 
 
 def mutate_model_fields(rng: random.Random, data: bytes, ops: list[str]) -> bytes:
@@ -549,15 +694,31 @@ def mutate_model_fields(rng: random.Random, data: bytes, ops: list[str]) -> byte
         mutation = rng.choice(FIELD_MUTATIONS)
         try:
             mutation(rng, model, ops)
-        except (IndexError, ValueError, TypeError) as exc:   # not applicable to this model
+        except (IndexError, ValueError, TypeError) as exc:  # not applicable to this model
             ops.append(f"({mutation.__name__} not applied: {type(exc).__name__})")
     return model.SerializeToString()
 
 
 # --------------------------------------------------------------------------- report.json
 
-ODD_VALUES = [None, True, False, "0.9", "", "NaN", [], {}, [0.9], {"mean": 0.9}, 1e308,
-              -1, 2**70, -0.0, "\u0000", 0]
+ODD_VALUES = [
+    None,
+    True,
+    False,
+    "0.9",
+    "",
+    "NaN",
+    [],
+    {},
+    [0.9],
+    {"mean": 0.9},
+    1e308,
+    -1,
+    2**70,
+    -0.0,
+    "\u0000",
+    0,
+]
 
 
 def _paths(obj, prefix=()):
@@ -587,30 +748,55 @@ def _set(doc, path, value):
 
 def _important(doc):
     """Paths the gate reads, so that most mutations hit what matters."""
-    picks = [("schema_version",), ("tool",), ("candidates",), ("passed",), ("original",),
-             ("original", "accuracy"), ("gate_criteria",)]
+    picks = [
+        ("schema_version",),
+        ("tool",),
+        ("candidates",),
+        ("passed",),
+        ("original",),
+        ("original", "accuracy"),
+        ("gate_criteria",),
+    ]
     cands = doc.get("candidates")
     for i, c in enumerate(cands if isinstance(cands, list) else []):
-        picks += [("candidates", i), ("candidates", i, "sp2ps"), ("candidates", i, "sp2ps", "mean"),
-                  ("candidates", i, "sp2ps", "p5"), ("candidates", i, "agreement"),
-                  ("candidates", i, "accuracy"), ("candidates", i, "model"),
-                  ("candidates", i, "model", "name"), ("candidates", i, "gate")]
+        picks += [
+            ("candidates", i),
+            ("candidates", i, "sp2ps"),
+            ("candidates", i, "sp2ps", "mean"),
+            ("candidates", i, "sp2ps", "p5"),
+            ("candidates", i, "agreement"),
+            ("candidates", i, "accuracy"),
+            ("candidates", i, "model"),
+            ("candidates", i, "model", "name"),
+            ("candidates", i, "gate"),
+        ]
     return picks
 
 
 def mutate_report(rng: random.Random, text: str, ops: list[str]) -> bytes:
     doc = json.loads(text)
-    final = None    # a mutation that makes the document huge is applied last
+    final = None  # a mutation that makes the document huge is applied last
     for _ in range(rng.choice([1, 1, 2, 3])):
         paths = [p for p, _ in _paths(doc)]
         known = set(paths)
-        important = ([p for p in _important(doc) if p in known]
-                     if isinstance(doc, dict) else [])
+        important = [p for p in _important(doc) if p in known] if isinstance(doc, dict) else []
         path = rng.choice(important) if important and rng.random() < 0.7 else rng.choice(paths)
         where = "/".join(map(str, path))
-        kind = rng.choice(["swap-type", "swap-type", "bool-for-number", "string-for-score",
-                           "nan", "delete-key", "schema-version", "deep", "huge-array",
-                           "top-level", "many-candidates"])
+        kind = rng.choice(
+            [
+                "swap-type",
+                "swap-type",
+                "bool-for-number",
+                "string-for-score",
+                "nan",
+                "delete-key",
+                "schema-version",
+                "deep",
+                "huge-array",
+                "top-level",
+                "many-candidates",
+            ]
+        )
         if kind in ("deep", "huge-array", "many-candidates"):
             final = (kind, path, where)
             break
@@ -659,8 +845,9 @@ def mutate_report(rng: random.Random, text: str, ops: list[str]) -> bytes:
         elif kind == "huge-array":
             doc = _set(doc, path, [0.5] * rng.choice([10**5, 10**6]))
             ops.append(f"report.huge-array(at {where})")
-        elif isinstance(doc, dict) and isinstance(doc.get("candidates"), list) \
-                and doc["candidates"]:
+        elif (
+            isinstance(doc, dict) and isinstance(doc.get("candidates"), list) and doc["candidates"]
+        ):
             cand = copy.deepcopy(doc["candidates"][0])
             if isinstance(cand, dict):
                 cand["images"] = []
@@ -668,8 +855,9 @@ def mutate_report(rng: random.Random, text: str, ops: list[str]) -> bytes:
             ops.append(f"report.many-candidates({len(doc['candidates'])})")
     text = json.dumps(doc)
     if deep:
-        nest = ("[" * 100000 + "]" * 100000 if deep == "list"
-                else '{"a":' * 100000 + "1" + "}" * 100000)
+        nest = (
+            "[" * 100000 + "]" * 100000 if deep == "list" else '{"a":' * 100000 + "1" + "}" * 100000
+        )
         text = text.replace('"__FUZZ_DEEP__"', nest)
     data = text.encode("utf-8")
     if rng.random() < 0.15:
@@ -686,9 +874,9 @@ def mutate_report(rng: random.Random, text: str, ops: list[str]) -> bytes:
 def _png_chunks(data: bytes):
     pos, chunks = 8, []
     while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        chunks.append([kind, data[pos + 8:pos + 8 + length]])
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        chunks.append([kind, data[pos + 8 : pos + 8 + length]])
         pos += 12 + length
     return chunks
 
@@ -696,20 +884,46 @@ def _png_chunks(data: bytes):
 def _png_join(chunks) -> bytes:
     out = b"\x89PNG\r\n\x1a\n"
     for kind, body in chunks:
-        out += (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+        out += (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
     return out
 
 
 def mutate_png(rng: random.Random, data: bytes, ops: list[str]) -> bytes:
     """Chunk-level mutations with valid CRCs, so the decoder gets past the checksums."""
     chunks = _png_chunks(data)
-    kind = rng.choice(["ihdr-size", "ihdr-size", "ihdr-fields", "idat-bytes", "idat-zlib-bomb",
-                       "drop-chunk", "duplicate-chunk", "bad-plte", "text-chunk"])
+    kind = rng.choice(
+        [
+            "ihdr-size",
+            "ihdr-size",
+            "ihdr-fields",
+            "idat-bytes",
+            "idat-zlib-bomb",
+            "drop-chunk",
+            "duplicate-chunk",
+            "bad-plte",
+            "text-chunk",
+        ]
+    )
     ihdr = next(c for c in chunks if c[0] == b"IHDR")
     if kind == "ihdr-size":
-        w, h = rng.choice([(0, 64), (64, 0), (1, 10**6), (10**6, 1), (2**31 - 1, 2**31 - 1),
-                           (65535, 65535), (9459, 9459), (64, 65), (2**32 - 1, 1)])
+        w, h = rng.choice(
+            [
+                (0, 64),
+                (64, 0),
+                (1, 10**6),
+                (10**6, 1),
+                (2**31 - 1, 2**31 - 1),
+                (65535, 65535),
+                (9459, 9459),
+                (64, 65),
+                (2**32 - 1, 1),
+            ]
+        )
         ihdr[1] = struct.pack(">II", w, h) + ihdr[1][8:]
         ops.append(f"png.ihdr-size({w}x{h})")
     elif kind == "ihdr-fields":
@@ -748,34 +962,45 @@ def mutate_png(rng: random.Random, data: bytes, ops: list[str]) -> bytes:
             chunks.insert(1, [b"PLTE", b"\x00" * rng.choice([0, 3, 5, 768, 771])])
         ops.append("png.palette-without-valid-PLTE")
     else:
-        chunks.insert(1, [rng.choice([b"tEXt", b"zTXt", b"iCCP", b"eXIf"]),
-                          bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))])
+        chunks.insert(
+            1,
+            [
+                rng.choice([b"tEXt", b"zTXt", b"iCCP", b"eXIf"]),
+                bytes(rng.randrange(256) for _ in range(rng.randint(0, 300))),
+            ],
+        )
         ops.append(f"png.ancillary-chunk({chunks[1][0]!r})")
     return _png_join(chunks)
 
 
 def mutate_jpeg(rng: random.Random, data: bytes, ops: list[str]) -> bytes:
     buf = bytearray(data)
-    kind = rng.choice(["sof-size", "sof-size", "cut-after-sos", "exif-orientation",
-                       "components", "huffman"])
-    sof = next((i for i in range(2, len(buf) - 9) if buf[i] == 0xFF and buf[i + 1] in
-                (0xC0, 0xC1, 0xC2)), None)
+    kind = rng.choice(
+        ["sof-size", "sof-size", "cut-after-sos", "exif-orientation", "components", "huffman"]
+    )
+    sof = next(
+        (i for i in range(2, len(buf) - 9) if buf[i] == 0xFF and buf[i + 1] in (0xC0, 0xC1, 0xC2)),
+        None,
+    )
     if kind == "sof-size" and sof is not None:
         h, w = rng.choice([(0, 64), (64, 0), (65535, 65535), (1, 65535), (65535, 1), (64, 65)])
-        buf[sof + 5:sof + 9] = struct.pack(">HH", h, w)
+        buf[sof + 5 : sof + 9] = struct.pack(">HH", h, w)
         ops.append(f"jpeg.sof-size({w}x{h})")
     elif kind == "components" and sof is not None:
         buf[sof + 9] = rng.choice([0, 2, 4, 255])
         ops.append(f"jpeg.components({buf[sof + 9]})")
     elif kind == "cut-after-sos":
         sos = buf.find(b"\xff\xda")
-        del buf[sos + rng.randint(2, 40):]
+        del buf[sos + rng.randint(2, 40) :]
         ops.append("jpeg.cut-after-sos")
     elif kind == "exif-orientation":
         # an APP1 Exif segment whose orientation tag is out of range or whose IFD loops
-        ifd = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", 1) + struct.pack(
-            "<HHII", 0x0112, 3, 1, rng.choice([0, 9, 65535, 6])) + struct.pack(
-            "<I", rng.choice([0, 8, 2**31]))
+        ifd = (
+            struct.pack("<2sHI", b"II", 42, 8)
+            + struct.pack("<H", 1)
+            + struct.pack("<HHII", 0x0112, 3, 1, rng.choice([0, 9, 65535, 6]))
+            + struct.pack("<I", rng.choice([0, 8, 2**31]))
+        )
         body = b"Exif\x00\x00" + ifd
         buf[2:2] = b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
         ops.append("jpeg.exif-orientation")
@@ -795,15 +1020,53 @@ def reencode_image(rng: random.Random, path: Path, ops: list[str]) -> Path:
     import numpy as np
     from PIL import Image
 
-    size = rng.choice([(1, 1), (2, 1), (1, 100_000), (100_000, 1), (3, 5000), (64, 64),
-                       (5000, 3), (1, 2_000_000), (4000, 4000)])
-    mode = rng.choice(["1", "L", "LA", "P", "PA", "I;16", "I", "F", "RGB", "RGBA", "CMYK",
-                       "YCbCr", "HSV", "LAB", "RGBX"])
-    fmt, suffix = rng.choice([("PNG", ".png"), ("JPEG", ".jpg"), ("TIFF", ".tif"),
-                              ("WEBP", ".webp"), ("BMP", ".bmp"), ("GIF", ".gif"),
-                              ("PNG", ".jpg"), ("TIFF", ".png")])
+    size = rng.choice(
+        [
+            (1, 1),
+            (2, 1),
+            (1, 100_000),
+            (100_000, 1),
+            (3, 5000),
+            (64, 64),
+            (5000, 3),
+            (1, 2_000_000),
+            (4000, 4000),
+        ]
+    )
+    mode = rng.choice(
+        [
+            "1",
+            "L",
+            "LA",
+            "P",
+            "PA",
+            "I;16",
+            "I",
+            "F",
+            "RGB",
+            "RGBA",
+            "CMYK",
+            "YCbCr",
+            "HSV",
+            "LAB",
+            "RGBX",
+        ]
+    )
+    fmt, suffix = rng.choice(
+        [
+            ("PNG", ".png"),
+            ("JPEG", ".jpg"),
+            ("TIFF", ".tif"),
+            ("WEBP", ".webp"),
+            ("BMP", ".bmp"),
+            ("GIF", ".gif"),
+            ("PNG", ".jpg"),
+            ("TIFF", ".png"),
+        ]
+    )
     data = np.random.default_rng(rng.randrange(2**32)).integers(
-        0, 256, (min(size[1], 64), min(size[0], 64), 3), dtype=np.uint8)
+        0, 256, (min(size[1], 64), min(size[0], 64), 3), dtype=np.uint8
+    )
     image = Image.fromarray(data).resize(size, Image.Resampling.NEAREST)
     try:
         image = image.convert(mode)
@@ -825,8 +1088,11 @@ def reencode_image(rng: random.Random, path: Path, ops: list[str]) -> Path:
         fmt, mode = "PNG", "RGB"
     if target != path:
         path.unlink()
-    ops.append(f"image.reencode({size[0]}x{size[1]} {mode} as {fmt} -> {target.name}"
-               + (", exif" if "exif" in kwargs else "") + ")")
+    ops.append(
+        f"image.reencode({size[0]}x{size[1]} {mode} as {fmt} -> {target.name}"
+        + (", exif" if "exif" in kwargs else "")
+        + ")"
+    )
     return target
 
 
@@ -850,8 +1116,10 @@ class Mutant:
 def schedule(count: int, base_seed: int = 0, start: int = 0) -> list[tuple[str, int]]:
     """The (family, seed) of mutants ``start .. start + count - 1``: families in a fixed
     rotation, so that a few mutants already cover every family."""
-    return [(FAMILIES[i % len(FAMILIES)], base_seed * 1_000_003 + i)
-            for i in range(start, start + count)]
+    return [
+        (FAMILIES[i % len(FAMILIES)], base_seed * 1_000_003 + i)
+        for i in range(start, start + count)
+    ]
 
 
 def build(family: str, seed: int, base: Base, work: Path) -> Mutant:
@@ -871,8 +1139,16 @@ def build(family: str, seed: int, base: Base, work: Path) -> Mutant:
         target.write_bytes(data)
         if family == "model-audit":
             m.command = "audit"
-            m.args = ["audit", str(original_of(source).relative_to(ROOT)), str(target),
-                      "--images", str(base.images), "--batch-size", "4", "-q"]
+            m.args = [
+                "audit",
+                str(original_of(source).relative_to(ROOT)),
+                str(target),
+                "--images",
+                str(base.images),
+                "--batch-size",
+                "4",
+                "-q",
+            ]
         else:
             m.command = "inspect"
             m.args = ["inspect", str(target)]
@@ -883,8 +1159,11 @@ def build(family: str, seed: int, base: Base, work: Path) -> Mutant:
         target.write_bytes(mutate_report(rng, base.report.read_text(encoding="utf-8"), m.ops))
         m.command = "gate"
         m.args = ["gate", str(target), "--fail-under", "0.5"]
-        extra = [("--fail-under-p5", "0.1"), ("--min-agreement", "0.5"),
-                 ("--max-accuracy-drop", "0.2")]
+        extra = [
+            ("--fail-under-p5", "0.1"),
+            ("--min-agreement", "0.5"),
+            ("--max-accuracy-drop", "0.2"),
+        ]
         for opt, val in rng.sample(extra, rng.randint(0, 3)):
             m.args += [opt, val]
     elif family == "image":
@@ -905,9 +1184,16 @@ def build(family: str, seed: int, base: Base, work: Path) -> Mutant:
             m.ops.append(f"  -> {path.relative_to(work)}")
             path.write_bytes(data)
         m.command = "audit"
-        m.args = ["audit", str(ORIGINALS["gap"].relative_to(ROOT)),
-                  str(ORIGINALS["gap"].relative_to(ROOT)), "--images", str(images),
-                  "--batch-size", "4", "-q"]
+        m.args = [
+            "audit",
+            str(ORIGINALS["gap"].relative_to(ROOT)),
+            str(ORIGINALS["gap"].relative_to(ROOT)),
+            "--images",
+            str(images),
+            "--batch-size",
+            "4",
+            "-q",
+        ]
         if rng.random() < 0.5:
             m.args.append("--strict")
         if rng.random() < 0.3:
@@ -930,25 +1216,30 @@ def traceback_site(args, timeout: float = TIMEOUT) -> str:
         if text.startswith('File "') and "onnx_sp2ps" in text and "/tests/" not in text:
             path, rest = text[6:].split('", line ', 1)
             number, _, func = rest.partition(", in ")
-            site = f"{Path(path).relative_to(ROOT) if path.startswith(str(ROOT)) else path}" \
-                   f":{number} in {func}"
+            site = (
+                f"{Path(path).relative_to(ROOT) if path.startswith(str(ROOT)) else path}"
+                f":{number} in {func}"
+            )
     return site
 
 
 def describe(m: Mutant, outcome: Outcome) -> str:
     """What a failure message says: the key to replay, the mutations, the command, stderr
     (and for exit 4, where the traceback of a ``--debug`` rerun ends in onnx_sp2ps)."""
-    return (f"mutant {m.key}: {'; '.join(problems(m.command, outcome))}\n"
-            + (f"  raised at: {m.site}\n" if m.site else "")
-            + f"  replay: python tests/test_fuzz.py --replay {m.key} --keep /tmp/replay\n"
-            f"  mutations: {' | '.join(m.ops)}\n"
-            f"  command: PYTHONPATH=. python -m onnx_sp2ps {' '.join(m.args)}\n"
-            f"  exit {outcome.returncode}, {outcome.seconds:.1f} s, stderr:\n"
-            + "\n".join("    " + line for line in outcome.stderr[-3000:].splitlines()))
+    return (
+        f"mutant {m.key}: {'; '.join(problems(m.command, outcome))}\n"
+        + (f"  raised at: {m.site}\n" if m.site else "")
+        + f"  replay: python tests/test_fuzz.py --replay {m.key} --keep /tmp/replay\n"
+        f"  mutations: {' | '.join(m.ops)}\n"
+        f"  command: PYTHONPATH=. python -m onnx_sp2ps {' '.join(m.args)}\n"
+        f"  exit {outcome.returncode}, {outcome.seconds:.1f} s, stderr:\n"
+        + "\n".join("    " + line for line in outcome.stderr[-3000:].splitlines())
+    )
 
 
-def run_mutant(family: str, seed: int, base: Base, work: Path, timeout: float = TIMEOUT,
-               keep: bool = False) -> tuple[Mutant, Outcome]:
+def run_mutant(
+    family: str, seed: int, base: Base, work: Path, timeout: float = TIMEOUT, keep: bool = False
+) -> tuple[Mutant, Outcome]:
     m = build(family, seed, base, work)
     outcome = run_cli(m.args, timeout=timeout)
     if outcome.returncode == 4:

@@ -155,13 +155,16 @@ def with_input_dtype(model: onnx.ModelProto, elem_type: int) -> onnx.ModelProto:
         for i, name in enumerate(node.input):
             if name == inp.name:
                 node.input[i] = "pixels_as_float"
-    out.graph.node.insert(0, helper.make_node("Cast", [inp.name], ["pixels_as_float"],
-                                              to=TensorProto.FLOAT))
+    out.graph.node.insert(
+        0, helper.make_node("Cast", [inp.name], ["pixels_as_float"], to=TensorProto.FLOAT)
+    )
     onnx.checker.check_model(out)
     return out
 
 
-def run_model(built: BuiltModel, images: np.ndarray | None = None, outputs=()) -> dict[str, np.ndarray]:
+def run_model(
+    built: BuiltModel, images: np.ndarray | None = None, outputs=()
+) -> dict[str, np.ndarray]:
     """Run ``built`` on CPU with ONNX Runtime; returns ``{name: array}`` for the graph output
     and for every tensor in ``outputs`` (added as graph outputs on a copy)."""
     import onnxruntime as ort
@@ -216,7 +219,9 @@ class _GraphWriter:
             node = self._unique(f"{path}/{op_type}", "_")
             return node, f"{node}_output_0"
         if self.style == "tf":
-            node = self._unique(f"{_TF_PREFIX}/{scope}/{op_type}" if scope else f"{_TF_PREFIX}/{op_type}", "__")
+            node = self._unique(
+                f"{_TF_PREFIX}/{scope}/{op_type}" if scope else f"{_TF_PREFIX}/{op_type}", "__"
+            )
             return node, f"{node}:0"
         index = self._op_counts[op_type]
         self._op_counts[op_type] += 1
@@ -262,7 +267,9 @@ class _GraphWriter:
 
     def reduce_mean(self, x: str, axes, keepdims: int, scope: str) -> str:
         if self.opset >= 18:
-            return self.op("ReduceMean", [x, self.ints("ReduceMean", axes)], scope, keepdims=keepdims)
+            return self.op(
+                "ReduceMean", [x, self.ints("ReduceMean", axes)], scope, keepdims=keepdims
+            )
         return self.op("ReduceMean", [x], scope, axes=list(axes), keepdims=keepdims)
 
     def he(self, shape, fan_in: int) -> np.ndarray:
@@ -283,7 +290,9 @@ def _classifier_weight(rng: np.random.Generator, fan_in: int, fan_out: int) -> n
     return (weight * (3.0 / np.sqrt(fan_in))).astype(np.float32)
 
 
-def _validate(head, layout, weights, final, tail, channels, size, num_classes, width, fixed_batch, opset, act):
+def _validate(
+    head, layout, weights, final, tail, channels, size, num_classes, width, fixed_batch, opset, act
+):
     def choice(name, value, allowed):
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: choose one of {allowed}")
@@ -300,7 +309,9 @@ def _validate(head, layout, weights, final, tail, channels, size, num_classes, w
     if size < 5:
         raise ValueError(f"size={size}: use at least 5 so the feature map keeps spatial extent > 1")
     if num_classes < 2 or width < 1:
-        raise ValueError(f"num_classes={num_classes}, width={width}: use num_classes >= 2, width >= 1")
+        raise ValueError(
+            f"num_classes={num_classes}, width={width}: use num_classes >= 2, width >= 1"
+        )
     if fixed_batch is not None and fixed_batch < 1:
         raise ValueError(f"fixed_batch={fixed_batch}: use None or a positive batch size")
     if opset < 13:
@@ -329,7 +340,20 @@ def build_cnn(
 ) -> BuiltModel:
     """Build one small CNN classifier; see the module docstring for the graph forms."""
     tail = tuple(tail)
-    _validate(head, layout, weights, final, tail, channels, size, num_classes, width, fixed_batch, opset, act)
+    _validate(
+        head,
+        layout,
+        weights,
+        final,
+        tail,
+        channels,
+        size,
+        num_classes,
+        width,
+        fixed_batch,
+        opset,
+        act,
+    )
     style = _exporter_style(head, layout, weights)
     g = _GraphWriter(style, weights, opset, np.random.default_rng(seed))
     nhwc = layout == "NHWC"
@@ -337,22 +361,37 @@ def build_cnn(
     input_name = {"torch": "input", "tf": "input_1", "paddle": "x"}[style]
     batch_dim = fixed_batch if fixed_batch is not None else "N"
     h_dim, w_dim = ("H", "W") if symbolic else (size, size)
-    input_dims = [batch_dim, h_dim, w_dim, channels] if nhwc else [batch_dim, channels, h_dim, w_dim]
+    input_dims = (
+        [batch_dim, h_dim, w_dim, channels] if nhwc else [batch_dim, channels, h_dim, w_dim]
+    )
     inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_dims)]
 
     # ---- trunk ----------------------------------------------------------------------------
     act_op = "Relu" if act == "relu" else "HardSwish"
     x, c_in, spatial = input_name, channels, size
     for i, (c_out, stride) in enumerate([(width, 1), (2 * width, 2), (2 * width, 2)]):
-        conv_scope = {"torch": "conv1" if i == 0 else f"layer{i}.0.conv", "tf": "conv2d" if i == 0 else f"conv2d_{i}",
-                      "paddle": f"conv2d_{i}"}[style]
-        act_scope = {"torch": "act1" if i == 0 else f"layer{i}.0.act", "tf": conv_scope,
-                     "paddle": f"{act_op.lower()}_{i}"}[style]
+        conv_scope = {
+            "torch": "conv1" if i == 0 else f"layer{i}.0.conv",
+            "tf": "conv2d" if i == 0 else f"conv2d_{i}",
+            "paddle": f"conv2d_{i}",
+        }[style]
+        act_scope = {
+            "torch": "act1" if i == 0 else f"layer{i}.0.act",
+            "tf": conv_scope,
+            "paddle": f"{act_op.lower()}_{i}",
+        }[style]
         w = g.param(conv_scope, "weight", g.he((c_out, c_in, 3, 3), c_in * 9))
         b = g.param(conv_scope, "bias", g.small((c_out,)))
         if nhwc:
             x = g.op("Transpose", [x], conv_scope, perm=_TO_NCHW)
-        x = g.op("Conv", [x, w, b], conv_scope, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride])
+        x = g.op(
+            "Conv",
+            [x, w, b],
+            conv_scope,
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[stride, stride],
+        )
         if nhwc:
             x = g.op("Transpose", [x], conv_scope, perm=_TO_NHWC)
         x = g.op(act_op, [x], act_scope)
@@ -363,16 +402,34 @@ def build_cnn(
         return {"torch": torch, "tf": tf, "paddle": paddle}[style]
 
     def to_nchw(t: str) -> str:
-        return g.op("Transpose", [t], pick("", "global_average_pooling2d", "transpose_0"), perm=_TO_NCHW) if nhwc else t
+        return (
+            g.op(
+                "Transpose", [t], pick("", "global_average_pooling2d", "transpose_0"), perm=_TO_NCHW
+            )
+            if nhwc
+            else t
+        )
 
     def linear(t: str, fan_in: int, fan_out: int, scope: str, form: str) -> str:
         """Gemm(transB=1) / Gemm / MatMul + Add (weight (fan_in, fan_out) before transB)."""
         weight = _classifier_weight(g.rng, fan_in, fan_out)
         if form == "gemm_t":
-            return g.op("Gemm", [t, g.param(scope, "weight", weight.T.copy()), g.param(scope, "bias", g.small((fan_out,)))],
-                        scope, transB=1)
+            return g.op(
+                "Gemm",
+                [
+                    t,
+                    g.param(scope, "weight", weight.T.copy()),
+                    g.param(scope, "bias", g.small((fan_out,))),
+                ],
+                scope,
+                transB=1,
+            )
         if form == "gemm":
-            return g.op("Gemm", [t, g.param(scope, "weight", weight), g.param(scope, "bias", g.small((fan_out,)))], scope)
+            return g.op(
+                "Gemm",
+                [t, g.param(scope, "weight", weight), g.param(scope, "bias", g.small((fan_out,)))],
+                scope,
+            )
         t = g.op("MatMul", [t, g.param(scope, "weight", weight)], scope)
         return g.op("Add", [t, g.param(scope, "bias", g.small((fan_out,)))], scope)
 
@@ -383,12 +440,22 @@ def build_cnn(
         x = feature_map = to_nchw(x)
         feature_layout = "NCHW"
         if head == "avgpool_flatten_gemm":
-            x = g.op("AveragePool", [x], pick("avgpool", "average_pooling2d", "pool2d_0"),
-                     kernel_shape=[spatial, spatial])
+            x = g.op(
+                "AveragePool",
+                [x],
+                pick("avgpool", "average_pooling2d", "pool2d_0"),
+                kernel_shape=[spatial, spatial],
+            )
         else:
-            x = g.op("GlobalAveragePool", [x], pick("avgpool", "global_average_pooling2d", "pool2d_0"))
+            x = g.op(
+                "GlobalAveragePool", [x], pick("avgpool", "global_average_pooling2d", "pool2d_0")
+            )
         if head == "gap_reshape_matmul":
-            x = g.op("Reshape", [x, g.ints("Reshape", [-1, feature_channels])], pick("", "flatten", "reshape2_0"))
+            x = g.op(
+                "Reshape",
+                [x, g.ints("Reshape", [-1, feature_channels])],
+                pick("", "flatten", "reshape2_0"),
+            )
             x = linear(x, feature_channels, num_classes, fc, "matmul")
         else:
             x = g.op("Flatten", [x], pick("", "flatten", "flatten_0"), axis=1)
@@ -402,7 +469,11 @@ def build_cnn(
         else:
             x = g.reduce_mean(x, axes, 1, pool)
             if nhwc:
-                x = g.op("Reshape", [x, g.ints("Reshape", [-1, feature_channels])], pick("", "flatten", "reshape2_0"))
+                x = g.op(
+                    "Reshape",
+                    [x, g.ints("Reshape", [-1, feature_channels])],
+                    pick("", "flatten", "reshape2_0"),
+                )
             else:
                 x = g.op("Squeeze", [x, g.ints("Squeeze", axes)], pick("", "flatten", "squeeze_0"))
         x = linear(x, feature_channels, num_classes, fc, "matmul")
@@ -451,7 +522,7 @@ def build_cnn(
         elif op == "Flatten":
             x, rank = g.op("Flatten", [x], scope, axis=1), 2
         elif op == "Reshape":
-            following = [t for t in tail[i + 1:] if t != "Identity"]
+            following = [t for t in tail[i + 1 :] if t != "Identity"]
             shape = [-1, num_classes, 1, 1] if following[:1] == ["Squeeze"] else [-1, num_classes]
             x, rank = g.op("Reshape", [x, g.ints("Reshape", shape)], scope), len(shape)
         else:
@@ -459,16 +530,25 @@ def build_cnn(
                 raise ValueError(f"tail={tail}: Squeeze needs a Reshape to (N, K, 1, 1) before it")
             x, rank = g.op("Squeeze", [x, g.ints("Squeeze", [2, 3])], scope), 2
     if rank != 2:
-        raise ValueError(f"tail={tail}: the output must end as (N, K); add a Squeeze after the Reshape")
+        raise ValueError(
+            f"tail={tail}: the output must end as (N, K); add a Squeeze after the Reshape"
+        )
 
     output_name = pick("output", "predictions", "save_infer_model/scale_0.tmp_0")
     g.nodes[-1].output[0] = output_name
     if logits == x:
         logits = output_name
-    outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch_dim, num_classes])]
+    outputs = [
+        helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch_dim, num_classes])
+    ]
 
-    graph = helper.make_graph(g.nodes, pick("main_graph", "tf2onnx", "paddle-onnx"), inputs, outputs,
-                              initializer=g.initializers)
+    graph = helper.make_graph(
+        g.nodes,
+        pick("main_graph", "tf2onnx", "paddle-onnx"),
+        inputs,
+        outputs,
+        initializer=g.initializers,
+    )
     opset_id = helper.make_opsetid("", opset)
     model = helper.make_model(
         graph,
@@ -513,7 +593,13 @@ def all_variants() -> list[tuple[str, dict]]:
         final = FINALS[1 + i % 3]
         weights = WEIGHTS[i % 2]
         layout = LAYOUTS[(i + 1) % 2]
-        kwargs = {"head": head, "layout": layout, "weights": weights, "symbolic": True, "final": final}
+        kwargs = {
+            "head": head,
+            "layout": layout,
+            "weights": weights,
+            "symbolic": True,
+            "final": final,
+        }
         ident = f"{head}-{layout}-{'const' if weights == 'constant' else 'init'}-sym-{final}"
         variants.append((ident, kwargs))
     for head in HEADS:
@@ -521,26 +607,51 @@ def all_variants() -> list[tuple[str, dict]]:
     specials = [
         ("gap_gemm-NCHW-Softmax-tail_identity", {"final": "Softmax", "tail": ("Identity",)}),
         ("gap_gemm-NCHW-tail_reshape_squeeze", {"tail": ("Reshape", "Squeeze")}),
-        ("reducemean_matmul-NHWC-Softmax-tail_flatten_identity",
-         {"head": "reducemean_matmul", "layout": "NHWC", "final": "Softmax", "tail": ("Flatten", "Identity")}),
-        ("gap_reshape_matmul-NCHW-LogSoftmax-tail_reshape",
-         {"head": "gap_reshape_matmul", "final": "LogSoftmax", "tail": ("Reshape",)}),
+        (
+            "reducemean_matmul-NHWC-Softmax-tail_flatten_identity",
+            {
+                "head": "reducemean_matmul",
+                "layout": "NHWC",
+                "final": "Softmax",
+                "tail": ("Flatten", "Identity"),
+            },
+        ),
+        (
+            "gap_reshape_matmul-NCHW-LogSoftmax-tail_reshape",
+            {"head": "gap_reshape_matmul", "final": "LogSoftmax", "tail": ("Reshape",)},
+        ),
         ("gap_gemm-NCHW-extra_input", {"extra_input": True}),
-        ("reducemean_keepdims-NHWC-Softmax-extra_input",
-         {"head": "reducemean_keepdims", "layout": "NHWC", "final": "Softmax", "extra_input": True}),
+        (
+            "reducemean_keepdims-NHWC-Softmax-extra_input",
+            {
+                "head": "reducemean_keepdims",
+                "layout": "NHWC",
+                "final": "Softmax",
+                "extra_input": True,
+            },
+        ),
         ("gap_gemm-NCHW-batch1", {"fixed_batch": 1}),
-        ("flatten_mlp-NHWC-batch1-Sigmoid", {"head": "flatten_mlp", "layout": "NHWC", "fixed_batch": 1,
-                                             "final": "Sigmoid"}),
-        ("reducemean_matmul-NHWC-opset13", {"head": "reducemean_matmul", "layout": "NHWC", "opset": 13}),
-        ("reducemean_keepdims-NCHW-opset13-Softmax", {"head": "reducemean_keepdims", "opset": 13,
-                                                      "final": "Softmax"}),
+        (
+            "flatten_mlp-NHWC-batch1-Sigmoid",
+            {"head": "flatten_mlp", "layout": "NHWC", "fixed_batch": 1, "final": "Sigmoid"},
+        ),
+        (
+            "reducemean_matmul-NHWC-opset13",
+            {"head": "reducemean_matmul", "layout": "NHWC", "opset": 13},
+        ),
+        (
+            "reducemean_keepdims-NCHW-opset13-Softmax",
+            {"head": "reducemean_keepdims", "opset": 13, "final": "Softmax"},
+        ),
         ("reducemean_matmul-NCHW-opset18", {"head": "reducemean_matmul", "opset": 18}),
         ("conv1x1_gap-NHWC-opset18", {"head": "conv1x1_gap", "layout": "NHWC", "opset": 18}),
         ("gap_gemm-NCHW-gray", {"channels": 1}),
         ("conv1x1_gap-NCHW-gray-sym", {"head": "conv1x1_gap", "channels": 1, "symbolic": True}),
         ("gap_gemm-NCHW-hardswish-Softmax", {"act": "hardswish", "final": "Softmax"}),
-        ("avgpool_flatten_gemm-NCHW-size48-classes10", {"head": "avgpool_flatten_gemm", "size": 48,
-                                                        "num_classes": 10}),
+        (
+            "avgpool_flatten_gemm-NCHW-size48-classes10",
+            {"head": "avgpool_flatten_gemm", "size": 48, "num_classes": 10},
+        ),
     ]
     variants.extend(specials)
     return variants
@@ -549,8 +660,15 @@ def all_variants() -> list[tuple[str, dict]]:
 CAFFE2_HEADS = ("squeezenet", "googlenet")
 
 
-def build_caffe2_cnn(*, head: str = "squeezenet", opset: int = 7, size: int = 32,
-                     num_classes: int = 5, width: int = 8, seed: int = 0) -> BuiltModel:
+def build_caffe2_cnn(
+    *,
+    head: str = "squeezenet",
+    opset: int = 7,
+    size: int = 32,
+    num_classes: int = 5,
+    width: int = 8,
+    seed: int = 0,
+) -> BuiltModel:
     """A classifier in the shape of the Caffe2-era model zoo (opsets 7 to 9, fixed batch 1).
 
     Trunk: Conv -> Relu -> LRN -> MaxPool(2) -> Conv -> BatchNormalization -> Relu ->
@@ -577,10 +695,15 @@ def build_caffe2_cnn(*, head: str = "squeezenet", opset: int = 7, size: int = 32
         return name
 
     def conv(x: str, name: str, c_in: int, c_out: int, k: int) -> str:
-        w = param(f"{name}_w_0", rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2.0 / (c_in * k * k)))
+        w = param(
+            f"{name}_w_0", rng.standard_normal((c_out, c_in, k, k)) * np.sqrt(2.0 / (c_in * k * k))
+        )
         b = param(f"{name}_b_0", 0.05 * rng.standard_normal(c_out))
-        nodes.append(helper.make_node("Conv", [x, w, b], [f"{name}_1"], kernel_shape=[k, k],
-                                      pads=[k // 2] * 4))
+        nodes.append(
+            helper.make_node(
+                "Conv", [x, w, b], [f"{name}_1"], kernel_shape=[k, k], pads=[k // 2] * 4
+            )
+        )
         return f"{name}_1"
 
     def node(op: str, inputs, out: str, **attrs) -> str:
@@ -593,8 +716,14 @@ def build_caffe2_cnn(*, head: str = "squeezenet", opset: int = 7, size: int = 32
     x = node("MaxPool", [x], "pool1_1", kernel_shape=[2, 2], strides=[2, 2])
     x = conv(x, "conv2", width, 2 * width, 3)
     c = 2 * width
-    scale, bias = param("bn2_s_0", 1 + 0.1 * rng.standard_normal(c)), param("bn2_b_0", 0.1 * rng.standard_normal(c))
-    mean, var = param("bn2_rm_0", 0.1 * rng.standard_normal(c)), param("bn2_riv_0", 1 + rng.random(c))
+    scale, bias = (
+        param("bn2_s_0", 1 + 0.1 * rng.standard_normal(c)),
+        param("bn2_b_0", 0.1 * rng.standard_normal(c)),
+    )
+    mean, var = (
+        param("bn2_rm_0", 0.1 * rng.standard_normal(c)),
+        param("bn2_riv_0", 1 + rng.random(c)),
+    )
     bn_attrs = {"spatial": 1} if opset < 9 else {}
     x = node("BatchNormalization", [x, scale, bias, mean, var], "bn2_1", epsilon=1e-5, **bn_attrs)
     x = node("Relu", [x], "conv2_2")
@@ -620,14 +749,30 @@ def build_caffe2_cnn(*, head: str = "squeezenet", opset: int = 7, size: int = 32
     inputs = [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, [1, 3, size, size])]
     inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]
     graph = helper.make_graph(
-        nodes, "caffe2", inputs,
-        [helper.make_tensor_value_info("softmaxout_1", TensorProto.FLOAT, out_dims)], initializer=inits)
+        nodes,
+        "caffe2",
+        inputs,
+        [helper.make_tensor_value_info("softmaxout_1", TensorProto.FLOAT, out_dims)],
+        initializer=inits,
+    )
     opset_id = helper.make_opsetid("", opset)
-    model = helper.make_model(graph, opset_imports=[opset_id], producer_name="onnx-caffe2",
-                              ir_version=helper.find_min_ir_version_for([opset_id]))
+    model = helper.make_model(
+        graph,
+        opset_imports=[opset_id],
+        producer_name="onnx-caffe2",
+        ir_version=helper.find_min_ir_version_for([opset_id]),
+    )
     onnx.checker.check_model(model, full_check=True)
     return BuiltModel(
-        model=model, input_name="data_0", layout="NCHW", feature_map=feature, feature_layout="NCHW",
-        logits=logits, activation="Softmax", num_classes=num_classes, input_shape=(1, 3, size, size),
-        feature_shape=(1, c, spatial, spatial), head=head,
+        model=model,
+        input_name="data_0",
+        layout="NCHW",
+        feature_map=feature,
+        feature_layout="NCHW",
+        logits=logits,
+        activation="Softmax",
+        num_classes=num_classes,
+        input_shape=(1, 3, size, size),
+        feature_shape=(1, c, spatial, spatial),
+        head=head,
     )

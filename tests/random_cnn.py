@@ -45,8 +45,14 @@ from onnx import TensorProto, helper
 
 from onnx_builders import _TO_NCHW, _TO_NHWC, BuiltModel, _classifier_weight, _GraphWriter
 
-HEADS = ("gap_gemm", "reducemean_matmul", "flatten_mlp", "avgpool_gemm", "conv1x1_gap",
-         "flatten_abs_mlp")
+HEADS = (
+    "gap_gemm",
+    "reducemean_matmul",
+    "flatten_mlp",
+    "avgpool_gemm",
+    "conv1x1_gap",
+    "flatten_abs_mlp",
+)
 #: Heads whose ops all have a backward rule in onnx_sp2ps.backward.
 EXACT_HEADS = HEADS[:-1]
 #: Smooth, curved heads without a backward rule (finite differences): only on request.
@@ -55,8 +61,11 @@ SMOOTH_HEADS = ("flatten_softplus_mlp", "flatten_atan_mlp")
 MLP_ACTIVATIONS = {
     "flatten_mlp": ("Relu", lambda z: np.maximum(z, 0.0), lambda z: (z > 0).astype(float)),
     "flatten_abs_mlp": ("Abs", np.abs, np.sign),
-    "flatten_softplus_mlp": ("Softplus", lambda z: np.logaddexp(0.0, z),
-                             lambda z: 0.5 * (1.0 + np.tanh(0.5 * z))),
+    "flatten_softplus_mlp": (
+        "Softplus",
+        lambda z: np.logaddexp(0.0, z),
+        lambda z: 0.5 * (1.0 + np.tanh(0.5 * z)),
+    ),
     "flatten_atan_mlp": ("Atan", np.arctan, lambda z: 1.0 / (1.0 + z * z)),
 }
 ACTIVATIONS = ("Relu", "LeakyRelu", "HardSwish", "Clip", "SigmoidGate")
@@ -89,8 +98,10 @@ def _conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int) -> n
     padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     patches = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(2, 3))
     patches = patches[:, :, ::stride, ::stride]  # (N, C, h, w, k, k)
-    return np.einsum("ncyxij,ocij->noyx", patches, weight.astype(np.float64)) \
+    return (
+        np.einsum("ncyxij,ocij->noyx", patches, weight.astype(np.float64))
         + bias.astype(np.float64)[None, :, None, None]
+    )
 
 
 def _activation(x: np.ndarray, act: str, alpha: float) -> np.ndarray:
@@ -126,8 +137,9 @@ class NumpyCNN:
         for block in self.blocks:
             x = _conv(x, block.weight, block.bias, block.stride)
             if block.bn is not None:
-                scale, shift, mean, var = (np.asarray(v, np.float64)[None, :, None, None]
-                                           for v in block.bn)
+                scale, shift, mean, var = (
+                    np.asarray(v, np.float64)[None, :, None, None] for v in block.bn
+                )
                 x = scale * (x - mean) / np.sqrt(var + BN_EPSILON) + shift
             x = _activation(x, block.act, block.alpha)
         return x
@@ -244,38 +256,60 @@ def random_cnn(seed: int, head: str | None = None) -> RandomCNN:
     for i in range(depth):
         c_out = int(rng.choice([v for v in range(2, 9) if v != num_classes]))
         k = int(rng.choice([1, 3]))
-        stride = 2 if rng.random() < 0.5 and (h - 1) // 2 + 1 >= 2 and (w - 1) // 2 + 1 >= 2 \
-            else 1
+        stride = 2 if rng.random() < 0.5 and (h - 1) // 2 + 1 >= 2 and (w - 1) // 2 + 1 >= 2 else 1
         conv_scope, bn_scope, act_scope = _scopes(style, i, act)
         kernel = g.he((c_out, c_in, k, k), c_in * k * k)
         bias = g.small((c_out,))
         bn = None
         if rng.random() < 0.5:
-            bn = (rng.uniform(0.5, 1.5, c_out).astype(np.float32), g.small((c_out,)),
-                  g.small((c_out,)), rng.uniform(0.5, 1.5, c_out).astype(np.float32))
+            bn = (
+                rng.uniform(0.5, 1.5, c_out).astype(np.float32),
+                g.small((c_out,)),
+                g.small((c_out,)),
+                rng.uniform(0.5, 1.5, c_out).astype(np.float32),
+            )
         if nhwc:
             x = g.op("Transpose", [x], conv_scope, perm=_TO_NCHW)
-        x = g.op("Conv", [x, g.param(conv_scope, "weight", kernel),
-                          g.param(conv_scope, "bias", bias)], conv_scope,
-                 kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride])
+        x = g.op(
+            "Conv",
+            [x, g.param(conv_scope, "weight", kernel), g.param(conv_scope, "bias", bias)],
+            conv_scope,
+            kernel_shape=[k, k],
+            pads=[k // 2] * 4,
+            strides=[stride, stride],
+        )
         if bn is not None:
-            x = g.op("BatchNormalization",
-                     [x, g.param(bn_scope, "weight", bn[0]), g.param(bn_scope, "bias", bn[1]),
-                      g.param(bn_scope, "const", bn[2]), g.param(bn_scope, "const", bn[3])],
-                     bn_scope, epsilon=BN_EPSILON)
+            x = g.op(
+                "BatchNormalization",
+                [
+                    x,
+                    g.param(bn_scope, "weight", bn[0]),
+                    g.param(bn_scope, "bias", bn[1]),
+                    g.param(bn_scope, "const", bn[2]),
+                    g.param(bn_scope, "const", bn[3]),
+                ],
+                bn_scope,
+                epsilon=BN_EPSILON,
+            )
         if nhwc:
             x = g.op("Transpose", [x], conv_scope, perm=_TO_NHWC)
         if act == "LeakyRelu":
             x = g.op("LeakyRelu", [x], act_scope, alpha=alpha)
         elif act == "Clip":
-            x = g.op("Clip", [x, g.param("Clip", "const", np.array(0.0, np.float32)),
-                              g.param("Clip", "const", np.array(6.0, np.float32))], act_scope)
+            x = g.op(
+                "Clip",
+                [
+                    x,
+                    g.param("Clip", "const", np.array(0.0, np.float32)),
+                    g.param("Clip", "const", np.array(6.0, np.float32)),
+                ],
+                act_scope,
+            )
         elif act == "SigmoidGate":
             x = g.op("Mul", [x, g.op("Sigmoid", [x], act_scope)], act_scope)
         else:
             x = g.op(act, [x], act_scope)
-        blocks.append(Block(weight=kernel, bias=bias, stride=stride, act=act, alpha=alpha,
-                            bn=bn))
+        blocks.append(Block(weight=kernel, bias=bias, stride=stride, act=act, alpha=alpha, bn=bn))
         c_in, h, w = c_out, (h - 1) // stride + 1, (w - 1) // stride + 1
 
     # ---- head -----------------------------------------------------------------------
@@ -289,19 +323,25 @@ def random_cnn(seed: int, head: str | None = None) -> RandomCNN:
         feature_layout = "NCHW"
         if not nhwc:
             return t
-        return g.op("Transpose", [t], pick("", "global_average_pooling2d", "transpose_0"),
-                    perm=_TO_NCHW)
+        return g.op(
+            "Transpose", [t], pick("", "global_average_pooling2d", "transpose_0"), perm=_TO_NCHW
+        )
 
     def gemm(t: str, fan_in: int, fan_out: int, scope: str) -> tuple[str, np.ndarray, np.ndarray]:
         """Gemm(transB=1) as torch exports it, plain Gemm otherwise; weight (in, out)."""
         weight = _classifier_weight(rng, fan_in, fan_out)
         bias = g.small((fan_out,))
         if style == "torch":
-            out = g.op("Gemm", [t, g.param(scope, "weight", weight.T.copy()),
-                                g.param(scope, "bias", bias)], scope, transB=1)
+            out = g.op(
+                "Gemm",
+                [t, g.param(scope, "weight", weight.T.copy()), g.param(scope, "bias", bias)],
+                scope,
+                transB=1,
+            )
         else:
-            out = g.op("Gemm", [t, g.param(scope, "weight", weight),
-                                g.param(scope, "bias", bias)], scope)
+            out = g.op(
+                "Gemm", [t, g.param(scope, "weight", weight), g.param(scope, "bias", bias)], scope
+            )
         return out, weight, bias
 
     if head in ("gap_gemm", "avgpool_gemm"):
@@ -315,8 +355,9 @@ def random_cnn(seed: int, head: str | None = None) -> RandomCNN:
         x, params["w"], params["b"] = gemm(x, c_in, num_classes, fc)
     elif head == "reducemean_matmul":
         feature_map = x
-        x = g.reduce_mean(x, [1, 2] if nhwc else [2, 3], 0,
-                          pick("", "global_average_pooling2d", "mean_0"))
+        x = g.reduce_mean(
+            x, [1, 2] if nhwc else [2, 3], 0, pick("", "global_average_pooling2d", "mean_0")
+        )
         params["w"] = _classifier_weight(rng, c_in, num_classes)
         params["b"] = g.small((num_classes,))
         x = g.op("MatMul", [x, g.param(fc, "weight", params["w"])], fc)
@@ -326,12 +367,14 @@ def random_cnn(seed: int, head: str | None = None) -> RandomCNN:
         flatten_nhwc = nhwc
         hidden = int(rng.integers(4, 17))
         x = g.op("Flatten", [x], pick("", "flatten", "flatten_0"), axis=1)
-        x, params["w1"], params["b1"] = gemm(x, c_in * h * w, hidden,
-                                             pick("classifier.0", "dense", "linear_0"))
+        x, params["w1"], params["b1"] = gemm(
+            x, c_in * h * w, hidden, pick("classifier.0", "dense", "linear_0")
+        )
         hidden_act = MLP_ACTIVATIONS[head][0]
         x = g.op(hidden_act, [x], pick("classifier.1", "dense", f"{hidden_act.lower()}_0"))
-        x, params["w2"], params["b2"] = gemm(x, hidden, num_classes,
-                                             pick("classifier.2", "dense_1", "linear_1"))
+        x, params["w2"], params["b2"] = gemm(
+            x, hidden, num_classes, pick("classifier.2", "dense_1", "linear_1")
+        )
     else:  # conv1x1_gap
         x = feature_map = to_nchw(x)
         scope = pick("classifier.1", "conv2d_out", "conv2d_out")
@@ -339,8 +382,12 @@ def random_cnn(seed: int, head: str | None = None) -> RandomCNN:
         params["b"] = (0.1 + g.small((num_classes,))).astype(np.float32)
         params["relu"] = bool(rng.random() < 0.5)
         kernel = params["w"].T.reshape(num_classes, c_in, 1, 1).copy()
-        x = g.op("Conv", [x, g.param(scope, "weight", kernel), g.param(scope, "bias", params["b"])],
-                 scope, kernel_shape=[1, 1])
+        x = g.op(
+            "Conv",
+            [x, g.param(scope, "weight", kernel), g.param(scope, "bias", params["b"])],
+            scope,
+            kernel_shape=[1, 1],
+        )
         back_to_nhwc = nhwc and bool(rng.random() < 0.5)  # as tf2onnx exports it
         if back_to_nhwc:
             x = g.op("Transpose", [x], scope, perm=_TO_NHWC)
@@ -355,42 +402,68 @@ def random_cnn(seed: int, head: str | None = None) -> RandomCNN:
     # ---- final activation and output -------------------------------------------------
     logits = x
     if final is not None:
-        x = g.op("Softmax", [x], pick("", "predictions", "softmax_0"),
-                 axis=1 if style == "torch" else -1)
+        x = g.op(
+            "Softmax", [x], pick("", "predictions", "softmax_0"), axis=1 if style == "torch" else -1
+        )
     output_name = pick("output", "predictions", "save_infer_model/scale_0.tmp_0")
     g.nodes[-1].output[0] = output_name
     if logits == x:
         logits = output_name
     outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", num_classes])]
-    graph = helper.make_graph(g.nodes, pick("main_graph", "tf2onnx", "paddle-onnx"), inputs,
-                              outputs, initializer=g.initializers)
+    graph = helper.make_graph(
+        g.nodes,
+        pick("main_graph", "tf2onnx", "paddle-onnx"),
+        inputs,
+        outputs,
+        initializer=g.initializers,
+    )
     opset_id = helper.make_opsetid("", opset)
-    model = helper.make_model(graph, opset_imports=[opset_id],
-                              ir_version=helper.find_min_ir_version_for([opset_id]),
-                              producer_name=pick("pytorch", "tf2onnx", "PaddlePaddle"))
+    model = helper.make_model(
+        graph,
+        opset_imports=[opset_id],
+        ir_version=helper.find_min_ir_version_for([opset_id]),
+        producer_name=pick("pytorch", "tf2onnx", "PaddlePaddle"),
+    )
     onnx.checker.check_model(model, full_check=True)
 
-    config = dict(style=style, layout=layout, weights=weights, opset=opset, act=act,
-                  final=final, channels=channels, size=(height, width), depth=depth,
-                  kernels=tuple(b.weight.shape[2] for b in blocks),
-                  strides=tuple(b.stride for b in blocks),
-                  batch_norm=tuple(b.bn is not None for b in blocks))
-    reference = NumpyCNN(layout=layout, blocks=tuple(blocks), head=head, params=params,
-                         flatten_nhwc=flatten_nhwc)
-    trunk = " ".join(f"{b.weight.shape[0]}k{b.weight.shape[2]}s{b.stride}{'+bn' if b.bn else ''}"
-                     for b in blocks)
-    description = (f"seed {seed}: {style}/{layout}/{weights}/opset{opset} {channels}x{height}x"
-                   f"{width} [{trunk}] {act} -> {head} ({num_classes} classes, final {final})")
+    config = dict(
+        style=style,
+        layout=layout,
+        weights=weights,
+        opset=opset,
+        act=act,
+        final=final,
+        channels=channels,
+        size=(height, width),
+        depth=depth,
+        kernels=tuple(b.weight.shape[2] for b in blocks),
+        strides=tuple(b.stride for b in blocks),
+        batch_norm=tuple(b.bn is not None for b in blocks),
+    )
+    reference = NumpyCNN(
+        layout=layout, blocks=tuple(blocks), head=head, params=params, flatten_nhwc=flatten_nhwc
+    )
+    trunk = " ".join(
+        f"{b.weight.shape[0]}k{b.weight.shape[2]}s{b.stride}{'+bn' if b.bn else ''}" for b in blocks
+    )
+    description = (
+        f"seed {seed}: {style}/{layout}/{weights}/opset{opset} {channels}x{height}x"
+        f"{width} [{trunk}] {act} -> {head} ({num_classes} classes, final {final})"
+    )
     batch = 2
     built = BuiltModel(
-        model=model, input_name=input_name, layout=layout, feature_map=feature_map,
-        feature_layout=feature_layout, logits=logits, activation=final,
+        model=model,
+        input_name=input_name,
+        layout=layout,
+        feature_map=feature_map,
+        feature_layout=feature_layout,
+        logits=logits,
+        activation=final,
         num_classes=num_classes,
-        input_shape=(batch, height, width, channels) if nhwc
-        else (batch, channels, height, width),
-        feature_shape=(batch, h, w, c_in) if feature_layout == "NHWC"
-        else (batch, c_in, h, w),
+        input_shape=(batch, height, width, channels) if nhwc else (batch, channels, height, width),
+        feature_shape=(batch, h, w, c_in) if feature_layout == "NHWC" else (batch, c_in, h, w),
         head=head,
     )
-    return RandomCNN(seed=seed, built=built, reference=reference, config=config,
-                     description=description)
+    return RandomCNN(
+        seed=seed, built=built, reference=reference, config=config, description=description
+    )

@@ -56,13 +56,15 @@ def _nan_below(model: onnx.ModelProto, threshold: float) -> onnx.ModelProto:
     image = g.input[0].name
     g.initializer.append(onnx.numpy_helper.from_array(np.float32(threshold), "nan_threshold"))
     g.initializer.append(onnx.numpy_helper.from_array(np.float32(0.0), "nan_zero"))
-    g.node.extend([
-        helper.make_node("ReduceMean", [image], ["nan_mean"], axes=[1, 2, 3], keepdims=1),
-        helper.make_node("Sub", ["nan_mean", "nan_threshold"], ["nan_shift"]),
-        helper.make_node("Log", ["nan_shift"], ["nan_log"]),
-        helper.make_node("Mul", ["nan_log", "nan_zero"], ["nan_term"]),
-        helper.make_node("Add", [feature, "nan_term"], ["feature_or_nan"]),
-    ])
+    g.node.extend(
+        [
+            helper.make_node("ReduceMean", [image], ["nan_mean"], axes=[1, 2, 3], keepdims=1),
+            helper.make_node("Sub", ["nan_mean", "nan_threshold"], ["nan_shift"]),
+            helper.make_node("Log", ["nan_shift"], ["nan_log"]),
+            helper.make_node("Mul", ["nan_log", "nan_zero"], ["nan_term"]),
+            helper.make_node("Add", [feature, "nan_term"], ["feature_or_nan"]),
+        ]
+    )
     pool.input[0] = "feature_or_nan"
     # Keep the nodes topologically sorted: move the pooling node (and all after it) last.
     nodes = list(g.node)
@@ -79,23 +81,28 @@ def _dense_only_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 1, 1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
     w = onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
-    nodes = [helper.make_node("Flatten", ["x"], ["f"]),
-             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"]),
+        helper.make_node("Gemm", ["f", "w"], ["y"], transB=1),
+    ]
     graph = helper.make_graph(nodes, "dense", [x], [y], initializer=[w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def _bomb_png(path: Path, side: int = 30_000) -> Path:
     """A valid PNG header claiming side x side pixels, with no pixel data at all: only a
     check of the size before decoding can give the decompression-bomb reason for it."""
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-                     + _png_chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b""))
     return path
 
 
@@ -130,8 +137,9 @@ def base(tmp_path_factory) -> Base:
             _write_image(folder / str(k % 2) / f"img{k}.png", seed=k)
     for k in range(2):
         _write_image(mixed / str(k) / f"dark{k}.png", seed=10 + k, bright=False)
-    nan_model = _save(_nan_below(build_cnn(size=SIZE, num_classes=CLASSES).model, 0.4),
-                      root / "nan_model.onnx")
+    nan_model = _save(
+        _nan_below(build_cnn(size=SIZE, num_classes=CLASSES).model, 0.4), root / "nan_model.onnx"
+    )
     return Base(root, model, images, nan_model, mixed)
 
 
@@ -146,6 +154,7 @@ def case(code: int, problem: str, remedy: str):
     def register(make):
         CASES[make.__name__] = (make, code, problem, remedy)
         return make
+
     return register
 
 
@@ -154,6 +163,7 @@ def _audit(b: Base, candidate, *extra, images=None):
 
 
 # -- command-line misuse (exit 2)
+
 
 @case(2, "Invalid value for '--fail-under': must be between 0 and 1", "see onnx-sp2ps audit --help")
 def threshold_out_of_range(b, tmp):
@@ -186,6 +196,7 @@ def size_not_hxw(b, tmp):
 
 
 # -- model files
+
 
 @case(3, "model file not found", "check the path")
 def model_missing(b, tmp):
@@ -264,6 +275,7 @@ def model_ir_version_too_new(b, tmp):
 
 # -- detection
 
+
 @case(3, "no feature map", "--feature-layer")
 def no_feature_map(b, tmp):
     return ["inspect", _save(_dense_only_model(), tmp / "dense.onnx")]
@@ -286,11 +298,17 @@ def input_name_override_not_found(b, tmp):
 
 @case(3, "several inputs", "--input-name")
 def several_inputs_without_input_name(b, tmp):
-    return _audit(b, _save(build_cnn(size=SIZE, num_classes=CLASSES, extra_input=True).model,
-                           tmp / "two_inputs.onnx"))
+    return _audit(
+        b,
+        _save(
+            build_cnn(size=SIZE, num_classes=CLASSES, extra_input=True).model,
+            tmp / "two_inputs.onnx",
+        ),
+    )
 
 
 # -- original and candidate
+
 
 @case(3, "4 vs 5 classes", "same input size, layout and classes")
 def candidate_with_other_class_count(b, tmp):
@@ -299,8 +317,9 @@ def candidate_with_other_class_count(b, tmp):
 
 @case(3, "input layout NCHW vs NHWC", "same input size, layout and classes")
 def candidate_with_other_layout(b, tmp):
-    return _audit(b, _save(build_cnn(size=SIZE, num_classes=CLASSES, layout="NHWC").model,
-                           tmp / "nhwc.onnx"))
+    return _audit(
+        b, _save(build_cnn(size=SIZE, num_classes=CLASSES, layout="NHWC").model, tmp / "nhwc.onnx")
+    )
 
 
 @case(3, "input shape ['N', 3, 32, 32] vs ['N', 3, 48, 48]", "same input size, layout and classes")
@@ -310,13 +329,17 @@ def candidate_with_other_input_size(b, tmp):
 
 # -- images
 
+
 @case(3, "takes 32x32 inputs but the size asked is 48x48", "drop --size")
 def fixed_input_size_the_images_cannot_be_brought_to(b, tmp):
     return _audit(b, b.model, "--size", "48x48")
 
 
-@case(3, "flat_head.onnx on these inputs: GEMM: Dimension mismatch",
-      "check --size and the preprocessing")
+@case(
+    3,
+    "flat_head.onnx on these inputs: GEMM: Dimension mismatch",
+    "check --size and the preprocessing",
+)
 def size_a_dynamic_model_cannot_run_at(b, tmp):
     # Symbolic H and W in the input, but the Flatten head's weights fix 32x32.
     flat = build_cnn(size=SIZE, num_classes=CLASSES, head="flatten_mlp", symbolic=True).model
@@ -326,8 +349,9 @@ def size_a_dynamic_model_cannot_run_at(b, tmp):
 
 @case(3, "model input 'input' is uint8", "--preprocess raw")
 def fractional_values_for_a_uint8_input(b, tmp):
-    model = with_input_dtype(build_cnn(size=SIZE, num_classes=CLASSES).model,
-                             onnx.TensorProto.UINT8)
+    model = with_input_dtype(
+        build_cnn(size=SIZE, num_classes=CLASSES).model, onnx.TensorProto.UINT8
+    )
     path = _save(model, tmp / "uint8.onnx")
     return ["audit", path, path, "--images", b.images]
 
@@ -377,8 +401,12 @@ def _mkparent(path: Path) -> Path:
 
 @case(3, "cannot use image 1/corrupt.png", "drop --strict")
 def corrupt_image_with_strict(b, tmp):
-    return _strict(b, tmp, "corrupt.png", lambda p: _mkparent(p).write_bytes(
-        b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4))
+    return _strict(
+        b,
+        tmp,
+        "corrupt.png",
+        lambda p: _mkparent(p).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4),
+    )
 
 
 @case(3, "cannot use image 1/cut.png", "drop --strict")
@@ -398,6 +426,7 @@ def decompression_bomb_with_strict(b, tmp):
 
 
 # -- arrays
+
 
 @case(3, "holds inputs of CxHxW 3x16x16", "save inputs of 3x32x32")
 def array_of_the_wrong_size(b, tmp):
@@ -419,8 +448,11 @@ def array_of_the_wrong_dtype(b, tmp):
 
 @case(3, "labels have shape (3,) but there are 2 inputs", "save (N,) labels")
 def npz_labels_of_the_wrong_shape(b, tmp):
-    np.savez(tmp / "val.npz", images=np.zeros((2, 3, SIZE, SIZE), np.float32),
-             labels=np.zeros(3, np.int64))
+    np.savez(
+        tmp / "val.npz",
+        images=np.zeros((2, 3, SIZE, SIZE), np.float32),
+        labels=np.zeros(3, np.int64),
+    )
     return _audit(b, b.model, images=tmp / "val.npz")
 
 
@@ -436,8 +468,11 @@ class _Trap:
 
 @case(3, "arrays with Python objects are refused", "save plain float arrays")
 def npy_with_objects(b, tmp):
-    np.save(tmp / "objects.npy", np.array([_Trap(tmp / "unpickled"), 1], dtype=object),
-            allow_pickle=True)
+    np.save(
+        tmp / "objects.npy",
+        np.array([_Trap(tmp / "unpickled"), 1], dtype=object),
+        allow_pickle=True,
+    )
     return _audit(b, b.model, images=tmp / "objects.npy")
 
 
@@ -449,6 +484,7 @@ def npz_with_objects(b, tmp):
 
 # -- scores
 
+
 @case(3, "every image gave non-finite logits or maps", "check the models and the preprocessing")
 def non_finite_for_every_image(b, tmp):
     dark = tmp / "dark"
@@ -458,6 +494,7 @@ def non_finite_for_every_image(b, tmp):
 
 
 # -- outputs
+
 
 def _a_file(tmp: Path) -> Path:
     path = tmp / "taken"
@@ -496,6 +533,7 @@ def junit_under_a_file(b, tmp):
 
 
 # -- saved reports
+
 
 @case(3, "report not found", "check the path")
 def gate_report_missing(b, tmp):
@@ -538,8 +576,13 @@ def _lock_for_root(monkeypatch, name: str) -> None:
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
 
 
-_CHECKED_BEFORE_THE_RUN = {"out_is_a_file", "out_under_a_file", "out_unwritable",
-                           "cam_out_is_a_file", "junit_under_a_file"}
+_CHECKED_BEFORE_THE_RUN = {
+    "out_is_a_file",
+    "out_under_a_file",
+    "out_unwritable",
+    "cam_out_is_a_file",
+    "junit_under_a_file",
+}
 
 
 def _files(folder: Path) -> list[Path]:
@@ -547,8 +590,7 @@ def _files(folder: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_refused_with_one_line(name, base, tmp_path, capsys, request,
-                                            monkeypatch):
+def test_bad_input_is_refused_with_one_line(name, base, tmp_path, capsys, request, monkeypatch):
     make, code, problem, remedy = CASES[name]
     if name in _CHECKED_BEFORE_THE_RUN:
         request.getfixturevalue("no_run")
@@ -586,12 +628,14 @@ def test_unreadable_images_are_skipped_counted_and_named(base, tmp_path, capsys)
         "0/letter.jpg": lambda p: p.write_text("Dear reader,\n"),
         "1/bomb.png": _bomb_png,
         "0/cut.png": lambda p: p.write_bytes(
-            _write_image(tmp_path / "whole.png", seed=9).read_bytes()[:300]),
+            _write_image(tmp_path / "whole.png", seed=9).read_bytes()[:300]
+        ),
     }
     for name, write in bad.items():
         write(folder / name)
-    code, _, err = run_cli(capsys, "audit", base.model, base.model, "--images", folder,
-                           "--out", tmp_path / "out", "-q")
+    code, _, err = run_cli(
+        capsys, "audit", base.model, base.model, "--images", folder, "--out", tmp_path / "out", "-q"
+    )
     assert code == 0
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("skipped 4 unreadable image(s)"), err
@@ -604,8 +648,9 @@ def test_unreadable_images_are_skipped_counted_and_named(base, tmp_path, capsys)
 
 
 def test_some_non_finite_images_score_zero_and_are_named(base, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "audit", base.model, base.nan_model, "--images",
-                           base.mixed, "--out", tmp_path, "-q")
+    code, _, err = run_cli(
+        capsys, "audit", base.model, base.nan_model, "--images", base.mixed, "--out", tmp_path, "-q"
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     cand = report["candidates"][0]
@@ -632,10 +677,14 @@ def test_image_modes_are_converted_like_their_rgb_equivalent(base, tmp_path, cap
     pairs = {
         "grey16.png": (Image.fromarray(grey.astype(np.uint16) * 257), np.stack([grey] * 3, -1)),
         "grey.png": (Image.fromarray(grey), np.stack([grey] * 3, -1)),
-        "alpha.png": (Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (SIZE, SIZE),
-                                                                   dtype=np.uint8)])), rgb),
-        "cmyk.jpg": (Image.new("CMYK", (SIZE, SIZE), tuple(int(v) for v in 255 - cmyk_colour)
-                               + (0,)), np.broadcast_to(cmyk_colour, (SIZE, SIZE, 3))),
+        "alpha.png": (
+            Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)])),
+            rgb,
+        ),
+        "cmyk.jpg": (
+            Image.new("CMYK", (SIZE, SIZE), tuple(int(v) for v in 255 - cmyk_colour) + (0,)),
+            np.broadcast_to(cmyk_colour, (SIZE, SIZE, 3)),
+        ),
     }
     p_image = Image.fromarray(index, mode="P")
     p_image.putpalette(palette.ravel().tolist() + [0] * (768 - 12))
@@ -648,17 +697,27 @@ def test_image_modes_are_converted_like_their_rgb_equivalent(base, tmp_path, cap
         Image.fromarray(np.ascontiguousarray(expected)).save(tmp_path / "rgb" / f"{name}.png")
     logits = {}
     for folder in ("modes", "rgb"):
-        code, _, err = run_cli(capsys, "cam", base.model, "--images", tmp_path / folder,
-                               "--out", tmp_path / f"out_{folder}", "-q")
+        code, _, err = run_cli(
+            capsys,
+            "cam",
+            base.model,
+            "--images",
+            tmp_path / folder,
+            "--out",
+            tmp_path / f"out_{folder}",
+            "-q",
+        )
         assert code == 0 and err == "", err
         with np.load(tmp_path / f"out_{folder}" / "cams.npz", allow_pickle=False) as cams:
-            logits[folder] = dict(zip((Path(p).stem.split(".")[0] for p in cams["paths"]),
-                                      cams["logits"]))
+            logits[folder] = dict(
+                zip((Path(p).stem.split(".")[0] for p in cams["paths"]), cams["logits"])
+            )
     assert sorted(logits["modes"]) == sorted(Path(n).stem for n in pairs)
     for name in logits["modes"]:
         tolerance = 0.05 if name == "cmyk" else 1e-6  # lossy JPEG
-        np.testing.assert_allclose(logits["modes"][name], logits["rgb"][name],
-                                   atol=tolerance, err_msg=name)
+        np.testing.assert_allclose(
+            logits["modes"][name], logits["rgb"][name], atol=tolerance, err_msg=name
+        )
 
 
 # --------------------------------------------------------------------------- Ctrl-C
@@ -681,12 +740,23 @@ def _interrupt_on_second_batch(monkeypatch):
 
 
 @pytest.mark.parametrize("overlays", ["worst", "all"])
-def test_ctrl_c_mid_run_is_exit_130_with_no_report(base, tmp_path, capsys, monkeypatch,
-                                                   overlays):
+def test_ctrl_c_mid_run_is_exit_130_with_no_report(base, tmp_path, capsys, monkeypatch, overlays):
     calls = _interrupt_on_second_batch(monkeypatch)
-    code, stdout, err = run_cli(capsys, "audit", base.model, base.model, "--images",
-                                base.images, "--out", tmp_path, "--batch-size", "2",
-                                "--overlays", overlays, "-q")
+    code, stdout, err = run_cli(
+        capsys,
+        "audit",
+        base.model,
+        base.model,
+        "--images",
+        base.images,
+        "--out",
+        tmp_path,
+        "--batch-size",
+        "2",
+        "--overlays",
+        overlays,
+        "-q",
+    )
     assert len(calls) == 2  # interrupted mid-run, after one complete batch
     assert code == 130
     lines = err.splitlines()
@@ -699,8 +769,9 @@ def test_ctrl_c_mid_run_is_exit_130_with_no_report(base, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("step", ["samples_csv", "html_report", "write_json"])
-def test_ctrl_c_while_making_the_reports_leaves_no_report(base, tmp_path, capsys, monkeypatch,
-                                                          step):
+def test_ctrl_c_while_making_the_reports_leaves_no_report(
+    base, tmp_path, capsys, monkeypatch, step
+):
     import onnx_sp2ps.report as report
 
     def interrupted(*args, **kwargs):
@@ -708,8 +779,19 @@ def test_ctrl_c_while_making_the_reports_leaves_no_report(base, tmp_path, capsys
         return ""
 
     monkeypatch.setattr(report, step, interrupted)
-    code, _, err = run_cli(capsys, "audit", base.model, base.model, "--images", base.images,
-                           "--out", tmp_path, "--overlays", "none", "-q")
+    code, _, err = run_cli(
+        capsys,
+        "audit",
+        base.model,
+        base.model,
+        "--images",
+        base.images,
+        "--out",
+        tmp_path,
+        "--overlays",
+        "none",
+        "-q",
+    )
     assert code == 130 and len(err.splitlines()) == 1
     names = [p.name for p in _files(tmp_path)]
     assert "report.json" not in names and not [n for n in names if n.endswith(".tmp")]
@@ -721,7 +803,7 @@ def test_an_interrupted_write_leaves_no_temporary_file(tmp_path):
     from onnx_sp2ps.report import write_atomic
 
     def half_then_interrupted(handle):
-        handle.write(b"{\"half\": ")
+        handle.write(b'{"half": ')
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -749,10 +831,25 @@ def test_sigint_to_a_real_process_is_exit_130_with_no_report(base, tmp_path):
     import signal
 
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, "audit", str(base.model), str(base.model),
-         "--images", str(base.images), "--out", str(tmp_path), "-q"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            "audit",
+            str(base.model),
+            str(base.model),
+            "--images",
+            str(base.images),
+            "--out",
+            str(tmp_path),
+            "-q",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline() == "batch\n"
         proc.send_signal(signal.SIGINT)
@@ -777,8 +874,18 @@ def test_inputs_are_byte_identical_after_every_command(base, tmp_path, capsys):
     runs = [
         ("inspect", base.model),
         ("cam", base.model, "--images", base.mixed, "--out", tmp_path / "cam", "--overlays"),
-        ("audit", base.model, base.nan_model, "--images", base.mixed, "--out", out,
-         "--save-maps", "--overlays", "all"),
+        (
+            "audit",
+            base.model,
+            base.nan_model,
+            "--images",
+            base.mixed,
+            "--out",
+            out,
+            "--save-maps",
+            "--overlays",
+            "all",
+        ),
         ("gate", out / "report.json", "--fail-under", "0.5"),
     ]
     for args in runs:
@@ -792,9 +899,23 @@ def test_inputs_are_byte_identical_after_every_command(base, tmp_path, capsys):
 def test_same_inputs_and_settings_give_the_same_reports_bit_for_bit(base, tmp_path, capsys):
     outs = [tmp_path / "first", tmp_path / "second"]
     for out in outs:
-        code, _, err = run_cli(capsys, "audit", base.model, base.nan_model, "--images",
-                               base.mixed, "--out", out, "--method", "gradcam++", "--worst", "3",
-                               "--batch-size", "3", "-q")
+        code, _, err = run_cli(
+            capsys,
+            "audit",
+            base.model,
+            base.nan_model,
+            "--images",
+            base.mixed,
+            "--out",
+            out,
+            "--method",
+            "gradcam++",
+            "--worst",
+            "3",
+            "--batch-size",
+            "3",
+            "-q",
+        )
         assert code == 0, err
     for name in ("report.json", "samples.csv", "report.html"):
         first, second = ((out / name).read_bytes() for out in outs)

@@ -7,13 +7,14 @@ import pytest
 from onnx import numpy_helper
 from scipy import ndimage
 
-from onnx_builders import build_cnn
 from onnx_sp2ps.cams import EigenCAM, GradCAM, get_method
 from onnx_sp2ps.cams.base import bilinear_matrix, normalise_maps, relu, upsample_bilinear
 from onnx_sp2ps.cams.gradcam import REL_EPS, channel_gradient_sums
 from onnx_sp2ps.errors import UsageError
 from onnx_sp2ps.graph import prepare_model
 from onnx_sp2ps.runtime import ModelRunner
+
+from onnx_builders import build_cnn
 
 
 def _runner(**kw):
@@ -56,7 +57,7 @@ def test_gradient_sums_of_an_mlp_head_match_the_analytic_gradient():
         hidden = w1 @ flat + b1
         grad = w1.T @ ((hidden > 0) * w2[c])
         expected = grad.reshape(acts.shape[1], -1).sum(axis=1)
-        got = channel_gradient_sums(runner, acts[i:i + 1], targets[i:i + 1])[0]
+        got = channel_gradient_sums(runner, acts[i : i + 1], targets[i : i + 1])[0]
         r = np.corrcoef(got, expected)[0, 1]
         assert r > 0.999
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3 * np.abs(expected).max())
@@ -74,21 +75,32 @@ class _KinkHead:
 
         x = helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, ["N", 2, 2, 2])
         y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1])
-        consts = {"t1": np.array([[t1]], np.float32), "t2": np.array([[t2]], np.float32),
-                  "k": np.array([[slope2]], np.float32), "st": np.array([0], np.int64),
-                  "en": np.array([1], np.int64), "ax": np.array([1], np.int64)}
-        nodes = [helper.make_node("ReduceSum", ["a"], ["s"], axes=[2, 3], keepdims=0),
-                 helper.make_node("Slice", ["s", "st", "en", "ax"], ["s0"]),
-                 helper.make_node("Sub", ["s0", "t1"], ["z1"]),
-                 helper.make_node("Relu", ["z1"], ["r1"]),
-                 helper.make_node("Sub", ["t2", "s0"], ["z2"]),
-                 helper.make_node("Relu", ["z2"], ["r2"]),
-                 helper.make_node("Mul", ["r2", "k"], ["r2k"]),
-                 helper.make_node("Add", ["r1", "r2k"], ["y"])]
-        graph = helper.make_graph(nodes, "kink", [x], [y], initializer=[
-            numpy_helper.from_array(v, n) for n, v in consts.items()])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)],
-                                  ir_version=7)
+        consts = {
+            "t1": np.array([[t1]], np.float32),
+            "t2": np.array([[t2]], np.float32),
+            "k": np.array([[slope2]], np.float32),
+            "st": np.array([0], np.int64),
+            "en": np.array([1], np.int64),
+            "ax": np.array([1], np.int64),
+        }
+        nodes = [
+            helper.make_node("ReduceSum", ["a"], ["s"], axes=[2, 3], keepdims=0),
+            helper.make_node("Slice", ["s", "st", "en", "ax"], ["s0"]),
+            helper.make_node("Sub", ["s0", "t1"], ["z1"]),
+            helper.make_node("Relu", ["z1"], ["r1"]),
+            helper.make_node("Sub", ["t2", "s0"], ["z2"]),
+            helper.make_node("Relu", ["z2"], ["r2"]),
+            helper.make_node("Mul", ["r2", "k"], ["r2k"]),
+            helper.make_node("Add", ["r1", "r2k"], ["y"]),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "kink",
+            [x],
+            [y],
+            initializer=[numpy_helper.from_array(v, n) for n, v in consts.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
         self.session = create_session(model, provider="cpu")[0]
         self.runs = 0
 
@@ -169,15 +181,20 @@ def test_eigencam_is_the_first_principal_component_with_a_positive_sign():
     assert np.corrcoef(flipped[0].ravel(), mean_map.ravel())[0, 1] > 0
 
 
-@pytest.mark.parametrize("shape,size", [((7, 7), (224, 224)), ((8, 8), (64, 64)),
-                                        ((5, 9), (40, 27)), ((1, 1), (4, 4))])
+@pytest.mark.parametrize(
+    "shape,size", [((7, 7), (224, 224)), ((8, 8), (64, 64)), ((5, 9), (40, 27)), ((1, 1), (4, 4))]
+)
 def test_upsampling_matches_half_pixel_bilinear(shape, size):
     rng = np.random.default_rng(1)
     maps = rng.random((3,) + shape).astype(np.float32)
     got = upsample_bilinear(maps, size)
     zoom = (size[0] / shape[0], size[1] / shape[1])
-    expected = np.stack([ndimage.zoom(m.astype(np.float64), zoom, order=1, grid_mode=True,
-                                      mode="nearest") for m in maps])
+    expected = np.stack(
+        [
+            ndimage.zoom(m.astype(np.float64), zoom, order=1, grid_mode=True, mode="nearest")
+            for m in maps
+        ]
+    )
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -189,10 +206,14 @@ def test_bilinear_matrix_rows_sum_to_one():
 
 
 def test_normalise_maps_scales_to_unit_range_and_zeroes_flat_maps():
-    maps = np.stack([np.arange(12, dtype=np.float32).reshape(3, 4),
-                     np.full((3, 4), 2.5, np.float32),
-                     np.zeros((3, 4), np.float32),
-                     np.full((3, 4), np.nan, np.float32)])
+    maps = np.stack(
+        [
+            np.arange(12, dtype=np.float32).reshape(3, 4),
+            np.full((3, 4), 2.5, np.float32),
+            np.zeros((3, 4), np.float32),
+            np.full((3, 4), np.nan, np.float32),
+        ]
+    )
     out, flat = normalise_maps(maps)
     assert out[0].min() == 0.0 and out[0].max() == 1.0
     np.testing.assert_allclose(out[0], maps[0] / 11.0, rtol=1e-6)
@@ -235,13 +256,15 @@ def test_finite_difference_weights_of_relu_mlp_heads_match_autograd(stem, sample
     # The fallback called directly on the sample Flatten -> Gemm -> Relu -> Gemm heads
     # (kinks near many channels), against torch autograd's Grad-CAM weights. Measured:
     # <= 1.9e-4 of the largest weight (the one-sided kink refinement gave 7.9e-4).
-    from conftest import FIXTURES
     from onnx_sp2ps.data import InputSpec, Preprocess, open_images
+
+    from conftest import FIXTURES
 
     ref = np.load(FIXTURES / f"gradcam_{stem}.npz")
     runner = ModelRunner(prepare_model(samples / f"{stem}.onnx"), provider="cpu")
-    images = open_images(samples / "images", spec=InputSpec("NCHW", 3, 64, 64),
-                         preprocess=Preprocess(preset="unit"))
+    images = open_images(
+        samples / "images", spec=InputSpec("NCHW", 3, 64, 64), preprocess=Preprocess(preset="unit")
+    )
     acts = np.concatenate([runner.run(batch.inputs)[0] for batch in images.iter_batches(25)])
     weights = channel_gradient_sums(runner, acts, ref["targets"]) / acts[0, 0].size
     err = np.abs(weights - ref["weights"]) / np.abs(ref["weights"]).max(axis=1, keepdims=True)

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli as run
 from onnx_sp2ps.cli import main
+
+from conftest import ROOT
+from conftest import run_cli as run
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +21,20 @@ def audit_out(samples, tmp_path_factory):
     """One audit of the original against itself and a pruned copy, kept for several tests."""
     out = tmp_path_factory.mktemp("audit")
     with pytest.raises(SystemExit) as info:
-        main([
-            "audit", str(samples / "gap_original.onnx"), str(samples / "gap_original.onnx"),
-            str(samples / "gap_l1_60.onnx"), "--images", str(samples / "images"),
-            "--out", str(out), "--save-maps", "-q"])
+        main(
+            [
+                "audit",
+                str(samples / "gap_original.onnx"),
+                str(samples / "gap_original.onnx"),
+                str(samples / "gap_l1_60.onnx"),
+                "--images",
+                str(samples / "images"),
+                "--out",
+                str(out),
+                "--save-maps",
+                "-q",
+            ]
+        )
     return out, info.value.code
 
 
@@ -58,8 +70,17 @@ def test_audit_writes_a_complete_report(audit_out):
     assert report["original"]["accuracy"] is not None
     same, pruned = report["candidates"]
     for cand in (same, pruned):
-        for key in ("mean", "class_balanced_mean", "median", "p5", "minimum",
-                    "spatial_mean", "spectral_mean", "flat_original", "flat_candidate"):
+        for key in (
+            "mean",
+            "class_balanced_mean",
+            "median",
+            "p5",
+            "minimum",
+            "spatial_mean",
+            "spectral_mean",
+            "flat_original",
+            "flat_candidate",
+        ):
             assert key in cand["sp2ps"]
         assert {"agreement", "accuracy", "confidence_drop"} <= set(cand)
         assert len(cand["images"]) == 50
@@ -88,26 +109,51 @@ def test_save_maps_writes_one_npz_per_model(audit_out):
 
 
 def test_gate_passes_with_exit_0_and_a_passed_line(capsys, samples):
-    code, out, _ = run(capsys, "audit", samples / "gap_original.onnx",
-                       samples / "gap_original.onnx", "--images", samples / "images",
-                       "--fail-under", "0.99", "-q")
+    code, out, _ = run(
+        capsys,
+        "audit",
+        samples / "gap_original.onnx",
+        samples / "gap_original.onnx",
+        "--images",
+        samples / "images",
+        "--fail-under",
+        "0.99",
+        "-q",
+    )
     assert code == 0
     assert out.strip().splitlines()[-1].startswith("PASSED | ")
 
 
 def test_gate_fails_with_exit_1_and_a_failed_line(capsys, samples):
-    code, out, _ = run(capsys, "audit", samples / "gap_original.onnx",
-                       samples / "gap_l1_60.onnx", "--images", samples / "images",
-                       "--fail-under", "0.999", "-q")
+    code, out, _ = run(
+        capsys,
+        "audit",
+        samples / "gap_original.onnx",
+        samples / "gap_l1_60.onnx",
+        "--images",
+        samples / "images",
+        "--fail-under",
+        "0.999",
+        "-q",
+    )
     assert code == 1
     last = out.strip().splitlines()[-1]
     assert last.startswith("FAILED | ") and "0.999000" in last
 
 
 def test_json_format_prints_only_json_on_stdout(capsys, samples):
-    code, out, err = run(capsys, "audit", samples / "fc_original.onnx",
-                         samples / "fc_l1_30_ft.onnx", "--images", samples / "images",
-                         "--format", "json", "--fail-under", "0.0")
+    code, out, err = run(
+        capsys,
+        "audit",
+        samples / "fc_original.onnx",
+        samples / "fc_l1_30_ft.onnx",
+        "--images",
+        samples / "images",
+        "--format",
+        "json",
+        "--fail-under",
+        "0.0",
+    )
     assert code == 0
     data = json.loads(out)
     gate = data["candidates"][0]["gate"]
@@ -120,8 +166,14 @@ def test_json_format_prints_only_json_on_stdout(capsys, samples):
 def test_saved_report_is_rechecked_by_gate(capsys, audit_out):
     out, _ = audit_out
     code, text, _ = run(capsys, "gate", out / "report.json", "--fail-under", "0.5")
-    assert code == (0 if all(c["sp2ps"]["mean"] >= 0.5 for c in json.loads(
-        (out / "report.json").read_text())["candidates"]) else 1)
+    assert code == (
+        0
+        if all(
+            c["sp2ps"]["mean"] >= 0.5
+            for c in json.loads((out / "report.json").read_text())["candidates"]
+        )
+        else 1
+    )
     code, text, _ = run(capsys, "gate", out / "report.json", "--fail-under", "0.9999")
     assert code == 1 and text.strip().splitlines()[-1].startswith("FAILED | ")
 
@@ -137,9 +189,19 @@ def test_gate_fails_when_the_score_is_missing(capsys, audit_out, tmp_path):
 
 
 def test_cam_writes_maps_and_overlays(capsys, samples, tmp_path):
-    code, out, _ = run(capsys, "cam", samples / "fc_original.onnx", "--images",
-                       samples / "images", "--out", tmp_path, "--overlays", "--target", "label",
-                       "-q")
+    code, out, _ = run(
+        capsys,
+        "cam",
+        samples / "fc_original.onnx",
+        "--images",
+        samples / "images",
+        "--out",
+        tmp_path,
+        "--overlays",
+        "--target",
+        "label",
+        "-q",
+    )
     assert code == 0
     with np.load(tmp_path / "cams.npz", allow_pickle=False) as cams:
         assert set(cams.files) == {"paths", "targets", "logits", "raw", "maps"}
@@ -155,12 +217,19 @@ def test_cam_writes_maps_and_overlays(capsys, samples, tmp_path):
     assert names == {f"{p}.png" for p in cams_paths}
 
 
-
 def test_a_foreign_report_json_is_never_overwritten(capsys, samples, tmp_path):
     (tmp_path / "report.json").write_text('{"mine": true}')
-    code, _, err = run(capsys, "audit", samples / "gap_original.onnx",
-                       samples / "gap_original.onnx", "--images", samples / "images",
-                       "--out", tmp_path, "-q")
+    code, _, err = run(
+        capsys,
+        "audit",
+        samples / "gap_original.onnx",
+        samples / "gap_original.onnx",
+        "--images",
+        samples / "images",
+        "--out",
+        tmp_path,
+        "-q",
+    )
     assert code == 3 and "not written by onnx-sp2ps" in err
     assert (tmp_path / "report.json").read_text() == '{"mine": true}'
 
@@ -172,8 +241,15 @@ def test_internal_errors_are_exit_4_with_traceback_only_in_debug(capsys, samples
         raise RuntimeError("simulated bug")
 
     monkeypatch.setattr(audit_module, "audit", boom)
-    args = ["audit", samples / "gap_original.onnx", samples / "gap_original.onnx",
-            "--images", samples / "images", "--fail-under", "0.5"]
+    args = [
+        "audit",
+        samples / "gap_original.onnx",
+        samples / "gap_original.onnx",
+        "--images",
+        samples / "images",
+        "--fail-under",
+        "0.5",
+    ]
     code, out, err = run(capsys, *args)
     assert code == 4 and "simulated bug" in err and "Traceback" not in err
     assert "FAILED" not in out
@@ -182,9 +258,19 @@ def test_internal_errors_are_exit_4_with_traceback_only_in_debug(capsys, samples
 
 
 def test_cuda_request_falls_back_with_one_note(capsys, samples):
-    code, out, err = run(capsys, "audit", samples / "gap_original.onnx",
-                         samples / "gap_original.onnx", "--images", samples / "images",
-                         "--provider", "cuda", "--format", "json", "-q")
+    code, out, err = run(
+        capsys,
+        "audit",
+        samples / "gap_original.onnx",
+        samples / "gap_original.onnx",
+        "--images",
+        samples / "images",
+        "--provider",
+        "cuda",
+        "--format",
+        "json",
+        "-q",
+    )
     assert code == 0
     report = json.loads(out)
     notes = [ln for ln in err.splitlines() if "CUDA" in ln]
@@ -197,16 +283,27 @@ def test_cuda_request_falls_back_with_one_note(capsys, samples):
 
 
 def test_no_progress_bar_when_stderr_is_not_a_terminal(capsys, samples):
-    code, _, err = run(capsys, "audit", samples / "gap_original.onnx",
-                       samples / "gap_original.onnx", "--images", samples / "images")
+    code, _, err = run(
+        capsys,
+        "audit",
+        samples / "gap_original.onnx",
+        samples / "gap_original.onnx",
+        "--images",
+        samples / "images",
+    )
     assert code == 0
     assert "[#" not in err and "audit  [" not in err
     assert "preprocess: unit: 64x64 RGB NCHW" in err
 
 
 def test_module_entry_point_runs():
-    proc = subprocess.run([sys.executable, "-m", "onnx_sp2ps", "--version"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnx_sp2ps", "--version"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and "onnx-sp2ps" in proc.stdout
 
 

@@ -10,10 +10,11 @@ import onnx
 import pytest
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from onnx_builders import build_cnn
 from onnx_sp2ps import audit
 from onnx_sp2ps.graph import load_model, prepare_model
 from onnx_sp2ps.runtime import ModelRunner
+
+from onnx_builders import build_cnn
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fp32-io", "fp16-io"])

@@ -14,12 +14,13 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from onnx_builders import build_cnn
 from onnx_sp2ps import runtime
 from onnx_sp2ps.backward import build_head_gradient, fuse_gradient
 from onnx_sp2ps.graph import prepare_model
 from onnx_sp2ps.pipeline import AuditSettings, audit
 from onnx_sp2ps.runtime import CPU, CUDA, DeviceInputs, ModelRunner
+
+from onnx_builders import build_cnn
 
 
 class Log:
@@ -153,7 +154,7 @@ def test_a_cuda_session_runs_through_io_binding_with_the_batch_uploaded_once(fak
 def test_the_fused_gradient_run_binds_the_targets_and_reads_every_output(fake_cuda, layout):
     built, prepared = _model(layout=layout)
     x = built.random_input(seed=4)
-    targets = np.array([-1, 2], dtype=np.int64)[:len(x)]
+    targets = np.array([-1, 2], dtype=np.int64)[: len(x)]
     cpu = _cpu_runner(built)
     want_acts, want_logits = cpu.run(x, targets=targets)
     resolved = np.where(targets < 0, want_logits.argmax(1), targets)
@@ -169,8 +170,11 @@ def test_the_fused_gradient_run_binds_the_targets_and_reads_every_output(fake_cu
     np.testing.assert_array_equal(bound_targets, targets)
     assert binding.inputs[prepared.spec.input.name] == ("device", fake_cuda.uploads[0][0])
     assert [name for name, _ in binding.outputs] == [
-        prepared.spec.feature_map.name, prepared.spec.logits.name, grad.gradient,
-        grad.target_used]
+        prepared.spec.feature_map.name,
+        prepared.spec.logits.name,
+        grad.gradient,
+        grad.target_used,
+    ]
     assert {device for _, device in binding.outputs} == {"cpu"} and binding.read
     np.testing.assert_array_equal(acts, want_acts)
     np.testing.assert_array_equal(logits, want_logits)
@@ -210,8 +214,10 @@ def test_runners_sharing_device_inputs_upload_each_batch_once(fake_cuda):
 def test_a_fixed_batch_model_uploads_each_image_once_for_all_runners(fake_cuda):
     built = build_cnn(fixed_batch=1)
     shared = DeviceInputs()
-    runners = [ModelRunner(prepare_model(built.model), provider="cuda", device_inputs=shared)
-               for _ in range(2)]
+    runners = [
+        ModelRunner(prepare_model(built.model), provider="cuda", device_inputs=shared)
+        for _ in range(2)
+    ]
     rng = np.random.default_rng(0)
     x = rng.random((3,) + tuple(built.input_shape[1:]), dtype=np.float32)
     logits = [r.run(x)[1] for r in runners]
@@ -263,8 +269,9 @@ def test_head_runs_on_cuda_bind_the_maps_and_read_the_logits(fake_cuda):
     assert fake_cuda.uploads == []  # maps used once go through host bindings
 
 
-def test_an_audit_on_cuda_uploads_each_batch_once_and_scores_as_on_cpu(fake_cuda, samples,
-                                                                        monkeypatch):
+def test_an_audit_on_cuda_uploads_each_batch_once_and_scores_as_on_cpu(
+    fake_cuda, samples, monkeypatch
+):
     pair = (samples / "gap_original.onnx", [samples / "gap_l1_30_ft.onnx"])
     images = samples / "images"
     on_gpu = audit(*pair, images, settings=AuditSettings(batch_size=16, provider="cuda"))
@@ -273,12 +280,14 @@ def test_an_audit_on_cuda_uploads_each_batch_once_and_scores_as_on_cpu(fake_cuda
     assert on_gpu.original.providers[0] == CUDA
     monkeypatch.setattr(runtime, "_ort", lambda: onnxruntime)
     on_cpu = audit(*pair, images, settings=AuditSettings(batch_size=16, provider="cpu"))
-    np.testing.assert_allclose(on_gpu.candidates[0].scores.score,
-                               on_cpu.candidates[0].scores.score, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        on_gpu.candidates[0].scores.score, on_cpu.candidates[0].scores.score, rtol=0, atol=1e-6
+    )
     np.testing.assert_array_equal(on_gpu.original_targets, on_cpu.original_targets)
 
 
 # -- the real fallback to CPU on this machine -------------------------------------------
+
 
 @pytest.fixture
 def no_binding(monkeypatch):
@@ -310,8 +319,7 @@ def cuda_unusable(monkeypatch):
     monkeypatch.setattr(onnxruntime, "InferenceSession", CpuOnly)
 
 
-def test_a_cuda_request_that_fell_back_to_cpu_runs_as_plain_onnxruntime(no_binding,
-                                                                        cuda_unusable):
+def test_a_cuda_request_that_fell_back_to_cpu_runs_as_plain_onnxruntime(no_binding, cuda_unusable):
     built, prepared = _model()
     runner = ModelRunner(prepared, provider="cuda", threads=1, device_inputs=DeviceInputs())
     assert runner.provider.device == "cpu" and runner.provider.note  # the fallback, said
@@ -319,7 +327,8 @@ def test_a_cuda_request_that_fell_back_to_cpu_runs_as_plain_onnxruntime(no_bindi
     x = built.random_input(seed=10)
     acts, logits = runner.run(x)
     want = _plain_session(prepared.audit_model).run(
-        [spec.feature_map.name, spec.logits.name], {spec.input.name: x})
+        [spec.feature_map.name, spec.logits.name], {spec.input.name: x}
+    )
     np.testing.assert_array_equal(acts, want[0])
     np.testing.assert_array_equal(logits, want[1])
     np.testing.assert_array_equal(runner.run_inputs(x), want[1])
@@ -329,17 +338,20 @@ def test_a_cuda_request_that_fell_back_to_cpu_runs_as_plain_onnxruntime(no_bindi
     acts, logits = runner.run(x, targets=targets)
     fused = _plain_session(fuse_gradient(prepared.audit_model, grad)).run(
         [spec.feature_map.name, spec.logits.name, grad.gradient, grad.target_used],
-        {spec.input.name: x, grad.target: targets})
+        {spec.input.name: x, grad.target: targets},
+    )
     np.testing.assert_array_equal(acts, fused[0])
     np.testing.assert_array_equal(logits, fused[1])
     np.testing.assert_array_equal(runner.head_gradients(acts, fused[3])[1], fused[2])
 
     head = _plain_session(prepared.head_model)
     np.testing.assert_array_equal(
-        runner.run_head(acts), head.run(None, {head.get_inputs()[0].name: acts})[0])
+        runner.run_head(acts), head.run(None, {head.get_inputs()[0].name: acts})[0]
+    )
     other = (fused[3] + 1) % built.num_classes
     y, grads = runner.head_gradients(acts, other)
     want_y, want_grads = _plain_session(grad.model).run(
-        [grad.logits, grad.gradient], {grad.feature: acts, grad.target: other})
+        [grad.logits, grad.gradient], {grad.feature: acts, grad.target: other}
+    )
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(grads, want_grads)

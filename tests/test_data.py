@@ -6,9 +6,9 @@ import json
 import threading
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import pytest
 from PIL import Image
 
 from onnx_sp2ps import data
@@ -277,8 +277,11 @@ def _write_formats(root):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_format_and_mode_decodes(tmp_path, channels):
     rgb = _write_formats(tmp_path)
-    images = open_images(tmp_path, spec=spec(channels=channels, height=9, width=7),
-                         preprocess=Preprocess(preset="raw"))
+    images = open_images(
+        tmp_path,
+        spec=spec(channels=channels, height=9, width=7),
+        preprocess=Preprocess(preset="raw"),
+    )
     assert images.kind == "folder" and len(images) == 12
     indices, x = all_inputs(images, batch_size=4)
     assert images.skipped == []
@@ -310,8 +313,16 @@ def test_float_and_32bit_greys_are_scaled():
 
 
 def test_folder_scan_is_recursive_sorted_and_ignores_hidden_and_other_files(tmp_path):
-    for name in ["b/z.png", "a/y.PNG", "a/deep/x.jpg", "root.bmp", ".hidden.png",
-                 ".cache/a.png", "notes.txt", "a/image.gif"]:
+    for name in [
+        "b/z.png",
+        "a/y.PNG",
+        "a/deep/x.jpg",
+        "root.bmp",
+        ".hidden.png",
+        ".cache/a.png",
+        "notes.txt",
+        "a/image.gif",
+    ]:
         save(tmp_path / name, solid(), format="PNG")
     images = open_images(tmp_path, spec=spec())
     assert images.paths == ["a/deep/x.jpg", "a/y.PNG", "b/z.png", "root.bmp"]
@@ -448,9 +459,7 @@ def test_batches_keep_order_and_cover_everything(tmp_path):
     pixels = rng.integers(0, 256, (11, 4, 4, 3), dtype=np.uint8)
     for i, p in enumerate(pixels):
         save(tmp_path / f"{i:02d}.png", Image.fromarray(p))
-    images = open_images(
-        tmp_path, spec=spec(layout="NHWC"), preprocess=Preprocess(preset="raw")
-    )
+    images = open_images(tmp_path, spec=spec(layout="NHWC"), preprocess=Preprocess(preset="raw"))
     batches = list(images.iter_batches(4))
     assert [len(b.indices) for b in batches] == [4, 4, 3]
     for b in batches:

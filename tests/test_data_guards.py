@@ -29,10 +29,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SAMPLES, run_cli
 from onnx_sp2ps import data, files
 from onnx_sp2ps.data import InputSpec, Preprocess, open_images, preprocess_image
 from onnx_sp2ps.errors import DataError
+
+from conftest import ROOT, SAMPLES, run_cli
 
 MODELS = (SAMPLES / "gap_original.onnx", SAMPLES / "gap_l1_60.onnx")  # 3x64x64, NCHW
 SIZE = 64
@@ -51,8 +52,12 @@ def _image(path: Path, value: int = 120, size: int = 8) -> Path:
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return (struct.pack(">I", len(payload)) + kind + payload
-            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+    )
 
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:
@@ -69,8 +74,7 @@ def _zeros_deflated(size: int, compressor=None) -> bytes:
     block = 1 << 24
     compressor = compressor or zlib.compressobj(9, zlib.DEFLATED, -15)
     one = compressor.compress(bytes(block)) + compressor.flush(zlib.Z_FULL_FLUSH)
-    return (one * (size // block) + compressor.compress(bytes(size % block))
-            + compressor.flush())
+    return one * (size // block) + compressor.compress(bytes(size % block)) + compressor.flush()
 
 
 def _zlib_zeros(size: int) -> bytes:
@@ -98,8 +102,17 @@ def _tiff(path: Path, frames: list[tuple[int, int, bytes]]) -> Path:
         strip = len(out)
         out += pixels
         struct.pack_into("<I", out, links[-1], len(out))
-        tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1),
-                (273, 4, strip), (277, 3, 1), (278, 4, height), (279, 4, len(pixels))]
+        tags = [
+            (256, 4, width),
+            (257, 4, height),
+            (258, 3, 8),
+            (259, 3, 1),
+            (262, 3, 1),
+            (273, 4, strip),
+            (277, 3, 1),
+            (278, 4, height),
+            (279, 4, len(pixels)),
+        ]
         out += struct.pack("<H", len(tags))
         for tag, kind, value in tags:
             out += struct.pack("<HHII", tag, kind, 1, value)
@@ -112,7 +125,8 @@ def _tiff(path: Path, frames: list[tuple[int, int, bytes]]) -> Path:
 def _npy_header(shape, dtype="<f4") -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buffer, {"descr": dtype, "fortran_order": False, "shape": tuple(shape)})
+        buffer, {"descr": dtype, "fortran_order": False, "shape": tuple(shape)}
+    )
     return buffer.getvalue()
 
 
@@ -128,15 +142,48 @@ def _zip_bomb_npz(path: Path, inflated: int) -> Path:
     size = len(header) + rows * 3 * SIZE * SIZE * 4
     name = b"images.npy"
     zip64 = struct.pack("<HHQQ", 1, 16, size, len(body))
-    local = struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 45, 0, 0, 8, 0, 0x21, 0,
-                        0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64))
-    central = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 45, 3, 45, 0, 0, 8, 0, 0x21, 0,
-                          0xFFFFFFFF, 0xFFFFFFFF, len(name), len(zip64), 0, 0, 0,
-                          0o644 << 16, 0)
+    local = struct.pack(
+        "<4s2B4HL2L2H",
+        b"PK\x03\x04",
+        45,
+        0,
+        0,
+        8,
+        0,
+        0x21,
+        0,
+        0xFFFFFFFF,
+        0xFFFFFFFF,
+        len(name),
+        len(zip64),
+    )
+    central = struct.pack(
+        "<4s4B4HL2L5H2L",
+        b"PK\x01\x02",
+        45,
+        3,
+        45,
+        0,
+        0,
+        8,
+        0,
+        0x21,
+        0,
+        0xFFFFFFFF,
+        0xFFFFFFFF,
+        len(name),
+        len(zip64),
+        0,
+        0,
+        0,
+        0o644 << 16,
+        0,
+    )
     records = local + name + zip64 + body
     directory = central + name + zip64
-    end64 = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1,
-                        len(directory), len(records))
+    end64 = struct.pack(
+        "<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1, len(directory), len(records)
+    )
     locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, len(records) + len(directory), 1)
     end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(directory), len(records), 0)
     path.write_bytes(records + directory + end64 + locator + end)
@@ -194,8 +241,14 @@ def _watchdog(fifo: Path, seconds: float = 5.0):
 def _child(script: str, *args, timeout: float):
     """Run a Python child from the repository root; fail (not hang) past the timeout."""
     try:
-        return subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"the child did not finish in {timeout} s")
 
@@ -239,15 +292,20 @@ def test_the_pixel_limit_enforced_is_the_documented_one(tmp_path):
     assert "decompression" not in reasons["a_at_limit.png"]  # no pixel data: cannot decode
     assert "cannot decode" in reasons["a_at_limit.png"]
     for name, pixels in (("b_one_over.png", limit + 1), ("c_far_over.png", 900_000_000)):
-        assert reasons[name] == ("refused before decoding (decompression-bomb guard): image "
-                                 f"is {pixels} pixels, over the limit of {limit}"), name
+        assert reasons[name] == (
+            "refused before decoding (decompression-bomb guard): image "
+            f"is {pixels} pixels, over the limit of {limit}"
+        ), name
 
 
 def test_input_size_over_the_pixel_limit_is_refused_at_open(tmp_path):
     _image(tmp_path / "a.png")
     with pytest.raises(DataError, match="10000x10000.*over the limit of 89478485"):
-        open_images(tmp_path, spec=InputSpec("NCHW", 3, None, None),
-                    preprocess=Preprocess(size=(10_000, 10_000)))
+        open_images(
+            tmp_path,
+            spec=InputSpec("NCHW", 3, None, None),
+            preprocess=Preprocess(size=(10_000, 10_000)),
+        )
 
 
 def _bombs(folder: Path) -> dict[str, str]:
@@ -261,13 +319,20 @@ def _bombs(folder: Path) -> dict[str, str]:
     _png_with_chunks(folder / "iccp.png", _chunk(b"iCCP", b"icc\0\0" + bomb))
     _png_with_chunks(folder / "itxt.png", _chunk(b"iTXt", b"Comment\0\1\0\0\0" + bomb))
     small = zlib.compress(bytes(900 << 10), 9)
-    _png_with_chunks(folder / "many_chunks.png", b"".join(
-        _chunk(b"zTXt", b"k%d\0\0" % i + small) for i in range(100)))
+    _png_with_chunks(
+        folder / "many_chunks.png",
+        b"".join(_chunk(b"zTXt", b"k%d\0\0" % i + small) for i in range(100)),
+    )
     _tiff(folder / "huge_frame.tif", [(100_000, 100_000, bytes(64))])
     _tiff(folder / "frames.tif", [(8, 8, bytes(range(64))), (100_000, 100_000, bytes(64))])
-    return {"long.png": "73x73000000", "ztxt.png": "MAX_TEXT_CHUNK",
-            "iccp.png": "MAX_TEXT_CHUNK", "itxt.png": "MAX_TEXT_CHUNK",
-            "many_chunks.png": "MAX_TEXT_MEMORY", "huge_frame.tif": "over the limit of 89478485"}
+    return {
+        "long.png": "73x73000000",
+        "ztxt.png": "MAX_TEXT_CHUNK",
+        "iccp.png": "MAX_TEXT_CHUNK",
+        "itxt.png": "MAX_TEXT_CHUNK",
+        "many_chunks.png": "MAX_TEXT_MEMORY",
+        "huge_frame.tif": "over the limit of 89478485",
+    }
 
 
 # Runs the CLI once per argument list given (as JSON); prints one JSON line per run,
@@ -296,9 +361,11 @@ def _runs(setup: str, runs: list[list], seconds: float = 10) -> list[tuple[int, 
     """(exit code, stderr) of each run, in a child; each run must take under ``seconds``.
     The child as a whole gets 60 s (starting Python and importing the CLI takes seconds,
     more on a busy machine): past that, a run that blocks fails the test."""
-    child = _child(_RUNS.replace("_SETUP", setup), json.dumps([[str(a) for a in args]
-                                                              for args in runs]),
-                   timeout=60)
+    child = _child(
+        _RUNS.replace("_SETUP", setup),
+        json.dumps([[str(a) for a in args] for args in runs]),
+        timeout=60,
+    )
     assert child.returncode == 0, child.stderr
     results = [json.loads(line) for line in child.stdout.split("results:\n", 1)[1].splitlines()]
     assert len(results) == len(runs), child.stdout
@@ -319,18 +386,27 @@ def test_bombs_in_a_1gb_address_space_are_refused_or_skipped(tmp_path):
     common = ["audit", *MODELS, "-q", "--images"]
     limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))"
     (folder_code, folder_err), (liar_code, liar_err), (npz_code, npz_err) = _runs(
-        limit, [common + [folder, "--center-crop", "--out", tmp_path / "out"],
-                common + [liar], common + [npz]])
+        limit,
+        [
+            common + [folder, "--center-crop", "--out", tmp_path / "out"],
+            common + [liar],
+            common + [npz],
+        ],
+    )
     assert folder_code == 0, folder_err
-    assert _one_line(folder_err).startswith(f"skipped {len(expected)} unreadable image(s) or folder(s)")
+    assert _one_line(folder_err).startswith(
+        f"skipped {len(expected)} unreadable image(s) or folder(s)"
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     skipped = {row["path"]: row["reason"] for row in report["images"]["skipped"]}
     assert sorted(skipped) == sorted(expected)
     for name, says in expected.items():
         assert says in skipped[name], (name, skipped[name])
     assert report["images"]["scored"] == 2  # good.png and the first frame of frames.tif
-    assert liar_code == 3 and f"error: {liar} is cut short" == _one_line(liar_err)[:len(
-        str(liar)) + 20], liar_err
+    assert (
+        liar_code == 3
+        and f"error: {liar} is cut short" == _one_line(liar_err)[: len(str(liar)) + 20]
+    ), liar_err
     assert npz_code == 3, npz_err
     line = _one_line(npz_err)
     assert line.startswith("error: ") and "bomb.npz" in line
@@ -380,12 +456,14 @@ def test_npz_members_are_checked_before_they_are_inflated(tmp_path, capsys, monk
     assert _audit(capsys, good)[0] == 0
     # a header that claims more than the member holds, in inputs or in labels
     for key, header, payload in (
-            ("images", _npy_header((10**9, 3, SIZE, SIZE)), x.tobytes()),
-            ("labels", _npy_header((10**12,), "<i8"), bytes(32))):
+        ("images", _npy_header((10**9, 3, SIZE, SIZE)), x.tobytes()),
+        ("labels", _npy_header((10**12,), "<i8"), bytes(32)),
+    ):
         lying = tmp_path / f"lying_{key}.npz"
         with zipfile.ZipFile(lying, "w", zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr("images.npy" if key == "labels" else "x.npy",
-                             _npy_header(x.shape) + x.tobytes())
+            archive.writestr(
+                "images.npy" if key == "labels" else "x.npy", _npy_header(x.shape) + x.tobytes()
+            )
             archive.writestr(f"{key}.npy", header + payload)
         line = _refused(capsys, lying)
         assert f"array '{key}' of {lying} is corrupt" in line and "save the file" in line
@@ -406,8 +484,11 @@ def test_memory_budget_defaults_to_half_the_available_memory(monkeypatch):
     budget = files.memory_budget(data.MAX_ARRAY_BYTES)
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
-        kb = next(int(line.split()[1]) for line in meminfo.read_text().splitlines()
-                  if line.startswith("MemAvailable:"))
+        kb = next(
+            int(line.split()[1])
+            for line in meminfo.read_text().splitlines()
+            if line.startswith("MemAvailable:")
+        )
         assert abs(budget - kb * 1024 // 2) < 2**28  # MemAvailable moves a little
     monkeypatch.setattr(data, "MAX_ARRAY_BYTES", 12345)
     assert files.memory_budget(data.MAX_ARRAY_BYTES) == 12345
@@ -472,7 +553,7 @@ def test_a_file_swapped_for_a_fifo_after_the_scan_is_skipped_unread(tmp_path):
     with _watchdog(good):
         batches = list(images.iter_batches(2))
     assert [int(i) for b in batches for i in b.indices] == [1]
-    (path, reason), = images.skipped
+    ((path, reason),) = images.skipped
     assert path == "a.png" and "FIFO" in reason and "not a regular file" in reason
 
 
@@ -507,8 +588,10 @@ def test_unreadable_sub_folders_are_listed_as_skipped(open_tmp):
     strict_code, _, strict_err = run_as_nobody(open_tmp, *args, "--strict")
     assert code == 0, err
     line = _one_line(err)
-    assert line.startswith("skipped 1 unreadable image(s) or folder(s), e.g. 1/locked/: "
-                           "cannot list the sub-folder (Permission denied)"), line
+    assert line.startswith(
+        "skipped 1 unreadable image(s) or folder(s), e.g. 1/locked/: "
+        "cannot list the sub-folder (Permission denied)"
+    ), line
     assert strict_code == 3, strict_err
     line = _one_line(strict_err)
     assert "cannot list the sub-folder 1/locked/ of " in line and "--strict" in line
@@ -541,19 +624,33 @@ def test_unreadable_sub_folders_in_the_library(tmp_path, monkeypatch):
 def test_file_names_with_control_characters_and_non_utf8_bytes(tmp_path, capsys):
     folder = os.fsencode(tmp_path / "imgs") + b"\xfa\n"  # the folder's name too
     os.mkdir(folder)
-    names = {b"a\nb.png": "a\\nb.png", b"\xff.png": "\\xff.png",
-             b"e\x1b[31m.png": "e\\x1b[31m.png", b"back\\slash.png": "back\\\\slash.png",
-             b"caf\xc3\xa9.png": "café.png", b"ok.png": "ok.png"}
+    names = {
+        b"a\nb.png": "a\\nb.png",
+        b"\xff.png": "\\xff.png",
+        b"e\x1b[31m.png": "e\\x1b[31m.png",
+        b"back\\slash.png": "back\\\\slash.png",
+        b"caf\xc3\xa9.png": "café.png",
+        b"ok.png": "ok.png",
+    }
     for k, name in enumerate(names):
         _image(Path(os.fsdecode(os.path.join(folder, name))), value=30 * k)
     out = tmp_path / "out"
-    code, _, err = _audit(capsys, os.fsdecode(folder), "--out", out, "--summary-md",
-                          out / "summary.md", "--junit", out / "junit.xml")
+    code, _, err = _audit(
+        capsys,
+        os.fsdecode(folder),
+        "--out",
+        out,
+        "--summary-md",
+        out / "summary.md",
+        "--junit",
+        out / "junit.xml",
+    )
     assert code == 0 and err == "", err
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["images"]["source"] == str(tmp_path / "imgs") + "\\xfa\\n"
     assert sorted(row["path"] for row in report["candidates"][0]["images"]) == sorted(
-        names.values())
+        names.values()
+    )
     images = open_images(os.fsdecode(folder), spec=InputSpec("NCHW", 3, 4, 4))
     assert sorted(images.paths) == sorted(names.values())
     assert all(p.isprintable() for p in images.paths)
@@ -561,7 +658,9 @@ def test_file_names_with_control_characters_and_non_utf8_bytes(tmp_path, capsys)
     Path(os.fsdecode(os.path.join(folder, b"bad\n\xfe.png"))).write_bytes(b"not an image")
     code, _, err = _audit(capsys, os.fsdecode(folder))
     assert code == 0
-    assert _one_line(err).startswith("skipped 1 unreadable image(s) or folder(s), e.g. bad\\n\\xfe.png: ")
+    assert _one_line(err).startswith(
+        "skipped 1 unreadable image(s) or folder(s), e.g. bad\\n\\xfe.png: "
+    )
     assert "bad\\n\\xfe.png" in _refused(capsys, os.fsdecode(folder), "--strict")
     # and a folder path with them, in the message for a folder without images
     empty = os.path.join(folder, b"empty\n\xfd")
@@ -572,6 +671,5 @@ def test_file_names_with_control_characters_and_non_utf8_bytes(tmp_path, capsys)
 def test_escaping_keeps_names_apart():
     names = ["a\nb", "a\\nb", os.fsdecode(b"\xff"), "\\xff", "\xff", "\x7f", "\u2028", "\t"]
     escaped = [files.show(n) for n in names]
-    assert escaped == ["a\\nb", "a\\\\nb", "\\xff", "\\\\xff", "ÿ", "\\x7f", "\\u2028",
-                       "\\t"]
+    assert escaped == ["a\\nb", "a\\\\nb", "\\xff", "\\\\xff", "ÿ", "\\x7f", "\\u2028", "\\t"]
     assert files.show("plain name.png") == "plain name.png"

@@ -13,10 +13,11 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from onnx_builders import build_caffe2_cnn, build_cnn, with_input_dtype
 from onnx_sp2ps import Preprocess, audit
 from onnx_sp2ps.errors import DataError
 from onnx_sp2ps.graph import analyse_model
+
+from onnx_builders import build_caffe2_cnn, build_cnn, with_input_dtype
 
 SUITES = {
     # PyTorch (torch.onnx): NCHW, GAP -> Flatten -> Gemm, and a Flatten -> MLP head.
@@ -24,19 +25,32 @@ SUITES = {
     "torch-flatten-mlp": lambda: build_cnn(head="flatten_mlp"),
     # tf2onnx: NHWC input, Transposes around each Conv, ReduceMean over [1, 2] with
     # keepdims 0 and 1, MatMul + Add, a final Softmax.
-    "tf2onnx-reducemean": lambda: build_cnn(head="reducemean_matmul", layout="NHWC", final="Softmax"),
-    "tf2onnx-reducemean-keepdims": lambda: build_cnn(head="reducemean_keepdims", layout="NHWC",
-                                                     final="Softmax"),
+    "tf2onnx-reducemean": lambda: build_cnn(
+        head="reducemean_matmul", layout="NHWC", final="Softmax"
+    ),
+    "tf2onnx-reducemean-keepdims": lambda: build_cnn(
+        head="reducemean_keepdims", layout="NHWC", final="Softmax"
+    ),
     # Keras GlobalAveragePooling2D -> Dense -> Softmax through tf2onnx's GAP form.
     "keras-gap-dense-softmax": lambda: build_cnn(head="gap_gemm", layout="NHWC", final="Softmax"),
     # paddle2onnx: weights in Constant nodes, dynamic H and W, HardSwish,
     # GlobalAveragePool -> Reshape -> MatMul.
-    "paddle2onnx": lambda: build_cnn(head="gap_reshape_matmul", weights="constant", symbolic=True,
-                                     act="hardswish", final="Softmax"),
+    "paddle2onnx": lambda: build_cnn(
+        head="gap_reshape_matmul",
+        weights="constant",
+        symbolic=True,
+        act="hardswish",
+        final="Softmax",
+    ),
     # Caffe2-era model zoo, opsets 7 to 9: LRN, Sum, Dropout, Reshape with a shape
     # initializer, Softmax on (1, K, 1, 1).
-    **{f"caffe2-{head}-opset{opset}": (lambda head=head, opset=opset: build_caffe2_cnn(head=head, opset=opset))
-       for head in ("squeezenet", "googlenet") for opset in (7, 8, 9)},
+    **{
+        f"caffe2-{head}-opset{opset}": (
+            lambda head=head, opset=opset: build_caffe2_cnn(head=head, opset=opset)
+        )
+        for head in ("squeezenet", "googlenet")
+        for opset in (7, 8, 9)
+    },
 }
 IMAGE_SIZE = (40, 36)  # (W, H) of the PNGs: every model resizes them to its 32 x 32 input
 

@@ -33,8 +33,11 @@ def _tree(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under ``folder`` (hidden files included)."""
     if not folder.exists():
         return {}
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,27 +49,53 @@ def small(samples, tmp_path_factory):
         target = images / p.parent.name / p.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, target)
-    return {"orig": samples / "gap_original.onnx", "cand": samples / "gap_l1_60.onnx",
-            "images": images, "root": root}
+    return {
+        "orig": samples / "gap_original.onnx",
+        "cand": samples / "gap_l1_60.onnx",
+        "images": images,
+        "root": root,
+    }
 
 
 def _audit(small, out, *extra):
-    return ["audit", small["orig"], small["cand"], "--images", small["images"], "--out", out,
-            "--batch-size", "2", "-q", *extra]
+    return [
+        "audit",
+        small["orig"],
+        small["cand"],
+        "--images",
+        small["images"],
+        "--out",
+        out,
+        "--batch-size",
+        "2",
+        "-q",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------- names
 
 
-def test_candidates_with_one_file_name_get_their_own_rows_and_verdicts(capsys, small,
-                                                                      tmp_path):
+def test_candidates_with_one_file_name_get_their_own_rows_and_verdicts(capsys, small, tmp_path):
     a, b = tmp_path / "a" / "model.onnx", tmp_path / "b" / "model.onnx"
     for target, source in ((a, small["orig"]), (b, small["cand"])):
         target.parent.mkdir()
         shutil.copy(source, target)
     out = tmp_path / "out"
-    code, stdout, _ = run_cli(capsys, "audit", small["orig"], a, b, "--images",
-                              small["images"], "--out", out, "--fail-under", "0.99", "-q")
+    code, stdout, _ = run_cli(
+        capsys,
+        "audit",
+        small["orig"],
+        a,
+        b,
+        "--images",
+        small["images"],
+        "--out",
+        out,
+        "--fail-under",
+        "0.99",
+        "-q",
+    )
     assert code == 1
     report = json.loads((out / "report.json").read_text())
     names = [c["model"]["name"] for c in report["candidates"]]
@@ -78,7 +107,10 @@ def test_candidates_with_one_file_name_get_their_own_rows_and_verdicts(capsys, s
     assert second["sp2ps"]["mean"] < 0.99 and second["gate"]["passed"] is False
     assert second["gate"]["checks"][0]["value"] == second["sp2ps"]["mean"]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == [
-        "a_model", "b_model", "gap_original"]
+        "a_model",
+        "b_model",
+        "gap_original",
+    ]
     rows = (out / "samples.csv").read_text().splitlines()[1:]
     assert sum(r.startswith("a/model.onnx,") for r in rows) == 8
     assert sum(r.startswith("b/model.onnx,") for r in rows) == 8
@@ -89,8 +121,9 @@ def test_a_candidate_named_like_the_original_is_told_apart(capsys, small, tmp_pa
     twin = tmp_path / "release" / small["orig"].name
     twin.parent.mkdir()
     shutil.copy(small["cand"], twin)
-    code, stdout, _ = run_cli(capsys, "audit", small["orig"], twin, "--images",
-                              small["images"], "--format", "json", "-q")
+    code, stdout, _ = run_cli(
+        capsys, "audit", small["orig"], twin, "--images", small["images"], "--format", "json", "-q"
+    )
     report = json.loads(stdout)
     assert code == 0
     assert report["original"]["model"]["name"] == "sample_models/gap_original.onnx"
@@ -149,13 +182,16 @@ def test_gate_refuses_a_report_that_breaks_the_schema(name, saved, capsys, tmp_p
     assert len(err.splitlines()) == 1 and problem in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("text,problem", [
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    ('{"tool": "onnx-sp2ps", "schema_version": 1, "x": NaN}', "NaN is not a JSON number"),
-    ('{"a": ' + "1" * 10_000 + "}", "cannot read report"),
-    ("\xff\xfe", "cannot read report"),
-    ("", "cannot read report"),
-])
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"tool": "onnx-sp2ps", "schema_version": 1, "x": NaN}', "NaN is not a JSON number"),
+        ('{"a": ' + "1" * 10_000 + "}", "cannot read report"),
+        ("\xff\xfe", "cannot read report"),
+        ("", "cannot read report"),
+    ],
+)
 def test_gate_refuses_malformed_json_with_one_line(text, problem, capsys, tmp_path):
     target = tmp_path / "report.json"
     target.write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
@@ -194,8 +230,7 @@ def test_gate_accepts_the_saved_report(saved, capsys, tmp_path):
 # --------------------------------------------------------------------------- outputs
 
 
-def test_special_files_where_outputs_go_are_refused_before_the_run(capsys, small,
-                                                                   tmp_path):
+def test_special_files_where_outputs_go_are_refused_before_the_run(capsys, small, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.html").symlink_to("/dev/null")
@@ -211,8 +246,9 @@ def test_special_files_where_outputs_go_are_refused_before_the_run(capsys, small
     assert not (tmp_path / "o2" / "report.json").exists()
 
 
-@pytest.mark.parametrize("member", ["report.html", "overlays/gap_l1_60/mine.png",
-                                    "maps/notes.npz", "junit.xml"])
+@pytest.mark.parametrize(
+    "member", ["report.html", "overlays/gap_l1_60/mine.png", "maps/notes.npz", "junit.xml"]
+)
 def test_a_file_not_ours_is_refused_unless_forced(member, capsys, small, tmp_path):
     out = tmp_path / "out"
     target = (tmp_path / member) if member == "junit.xml" else out / member
@@ -238,8 +274,17 @@ def test_summary_md_appends_and_never_truncates(capsys, small, tmp_path):
     summary = tmp_path / "step-summary.md"
     summary.write_text("## an earlier step's summary\n")
     for _ in range(2):
-        code, _, _ = run_cli(capsys, "audit", small["orig"], small["cand"], "--images",
-                             small["images"], "--summary-md", summary, "-q")
+        code, _, _ = run_cli(
+            capsys,
+            "audit",
+            small["orig"],
+            small["cand"],
+            "--images",
+            small["images"],
+            "--summary-md",
+            summary,
+            "-q",
+        )
         assert code == 0
     text = summary.read_text()
     assert text.startswith("## an earlier step's summary\n")
@@ -257,14 +302,18 @@ def test_out_inside_the_images_folder_and_an_empty_out_are_refused(capsys, small
 def test_written_files_get_the_mode_the_umask_gives(capsys, small, tmp_path):
     old = os.umask(0o022)
     try:
-        code, _, _ = run_cli(capsys, *_audit(small, tmp_path / "out", "--save-maps",
-                                             "--junit", tmp_path / "j.xml"))
+        code, _, _ = run_cli(
+            capsys, *_audit(small, tmp_path / "out", "--save-maps", "--junit", tmp_path / "j.xml")
+        )
     finally:
         os.umask(old)
     assert code == 0
     files = [p for p in (tmp_path / "out").rglob("*")] + [tmp_path / "j.xml"]
-    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
-             if stat.S_IMODE(p.stat().st_mode) != (0o755 if p.is_dir() else 0o644)}
+    wrong = {
+        str(p): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in files
+        if stat.S_IMODE(p.stat().st_mode) != (0o755 if p.is_dir() else 0o644)
+    }
     assert len(files) > 10 and wrong == {}
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
@@ -279,8 +328,19 @@ def test_odd_file_names_are_read_and_written_safely(capsys, small, tmp_path):
     shutil.copy(source[2], source[2].parent / "a_b.png")
     shutil.copy(source[2], source[2].parent / "a_b.jpg.png")
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "audit", small["orig"], small["cand"], "--images", images,
-                           "--out", out, "--overlays", "all", "-q")
+    code, _, err = run_cli(
+        capsys,
+        "audit",
+        small["orig"],
+        small["cand"],
+        "--images",
+        images,
+        "--out",
+        out,
+        "--overlays",
+        "all",
+        "-q",
+    )
     assert code == 0, err
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     paths = {row["path"] for row in report["candidates"][0]["images"]}
@@ -294,9 +354,15 @@ def test_odd_file_names_are_read_and_written_safely(capsys, small, tmp_path):
     assert "\\xff bad.png" in html or "worst" in html
 
 
-@pytest.mark.parametrize("option,value", [("--threads", "100000"), ("--batch-size", "10000000"),
-                                          ("--worst", "100000"),
-                                          ("--scorecam-channels", "1000000")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--threads", "100000"),
+        ("--batch-size", "10000000"),
+        ("--worst", "100000"),
+        ("--scorecam-channels", "1000000"),
+    ],
+)
 def test_options_have_upper_bounds(option, value, capsys, small, tmp_path):
     code, _, err = run_cli(capsys, *_audit(small, tmp_path / "out", option, value))
     assert code == 2 and len(err.splitlines()) == 1 and "range" in err, err
@@ -313,12 +379,22 @@ def reference(small, tmp_path_factory):
     """The set an uninterrupted run writes, and a previous set to replace."""
     out = tmp_path_factory.mktemp("reference")
     args = [str(a) for a in _audit(small, out, "--overlays", "all", "--save-maps")]
-    subprocess.run([sys.executable, "-m", "onnx_sp2ps", *args], check=True, env=_ENV,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "onnx_sp2ps", *args],
+        check=True,
+        env=_ENV,
+        capture_output=True,
+        timeout=120,
+    )
     previous = tmp_path_factory.mktemp("previous")
     args = [str(a) for a in _audit(small, previous, "--overlays", "worst", "--worst", "2")]
-    subprocess.run([sys.executable, "-m", "onnx_sp2ps", *args], check=True, env=_ENV,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "onnx_sp2ps", *args],
+        check=True,
+        env=_ENV,
+        capture_output=True,
+        timeout=120,
+    )
     return {"new": _tree(out), "previous": previous, "old": _tree(previous)}
 
 
@@ -332,8 +408,11 @@ def _wait_for_handlers(pid: int, signum: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            caught = next(int(line.split()[1], 16) for line in status.read_text().splitlines()
-                          if line.startswith("SigCgt:"))
+            caught = next(
+                int(line.split()[1], 16)
+                for line in status.read_text().splitlines()
+                if line.startswith("SigCgt:")
+            )
         except (OSError, StopIteration):
             return
         if caught >> (signum - 1) & 1:
@@ -343,19 +422,32 @@ def _wait_for_handlers(pid: int, signum: int) -> None:
 
 # Moments from the handlers' installation (then come the imports) through model loading,
 # the batches and the writes (an uninterrupted run takes about 3-4 s here).
-@pytest.mark.parametrize("signum,delay", [
-    *[(signal.SIGTERM, d) for d in (0.0, 0.6, 1.2, 1.8, 2.4, 3.0, 3.6)],
-    (signal.SIGHUP, 0.6), (signal.SIGHUP, 2.4), (signal.SIGINT, 1.2), (signal.SIGINT, 3.0),
-    (signal.SIGTERM, -2.4)])  # (negative: one process, no supervisor)
-def test_a_signal_at_any_moment_keeps_one_whole_report_set(signum, delay, small, reference,
-                                                           tmp_path):
+@pytest.mark.parametrize(
+    "signum,delay",
+    [
+        *[(signal.SIGTERM, d) for d in (0.0, 0.6, 1.2, 1.8, 2.4, 3.0, 3.6)],
+        (signal.SIGHUP, 0.6),
+        (signal.SIGHUP, 2.4),
+        (signal.SIGINT, 1.2),
+        (signal.SIGINT, 3.0),
+        (signal.SIGTERM, -2.4),
+    ],
+)  # (negative: one process, no supervisor)
+def test_a_signal_at_any_moment_keeps_one_whole_report_set(
+    signum, delay, small, reference, tmp_path
+):
     out = tmp_path / "out"
     shutil.copytree(reference["previous"], out)
     args = [str(a) for a in _audit(small, out, "--overlays", "all", "--save-maps")]
     env = {**_ENV, "ONNX_SP2PS_NO_SUPERVISOR": "1"} if delay < 0 else _ENV
     delay = abs(delay)
-    proc = subprocess.Popen([sys.executable, "-m", "onnx_sp2ps", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onnx_sp2ps", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_handlers(proc.pid, signum)
     time.sleep(delay)
     sent = time.monotonic()
@@ -368,8 +460,9 @@ def test_a_signal_at_any_moment_keeps_one_whole_report_set(signum, delay, small,
     took = time.monotonic() - sent
     found = _tree(out)
     assert found in (reference["old"], reference["new"]), sorted(found)
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".") or
-                 p.name.endswith(".tmp")]
+    leftovers = [
+        p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")
+    ]
     assert leftovers == []
     if proc.returncode == 0:  # the run ended before the signal came
         assert found == reference["new"]
@@ -392,8 +485,11 @@ def tiny_disk(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -463,8 +559,9 @@ def test_memory_error_is_exit_3_with_one_line(capsys, small, tmp_path, monkeypat
     assert np.all([not p.name.startswith(".") for p in (tmp_path / "out").iterdir()])
 
 
-def test_a_signal_during_the_swap_is_held_until_the_set_is_whole(capsys, small, tmp_path,
-                                                                 monkeypatch):
+def test_a_signal_during_the_swap_is_held_until_the_set_is_whole(
+    capsys, small, tmp_path, monkeypatch
+):
     from onnx_sp2ps.files import interrupt
 
     out = tmp_path / "out"
@@ -496,7 +593,8 @@ def _world(path: Path) -> Path:
 
 
 def test_as_a_non_root_user_an_unwritable_out_is_exit_3_and_onnxruntime_stays_quiet(
-        small, open_tmp):
+    small, open_tmp
+):
     from conftest import run_as_nobody
 
     tmp_path = open_tmp
@@ -507,8 +605,14 @@ def test_as_a_non_root_user_an_unwritable_out_is_exit_3_and_onnxruntime_stays_qu
         (models / small[key].name).chmod(0o644)
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o755)  # root's folder: not writable by the user
-    args = ["audit", models / small["orig"].name, models / small["cand"].name, "--images",
-            images, "-q"]
+    args = [
+        "audit",
+        models / small["orig"].name,
+        models / small["cand"].name,
+        "--images",
+        images,
+        "-q",
+    ]
     code, _, err = run_as_nobody(tmp_path, *args, "--out", locked / "out")
     assert code == 3 and len(err.splitlines()) == 1 and "cannot write" in err, err
     # HOME does not exist: onnxruntime's own warnings (telemetry, logging) never show.
@@ -525,8 +629,9 @@ def test_as_a_non_root_user_an_unwritable_out_is_exit_3_and_onnxruntime_stays_qu
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "folder", "huge"])
-def test_config_files_are_read_only_when_plain_and_small(kind, capsys, small, tmp_path,
-                                                         monkeypatch):
+def test_config_files_are_read_only_when_plain_and_small(
+    kind, capsys, small, tmp_path, monkeypatch
+):
     import onnx_sp2ps.files as files
 
     config = tmp_path / "settings.toml"
@@ -553,12 +658,16 @@ def test_max_memory_sets_the_budget_of_model_and_batch_checks(capsys, small, tmp
     assert code == 2 and "--max-memory" in err
 
 
-@pytest.mark.parametrize("crash,code,phrase", [
-    ("SIGSEGV", 4, "internal error: the run crashed with SIGSEGV"),
-    ("SIGKILL", 137, "killed (SIGKILL), perhaps by the out-of-memory killer"),
-])
-def test_a_worker_that_dies_by_a_signal_is_one_line_and_leaves_nothing(crash, code, phrase,
-                                                                       small, tmp_path):
+@pytest.mark.parametrize(
+    "crash,code,phrase",
+    [
+        ("SIGSEGV", 4, "internal error: the run crashed with SIGSEGV"),
+        ("SIGKILL", 137, "killed (SIGKILL), perhaps by the out-of-memory killer"),
+    ],
+)
+def test_a_worker_that_dies_by_a_signal_is_one_line_and_leaves_nothing(
+    crash, code, phrase, small, tmp_path
+):
     """A crash in a native library (or the out-of-memory killer) mid-run: the supervisor
     reports it in one line, with an exit code that is not a gate's, and removes the
     staging folder the worker announced."""
@@ -569,25 +678,31 @@ def test_a_worker_that_dies_by_a_signal_is_one_line_and_leaves_nothing(crash, co
         "import onnx_sp2ps.pipeline as pipeline\n"
         "def crash(*args, **kwargs):\n"
         f"    os.kill(os.getpid(), signal.{crash})\n"
-        "pipeline.score_pairs = crash\n")
+        "pipeline.score_pairs = crash\n"
+    )
     out = tmp_path / "out"
     args = [str(a) for a in _audit(small, out, "--overlays", "all")]
     env = {**_ENV, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
-    done = subprocess.run([sys.executable, "-m", "onnx_sp2ps", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "onnx_sp2ps", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == code, done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()] and phrase in done.stderr
     assert list(out.iterdir()) == []  # the staging folder is gone, nothing else was made
 
 
-def test_an_image_of_another_format_under_an_image_name_is_skipped_unread(capsys, small,
-                                                                         tmp_path):
+def test_an_image_of_another_format_under_an_image_name_is_skipped_unread(capsys, small, tmp_path):
     """Only the formats of the suffixes read are decoded: a GIF (or EPS, PSD) named .png
     never reaches its Pillow plugin."""
     images = Path(shutil.copytree(small["images"], tmp_path / "images"))
     Image.new("RGB", (8, 8)).save(images / "0" / "disguised.png", format="GIF")
-    code, stdout, err = run_cli(capsys, "audit", small["orig"], small["cand"], "--images",
-                                images, "--format", "json", "-q")
+    code, stdout, err = run_cli(
+        capsys, "audit", small["orig"], small["cand"], "--images", images, "--format", "json", "-q"
+    )
     assert code == 0
     skipped = json.loads(stdout)["images"]["skipped"]
     assert [s["path"] for s in skipped] == ["0/disguised.png"]
@@ -598,26 +713,35 @@ def test_two_runs_into_one_out_folder_leave_one_whole_set(small, reference, tmp_
     """Concurrent audits into one --out swap their sets one after the other."""
     out = tmp_path / "out"
     args = [str(a) for a in _audit(small, out, "--overlays", "all", "--save-maps")]
-    runs = [subprocess.Popen([sys.executable, "-m", "onnx_sp2ps", *args], env=_ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "onnx_sp2ps", *args],
+            env=_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for proc in runs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     assert _tree(out) == reference["new"]
 
 
-@pytest.mark.parametrize("text,phrase", [
-    ("fail-under = {a = 1}", "is a dict"),
-    ("out = {}", "is a dict"),
-    ("save-maps = {x = 1}", "is a dict"),
-    ("threads = 1.5", "not a valid integer"),
-    ("mean = [[1]]", "is a list"),
-    ("tool = {onnx-sp2ps = 3}", "is not a table"),
-    ("[tool]\nonnx-sp2ps = [1]", "is not a table"),
-])
-def test_config_values_of_the_wrong_type_are_usage_errors(text, phrase, capsys, small,
-                                                         tmp_path):
+@pytest.mark.parametrize(
+    "text,phrase",
+    [
+        ("fail-under = {a = 1}", "is a dict"),
+        ("out = {}", "is a dict"),
+        ("save-maps = {x = 1}", "is a dict"),
+        ("threads = 1.5", "not a valid integer"),
+        ("mean = [[1]]", "is a list"),
+        ("tool = {onnx-sp2ps = 3}", "is not a table"),
+        ("[tool]\nonnx-sp2ps = [1]", "is not a table"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_usage_errors(text, phrase, capsys, small, tmp_path):
     config = tmp_path / "settings.toml"
     config.write_text(text + "\n")
     code, _, err = run_cli(capsys, *_audit(small, tmp_path / "out", "--config", config))

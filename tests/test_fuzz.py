@@ -54,7 +54,8 @@ class Campaign:
         key = (family, seed)
         if key not in self.futures:
             self.futures[key] = self.pool.submit(
-                fuzzing.run_mutant, family, seed, self.base, self.work / f"{family}-{seed}")
+                fuzzing.run_mutant, family, seed, self.base, self.work / f"{family}-{seed}"
+            )
         return self.futures[key]
 
 
@@ -72,8 +73,11 @@ if pytest is not None:
     def campaign(tmp_path_factory, request):
         base = fuzzing.make_base(tmp_path_factory.mktemp("fuzz-base"))
         camp = Campaign(base, tmp_path_factory.mktemp("fuzz-mutants"))
-        wanted = [item.callspec.params["mutant"] for item in request.session.items
-                  if item.originalname == "test_mutant_ends_with_a_documented_exit"]
+        wanted = [
+            item.callspec.params["mutant"]
+            for item in request.session.items
+            if item.originalname == "test_mutant_ends_with_a_documented_exit"
+        ]
         for family, seed in wanted:
             camp.submit(family, seed)
         yield camp
@@ -86,8 +90,15 @@ if pytest is not None:
             pytest.fail(fuzzing.describe(m, outcome), pytrace=False)
 
 
-def run_for(camp: Campaign, *, start: int, count: int | None = None,
-            seconds: float | None = None, on_result=None, family: str | None = None):
+def run_for(
+    camp: Campaign,
+    *,
+    start: int,
+    count: int | None = None,
+    seconds: float | None = None,
+    on_result=None,
+    family: str | None = None,
+):
     """Run ``count`` mutants (or as many as ``seconds`` allow) from index ``start``."""
     counts = collections.Counter()
     failures = []
@@ -95,9 +106,12 @@ def run_for(camp: Campaign, *, start: int, count: int | None = None,
     index, inflight = start, collections.deque()
     jobs = camp.jobs
     while True:
-        while (len(inflight) < 2 * jobs and (count is None or index < start + count)
-               and (deadline is None or time.monotonic() < deadline)):
-            (kind, seed), = fuzzing.schedule(1, camp.seed, index)
+        while (
+            len(inflight) < 2 * jobs
+            and (count is None or index < start + count)
+            and (deadline is None or time.monotonic() < deadline)
+        ):
+            ((kind, seed),) = fuzzing.schedule(1, camp.seed, index)
             inflight.append(camp.submit(family or kind, seed))
             index += 1
         if not inflight:
@@ -119,8 +133,10 @@ def table(counts: collections.Counter) -> str:
         per = [sum(counts[(g, c)] for g in group) for c in CATEGORIES]
         rows.append([f, *map(str, per), str(sum(per))])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in
-                               enumerate(zip(r, widths))) for r in rows)
+    return "\n".join(
+        "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+        for r in rows
+    )
 
 
 # --------------------------------------------------------------------------- script mode
@@ -131,13 +147,19 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=COUNT)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--start", type=int, default=0, help="first mutant index")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="run mutants until this many seconds have passed")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="run mutants until this many seconds have passed",
+    )
     parser.add_argument("--jobs", type=int, default=JOBS)
-    parser.add_argument("--family", choices=sorted(set(fuzzing.FAMILIES)),
-                        help="only mutants of this family")
-    parser.add_argument("--replay", metavar="FAMILY:SEED",
-                        help="rebuild one mutant, print its command and run it")
+    parser.add_argument(
+        "--family", choices=sorted(set(fuzzing.FAMILIES)), help="only mutants of this family"
+    )
+    parser.add_argument(
+        "--replay", metavar="FAMILY:SEED", help="rebuild one mutant, print its command and run it"
+    )
     parser.add_argument("--keep", type=Path, help="with --replay: where to write the mutant")
     parser.add_argument("--verbose", "-v", action="store_true", help="a line per mutant")
     args = parser.parse_args(argv)
@@ -151,8 +173,10 @@ def main(argv=None) -> int:
             m, outcome = fuzzing.run_mutant(family, int(seed), base, work, keep=True)
             print(f"mutations: {' | '.join(m.ops)}")
             print(f"command:   PYTHONPATH={fuzzing.ROOT} python -m onnx_sp2ps {' '.join(m.args)}")
-            print(f"exit {outcome.returncode} ({outcome.category}) in {outcome.seconds:.1f} s"
-                  + (f", raised at {m.site}" if m.site else ""))
+            print(
+                f"exit {outcome.returncode} ({outcome.category}) in {outcome.seconds:.1f} s"
+                + (f", raised at {m.site}" if m.site else "")
+            )
             print(outcome.stderr)
             found = fuzzing.problems(m.command, outcome)
             print("problems: " + ("; ".join(found) or "none"))
@@ -163,17 +187,26 @@ def main(argv=None) -> int:
 
         def progress(m, outcome):
             if args.verbose:
-                print(f"{m.key:<20} {outcome.category:>6} {outcome.seconds:5.1f}s  "
-                      f"{outcome.last_line()[:110]}", flush=True)
+                print(
+                    f"{m.key:<20} {outcome.category:>6} {outcome.seconds:5.1f}s  "
+                    f"{outcome.last_line()[:110]}",
+                    flush=True,
+                )
 
-        counts, failures = run_for(camp, start=args.start,
-                                   count=None if args.seconds else args.count,
-                                   seconds=args.seconds, on_result=progress,
-                                   family=args.family)
+        counts, failures = run_for(
+            camp,
+            start=args.start,
+            count=None if args.seconds else args.count,
+            seconds=args.seconds,
+            on_result=progress,
+            family=args.family,
+        )
         camp.pool.shutdown()
         total = sum(counts.values())
-        print(f"\n{total} mutants, seed {args.seed}, {time.monotonic() - started:.0f} s, "
-              f"{args.jobs} jobs\n")
+        print(
+            f"\n{total} mutants, seed {args.seed}, {time.monotonic() - started:.0f} s, "
+            f"{args.jobs} jobs\n"
+        )
         print(table(counts))
         print(f"\n{len(failures)} failing mutants")
         for text in failures:

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from conftest import run_cli as run
 from onnx_sp2ps.gate import GateCriteria, apply_gate, check_report, gate_lines
+
+from conftest import run_cli as run
 
 
 def report(mean=0.9, p5=0.7, agreement=0.95, acc_orig=0.9, acc_cand=0.85, name="cand.onnx"):
@@ -16,22 +17,31 @@ def report(mean=0.9, p5=0.7, agreement=0.95, acc_orig=0.9, acc_cand=0.85, name="
         "schema_version": 1,
         "tool": "onnx-sp2ps",
         "original": {"accuracy": acc_orig, "model": {"name": "orig.onnx"}},
-        "candidates": [{"model": {"name": name}, "sp2ps": {"mean": mean, "p5": p5},
-                        "agreement": agreement, "accuracy": acc_cand}],
+        "candidates": [
+            {
+                "model": {"name": name},
+                "sp2ps": {"mean": mean, "p5": p5},
+                "agreement": agreement,
+                "accuracy": acc_cand,
+            }
+        ],
     }
 
 
-@pytest.mark.parametrize("criteria,passes", [
-    (GateCriteria(fail_under=0.9), True),
-    (GateCriteria(fail_under=0.9000001), False),
-    (GateCriteria(fail_under_p5=0.7), True),
-    (GateCriteria(fail_under_p5=0.71), False),
-    (GateCriteria(min_agreement=0.95), True),
-    (GateCriteria(min_agreement=0.96), False),
-    (GateCriteria(max_accuracy_drop=0.06), True),
-    (GateCriteria(max_accuracy_drop=0.04), False),
-    (GateCriteria(fail_under=0.5, min_agreement=0.99), False),
-])
+@pytest.mark.parametrize(
+    "criteria,passes",
+    [
+        (GateCriteria(fail_under=0.9), True),
+        (GateCriteria(fail_under=0.9000001), False),
+        (GateCriteria(fail_under_p5=0.7), True),
+        (GateCriteria(fail_under_p5=0.71), False),
+        (GateCriteria(min_agreement=0.95), True),
+        (GateCriteria(min_agreement=0.96), False),
+        (GateCriteria(max_accuracy_drop=0.06), True),
+        (GateCriteria(max_accuracy_drop=0.04), False),
+        (GateCriteria(fail_under=0.5, min_agreement=0.99), False),
+    ],
+)
 def test_each_criterion_passes_and_fails(criteria, passes):
     checks = check_report(report(), criteria)
     assert all(c.passed for c in checks) is passes
@@ -50,8 +60,9 @@ def test_missing_or_nan_figures_fail(field, bad):
 
 
 def test_accuracy_drop_without_labels_fails():
-    (check,) = check_report(report(acc_orig=None, acc_cand=None),
-                            GateCriteria(max_accuracy_drop=1.0))
+    (check,) = check_report(
+        report(acc_orig=None, acc_cand=None), GateCriteria(max_accuracy_drop=1.0)
+    )
     assert not check.passed
 
 
@@ -79,14 +90,19 @@ def test_apply_gate_records_checks_in_the_report():
     assert gate["passed"] is False and len(gate["checks"]) == 2
 
 
-
-
-@pytest.mark.parametrize("option,value,code", [
-    ("--fail-under", "0.85", 0), ("--fail-under", "0.95", 1),
-    ("--fail-under-p5", "0.6", 0), ("--fail-under-p5", "0.8", 1),
-    ("--min-agreement", "0.9", 0), ("--min-agreement", "0.99", 1),
-    ("--max-accuracy-drop", "0.1", 0), ("--max-accuracy-drop", "0.01", 1),
-])
+@pytest.mark.parametrize(
+    "option,value,code",
+    [
+        ("--fail-under", "0.85", 0),
+        ("--fail-under", "0.95", 1),
+        ("--fail-under-p5", "0.6", 0),
+        ("--fail-under-p5", "0.8", 1),
+        ("--min-agreement", "0.9", 0),
+        ("--min-agreement", "0.99", 1),
+        ("--max-accuracy-drop", "0.1", 0),
+        ("--max-accuracy-drop", "0.01", 1),
+    ],
+)
 def test_gate_command_checks_each_criterion(capsys, tmp_path, option, value, code):
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report()))

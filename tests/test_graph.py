@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 import pytest
+from onnx import TensorProto, helper
 
-from onnx_builders import all_variants, build_cnn, run_model
 from onnx_sp2ps.errors import DetectionError, ModelError
 from onnx_sp2ps.graph import analyse_model, load_model, prepare_model
 from onnx_sp2ps.runtime import ModelRunner
+
+from onnx_builders import all_variants, build_cnn, run_model
 
 VARIANTS = [(vid, kw) for vid, kw in all_variants() if not kw.get("extra_input")]
 
@@ -109,8 +110,9 @@ def test_sample_models_are_detected(samples):
     assert "Relu" in fc.head_ops
 
 
-@pytest.mark.parametrize("extra, first", [("feature_map", True), ("embedding", True),
-                                          ("embedding", False)])
+@pytest.mark.parametrize(
+    "extra, first", [("feature_map", True), ("embedding", True), ("embedding", False)]
+)
 def test_logits_are_found_among_several_outputs(extra, first):
     # Exports that also return the feature map or the pooled embedding, before or after
     # the logits, with no final activation to tell them apart.

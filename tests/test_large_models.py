@@ -13,9 +13,10 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import point_external_data, run_cli, save_with_external_data, sha256
 from onnx_sp2ps import audit, graph, runtime
 from onnx_sp2ps.errors import ModelError
+
+from conftest import point_external_data, run_cli, save_with_external_data, sha256
 
 IMAGES_PER_CLASS = 2
 
@@ -75,13 +76,16 @@ def test_missing_external_data_file_is_named(samples, tmp_path):
         graph.load_model(path)
 
 
-def test_cli_refuses_external_data_outside_the_folder_with_exit_3(capsys, samples, images, tmp_path):
+def test_cli_refuses_external_data_outside_the_folder_with_exit_3(
+    capsys, samples, images, tmp_path
+):
     path = save_with_external_data(samples / "gap_original.onnx", tmp_path / "exported")
     shutil.copy(path.parent / "weights.bin", tmp_path / "outside.bin")
     point_external_data(path, "../outside.bin")
     out = tmp_path / "report"
-    code, _, err = run_cli(capsys, "audit", samples / "gap_original.onnx", path,
-                           "--images", images, "--out", out, "-q")
+    code, _, err = run_cli(
+        capsys, "audit", samples / "gap_original.onnx", path, "--images", images, "--out", out, "-q"
+    )
     assert code == 3
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "outside the model's folder" in lines[0]

@@ -12,12 +12,13 @@ import pytest
 from onnx import numpy_helper
 from scipy import ndimage
 
-from onnx_builders import build_cnn
 from onnx_sp2ps.cams import METHODS, make_cam
 from onnx_sp2ps.cams.cam import linear_classifier_weights
 from onnx_sp2ps.errors import ModelError, UsageError
 from onnx_sp2ps.graph import prepare_model
 from onnx_sp2ps.runtime import ModelRunner, create_session
+
+from onnx_builders import build_cnn
 
 
 @pytest.fixture(scope="module", params=["NCHW", "NHWC"])
@@ -52,7 +53,7 @@ def closed_form(method, acts, targets, w, b):
         return relu(weighted(w[targets]))
     if method == "gradcam++":
         s = acts.sum(axis=(2, 3))[:, :, None, None]
-        aij = np.where(g != 0, g ** 2 / (2 * g ** 2 + s * g ** 3 + 1e-6), 0)
+        aij = np.where(g != 0, g**2 / (2 * g**2 + s * g**3 + 1e-6), 0)
         return relu(weighted((relu(g) * aij).sum(axis=(2, 3))))
     if method == "ablationcam":
         y = np.einsum("nc,nc->n", w[targets], acts.mean(axis=(2, 3))) + b[targets]
@@ -67,8 +68,16 @@ def closed_form(method, acts, targets, w, b):
     raise KeyError(method)
 
 
-CLOSED = ["gradcam", "xgradcam", "hirescam", "layercam", "cam", "gradcam++", "ablationcam",
-          "reciprocam"]
+CLOSED = [
+    "gradcam",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "cam",
+    "gradcam++",
+    "ablationcam",
+    "reciprocam",
+]
 
 
 @pytest.mark.parametrize("method", CLOSED)
@@ -84,12 +93,13 @@ def test_scorecam_matches_masked_forward_passes(setup):
     built, runner, x, acts, targets, _, _ = setup
     session = create_session(built.model, provider="cpu")[0]
     nhwc = built.layout == "NHWC"
-    h_in, w_in = (x.shape[1:3] if nhwc else x.shape[2:4])
+    h_in, w_in = x.shape[1:3] if nhwc else x.shape[2:4]
     c, h, wd = acts.shape[1:]
     got = make_cam("scorecam", runner)(acts.astype(np.float32), targets, x)
     for i in range(len(x)):
-        ups = np.stack([ndimage.zoom(a, (h_in / h, w_in / wd), order=1, grid_mode=False)
-                        for a in acts[i]])  # align_corners=True resampling
+        ups = np.stack(
+            [ndimage.zoom(a, (h_in / h, w_in / wd), order=1, grid_mode=False) for a in acts[i]]
+        )  # align_corners=True resampling
         lo, hi = ups.min(axis=(1, 2), keepdims=True), ups.max(axis=(1, 2), keepdims=True)
         masks = (ups - lo) / (hi - lo + 1e-8)
         masked = x[i][None] * (masks[:, :, :, None] if nhwc else masks[:, None])
@@ -138,8 +148,18 @@ def test_classic_cam_reads_matmul_heads_or_refuses(head):
 
 
 def test_registry_lists_every_method_and_options_are_checked():
-    assert set(METHODS) == {"gradcam", "gradcam++", "xgradcam", "hirescam", "layercam",
-                            "ablationcam", "reciprocam", "scorecam", "eigencam", "cam"}
+    assert set(METHODS) == {
+        "gradcam",
+        "gradcam++",
+        "xgradcam",
+        "hirescam",
+        "layercam",
+        "ablationcam",
+        "reciprocam",
+        "scorecam",
+        "eigencam",
+        "cam",
+    }
     runner = ModelRunner(prepare_model(build_cnn().model), provider="cpu")
     with pytest.raises(UsageError, match="scorecam"):
         make_cam("gradcam", runner, scorecam_channels=4)

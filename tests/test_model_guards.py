@@ -82,40 +82,57 @@ def _set_external(path: Path, key: str, value: str) -> Path:
 #: name -> (make(tmp) -> model path, phrase naming the problem, phrase saying what to do)
 MODELS: dict = {}
 #: The rows that declare more than any machine holds: also run under RLIMIT_AS.
-BOMBS = ("sparse_initializer_declaring_a_huge_dense_shape",
-         "constant_sparse_value_declaring_a_huge_dense_shape",
-         "constant_of_shape_of_a_huge_constant_shape",
-         "expand_to_a_huge_constant_shape",
-         "constant_value_declaring_more_than_it_holds",
-         "external_data_length_beyond_the_file")
+BOMBS = (
+    "sparse_initializer_declaring_a_huge_dense_shape",
+    "constant_sparse_value_declaring_a_huge_dense_shape",
+    "constant_of_shape_of_a_huge_constant_shape",
+    "expand_to_a_huge_constant_shape",
+    "constant_value_declaring_more_than_it_holds",
+    "external_data_length_beyond_the_file",
+)
 
 
 def model(problem: str, remedy: str):
     def register(make):
         MODELS[make.__name__] = (make, problem, remedy)
         return make
+
     return register
 
 
-@model("sparse initializer 'bomb' declares a dense 30000x30000 float (3.4 GiB) for 1 stored "
-       "values", "refused before densifying")
+@model(
+    "sparse initializer 'bomb' declares a dense 30000x30000 float (3.4 GiB) for 1 stored values",
+    "refused before densifying",
+)
 def sparse_initializer_declaring_a_huge_dense_shape(tmp):
     m = _gap()
     m.graph.sparse_initializer.append(_sparse("bomb", [30000, 30000]))
     return _save(m, tmp / "sparse_bomb.onnx")
 
 
-@model("Constant node 'bomb' (sparse_value) declares a dense 30000x30000 float",
-       "refused before densifying")
+@model(
+    "Constant node 'bomb' (sparse_value) declares a dense 30000x30000 float",
+    "refused before densifying",
+)
 def constant_sparse_value_declaring_a_huge_dense_shape(tmp):
     m = _gap()
-    m.graph.node.insert(0, helper.make_node("Constant", [], ["bomb"], name="bomb",
-                                            sparse_value=_sparse("bomb_values", [30000, 30000])))
+    m.graph.node.insert(
+        0,
+        helper.make_node(
+            "Constant",
+            [],
+            ["bomb"],
+            name="bomb",
+            sparse_value=_sparse("bomb_values", [30000, 30000]),
+        ),
+    )
     return _save(m, tmp / "constant_sparse.onnx")
 
 
-@model("Sparse tensor (stray_indices) index value at position [0] out of range [0, 99]",
-       "export the model again")
+@model(
+    "Sparse tensor (stray_indices) index value at position [0] out of range [0, 99]",
+    "export the model again",
+)
 def sparse_initializer_with_an_index_outside_its_shape(tmp):
     m = _gap()
     m.graph.sparse_initializer.append(_sparse("stray", [10, 10], index=500))
@@ -125,48 +142,72 @@ def sparse_initializer_with_an_index_outside_its_shape(tmp):
 @model("ConstantOfShape node 'bomb' (1000000000x1000000000)", "over the memory budget of 8.0 GiB")
 def constant_of_shape_of_a_huge_constant_shape(tmp):
     m = _gap()
-    m.graph.initializer.append(numpy_helper.from_array(
-        np.array([10**9, 10**9], np.int64), "bomb_shape"))
-    m.graph.node.insert(0, helper.make_node("ConstantOfShape", ["bomb_shape"], ["bomb"],
-                                            name="bomb"))
+    m.graph.initializer.append(
+        numpy_helper.from_array(np.array([10**9, 10**9], np.int64), "bomb_shape")
+    )
+    m.graph.node.insert(
+        0, helper.make_node("ConstantOfShape", ["bomb_shape"], ["bomb"], name="bomb")
+    )
     return _save(m, tmp / "constant_of_shape.onnx")
 
 
 @model("Expand node 'bomb' (1000000000x1000000000)", "over the memory budget of 8.0 GiB")
 def expand_to_a_huge_constant_shape(tmp):
     m = _gap()
-    m.graph.initializer.extend([
-        numpy_helper.from_array(np.array([10**9, 10**9], np.int64), "bomb_shape"),
-        numpy_helper.from_array(np.ones(1, np.float32), "bomb_one")])
-    m.graph.node.insert(0, helper.make_node("Expand", ["bomb_one", "bomb_shape"], ["bomb"],
-                                            name="bomb"))
+    m.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([10**9, 10**9], np.int64), "bomb_shape"),
+            numpy_helper.from_array(np.ones(1, np.float32), "bomb_one"),
+        ]
+    )
+    m.graph.node.insert(
+        0, helper.make_node("Expand", ["bomb_one", "bomb_shape"], ["bomb"], name="bomb")
+    )
     return _save(m, tmp / "expand.onnx")
 
 
 @model("Range node 'bomb' (1000000000000 values)", "over the memory budget of 8.0 GiB")
 def range_of_a_huge_constant_length(tmp):
     m = _gap()
-    m.graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), name)
-                                for v, name in ((0, "bomb_start"), (10**12, "bomb_limit"),
-                                                (1, "bomb_delta"))])
-    m.graph.node.insert(0, helper.make_node("Range", ["bomb_start", "bomb_limit", "bomb_delta"],
-                                            ["bomb"], name="bomb"))
+    m.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(v, np.int64), name)
+            for v, name in ((0, "bomb_start"), (10**12, "bomb_limit"), (1, "bomb_delta"))
+        ]
+    )
+    m.graph.node.insert(
+        0,
+        helper.make_node(
+            "Range", ["bomb_start", "bomb_limit", "bomb_delta"], ["bomb"], name="bomb"
+        ),
+    )
     return _save(m, tmp / "range.onnx")
 
 
-@model("Constant node 'bomb' (value) declares 30000x30000 float (900000000 values of "
-       "float_data) but holds 1", "export the model again")
+@model(
+    "Constant node 'bomb' (value) declares 30000x30000 float (900000000 values of "
+    "float_data) but holds 1",
+    "export the model again",
+)
 def constant_value_declaring_more_than_it_holds(tmp):
     m = _gap()
-    node = helper.make_node("Constant", [], ["bomb"], name="bomb",
-                            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]))
+    node = helper.make_node(
+        "Constant",
+        [],
+        ["bomb"],
+        name="bomb",
+        value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]),
+    )
     node.attribute[0].t.dims[:] = [30000, 30000]
     m.graph.node.insert(0, node)
     return _save(m, tmp / "constant_value.onnx")
 
 
-@model("initializer 'onnx::Conv_55' declares 96x64x3x3 float (221184 bytes of raw_data) but "
-       "holds 221180", "export the model again")
+@model(
+    "initializer 'onnx::Conv_55' declares 96x64x3x3 float (221184 bytes of raw_data) but "
+    "holds 221180",
+    "export the model again",
+)
 def raw_data_shorter_than_its_shape(tmp):
     m = _gap()
     t = _init(m, "onnx::Conv_55")
@@ -174,16 +215,20 @@ def raw_data_shorter_than_its_shape(tmp):
     return _save(m, tmp / "short_raw.onnx")
 
 
-@model("initializer 'head.2.weight' declares 4x96000 float (1536000 bytes of raw_data) but "
-       "holds 1536", "export the model again")
+@model(
+    "initializer 'head.2.weight' declares 4x96000 float (1536000 bytes of raw_data) but holds 1536",
+    "export the model again",
+)
 def shape_grown_past_its_raw_data(tmp):
     m = _gap()
     _init(m, "head.2.weight").dims[1] = 96000
     return _save(m, tmp / "grown.onnx")
 
 
-@model("initializer 'head.2.bias' declares 4 float (4 values of float_data) but holds 3",
-       "export the model again")
+@model(
+    "initializer 'head.2.bias' declares 4 float (4 values of float_data) but holds 3",
+    "export the model again",
+)
 def float_data_count_disagreeing_with_the_shape(tmp):
     m = _gap()
     t = _init(m, "head.2.bias")
@@ -192,8 +237,10 @@ def float_data_count_disagreeing_with_the_shape(tmp):
     return _save(m, tmp / "float_data.onnx")
 
 
-@model("initializer 'head.2.bias' declares 4 int64 (4 values of int64_data) but holds 0",
-       "export the model again")
+@model(
+    "initializer 'head.2.bias' declares 4 int64 (4 values of int64_data) but holds 0",
+    "export the model again",
+)
 def data_type_changed_to_another_typed_field(tmp):
     m = _gap()
     t = _init(m, "head.2.bias")
@@ -217,16 +264,19 @@ def data_type_unknown(tmp):
     return _save(m, tmp / "unknown.onnx")
 
 
-@model("initializer 'head.2.bias' declares 4 string (0 bytes of raw_data) but holds 16",
-       "export the model again")
+@model(
+    "initializer 'head.2.bias' declares 4 string (0 bytes of raw_data) but holds 16",
+    "export the model again",
+)
 def data_type_changed_to_string(tmp):
     m = _gap()
     _init(m, "head.2.bias").data_type = TensorProto.STRING
     return _save(m, tmp / "string.onnx")
 
 
-@model("initializer 'head.2.weight' declares a negative dimension [-4, 96]",
-       "export the model again")
+@model(
+    "initializer 'head.2.weight' declares a negative dimension [-4, 96]", "export the model again"
+)
 def negative_dimension(tmp):
     m = _gap()
     _init(m, "head.2.weight").dims[0] = -4
@@ -237,42 +287,55 @@ def _external(tmp: Path) -> Path:
     return save_with_external_data(GAP, tmp / "exported")
 
 
-@model("weights of 'head.2.weight' lie beyond the end of 'weights.bin' (offset 0, length "
-       "1000000000", "export the model again")
+@model(
+    "weights of 'head.2.weight' lie beyond the end of 'weights.bin' (offset 0, length 1000000000",
+    "export the model again",
+)
 def external_data_length_beyond_the_file(tmp):
     return _set_external(_external(tmp), "length", str(10**9))
 
 
-@model("weights of 'head.2.weight' lie beyond the end of 'weights.bin' (offset 1000000000",
-       "export the model again")
+@model(
+    "weights of 'head.2.weight' lie beyond the end of 'weights.bin' (offset 1000000000",
+    "export the model again",
+)
 def external_data_offset_beyond_the_file(tmp):
     return _set_external(_external(tmp), "offset", str(10**9))
 
 
-@model("weights of 'head.2.weight' take 8 bytes of 'weights.bin' but its type and shape "
-       "[4, 96] need 1536", "export the model again")
+@model(
+    "weights of 'head.2.weight' take 8 bytes of 'weights.bin' but its type and shape "
+    "[4, 96] need 1536",
+    "export the model again",
+)
 def external_data_length_disagreeing_with_the_shape(tmp):
     return _set_external(_external(tmp), "length", "8")
 
 
-@model("weights of 'head.2.weight' name a location too long to be a file",
-       "keep external data files next to the model")
+@model(
+    "weights of 'head.2.weight' name a location too long to be a file",
+    "keep external data files next to the model",
+)
 def external_data_name_too_long(tmp):
     path = _external(tmp)
     point_external_data(path, "w" * 300 + ".bin")
     return path
 
 
-@model("weights of 'head.2.weight' name a location with a NUL byte",
-       "keep external data files next to the model")
+@model(
+    "weights of 'head.2.weight' name a location with a NUL byte",
+    "keep external data files next to the model",
+)
 def external_data_name_with_a_nul_byte(tmp):
     path = _external(tmp)
     point_external_data(path, "weights\0.bin")
     return path
 
 
-@model("weights of 'head.2.weight' name a location that cannot be resolved ('a.bin'",
-       "remove the looping links")
+@model(
+    "weights of 'head.2.weight' name a location that cannot be resolved ('a.bin'",
+    "remove the looping links",
+)
 def external_data_through_a_symlink_loop(tmp):
     path = _external(tmp)
     os.symlink("b.bin", path.parent / "a.bin")
@@ -281,8 +344,10 @@ def external_data_through_a_symlink_loop(tmp):
     return path
 
 
-@model("weights of 'head.2.weight' point to 'weights.bin', which is not a regular file",
-       "keep the weights in a regular file next to the model")
+@model(
+    "weights of 'head.2.weight' point to 'weights.bin', which is not a regular file",
+    "keep the weights in a regular file next to the model",
+)
 def external_data_file_is_a_fifo(tmp):
     path = _external(tmp)
     (path.parent / "weights.bin").unlink()
@@ -290,23 +355,26 @@ def external_data_file_is_a_fifo(tmp):
     return path
 
 
-@model("is not a regular file (a device, pipe or socket): refused before reading",
-       "name the .onnx file itself")
+@model(
+    "is not a regular file (a device, pipe or socket): refused before reading",
+    "name the .onnx file itself",
+)
 def model_file_is_a_fifo(tmp):
     os.mkfifo(tmp / "fifo.onnx")
     return tmp / "fifo.onnx"
 
 
-@model("is not a regular file (a device, pipe or socket): refused before reading",
-       "name the .onnx file itself")
+@model(
+    "is not a regular file (a device, pipe or socket): refused before reading",
+    "name the .onnx file itself",
+)
 def model_file_is_a_link_to_dev_zero(tmp):
     os.symlink("/dev/zero", tmp / "zero.onnx")
     return tmp / "zero.onnx"
 
 
 def _commands(path: Path) -> dict[str, list]:
-    return {"inspect": ["inspect", path],
-            "audit": ["audit", path, CANDIDATE, "--images", IMAGES]}
+    return {"inspect": ["inspect", path], "audit": ["audit", path, CANDIDATE, "--images", IMAGES]}
 
 
 @pytest.mark.parametrize("command", ["inspect", "audit"])
@@ -360,19 +428,30 @@ INPUTS = {
     "input_declared_100000x100000": (
         lambda tmp: (_save(_with_input_dims({2: 100000, 3: 100000}), tmp / "huge.onnx"), []),
         # (the image pixel guard of data.py refuses this size first)
-        "images cannot be prepared at 100000x100000", "use a smaller input size"),
+        "images cannot be prepared at 100000x100000",
+        "use a smaller input size",
+    ),
     "fixed_batch_of_a_million": (
         lambda tmp: (_save(_with_input_dims({0: 1_000_000}), tmp / "million.onnx"), []),
         "the model's fixed batch of 1000000 inputs of 3x64x64",
-        "export the model with a dynamic (or smaller) batch dimension"),
+        "export the model with a dynamic (or smaller) batch dimension",
+    ),
     "size_asked_too_large": (
-        lambda tmp: (_save(_with_input_dims({2: "H", 3: "W"}), tmp / "dynamic.onnx"),
-                     ["--size", "100000x100000"]),
-        "images cannot be prepared at 100000x100000", "use a smaller input size"),
+        lambda tmp: (
+            _save(_with_input_dims({2: "H", 3: "W"}), tmp / "dynamic.onnx"),
+            ["--size", "100000x100000"],
+        ),
+        "images cannot be prepared at 100000x100000",
+        "use a smaller input size",
+    ),
     "batch_too_large_for_the_size": (
-        lambda tmp: (_save(_with_input_dims({2: "H", 3: "W"}), tmp / "dynamic.onnx"),
-                     ["--size", "4000x4000", "--batch-size", "64"]),
-        "one batch of 64 inputs of 3x4000x4000", "lower --batch-size to"),
+        lambda tmp: (
+            _save(_with_input_dims({2: "H", 3: "W"}), tmp / "dynamic.onnx"),
+            ["--size", "4000x4000", "--batch-size", "64"],
+        ),
+        "one batch of 64 inputs of 3x4000x4000",
+        "lower --batch-size to",
+    ),
 }
 
 
@@ -393,8 +472,10 @@ def test_batch_that_cannot_fit_is_refused_before_the_run(name, tmp_path, capsys,
     assert code == 3, err
     assert problem in lines[0] and remedy in lines[0], lines[0]
     if "pixels" not in lines[0]:
-        assert ("over the memory budget of 8.0 GiB (--max-memory): refused before allocating"
-                in lines[0])
+        assert (
+            "over the memory budget of 8.0 GiB (--max-memory): refused before allocating"
+            in lines[0]
+        )
 
 
 def test_max_memory_setting_bounds_the_model_and_the_batch():
@@ -402,15 +483,24 @@ def test_max_memory_setting_bounds_the_model_and_the_batch():
     from onnx_sp2ps.graph import prepare_model
     from onnx_sp2ps.pipeline import AuditSettings, audit
 
-    with pytest.raises(ModelError, match=r"is 315.6 KiB, over the memory budget of 97.7 KiB: "
-                                         "refused before reading"):
+    with pytest.raises(
+        ModelError,
+        match=r"is 315.6 KiB, over the memory budget of 97.7 KiB: "
+        "refused before reading",
+    ):
         audit(GAP, [CANDIDATE], IMAGES, settings=AuditSettings(max_memory=100_000))
-    with pytest.raises(ModelError, match=r"model: its tensors declare 31[0-9.]+ KiB \(the "
-                                         r"largest, initializer 'onnx::Conv_55', 216.0 KiB\), "
-                                         "over the memory budget of 97.7 KiB"):
+    with pytest.raises(
+        ModelError,
+        match=r"model: its tensors declare 31[0-9.]+ KiB \(the "
+        r"largest, initializer 'onnx::Conv_55', 216.0 KiB\), "
+        "over the memory budget of 97.7 KiB",
+    ):
         prepare_model(_gap(), max_memory=100_000)
-    with pytest.raises(InputError, match="one batch of 16 inputs of 3x64x64 .* over the "
-                                         "memory budget of 1.9 MiB.* lower --batch-size to 4"):
+    with pytest.raises(
+        InputError,
+        match="one batch of 16 inputs of 3x64x64 .* over the "
+        "memory budget of 1.9 MiB.* lower --batch-size to 4",
+    ):
         audit(GAP, [CANDIDATE], IMAGES, settings=AuditSettings(max_memory=2_000_000))
 
 
@@ -432,8 +522,10 @@ def test_memory_budget_is_half_the_available_memory_unless_given(monkeypatch):
 # --------------------------------------------------------------------------- out of memory
 
 
-@pytest.mark.parametrize("where", ["onnx.load_model_from_string", "onnx_sp2ps.graph._infer",
-                                   "onnxruntime.InferenceSession"])
+@pytest.mark.parametrize(
+    "where",
+    ["onnx.load_model_from_string", "onnx_sp2ps.graph._infer", "onnxruntime.InferenceSession"],
+)
 def test_memory_error_while_loading_or_preparing_is_a_model_error(where, capsys, monkeypatch):
     def exhausted(*args, **kwargs):
         raise MemoryError()
@@ -451,15 +543,21 @@ def test_shape_folding_never_builds_a_large_constant_of_shape():
     from onnx_sp2ps.graph import prepare_model
 
     m = _gap()
-    m.graph.initializer.extend([
-        numpy_helper.from_array(np.array([2], np.int64), "fold_start"),
-        numpy_helper.from_array(np.array([4], np.int64), "fold_end"),
-        numpy_helper.from_array(np.array([125], np.int64), "fold_scale")])
-    m.graph.node.extend([
-        helper.make_node("Shape", ["image"], ["fold_shape"]),
-        helper.make_node("Slice", ["fold_shape", "fold_start", "fold_end"], ["fold_hw"]),
-        helper.make_node("Mul", ["fold_hw", "fold_scale"], ["fold_big"]),
-        helper.make_node("ConstantOfShape", ["fold_big"], ["fold_filled"])])
+    m.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([2], np.int64), "fold_start"),
+            numpy_helper.from_array(np.array([4], np.int64), "fold_end"),
+            numpy_helper.from_array(np.array([125], np.int64), "fold_scale"),
+        ]
+    )
+    m.graph.node.extend(
+        [
+            helper.make_node("Shape", ["image"], ["fold_shape"]),
+            helper.make_node("Slice", ["fold_shape", "fold_start", "fold_end"], ["fold_hw"]),
+            helper.make_node("Mul", ["fold_hw", "fold_scale"], ["fold_big"]),
+            helper.make_node("ConstantOfShape", ["fold_big"], ["fold_filled"]),
+        ]
+    )
     tracemalloc.start()
     try:
         prepared = prepare_model(m)
@@ -494,8 +592,15 @@ def _limited():
 
 def _run_limited(args: list, timeout: float = 10) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_limited, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limited,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def test_bombs_are_refused_under_a_1_gb_address_space(tmp_path):
@@ -530,6 +635,7 @@ def test_bombs_are_refused_under_a_1_gb_address_space(tmp_path):
 
 # --------------------------------------------------------------------------- permissions
 
+
 def test_unreadable_model_exits_3_for_another_user(open_tmp):
     """A model of mode 000 (root reads it anyway: the run drops to another user)."""
     from conftest import run_as_nobody
@@ -539,5 +645,9 @@ def test_unreadable_model_exits_3_for_another_user(open_tmp):
     path.chmod(0)
     code, _, err = run_as_nobody(open_tmp, "inspect", path)
     assert code == 3, err
-    assert err.startswith(f"error: cannot read model {path}: Permission denied: check the "
-                          "file's permissions") and err.count("\n") == 1
+    assert (
+        err.startswith(
+            f"error: cannot read model {path}: Permission denied: check the file's permissions"
+        )
+        and err.count("\n") == 1
+    )

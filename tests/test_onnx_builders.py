@@ -56,7 +56,9 @@ def _check_built(built, batch: int | None = None) -> None:
     graph = built.model.graph
     consumers = [node.op_type for node in graph.node if built.feature_map in node.input]
     assert consumers and set(consumers) <= SPATIAL_HEAD_OPS
-    image_inputs = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    image_inputs = [
+        i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}
+    ]
     assert image_inputs[0] == built.input_name
     assert image_inputs[1:] == [name for name, _ in built.extra_inputs]
 
@@ -90,11 +92,23 @@ def test_all_variants_cover_the_matrix():
     assert {(kw.get("head", "gap_gemm"), kw.get("layout", "NCHW")) for kw in kwargs} == set(
         itertools.product(HEADS, LAYOUTS)
     )
-    for key, values in [("weights", WEIGHTS[1:]), ("final", FINALS[1:]), ("opset", (13, 18)),
-                        ("channels", (1,)), ("fixed_batch", (1,)), ("extra_input", (True,)),
-                        ("symbolic", (True,)), ("act", ("hardswish",))]:
+    for key, values in [
+        ("weights", WEIGHTS[1:]),
+        ("final", FINALS[1:]),
+        ("opset", (13, 18)),
+        ("channels", (1,)),
+        ("fixed_batch", (1,)),
+        ("extra_input", (True,)),
+        ("symbolic", (True,)),
+        ("act", ("hardswish",)),
+    ]:
         assert set(values) <= {kw[key] for kw in kwargs if key in kw}, key
-    assert {op for kw in kwargs for op in kw.get("tail", ())} == {"Identity", "Flatten", "Reshape", "Squeeze"}
+    assert {op for kw in kwargs for op in kw.get("tail", ())} == {
+        "Identity",
+        "Flatten",
+        "Reshape",
+        "Squeeze",
+    }
 
 
 def _dims(value_info) -> list:
@@ -132,10 +146,19 @@ def test_nhwc_trunk_wraps_every_conv_in_transposes(head):
         before = producers[conv.input[0]]
         assert before.op_type == "Transpose" and list(before.attribute[0].ints) == [0, 3, 1, 2]
         after = [node for node in built.model.graph.node if conv.output[0] in node.input]
-        assert [n.op_type for n in after] == ["Transpose"] and list(after[0].attribute[0].ints) == [0, 2, 3, 1]
-    expected_layout = "NHWC" if head in ("reducemean_matmul", "reducemean_keepdims", "flatten_mlp") else "NCHW"
+        assert [n.op_type for n in after] == ["Transpose"] and list(after[0].attribute[0].ints) == [
+            0,
+            2,
+            3,
+            1,
+        ]
+    expected_layout = (
+        "NHWC" if head in ("reducemean_matmul", "reducemean_keepdims", "flatten_mlp") else "NCHW"
+    )
     assert built.feature_layout == expected_layout
-    assert producers[built.feature_map].op_type == ("Transpose" if expected_layout == "NCHW" else "Relu")
+    assert producers[built.feature_map].op_type == (
+        "Transpose" if expected_layout == "NCHW" else "Relu"
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -168,19 +191,28 @@ def test_reducemean_axes_follow_the_opset(opset, as_input):
 
 
 @pytest.mark.parametrize(
-    "tail", [("Identity",), ("Flatten",), ("Reshape",), ("Reshape", "Squeeze"), ("Reshape", "Identity", "Squeeze"),
-             ("Identity", "Reshape", "Squeeze", "Flatten")]
+    "tail",
+    [
+        ("Identity",),
+        ("Flatten",),
+        ("Reshape",),
+        ("Reshape", "Squeeze"),
+        ("Reshape", "Identity", "Squeeze"),
+        ("Identity", "Reshape", "Squeeze", "Flatten"),
+    ],
 )
 @pytest.mark.parametrize("final", [None, "Softmax"])
 def test_tails_keep_output_and_logits(tail, final):
     built = build_cnn(tail=tail, final=final, weights="constant")
     ops = [n.op_type for n in built.model.graph.node if n.op_type != "Constant"]
-    assert ops[-len(tail):] == list(tail)
+    assert ops[-len(tail) :] == list(tail)
     assert built.logits != built.output_name
     _check_built(built)
 
 
-@pytest.mark.parametrize("tail", [("Squeeze",), ("Flatten", "Squeeze"), ("Reshape", "Flatten", "Squeeze"), ("Softmax",)])
+@pytest.mark.parametrize(
+    "tail", [("Squeeze",), ("Flatten", "Squeeze"), ("Reshape", "Flatten", "Squeeze"), ("Softmax",)]
+)
 def test_invalid_tails_are_refused(tail):
     with pytest.raises(ValueError, match="tail"):
         build_cnn(tail=tail)
@@ -216,8 +248,17 @@ def test_deterministic_by_seed():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"head": "mlp"}, {"layout": "CHW"}, {"weights": "inline"}, {"final": "Tanh"}, {"channels": 4},
-     {"size": 4}, {"opset": 12}, {"act": "hardswish", "opset": 13}, {"fixed_batch": 0}],
+    [
+        {"head": "mlp"},
+        {"layout": "CHW"},
+        {"weights": "inline"},
+        {"final": "Tanh"},
+        {"channels": 4},
+        {"size": 4},
+        {"opset": 12},
+        {"act": "hardswish", "opset": 13},
+        {"fixed_batch": 0},
+    ],
 )
 def test_bad_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError):
@@ -243,7 +284,9 @@ def test_same_seed_gives_the_same_network_in_both_layouts(head):
     nchw, nhwc = build_cnn(head=head), build_cnn(head=head, layout="NHWC")
     images = nchw.random_input(seed=2)
     a = run_model(nchw, images, outputs=(nchw.feature_map, nchw.logits))
-    b = run_model(nhwc, images.transpose(0, 2, 3, 1).copy(), outputs=(nhwc.feature_map, nhwc.logits))
+    b = run_model(
+        nhwc, images.transpose(0, 2, 3, 1).copy(), outputs=(nhwc.feature_map, nhwc.logits)
+    )
     feature_b = b[nhwc.feature_map]
     if nhwc.feature_layout == "NHWC":
         feature_b = feature_b.transpose(0, 3, 1, 2)

@@ -82,8 +82,9 @@ def test_scores_are_finite_and_within_zero_and_one(pair):
 def test_every_term_is_symmetric(pair):
     maps_a, maps_b = pair
     np.testing.assert_allclose(ssim(maps_a, maps_b), ssim(maps_b, maps_a), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(spectral_similarity(maps_a, maps_b),
-                               spectral_similarity(maps_b, maps_a), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        spectral_similarity(maps_a, maps_b), spectral_similarity(maps_b, maps_a), rtol=0, atol=1e-12
+    )
     forward, backward = score_pairs(maps_a, maps_b), score_pairs(maps_b, maps_a)
     np.testing.assert_allclose(forward.score, backward.score, rtol=0, atol=1e-9)
     np.testing.assert_array_equal(forward.flat_a, backward.flat_b)
@@ -111,8 +112,9 @@ def test_flat_maps_follow_the_closed_forms(shape, levels_a, levels_b):
     with _no_warnings():
         scores = score_pairs(maps_a, maps_b)
     c1 = 0.01**2
-    np.testing.assert_allclose(ssim(maps_a, maps_b), (2 * a * b + c1) / (a**2 + b**2 + c1),
-                               rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        ssim(maps_a, maps_b), (2 * a * b + c1) / (a**2 + b**2 + c1), rtol=0, atol=1e-9
+    )
     total = a + b
     expected_f = np.where(total > 0, 1 - np.abs(a - b) / np.where(total > 0, total, 1), 1.0)
     np.testing.assert_allclose(scores.spectral, expected_f, rtol=0, atol=1e-9)
@@ -166,10 +168,15 @@ def test_a_batch_scores_as_each_pair_alone(pair):
     maps_a, maps_b = pair
     batch = score_pairs(maps_a, maps_b)
     for i in range(len(maps_a)):
-        alone = score_pairs(maps_a[i:i + 1], maps_b[i:i + 1])
+        alone = score_pairs(maps_a[i : i + 1], maps_b[i : i + 1])
         for name in ("spatial", "spectral", "score", "finite", "flat_a", "flat_b"):
-            np.testing.assert_allclose(getattr(batch, name)[i:i + 1], getattr(alone, name),
-                                       rtol=0, atol=1e-14, err_msg=name)
+            np.testing.assert_allclose(
+                getattr(batch, name)[i : i + 1],
+                getattr(alone, name),
+                rtol=0,
+                atol=1e-14,
+                err_msg=name,
+            )
 
 
 @FEW
@@ -180,17 +187,23 @@ def test_spectral_similarity_ignores_circular_shifts(maps, dy, dx):
 
 
 @FEW
-@given(shapes.flatmap(map_stacks).filter(lambda m: (m.max(axis=(1, 2)) > 1e-3).all()),
-       st.floats(0.01, 1.0))
+@given(
+    shapes.flatmap(map_stacks).filter(lambda m: (m.max(axis=(1, 2)) > 1e-3).all()),
+    st.floats(0.01, 1.0),
+)
 def test_spectral_similarity_of_a_scaled_map_is_two_min_over_sum(maps, k):
     # A(k m) = k A(m), so F = 1 - (1 - k) / (1 + k) = 2k / (1 + k) for k <= 1.
-    np.testing.assert_allclose(spectral_similarity(maps, k * maps), 2 * k / (1 + k),
-                               rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        spectral_similarity(maps, k * maps), 2 * k / (1 + k), rtol=0, atol=1e-9
+    )
 
 
 @FEW
-@given(arrays(np.float64, st.integers(0, 8), elements=similarities).flatmap(
-    lambda s: st.tuples(st.just(s), arrays(np.float64, s.shape, elements=similarities))))
+@given(
+    arrays(np.float64, st.integers(0, 8), elements=similarities).flatmap(
+        lambda s: st.tuples(st.just(s), arrays(np.float64, s.shape, elements=similarities))
+    )
+)
 def test_harmonic_mean_lies_between_min_and_arithmetic_mean(pair):
     s, f = pair
     with _no_warnings():
@@ -204,16 +217,20 @@ def test_harmonic_mean_lies_between_min_and_arithmetic_mean(pair):
 
 
 @FEW
-@given(arrays(np.float64, st.integers(1, 12), elements=unit).flatmap(
-    lambda score: st.tuples(st.just(score),
-                            arrays(np.int64, score.shape, elements=st.integers(0, 3)),
-                            unit)))
+@given(
+    arrays(np.float64, st.integers(1, 12), elements=unit).flatmap(
+        lambda score: st.tuples(
+            st.just(score), arrays(np.int64, score.shape, elements=st.integers(0, 3)), unit
+        )
+    )
+)
 def test_summary_statistics_are_ordered_and_bounded(drawn):
     score, classes, threshold = drawn
     n = len(score)
     flags = np.zeros(n, dtype=bool)
-    scores = PairScores(spatial=score, spectral=score, score=score, finite=~flags,
-                          flat_a=flags, flat_b=flags)
+    scores = PairScores(
+        spatial=score, spectral=score, score=score, finite=~flags, flat_a=flags, flat_b=flags
+    )
     summary = summarise_scores(scores, classes, threshold=threshold)
     tol = 1e-12
     assert summary.minimum - tol <= summary.p5 <= summary.median + tol
@@ -229,15 +246,26 @@ def test_summary_statistics_are_ordered_and_bounded(drawn):
 
 #: Modes an image folder may hold, with the bytes per pixel of Image.frombytes (random
 #: bytes: "F" images hold NaN, infinities and huge values too).
-IMAGE_MODES = {"L": 1, "RGB": 3, "RGBA": 4, "P": 1, "I;16": 2, "I": 4, "F": 4, "CMYK": 4,
-               "LA": 2, "1": None}
+IMAGE_MODES = {
+    "L": 1,
+    "RGB": 3,
+    "RGBA": 4,
+    "P": 1,
+    "I;16": 2,
+    "I": 4,
+    "F": 4,
+    "CMYK": 4,
+    "LA": 2,
+    "1": None,
+}
 
 
 def random_image(mode: str, width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     if mode == "1":
-        return Image.fromarray(rng.integers(0, 2, (height, width), dtype=np.uint8) * 255
-                               ).convert("1")
+        return Image.fromarray(rng.integers(0, 2, (height, width), dtype=np.uint8) * 255).convert(
+            "1"
+        )
     raw = rng.integers(0, 256, width * height * IMAGE_MODES[mode], dtype=np.uint8).tobytes()
     image = Image.frombytes(mode, (width, height), raw)
     if mode == "P":
@@ -271,8 +299,7 @@ def preprocessings(draw):
         mean=(0.449,) if grey_imagenet else None,
         std=(0.226,) if grey_imagenet else None,
     )
-    spec = InputSpec("NCHW", channels, None if dynamic else size[0],
-                     None if dynamic else size[1])
+    spec = InputSpec("NCHW", channels, None if dynamic else size[0], None if dynamic else size[1])
     return pre, spec, size
 
 
@@ -313,8 +340,9 @@ def test_raw_preset_keeps_pixel_levels(image, height, width):
     x = preprocess_image(image, Preprocess(preset="raw").resolved(spec))
     np.testing.assert_array_equal(x, np.rint(x))  # whole levels, as decoded
     assert x.min() >= 0 and x.max() <= 255
-    np.testing.assert_array_equal(x.astype(np.uint8),
-                                  display_image(image, Preprocess(preset="raw").resolved(spec)))
+    np.testing.assert_array_equal(
+        x.astype(np.uint8), display_image(image, Preprocess(preset="raw").resolved(spec))
+    )
 
 
 @FEW
@@ -326,8 +354,10 @@ def test_parse_size_reads_back_what_is_written(height, width):
 
 
 @FEW
-@given(st.tuples(st.integers(1, 64), st.integers(1, 64)),
-       st.tuples(st.integers(1, 64), st.integers(1, 64)))
+@given(
+    st.tuples(st.integers(1, 64), st.integers(1, 64)),
+    st.tuples(st.integers(1, 64), st.integers(1, 64)),
+)
 def test_a_size_other_than_the_models_static_size_is_a_mismatch(model_size, asked):
     spec = InputSpec("NCHW", 3, *model_size)
     if asked == model_size:

@@ -11,12 +11,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import run_cli, sha256
 from onnx_sp2ps import audit, compute_cams
 from onnx_sp2ps.backward import STRAIGHT_THROUGH
 from onnx_sp2ps.graph import count_parameters, prepare_model
 from onnx_sp2ps.pipeline import AuditSettings
 from onnx_sp2ps.runtime import ModelRunner
+
+from conftest import run_cli, sha256
 
 KINDS = ("gap", "fc")
 COMPRESSED = ("qdq_int8", "qop_int8", "unstructured_50", "sparse_80")
@@ -41,8 +42,11 @@ def _random_weights(samples, kind, tmp_path):
     rng = np.random.default_rng(0)
     for t in model.graph.initializer:
         w = numpy_helper.to_array(t)
-        t.CopyFrom(numpy_helper.from_array(
-            (rng.standard_normal(w.shape) * w.std()).astype(np.float32), t.name))
+        t.CopyFrom(
+            numpy_helper.from_array(
+                (rng.standard_normal(w.shape) * w.std()).astype(np.float32), t.name
+            )
+        )
     path = tmp_path / f"{kind}_random.onnx"
     onnx.save(model, path)
     return path
@@ -85,8 +89,9 @@ def test_quantized_activations_are_the_dequantized_int8_values(samples, kind):
     levels = np.unique(acts)
     step = np.diff(levels).min()
     assert len(levels) <= 256
-    assert np.allclose((levels - levels[0]) / step, np.round((levels - levels[0]) / step),
-                       atol=0.02)  # (step estimated from float32 values)
+    assert np.allclose(
+        (levels - levels[0]) / step, np.round((levels - levels[0]) / step), atol=0.02
+    )  # (step estimated from float32 values)
     # onnxruntime runs the two forms with different kernels (newer versions fuse the
     # QDQ form's requantisation in their own order), so a value may land a few grid
     # steps apart; most agree exactly and the straight-through gradients are equal.
@@ -104,8 +109,12 @@ def audited(request, samples, tmp_path_factory):
     random = _random_weights(samples, kind, tmp_path_factory.mktemp("random"))
     candidates = [_path(samples, kind, n) for n in COMPRESSED]
     candidates += [samples / f"{kind}_l1_60.onnx", random]
-    result = audit(samples / f"{kind}_original.onnx", candidates, samples / "images",
-                   settings=AuditSettings(provider="cpu"))
+    result = audit(
+        samples / f"{kind}_original.onnx",
+        candidates,
+        samples / "images",
+        settings=AuditSettings(provider="cpu"),
+    )
     return kind, {c.model.name: c for c in result.candidates}
 
 
@@ -137,11 +146,14 @@ def test_unstructured_pruning_keeps_shapes(samples, kind):
     pruned = onnx.load(_path(samples, kind, "unstructured_50"))
     shapes = {t.name: list(t.dims) for t in original.graph.initializer}
     assert {t.name: list(t.dims) for t in pruned.graph.initializer} == shapes
-    zeros = [np.mean(numpy_helper.to_array(t) == 0) for t in pruned.graph.initializer
-             if len(t.dims) > 1]
+    zeros = [
+        np.mean(numpy_helper.to_array(t) == 0) for t in pruned.graph.initializer if len(t.dims) > 1
+    ]
     assert sorted(zeros)[-1] >= 0.5 and sorted(zeros)[0] < 0.01  # first conv kept whole
-    assert (prepare_model(_path(samples, kind, "unstructured_50")).spec.feature_map.shape
-            == prepare_model(samples / f"{kind}_original.onnx").spec.feature_map.shape)
+    assert (
+        prepare_model(_path(samples, kind, "unstructured_50")).spec.feature_map.shape
+        == prepare_model(samples / f"{kind}_original.onnx").spec.feature_map.shape
+    )
 
 
 def _densified_copy(path, tmp_path):
@@ -180,10 +192,19 @@ def test_sparse_initializers_give_the_cams_of_their_dense_twin(samples, kind, tm
 
 
 def test_cli_audits_a_qoperator_candidate(samples, capsys, tmp_path):
-    code, out, err = run_cli(capsys, "audit", samples / "gap_original.onnx",
-                             _path(samples, "gap", "qop_int8"), "--images",
-                             samples / "images", "--out", tmp_path, "-q",
-                             "--provider", "cpu")
+    code, out, err = run_cli(
+        capsys,
+        "audit",
+        samples / "gap_original.onnx",
+        _path(samples, "gap", "qop_int8"),
+        "--images",
+        samples / "images",
+        "--out",
+        tmp_path,
+        "-q",
+        "--provider",
+        "cpu",
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     gradient = report["candidates"][0]["model"]["gradient"]

@@ -24,8 +24,18 @@ from onnx_sp2ps.errors import UsageError
 from onnx_sp2ps.graph import analyse_model, prepare_model
 from onnx_sp2ps.pipeline import compute_cams
 from onnx_sp2ps.runtime import ModelRunner
-from random_cnn import (ACTIVATIONS, HEADS, LAYOUTS, MLP_ACTIVATIONS, OPSETS, SMOOTH_HEADS,
-                        STYLES, WEIGHTS, random_cnn)
+
+from random_cnn import (
+    ACTIVATIONS,
+    HEADS,
+    LAYOUTS,
+    MLP_ACTIVATIONS,
+    OPSETS,
+    SMOOTH_HEADS,
+    STYLES,
+    WEIGHTS,
+    random_cnn,
+)
 
 #: Seed 107 drew a Tanh head (Tanh had no backward rule then) on which the finite-difference
 #: Grad-CAM once refined smooth channels into float32 noise (a map 6 % off); the
@@ -64,8 +74,18 @@ def reference_gradcam(net, images: np.ndarray, targets: np.ndarray):
     raw = np.einsum("nc,nchw->nhw", alpha, acts)
     shape = net.built.input_shape
     height, width = shape[2:] if net.built.layout == "NCHW" else shape[1:3]
-    up = np.stack([ndimage.zoom(np.maximum(r, 0.0), (height / r.shape[0], width / r.shape[1]),
-                                order=1, grid_mode=True, mode="nearest") for r in raw])
+    up = np.stack(
+        [
+            ndimage.zoom(
+                np.maximum(r, 0.0),
+                (height / r.shape[0], width / r.shape[1]),
+                order=1,
+                grid_mode=True,
+                mode="nearest",
+            )
+            for r in raw
+        ]
+    )
     low = up.min(axis=(1, 2), keepdims=True)
     span = up.max(axis=(1, 2), keepdims=True) - low
     maps = np.where(span > 0, (up - low) / np.where(span > 0, span, 1.0), 0.0)
@@ -77,8 +97,9 @@ def gradcam_of(seed: int, head: str | None, tmp_path):
     net, prepared = built(seed, head)
     images = net.built.random_input(seed=seed + 1000, batch=BATCH)
     np.save(tmp_path / "x.npy", images)
-    maps, info, _ = compute_cams(prepared, tmp_path / "x.npy", method="gradcam",
-                                 provider="cpu", threads=1)
+    maps, info, _ = compute_cams(
+        prepared, tmp_path / "x.npy", method="gradcam", provider="cpu", threads=1
+    )
     return images, maps, info
 
 
@@ -87,19 +108,41 @@ def test_the_seeds_cover_every_form_the_generator_draws():
     drawn = Counter()
     for net in nets:
         c = net.config
-        drawn.update({("head", net.built.head), ("style", c["style"]), ("layout", c["layout"]),
-                      ("weights", c["weights"]), ("act", c["act"]), ("final", c["final"]),
-                      ("opset", c["opset"]), ("depth", c["depth"])})
+        drawn.update(
+            {
+                ("head", net.built.head),
+                ("style", c["style"]),
+                ("layout", c["layout"]),
+                ("weights", c["weights"]),
+                ("act", c["act"]),
+                ("final", c["final"]),
+                ("opset", c["opset"]),
+                ("depth", c["depth"]),
+            }
+        )
         drawn.update(("kernel", k) for k in c["kernels"])
         drawn.update(("stride", s) for s in c["strides"])
         drawn.update(("batch_norm", b) for b in c["batch_norm"])
         drawn.update({("square", c["size"][0] == c["size"][1])})
-    expected = ([("head", h) for h in HEADS] + [("style", s) for s in STYLES]
-                + [("layout", v) for v in LAYOUTS] + [("weights", w) for w in WEIGHTS]
-                + [("act", a) for a in ACTIVATIONS] + [("final", "Softmax"), ("final", None)]
-                + [("opset", o) for o in OPSETS] + [("depth", d) for d in (1, 2, 3, 4)]
-                + [("kernel", 1), ("kernel", 3), ("stride", 1), ("stride", 2),
-                   ("batch_norm", True), ("batch_norm", False), ("square", False)])
+    expected = (
+        [("head", h) for h in HEADS]
+        + [("style", s) for s in STYLES]
+        + [("layout", v) for v in LAYOUTS]
+        + [("weights", w) for w in WEIGHTS]
+        + [("act", a) for a in ACTIVATIONS]
+        + [("final", "Softmax"), ("final", None)]
+        + [("opset", o) for o in OPSETS]
+        + [("depth", d) for d in (1, 2, 3, 4)]
+        + [
+            ("kernel", 1),
+            ("kernel", 3),
+            ("stride", 1),
+            ("stride", 2),
+            ("batch_norm", True),
+            ("batch_norm", False),
+            ("square", False),
+        ]
+    )
     assert [form for form in expected if not drawn[form]] == []
 
 
@@ -107,11 +150,24 @@ def test_the_seeds_cover_every_form_the_generator_draws():
 def test_detection_finds_the_drawn_feature_map_and_logits(seed):
     net, prepared = built(seed)
     spec = analyse_model(net.built.model)
-    found = (spec.input.name, spec.layout, spec.feature_map.name, spec.feature_layout,
-             spec.logits.name, spec.activation, spec.num_classes)
-    assert found == (net.built.input_name, net.built.layout, net.built.feature_map,
-                     net.built.feature_layout, net.built.logits, net.built.activation,
-                     net.built.num_classes), net.description
+    found = (
+        spec.input.name,
+        spec.layout,
+        spec.feature_map.name,
+        spec.feature_layout,
+        spec.logits.name,
+        spec.activation,
+        spec.num_classes,
+    )
+    assert found == (
+        net.built.input_name,
+        net.built.layout,
+        net.built.feature_map,
+        net.built.feature_layout,
+        net.built.logits,
+        net.built.activation,
+        net.built.num_classes,
+    ), net.description
     assert prepared.spec == spec
     assert ("Abs" in spec.head_ops) == (net.built.head == "flatten_abs_mlp")
 
@@ -136,18 +192,28 @@ def test_runner_activations_logits_and_gradients_equal_the_numpy_twin(seed, head
         assert_close(head_logits, ref_logits, what=f"gradient-graph logits, {net.description}")
         assert_close(grads, expected, what=f"head gradient, {net.description}")
         fused_acts, _ = runner.run(images, targets=targets)  # fused into the model run
-        assert_close(runner.head_gradients(fused_acts, targets)[1],
-                     net.reference.head_gradient(fused_acts, targets),
-                     what=f"fused gradient, {net.description}")
+        assert_close(
+            runner.head_gradients(fused_acts, targets)[1],
+            net.reference.head_gradient(fused_acts, targets),
+            what=f"fused gradient, {net.description}",
+        )
     else:  # documented fallback: no backward rule for Abs/Softplus/Atan -> differences
         assert runner.gradient_path == "finite-difference"
         assert MLP_ACTIVATIONS[net.built.head][0] in runner.gradient_note
         with pytest.raises(UsageError, match="no exact gradient"):
             runner.head_gradients(acts, targets)
-        assert_close(position_gradients(runner, acts, targets), expected, rtol=FD_RTOL,
-                     what=f"finite-difference gradient, {net.description}")
-        assert_close(channel_gradient_sums(runner, acts, targets), expected.sum(axis=(2, 3)),
-                     rtol=FD_RTOL, what=f"finite-difference channel sums, {net.description}")
+        assert_close(
+            position_gradients(runner, acts, targets),
+            expected,
+            rtol=FD_RTOL,
+            what=f"finite-difference gradient, {net.description}",
+        )
+        assert_close(
+            channel_gradient_sums(runner, acts, targets),
+            expected.sum(axis=(2, 3)),
+            rtol=FD_RTOL,
+            what=f"finite-difference channel sums, {net.description}",
+        )
 
 
 @pytest.mark.parametrize("seed, head", CASES)
@@ -163,15 +229,17 @@ def test_gradcam_maps_equal_the_numpy_twin(seed, head, tmp_path):
     compared = 0
     for i in range(BATCH):
         what = f"image {i}, {net.description}"
-        np.testing.assert_allclose(maps.raw[i], np.maximum(raw[i], 0), rtol=rtol,
-                                   atol=rtol * scale[i], err_msg=what)
+        np.testing.assert_allclose(
+            maps.raw[i], np.maximum(raw[i], 0), rtol=rtol, atol=rtol * scale[i], err_msg=what
+        )
         assert maps.maps[i].shape == expected[i].shape
         span = raw[i].max() - max(raw[i].min(), 0)
         if span > 0.05 * scale[i]:  # else normalising would only magnify rounding
             assert not maps.flat[i], what
             # Normalising divides the raw map's error (rtol * scale) by its span.
-            np.testing.assert_allclose(maps.maps[i], expected[i], rtol=0,
-                                       atol=2 * rtol * scale[i] / span, err_msg=what)
+            np.testing.assert_allclose(
+                maps.maps[i], expected[i], rtol=0, atol=2 * rtol * scale[i] / span, err_msg=what
+            )
             compared += 1
     assert compared, f"every map is nearly flat, pick another seed: {net.description}"
 

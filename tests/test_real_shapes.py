@@ -26,8 +26,11 @@ def _init(name, value, dtype=np.float32):
 def _model(nodes, inits, size, opset=13):
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", K])
-    model = helper.make_model(helper.make_graph(nodes, "net", [x], [y], initializer=inits),
-                              opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    model = helper.make_model(
+        helper.make_graph(nodes, "net", [x], [y], initializer=inits),
+        opset_imports=[helper.make_opsetid("", opset)],
+        ir_version=8,
+    )
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -36,24 +39,35 @@ def shufflenet_style() -> onnx.ModelProto:
     """Conv -> Relu -> channel shuffle (sizes from Shape, Div, Cast) -> 1x1 Conv -> Relu
     ("feat", 12 x 8 x 8) -> ReduceMean(axes 2, 3) -> Gemm, as TorchScript opset 13 emits."""
     n = helper.make_node
-    nodes = [n("Conv", ["input", "w1"], ["r0"], pads=[1, 1, 1, 1], strides=[2, 2]),
-             n("Relu", ["r0"], ["r1"]), n("Shape", ["r1"], ["s"])]
+    nodes = [
+        n("Conv", ["input", "w1"], ["r0"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        n("Relu", ["r0"], ["r1"]),
+        n("Shape", ["r1"], ["s"]),
+    ]
     for i, dim in enumerate("nchw"):
         nodes.append(n("Gather", ["s", f"i{i}"], [dim]))
     nodes += [n("Div", ["c", "two"], ["cg0"]), n("Cast", ["cg0"], ["cg"], to=TensorProto.INT64)]
     for dim in ("n", "cg", "h", "w", "c"):
         nodes.append(n("Unsqueeze", [dim, "ax0"], [f"u_{dim}"]))
-    nodes += [n("Concat", ["u_n", "g2", "u_cg", "u_h", "u_w"], ["shape5"], axis=0),
-              n("Reshape", ["r1", "shape5"], ["grouped"]),
-              n("Transpose", ["grouped"], ["swapped"], perm=[0, 2, 1, 3, 4]),
-              n("Concat", ["u_n", "u_c", "u_h", "u_w"], ["shape4"], axis=0),
-              n("Reshape", ["swapped", "shape4"], ["shuffled"]),
-              n("Conv", ["shuffled", "w2"], ["c2"]), n("Relu", ["c2"], ["feat"]),
-              n("ReduceMean", ["feat"], ["pooled"], axes=[2, 3], keepdims=0),
-              n("Gemm", ["pooled", "fc"], ["logits"], transB=1)]
-    inits = [_init("w1", RNG.normal(size=(8, 3, 3, 3))), _init("w2", RNG.normal(size=(12, 8, 1, 1))),
-             _init("fc", RNG.normal(size=(K, 12))), _init("two", 2, np.int64),
-             _init("g2", [2], np.int64), _init("ax0", [0], np.int64)]
+    nodes += [
+        n("Concat", ["u_n", "g2", "u_cg", "u_h", "u_w"], ["shape5"], axis=0),
+        n("Reshape", ["r1", "shape5"], ["grouped"]),
+        n("Transpose", ["grouped"], ["swapped"], perm=[0, 2, 1, 3, 4]),
+        n("Concat", ["u_n", "u_c", "u_h", "u_w"], ["shape4"], axis=0),
+        n("Reshape", ["swapped", "shape4"], ["shuffled"]),
+        n("Conv", ["shuffled", "w2"], ["c2"]),
+        n("Relu", ["c2"], ["feat"]),
+        n("ReduceMean", ["feat"], ["pooled"], axes=[2, 3], keepdims=0),
+        n("Gemm", ["pooled", "fc"], ["logits"], transB=1),
+    ]
+    inits = [
+        _init("w1", RNG.normal(size=(8, 3, 3, 3))),
+        _init("w2", RNG.normal(size=(12, 8, 1, 1))),
+        _init("fc", RNG.normal(size=(K, 12))),
+        _init("two", 2, np.int64),
+        _init("g2", [2], np.int64),
+        _init("ax0", [0], np.int64),
+    ]
     inits += [_init(f"i{i}", i, np.int64) for i in range(4)]
     return _model(nodes, inits, 16)
 
@@ -76,22 +90,30 @@ def test_the_shuffled_model_runs_with_exact_gradients():
     _, grads = runner.head_gradients(acts, np.array([0, 2]))
     fc = numpy_helper.to_array(prepared.head_model.graph.initializer[0])
     for i, t in enumerate([0, 2]):
-        np.testing.assert_allclose(grads[i], np.broadcast_to(fc[t][:, None, None] / 64, (12, 8, 8)),
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            grads[i], np.broadcast_to(fc[t][:, None, None] / 64, (12, 8, 8)), rtol=1e-5, atol=1e-7
+        )
 
 
 def dynamo_style() -> onnx.ModelProto:
     """Conv -> Relu ("feat") -> GlobalAveragePool -> Reshape to (batch, -1) with the batch
     read from the image input (Shape(input, start=0, end=1)) -> Gemm."""
     n = helper.make_node
-    nodes = [n("Shape", ["input"], ["batch_size"], start=0, end=1),
-             n("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]), n("Relu", ["c1"], ["feat"]),
-             n("GlobalAveragePool", ["feat"], ["gap"]),
-             n("Concat", ["batch_size", "minus_one"], ["flat_shape"], axis=0),
-             n("Reshape", ["gap", "flat_shape"], ["flat"]),
-             n("Gemm", ["flat", "fc", "bias"], ["logits"], transB=1)]
-    inits = [_init("w1", RNG.normal(size=(4, 3, 3, 3))), _init("fc", RNG.normal(size=(K, 4))),
-             _init("bias", RNG.normal(size=K)), _init("minus_one", [-1], np.int64)]
+    nodes = [
+        n("Shape", ["input"], ["batch_size"], start=0, end=1),
+        n("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        n("Relu", ["c1"], ["feat"]),
+        n("GlobalAveragePool", ["feat"], ["gap"]),
+        n("Concat", ["batch_size", "minus_one"], ["flat_shape"], axis=0),
+        n("Reshape", ["gap", "flat_shape"], ["flat"]),
+        n("Gemm", ["flat", "fc", "bias"], ["logits"], transB=1),
+    ]
+    inits = [
+        _init("w1", RNG.normal(size=(4, 3, 3, 3))),
+        _init("fc", RNG.normal(size=(K, 4))),
+        _init("bias", RNG.normal(size=K)),
+        _init("minus_one", [-1], np.int64),
+    ]
     return _model(nodes, inits, 8, opset=18)
 
 
@@ -105,11 +127,14 @@ def test_head_reading_the_batch_size_of_the_image_input():
     acts, logits = runner.run(RNG.normal(size=(2, 3, 8, 8)).astype(np.float32))
     # The head alone at another batch size than the image batch.
     maps = np.concatenate([acts, acts[:1]])
-    np.testing.assert_allclose(runner.run_head(maps), np.concatenate([logits, logits[:1]]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        runner.run_head(maps), np.concatenate([logits, logits[:1]]), rtol=1e-5, atol=1e-6
+    )
     _, grads = runner.head_gradients(acts, np.array([1, 0]))
-    fc = numpy_helper.to_array(next(t for t in prepared.head_model.graph.initializer
-                                    if t.name == "fc"))
+    fc = numpy_helper.to_array(
+        next(t for t in prepared.head_model.graph.initializer if t.name == "fc")
+    )
     for i, t in enumerate([1, 0]):
-        np.testing.assert_allclose(grads[i], np.broadcast_to(fc[t][:, None, None] / 64, (4, 8, 8)),
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            grads[i], np.broadcast_to(fc[t][:, None, None] / 64, (4, 8, 8)), rtol=1e-5, atol=1e-7
+        )

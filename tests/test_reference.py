@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
 from onnx_sp2ps.cams import GradCAM
 from onnx_sp2ps.data import InputSpec, Preprocess, open_images
 from onnx_sp2ps.graph import prepare_model
 from onnx_sp2ps.runtime import ModelRunner
+
+from conftest import FIXTURES
 
 STEMS = ["gap_original", "gap_l1_60", "fc_original", "fc_l1_60"]
 
@@ -32,8 +33,9 @@ def computed(request, samples):
     ref = dict(np.load(FIXTURES / f"gradcam_{stem}.npz"))
     prepared = prepare_model(samples / f"{stem}.onnx")
     runner = ModelRunner(prepared, provider="cpu")
-    images = open_images(samples / "images", spec=InputSpec("NCHW", 3, 64, 64),
-                         preprocess=Preprocess(preset="unit"))
+    images = open_images(
+        samples / "images", spec=InputSpec("NCHW", 3, 64, 64), preprocess=Preprocess(preset="unit")
+    )
     assert list(images.paths) == [str(p) for p in ref["paths"]]
     acts, logits = [], []
     for batch in images.iter_batches(16):

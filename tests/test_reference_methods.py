@@ -21,11 +21,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
 from onnx_sp2ps.cams import make_cam
 from onnx_sp2ps.data import InputSpec, Preprocess, open_images
 from onnx_sp2ps.graph import prepare_model
 from onnx_sp2ps.runtime import ModelRunner
+
+from conftest import FIXTURES
 
 STEMS = ["gap_original", "gap_l1_60", "fc_original", "fc_l1_60"]
 #: onnx-sp2ps method name -> fixture key suffix (``raw_<suffix>``).
@@ -81,13 +82,22 @@ def model(request, samples):
     if not path.exists():
         pytest.fail(f"{path.name} missing: run scripts/make_reference_cams.py")
     ref = dict(np.load(path))
-    images = open_images(samples / "images", spec=InputSpec("NCHW", 3, 64, 64),
-                         preprocess=Preprocess(preset="unit"))
+    images = open_images(
+        samples / "images", spec=InputSpec("NCHW", 3, 64, 64), preprocess=Preprocess(preset="unit")
+    )
     x = np.concatenate([b.inputs for b in images.iter_batches(50)])
     runner = ModelRunner(prepare_model(samples / f"{stem}.onnx"), provider="cpu")
     acts, logits = runner.run(x)
-    return dict(stem=stem, ref=ref, paths=list(images.paths), x=x, runner=runner,
-                acts=acts, logits=logits, targets=ref["targets"])
+    return dict(
+        stem=stem,
+        ref=ref,
+        paths=list(images.paths),
+        x=x,
+        runner=runner,
+        acts=acts,
+        logits=logits,
+        targets=ref["targets"],
+    )
 
 
 def test_same_images_logits_and_targets(model):
@@ -127,8 +137,12 @@ def test_eigencam_matches_pytorch_grad_cam_up_to_documented_sign(model):
     mean_map -= mean_map.mean(axis=(1, 2), keepdims=True)
     sign = np.where((proj_ref * mean_map).sum(axis=(1, 2)) < 0, -1.0, 1.0)
     documented = np.maximum(sign[:, None, None] * proj_ref, 0)
-    _check_maps(cam(acts, model["targets"]), documented, model["paths"],
-                f"{model['stem']} eigencam (sign fixed)")
+    _check_maps(
+        cam(acts, model["targets"]),
+        documented,
+        model["paths"],
+        f"{model['stem']} eigencam (sign fixed)",
+    )
 
 
 def test_reciprocam_matches_torch_reference(model):

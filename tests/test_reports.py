@@ -15,11 +15,13 @@ import xmlschema
 from onnx import numpy_helper
 from PIL import Image
 
-from conftest import FIXTURES, run_cli as run
-from onnx_builders import build_cnn
 from onnx_sp2ps import AuditResult, GateCriteria, audit, compute_cams
 from onnx_sp2ps.cli import main
 from onnx_sp2ps.report import SAMPLE_COLUMNS
+
+from conftest import FIXTURES
+from conftest import run_cli as run
+from onnx_builders import build_cnn
 
 EVIL = '<script>alert("x")&amp;'
 
@@ -47,15 +49,28 @@ def workspace(tmp_path_factory):
     return root
 
 
-
-
 @pytest.fixture(scope="module")
 def audited(workspace):
     out = workspace / "out"
-    args = ["audit", workspace / "orig.onnx", workspace / "cand.onnx", workspace / "orig.onnx",
-            "--images", workspace / "images", "--out", out, "--worst", "5",
-            "--junit", out / "junit.xml", "--summary-md", out / "summary.md",
-            "--fail-under", "0.9", "-q"]
+    args = [
+        "audit",
+        workspace / "orig.onnx",
+        workspace / "cand.onnx",
+        workspace / "orig.onnx",
+        "--images",
+        workspace / "images",
+        "--out",
+        out,
+        "--worst",
+        "5",
+        "--junit",
+        out / "junit.xml",
+        "--summary-md",
+        out / "summary.md",
+        "--fail-under",
+        "0.9",
+        "-q",
+    ]
     with pytest.raises(SystemExit) as info:
         main([str(a) for a in args])
     return out, info.value.code
@@ -159,9 +174,19 @@ def test_worst_overlays_of_array_rows_get_one_file_each(capsys, workspace, tmp_p
     # Rows of an .npy are named "x.npy[i]": each overlay needs its own file.
     rng = np.random.default_rng(3)
     np.save(tmp_path / "x.npy", rng.random((6, 3, 32, 32), dtype=np.float32))
-    code, _, _ = run(capsys, "audit", workspace / "orig.onnx", workspace / "cand.onnx",
-                     "--images", tmp_path / "x.npy", "--out", tmp_path / "out", "--worst",
-                     "4", "-q")
+    code, _, _ = run(
+        capsys,
+        "audit",
+        workspace / "orig.onnx",
+        workspace / "cand.onnx",
+        "--images",
+        tmp_path / "x.npy",
+        "--out",
+        tmp_path / "out",
+        "--worst",
+        "4",
+        "-q",
+    )
     assert code == 0
     for model in ("orig", "cand"):
         names = sorted(p.name for p in (tmp_path / "out" / "overlays" / model).glob("*.png"))
@@ -169,24 +194,48 @@ def test_worst_overlays_of_array_rows_get_one_file_each(capsys, workspace, tmp_p
 
 
 def test_overlays_all_writes_every_image(capsys, workspace, tmp_path):
-    code, _, _ = run(capsys, "audit", workspace / "orig.onnx", workspace / "cand.onnx",
-                     "--images", workspace / "images", "--out", tmp_path, "--overlays",
-                     "all", "-q")
+    code, _, _ = run(
+        capsys,
+        "audit",
+        workspace / "orig.onnx",
+        workspace / "cand.onnx",
+        "--images",
+        workspace / "images",
+        "--out",
+        tmp_path,
+        "--overlays",
+        "all",
+        "-q",
+    )
     assert code == 0
     assert len(list((tmp_path / "overlays" / "cand").rglob("*.png"))) == 12
     assert len(list((tmp_path / "overlays" / "orig").rglob("*.png"))) == 12
 
 
 def test_config_file_and_pyproject_settings_with_command_line_winning(
-        capsys, workspace, tmp_path, monkeypatch):
+    capsys, workspace, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pyproject.toml").write_text(
-        '[tool.onnx-sp2ps]\nmethod = "eigencam"\nfail-under = 0.0\n')
+        '[tool.onnx-sp2ps]\nmethod = "eigencam"\nfail-under = 0.0\n'
+    )
     config = tmp_path / "gate.toml"
-    config.write_text('[tool.onnx-sp2ps]\nmin-agreement = 0.5\nbatch-size = 5\n')
-    code, out, _ = run(capsys, "audit", workspace / "orig.onnx", workspace / "cand.onnx",
-                       "--images", workspace / "images", "--config", config,
-                       "--batch-size", "7", "--format", "json", "-q")
+    config.write_text("[tool.onnx-sp2ps]\nmin-agreement = 0.5\nbatch-size = 5\n")
+    code, out, _ = run(
+        capsys,
+        "audit",
+        workspace / "orig.onnx",
+        workspace / "cand.onnx",
+        "--images",
+        workspace / "images",
+        "--config",
+        config,
+        "--batch-size",
+        "7",
+        "--format",
+        "json",
+        "-q",
+    )
     report = json.loads(out)
     assert report["settings"]["method"] == "eigencam"  # pyproject.toml
     assert report["settings"]["batch_size"] == 7  # command line beats gate.toml
@@ -202,11 +251,27 @@ def test_config_file_and_pyproject_settings_with_command_line_winning(
 def test_unknown_config_keys_are_usage_errors(capsys, workspace, tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("fail_undr = 0.5\n")
-    code, _, err = run(capsys, "audit", workspace / "orig.onnx", workspace / "cand.onnx",
-                       "--images", workspace / "images", "--config", config)
+    code, _, err = run(
+        capsys,
+        "audit",
+        workspace / "orig.onnx",
+        workspace / "cand.onnx",
+        "--images",
+        workspace / "images",
+        "--config",
+        config,
+    )
     assert code == 2 and "fail_undr" in err
-    code, _, err = run(capsys, "audit", workspace / "orig.onnx", workspace / "cand.onnx",
-                       "--images", workspace / "images", "--config", tmp_path / "none.toml")
+    code, _, err = run(
+        capsys,
+        "audit",
+        workspace / "orig.onnx",
+        workspace / "cand.onnx",
+        "--images",
+        workspace / "images",
+        "--config",
+        tmp_path / "none.toml",
+    )
     assert code == 3 and "not found" in err
 
 
@@ -215,11 +280,11 @@ def test_python_api_returns_typed_results(workspace):
     assert isinstance(result, AuditResult)
     records = result.records(0)
     assert len(records) == 12 and all(0 <= r.score <= 1 for r in records)
-    assert np.mean([r.score for r in records]) == pytest.approx(
-        result.candidates[0].summary.mean)
+    assert np.mean([r.score for r in records]) == pytest.approx(result.candidates[0].summary.mean)
     data = json.loads(result.to_json(GateCriteria(fail_under=0.0)))
     assert data["passed"] is True and data["schema_version"] == 1
-    maps, info, images = compute_cams(workspace / "orig.onnx", workspace / "images",
-                                      method="gradcam++")
+    maps, info, images = compute_cams(
+        workspace / "orig.onnx", workspace / "images", method="gradcam++"
+    )
     assert maps.maps.shape == (12, 32, 32) and info.gradient == "exact"
     assert Path(images.source).name == "images"

@@ -50,7 +50,7 @@ def raw_data_short(path: Path) -> Path:
     """The first conv weight keeps its dims (16x3x5x5) but holds half its bytes."""
     model = onnx.load(str(ORIGINAL))
     t = next(t for t in model.graph.initializer if len(t.dims) == 4)
-    t.raw_data = t.raw_data[:len(t.raw_data) // 2]
+    t.raw_data = t.raw_data[: len(t.raw_data) // 2]
     onnx.save(model, str(path))
     return path
 
@@ -151,7 +151,8 @@ def npz_zip_bomb(path: Path, rows: int = 256 * 350) -> Path:
     """
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buf, {"descr": "<f4", "fortran_order": False, "shape": (rows, 3, 64, 64)})
+        buf, {"descr": "<f4", "fortran_order": False, "shape": (rows, 3, 64, 64)}
+    )
     header = buf.getvalue()
     chunk = bytes(256 * 3 * 64 * 64 * 4)
     if rows % 256:
@@ -163,7 +164,7 @@ def npz_zip_bomb(path: Path, rows: int = 256 * 350) -> Path:
     tail = comp.flush()
     size = len(header) + n * len(chunk)
     acc_crc, acc_len, k, zeros_crc, zeros_len = zlib.crc32(chunk), len(chunk), n, None, 0
-    while k:   # crc of n blocks, by doubling
+    while k:  # crc of n blocks, by doubling
         if k & 1:
             zeros_crc = acc_crc if zeros_crc is None else crc32_combine(zeros_crc, acc_crc, acc_len)
             zeros_len += acc_len
@@ -173,22 +174,55 @@ def npz_zip_bomb(path: Path, rows: int = 256 * 350) -> Path:
     crc = crc32_combine(zlib.crc32(header), zeros_crc, zeros_len)
     name = b"images.npy"
     csize = len(head) + n * len(block) + len(tail)
-    extra = struct.pack("<HHQQ", 1, 16, size, csize)   # zip64: sizes over 4 GiB
+    extra = struct.pack("<HHQQ", 1, 16, size, csize)  # zip64: sizes over 4 GiB
     with open(path, "wb") as f:
-        f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 8, 0, 0x21, crc,
-                            0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra)) + name + extra)
+        f.write(
+            struct.pack(
+                "<IHHHHHIIIHH",
+                0x04034B50,
+                45,
+                0,
+                8,
+                0,
+                0x21,
+                crc,
+                0xFFFFFFFF,
+                0xFFFFFFFF,
+                len(name),
+                len(extra),
+            )
+            + name
+            + extra
+        )
         f.write(head)
         for _ in range(n):
             f.write(block)
         f.write(tail)
         cd_offset = f.tell()
-        cd = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 8, 0, 0x21, crc,
-                         0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra), 0, 0, 0, 0, 0)
+        cd = struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            0x02014B50,
+            45,
+            45,
+            0,
+            8,
+            0,
+            0x21,
+            crc,
+            0xFFFFFFFF,
+            0xFFFFFFFF,
+            len(name),
+            len(extra),
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
         f.write(cd + name + extra)
         z64 = f.tell()
         cd_size = z64 - cd_offset
-        f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 1, 1, cd_size,
-                            cd_offset))
+        f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 1, 1, cd_size, cd_offset))
         f.write(struct.pack("<IIQI", 0x07064B50, 0, z64, 1))
         f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, cd_size, cd_offset, 0))
     return path
@@ -199,7 +233,8 @@ def npy_short(path: Path) -> Path:
     one row."""
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(
-            f, {"descr": "<f4", "fortran_order": False, "shape": (1_000_000, 3, 64, 64)})
+            f, {"descr": "<f4", "fortran_order": False, "shape": (1_000_000, 3, 64, 64)}
+        )
         f.write(np.zeros((1, 3, 64, 64), np.float32).tobytes())
     return path
 
@@ -231,9 +266,13 @@ def images(folder) -> Path:
 def check(args, expected=(3,)):
     outcome = fuzzing.run_cli(args, timeout=LIMIT_S, memory=MEMORY)
     site = fuzzing.traceback_site(args) if outcome.returncode == 4 else ""
-    message = (f"command: PYTHONPATH=. python -m onnx_sp2ps {' '.join(map(str, args))}\n"
-               f"exit {outcome.returncode} ({outcome.category}) after {outcome.seconds:.1f} s"
-               + (f", raised at {site}" if site else "") + "\nstderr:\n" + outcome.stderr[-3000:])
+    message = (
+        f"command: PYTHONPATH=. python -m onnx_sp2ps {' '.join(map(str, args))}\n"
+        f"exit {outcome.returncode} ({outcome.category}) after {outcome.seconds:.1f} s"
+        + (f", raised at {site}" if site else "")
+        + "\nstderr:\n"
+        + outcome.stderr[-3000:]
+    )
     if outcome.hung:
         pytest.fail(f"not finished within {LIMIT_S:.0f} s\n{message}", pytrace=False)
     if outcome.returncode < 0:
@@ -241,8 +280,9 @@ def check(args, expected=(3,)):
     if outcome.returncode not in expected:
         pytest.fail(f"exit {outcome.returncode}, expected {expected}\n{message}", pytrace=False)
     if outcome.returncode in (2, 3) and len(outcome.stderr_lines()) != 1:
-        pytest.fail(f"{len(outcome.stderr_lines())} lines on stderr, not one\n{message}",
-                    pytrace=False)
+        pytest.fail(
+            f"{len(outcome.stderr_lines())} lines on stderr, not one\n{message}", pytrace=False
+        )
     return outcome
 
 
@@ -265,31 +305,47 @@ def test_model_bomb_is_refused_by_inspect(name, folder):
     check(["inspect", model], expected=(0, 3) if name.startswith("input-") else (3,))
 
 
-@pytest.mark.parametrize("width,height", [(1, 1_000_000), (1_000_000, 1)],
-                         ids=["1x1000000", "1000000x1"])
+@pytest.mark.parametrize(
+    "width,height", [(1, 1_000_000), (1_000_000, 1)], ids=["1x1000000", "1000000x1"]
+)
 def test_long_png_with_center_crop_is_refused_with_strict(width, height, folder, images):
     data = folder / f"long-{width}x{height}"
     shutil.copytree(images, data)
     long_png(data / "0" / "long.png", width, height)
-    check(["audit", ORIGINAL, ORIGINAL, "--images", data, "--center-crop", "--strict",
-           "--batch-size", "4", "-q"])
+    check(
+        [
+            "audit",
+            ORIGINAL,
+            ORIGINAL,
+            "--images",
+            data,
+            "--center-crop",
+            "--strict",
+            "--batch-size",
+            "4",
+            "-q",
+        ]
+    )
 
 
 def test_long_png_with_center_crop_is_skipped_without_strict(folder, images):
     data = folder / "long-skipped"
     shutil.copytree(images, data)
     long_png(data / "0" / "long.png", 1_000_000, 1)
-    check(["audit", ORIGINAL, ORIGINAL, "--images", data, "--center-crop", "--batch-size", "4",
-           "-q"], expected=(0,))
+    check(
+        ["audit", ORIGINAL, ORIGINAL, "--images", data, "--center-crop", "--batch-size", "4", "-q"],
+        expected=(0,),
+    )
 
 
 def test_npz_zip_bomb_is_refused(folder):
     bomb = npz_zip_bomb(folder / "bomb.npz")
-    with zipfile.ZipFile(bomb) as z:     # what it is: a small file holding a 4.4 GB member
+    with zipfile.ZipFile(bomb) as z:  # what it is: a small file holding a 4.4 GB member
         assert z.getinfo("images.npy").file_size > 4 << 30 and bomb.stat().st_size < 8 << 20
         with z.open("images.npy") as member:
             assert np.lib.format.read_array_header_1_0(
-                (np.lib.format.read_magic(member), member)[1])[0] == (256 * 350, 3, 64, 64)
+                (np.lib.format.read_magic(member), member)[1]
+            )[0] == (256 * 350, 3, 64, 64)
     check(["audit", ORIGINAL, ORIGINAL, "--images", bomb, "--batch-size", "4", "-q"])
 
 

@@ -7,12 +7,19 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnx_builders import build_cnn, run_model
 from onnx_sp2ps.errors import ModelError, UsageError
 from onnx_sp2ps.graph import prepare_model
 from onnx_sp2ps.pipeline import compute_cams
-from onnx_sp2ps.runtime import (CPU, CUDA, ModelRunner, available_providers,
-                                create_session, resolve_providers)
+from onnx_sp2ps.runtime import (
+    CPU,
+    CUDA,
+    ModelRunner,
+    available_providers,
+    create_session,
+    resolve_providers,
+)
+
+from onnx_builders import build_cnn, run_model
 
 
 def test_cpu_never_tries_cuda():
@@ -84,7 +91,7 @@ def test_fixed_batch_one_model_runs_any_number_of_images():
     x = rng.random((5,) + tuple(built.input_shape[1:]), dtype=np.float32)
     acts, logits = runner.run(x)
     assert acts.shape[0] == 5 and logits.shape == (5, built.num_classes)
-    one = np.concatenate([runner.run(x[i:i + 1])[1] for i in range(5)])
+    one = np.concatenate([runner.run(x[i : i + 1])[1] for i in range(5)])
     np.testing.assert_allclose(logits, one, rtol=1e-6)
 
 
@@ -152,7 +159,12 @@ def test_a_fixed_batch_above_one_takes_padded_batches(tmp_path, method):
     maps = {}
     for name, model in (("fixed", fixed), ("free", free)):
         onnx.save(model, tmp_path / f"{name}.onnx")
-        maps[name], _, _ = compute_cams(tmp_path / f"{name}.onnx", tmp_path / "x.npy",
-                                        method=method, batch_size=4, provider="cpu")
+        maps[name], _, _ = compute_cams(
+            tmp_path / f"{name}.onnx",
+            tmp_path / "x.npy",
+            method=method,
+            batch_size=4,
+            provider="cpu",
+        )
     np.testing.assert_allclose(maps["fixed"].logits, maps["free"].logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(maps["fixed"].maps, maps["free"].maps, rtol=1e-4, atol=1e-5)

@@ -27,8 +27,12 @@ from onnx_sp2ps.similarity import (
 
 def skimage_ssim(map_a: np.ndarray, map_b: np.ndarray) -> float:
     return structural_similarity(
-        map_a, map_b, gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False, data_range=1.0,
+        map_a,
+        map_b,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
     )
 
 
@@ -75,8 +79,16 @@ def test_ssim_equals_skimage_for_other_options():
     maps_b = smooth_maps(rng, 4, 40, 50)
     got = ssim(maps_a, maps_b, sigma=2.0, k1=0.02, k2=0.05, data_range=2.0)
     expected = [
-        structural_similarity(a, b, gaussian_weights=True, sigma=2.0, K1=0.02, K2=0.05,
-                              use_sample_covariance=False, data_range=2.0)
+        structural_similarity(
+            a,
+            b,
+            gaussian_weights=True,
+            sigma=2.0,
+            K1=0.02,
+            K2=0.05,
+            use_sample_covariance=False,
+            data_range=2.0,
+        )
         for a, b in zip(maps_a, maps_b)
     ]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
@@ -86,8 +98,9 @@ def test_ssim_of_float32_maps_is_computed_in_float64():
     rng = np.random.default_rng(2)
     maps_a = smooth_maps(rng, 2, 32, 32).astype(np.float32)
     maps_b = smooth_maps(rng, 2, 32, 32).astype(np.float32)
-    expected = [skimage_ssim(a.astype(np.float64), b.astype(np.float64))
-                for a, b in zip(maps_a, maps_b)]
+    expected = [
+        skimage_ssim(a.astype(np.float64), b.astype(np.float64)) for a, b in zip(maps_a, maps_b)
+    ]
     np.testing.assert_allclose(ssim(maps_a, maps_b), expected, rtol=0, atol=1e-12)
 
 
@@ -216,8 +229,9 @@ def test_scores_are_symmetric_in_a_and_b():
     forward = score_pairs(maps_a, maps_b)
     backward = score_pairs(maps_b, maps_a)
     for name in ("spatial", "spectral", "score"):
-        np.testing.assert_allclose(getattr(forward, name), getattr(backward, name),
-                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            getattr(forward, name), getattr(backward, name), rtol=0, atol=1e-12
+        )
 
 
 # --------------------------------------------------------------------------- non-finite

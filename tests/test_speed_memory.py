@@ -35,8 +35,12 @@ def _count_sessions(monkeypatch) -> list[str]:
 
 def test_a_gradcam_audit_makes_one_session_per_model(samples, monkeypatch):
     made = _count_sessions(monkeypatch)
-    result = audit(samples / "gap_original.onnx", [samples / "gap_l1_30_ft.onnx"],
-                   samples / "images", settings=AuditSettings(provider="cpu", batch_size=8))
+    result = audit(
+        samples / "gap_original.onnx",
+        [samples / "gap_l1_30_ft.onnx"],
+        samples / "images",
+        settings=AuditSettings(provider="cpu", batch_size=8),
+    )
     # The fused model (activations, logits and head gradients in one run) is all that
     # Grad-CAM needs: no plain-model, head or head-gradient session is compiled.
     assert len(made) == 2, made
@@ -75,8 +79,7 @@ def _resident_bytes(path: Path) -> int:
 def test_streaming_a_large_npy_keeps_few_of_its_pages_resident(tmp_path):
     path = tmp_path / "inputs.npy"
     n, size = 256, 96  # 28 MiB of float32
-    data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                     shape=(n, 3, size, size))
+    data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, 3, size, size))
     data[:] = np.arange(n, dtype=np.float32)[:, None, None, None]
     data.flush()
     del data

@@ -18,13 +18,38 @@ from onnx_sp2ps.errors import UsageError
 #: Method name (as on the command line) -> class.
 METHODS: dict[str, type[BaseCAM]] = {
     cls.name: cls
-    for cls in (GradCAM, GradCAMPlusPlus, XGradCAM, HiResCAM, LayerCAM, AblationCAM,
-                ReciproCAM, ScoreCAM, EigenCAM, ClassicCAM)
+    for cls in (
+        GradCAM,
+        GradCAMPlusPlus,
+        XGradCAM,
+        HiResCAM,
+        LayerCAM,
+        AblationCAM,
+        ReciproCAM,
+        ScoreCAM,
+        EigenCAM,
+        ClassicCAM,
+    )
 }
 
-__all__ = ["METHODS", "BaseCAM", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "HiResCAM",
-           "LayerCAM", "AblationCAM", "ReciproCAM", "ScoreCAM", "EigenCAM", "ClassicCAM",
-           "get_method", "make_cam", "normalise_maps", "upsample_bilinear"]
+__all__ = [
+    "METHODS",
+    "BaseCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "XGradCAM",
+    "HiResCAM",
+    "LayerCAM",
+    "AblationCAM",
+    "ReciproCAM",
+    "ScoreCAM",
+    "EigenCAM",
+    "ClassicCAM",
+    "get_method",
+    "make_cam",
+    "normalise_maps",
+    "upsample_bilinear",
+]
 
 
 def get_method(name: str) -> type[BaseCAM]:
@@ -33,7 +58,8 @@ def get_method(name: str) -> type[BaseCAM]:
         return METHODS[name]
     except KeyError:
         raise UsageError(
-            f"unknown CAM method {name!r}: choose one of {', '.join(METHODS)}") from None
+            f"unknown CAM method {name!r}: choose one of {', '.join(METHODS)}"
+        ) from None
 
 
 def make_cam(name: str, runner, *, scorecam_channels: int | None = None) -> BaseCAM:

@@ -14,8 +14,17 @@ import numpy as np
 
 from onnx_sp2ps.errors import UsageError
 
-__all__ = ["BaseCAM", "bilinear_matrix", "upsample_bilinear", "normalise_maps", "relu",
-           "softmax", "position_gradients", "directional_slopes", "REL_EPS"]
+__all__ = [
+    "BaseCAM",
+    "bilinear_matrix",
+    "upsample_bilinear",
+    "normalise_maps",
+    "relu",
+    "softmax",
+    "position_gradients",
+    "directional_slopes",
+    "REL_EPS",
+]
 
 
 def relu(maps: np.ndarray) -> np.ndarray:
@@ -129,8 +138,9 @@ class BaseCAM:
     def __init__(self, runner):
         self.runner = runner
 
-    def get_cam_weights(self, activations: np.ndarray, targets: np.ndarray,
-                        inputs: np.ndarray | None = None) -> np.ndarray:
+    def get_cam_weights(
+        self, activations: np.ndarray, targets: np.ndarray, inputs: np.ndarray | None = None
+    ) -> np.ndarray:
         """Channel weights ``(N, C)``."""
         raise NotImplementedError
 
@@ -142,15 +152,18 @@ class BaseCAM:
             return self.runner.head_gradients(activations, targets)[1].astype(np.float64)
         return position_gradients(self.runner, activations, targets)
 
-    def compute_raw(self, activations: np.ndarray, targets: np.ndarray,
-                    inputs: np.ndarray | None = None) -> np.ndarray:
+    def compute_raw(
+        self, activations: np.ndarray, targets: np.ndarray, inputs: np.ndarray | None = None
+    ) -> np.ndarray:
         """The raw map R ``(N, h, w)`` before ReLU: the weighted sum of the channels."""
         weights = self.get_cam_weights(activations, targets, inputs)
-        return np.einsum("nc,nchw->nhw", weights.astype(np.float64),
-                         activations.astype(np.float64)).astype(np.float32)
+        return np.einsum(
+            "nc,nchw->nhw", weights.astype(np.float64), activations.astype(np.float64)
+        ).astype(np.float32)
 
-    def __call__(self, activations: np.ndarray, targets: np.ndarray,
-                 inputs: np.ndarray | None = None) -> np.ndarray:
+    def __call__(
+        self, activations: np.ndarray, targets: np.ndarray, inputs: np.ndarray | None = None
+    ) -> np.ndarray:
         """ReLU(R) ``(N, h, w)`` float32: the ``raw`` maps of the reports.  ``inputs``
         (the model inputs of the batch) are needed by methods with ``needs_inputs``."""
         activations = np.asarray(activations, dtype=np.float32)
@@ -158,8 +171,9 @@ class BaseCAM:
         if activations.ndim != 4:
             raise UsageError(f"activations must be (N, C, h, w), got {activations.shape}")
         if targets.shape != (len(activations),):
-            raise UsageError(f"need one target per image: {targets.shape} for "
-                             f"{len(activations)} images")
+            raise UsageError(
+                f"need one target per image: {targets.shape} for {len(activations)} images"
+            )
         if self.needs_inputs and inputs is None:
             raise UsageError(f"{self.name} needs the model inputs")
         return relu(self.compute_raw(activations, targets, inputs))
@@ -175,8 +189,9 @@ NOISE_PROBES = 4
 KINK_RTOL = 1e-4
 
 
-def position_gradients(runner, activations: np.ndarray, targets: np.ndarray, *,
-                       rel_eps: float = REL_EPS) -> np.ndarray:
+def position_gradients(
+    runner, activations: np.ndarray, targets: np.ndarray, *, rel_eps: float = REL_EPS
+) -> np.ndarray:
     """Per-position finite differences of the target logit, ``(N, C, h, w)``: the fallback
     for heads whose ops have no backward rule (:func:`directional_slopes` along each
     position: 2 to 4 head runs per position and image)."""
@@ -186,13 +201,22 @@ def position_gradients(runner, activations: np.ndarray, targets: np.ndarray, *,
 
     out = np.zeros(activations.shape, dtype=np.float64)
     for i, a in enumerate(activations):
-        out[i] = directional_slopes(runner, a, int(targets[i]), a.size, move,
-                                    rel_eps=rel_eps).reshape(a.shape)
+        out[i] = directional_slopes(
+            runner, a, int(targets[i]), a.size, move, rel_eps=rel_eps
+        ).reshape(a.shape)
     return out
 
 
-def directional_slopes(runner, a: np.ndarray, target: int, count: int, move, *,
-                       rel_eps: float = REL_EPS, refinements: int = 3) -> np.ndarray:
+def directional_slopes(
+    runner,
+    a: np.ndarray,
+    target: int,
+    count: int,
+    move,
+    *,
+    rel_eps: float = REL_EPS,
+    refinements: int = 3,
+) -> np.ndarray:
     r"""Slopes :math:`y'(0)` of the target logit :math:`y(t) = y_c(A + t V_r)` along
     ``count`` directions :math:`V_r`, ``(count,)``, by finite differences.
 
@@ -252,8 +276,9 @@ def directional_slopes(runner, a: np.ndarray, target: int, count: int, move, *,
         if not run.any():
             break
         half = _pair(runner, a, target, dirs[run], step / np.float32(2), move)
-        estimate, side, clean, jump = _extrapolate(y0, yp[run], ym[run], *half, h, noise,
-                                                   KINK_RTOL * scale)
+        estimate, side, clean, jump = _extrapolate(
+            y0, yp[run], ym[run], *half, h, noise, KINK_RTOL * scale
+        )
         # Kinks, not curvature, when most bent directions have a straight side.
         clean &= bool(clean[curved[run]].mean() >= 0.5) if curved.any() else False
         slopes[dirs[run]] = np.where(clean, side, estimate)
@@ -278,9 +303,11 @@ def _extrapolate(y0, yp, ym, yp2, ym2, h, noise, tol):
     jump = np.abs(2.0 * (bend_right - bend_left) - (right - left))
     line = 8.0 * noise / h  # twice the noise of a bend
     straight_left = (np.abs(bend_left) <= line) & (
-        np.abs(bend_right) > 4.0 * np.abs(bend_left) + line + tol)
+        np.abs(bend_right) > 4.0 * np.abs(bend_left) + line + tol
+    )
     straight_right = (np.abs(bend_right) <= line) & (
-        np.abs(bend_left) > 4.0 * np.abs(bend_right) + line + tol)
+        np.abs(bend_left) > 4.0 * np.abs(bend_right) + line + tol
+    )
     side = np.where(straight_left, 2.0 * left2 - left, 2.0 * right2 - right)
     return estimate, side, straight_left | straight_right, jump
 
@@ -296,8 +323,9 @@ def _base_and_noise(runner, a: np.ndarray, target: int) -> tuple[float, float]:
     return float(y[0]), max(float(np.abs(y[1:] - y[0]).max()), floor)
 
 
-def _pair(runner, a: np.ndarray, target: int, dirs: np.ndarray, step: np.float32,
-          move) -> tuple[np.ndarray, np.ndarray]:
+def _pair(
+    runner, a: np.ndarray, target: int, dirs: np.ndarray, step: np.float32, move
+) -> tuple[np.ndarray, np.ndarray]:
     """The target logit at ``a`` + ``step`` and ``a`` - ``step`` along each direction of
     ``dirs``, ``(len(dirs),)`` each; chunked by ``runner.map_head``."""
     k = len(dirs)

@@ -26,8 +26,10 @@ def linear_classifier_weights(head: onnx.ModelProto) -> np.ndarray:
     """
     ops = [n for n in head.graph.node if n.op_type != "Constant"]
     kinds = [n.op_type for n in ops]
-    wrong = ModelError("classic CAM needs a head of global average pooling and one linear "
-                       f"layer; this head is {' -> '.join(kinds)}: use --method gradcam")
+    wrong = ModelError(
+        "classic CAM needs a head of global average pooling and one linear "
+        f"layer; this head is {' -> '.join(kinds)}: use --method gradcam"
+    )
     if not kinds or kinds[0] not in _POOLS:
         raise wrong
     rest = [n for n in ops[1:] if n.op_type not in _SHAPE_OPS]

@@ -9,8 +9,14 @@ from onnx_sp2ps.cams.base import REL_EPS, BaseCAM, directional_slopes
 __all__ = ["GradCAM", "channel_gradient_sums", "REL_EPS"]
 
 
-def channel_gradient_sums(runner, activations: np.ndarray, targets: np.ndarray, *,
-                          rel_eps: float = REL_EPS, refinements: int = 3) -> np.ndarray:
+def channel_gradient_sums(
+    runner,
+    activations: np.ndarray,
+    targets: np.ndarray,
+    *,
+    rel_eps: float = REL_EPS,
+    refinements: int = 3,
+) -> np.ndarray:
     r"""Sum over positions of the target logit's gradient, per channel: ``(N, C)``.
 
     The slope along a whole channel :math:`E_k` (every position of channel :math:`k`
@@ -36,8 +42,9 @@ def channel_gradient_sums(runner, activations: np.ndarray, targets: np.ndarray, 
 
     sums = np.zeros(activations.shape[:2], dtype=np.float64)
     for i, a in enumerate(activations):
-        sums[i] = directional_slopes(runner, a, int(targets[i]), len(a), move,
-                                     rel_eps=rel_eps, refinements=refinements)
+        sums[i] = directional_slopes(
+            runner, a, int(targets[i]), len(a), move, rel_eps=rel_eps, refinements=refinements
+        )
     return sums
 
 

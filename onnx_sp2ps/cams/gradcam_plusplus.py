@@ -28,7 +28,7 @@ class GradCAMPlusPlus(BaseCAM):
 
     def get_cam_weights(self, activations, targets, inputs=None):
         grads = self.gradients(activations, targets)
-        g2 = grads ** 2
+        g2 = grads**2
         g3 = g2 * grads
         sum_a = activations.astype(np.float64).sum(axis=(2, 3))[:, :, None, None]
         aij = g2 / (2 * g2 + sum_a * g3 + 1e-6)

@@ -41,7 +41,7 @@ class ScoreCAM(BaseCAM):
             raise UsageError("Score-CAM needs the model inputs")
         n, c, h, w = activations.shape
         nhwc = self.runner.prepared.spec.layout == "NHWC"
-        height, width = (inputs.shape[1:3] if nhwc else inputs.shape[2:4])
+        height, width = inputs.shape[1:3] if nhwc else inputs.shape[2:4]
         wy = _aligned_matrix(height, h)
         wx = _aligned_matrix(width, w)
         weights = np.zeros((n, c), dtype=np.float64)
@@ -49,10 +49,10 @@ class ScoreCAM(BaseCAM):
             a = activations[i].astype(np.float64)
             chosen = np.arange(c)
             if self.channels is not None and self.channels < c:
-                chosen = np.sort(np.argsort(-a.mean(axis=(1, 2)), kind="stable")[:self.channels])
+                chosen = np.sort(np.argsort(-a.mean(axis=(1, 2)), kind="stable")[: self.channels])
             scores = np.zeros(len(chosen))
             for s in range(0, len(chosen), self.batch_size):
-                ks = chosen[s:s + self.batch_size]
+                ks = chosen[s : s + self.batch_size]
                 up = np.matmul(np.matmul(wy, a[ks]), wx.T)  # (B, H, W)
                 lo = up.min(axis=(1, 2), keepdims=True)
                 hi = up.max(axis=(1, 2), keepdims=True)
@@ -60,7 +60,7 @@ class ScoreCAM(BaseCAM):
                 x = inputs[i][None]
                 masked = x * (masks[:, :, :, None] if nhwc else masks[:, None, :, :])
                 logits = self.runner.run_inputs(masked)
-                scores[s:s + len(ks)] = logits[:, int(targets[i])]
+                scores[s : s + len(ks)] = logits[:, int(targets[i])]
             weights[i, chosen] = softmax(scores)
         return weights
 
