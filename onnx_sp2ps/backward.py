@@ -15,10 +15,11 @@ they reduce to 1x1 or tile without overlap), ReduceMean/ReduceSum/ReduceMax, Fla
 Reshape, Squeeze, Unsqueeze, Transpose, Identity, Dropout, Gemm, MatMul, Add, Sub, Mul,
 Div, Pow (constant exponent), Neg, Exp, Sqrt, BatchNormalization, LayerNormalization,
 Relu, LeakyRelu, Clip, HardSigmoid, HardSwish, Sigmoid, Tanh, Erf, Gelu, Softmax, LogSoftmax,
-Gather (opset 16+), Conv with 1x1 kernels, Concat, and QuantizeLinear/DequantizeLinear straight-through (QOperator ops
-are differentiated in their QDQ form, :func:`qdq_form`).  Weights may be initializers or Constant nodes (or computed from
-them).  For any other op, :class:`UnsupportedHead` says which, and the caller falls back
-to finite differences.  No onnxruntime here.
+Gather (opset 16+), Conv with 1x1 kernels, Concat, and QuantizeLinear/DequantizeLinear
+straight-through (QOperator ops are differentiated in their QDQ form, :func:`qdq_form`).
+Weights may be initializers or Constant nodes (or computed from them).  For any other op,
+:class:`UnsupportedHead` says which, and the caller falls back to finite differences.
+No onnxruntime here.
 """
 
 from __future__ import annotations

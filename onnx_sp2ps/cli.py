@@ -48,7 +48,7 @@ def _parse_floats(ctx, param, value):
     try:
         return tuple(_parse_number(v) for v in value.replace(" ", "").split(",") if v)
     except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}")
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
 
 
 def _parse_number(text: str) -> float:
@@ -64,7 +64,9 @@ def _parse_scale(ctx, param, value):
     try:
         scale = _parse_number(value)
     except (ValueError, ZeroDivisionError):
-        raise click.BadParameter(f"expected a number such as 0.0039 or 1/255, got {value!r}")
+        raise click.BadParameter(
+            f"expected a number such as 0.0039 or 1/255, got {value!r}"
+        ) from None
     if not scale > 0:
         raise click.BadParameter("must be greater than 0")
     return scale
@@ -78,7 +80,7 @@ def _parse_size_option(ctx, param, value):
     try:
         return parse_size(value)
     except UsageError as exc:
-        raise click.BadParameter(str(exc))
+        raise click.BadParameter(str(exc)) from None
 
 
 def preprocess_options(f):
@@ -698,7 +700,7 @@ def cam(
     try:
         chosen = parse_target(target, allow_original=False)
     except UsageError as exc:
-        raise click.BadParameter(str(exc), param_hint="--target")
+        raise click.BadParameter(str(exc), param_hint="--target") from None
     _check_out_not_in_images(out, images)
     with ReportSet(out, CAM_SET, force=force) as files:
         update, close = console.progress("cam")

@@ -1482,8 +1482,8 @@ def _check_array_shape(
         expected = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
         extra = " or (N, H, W) for a 1-channel model" if grey_ok else ""
         raise DataError(
-            f"{show(path)} holds a {inputs.ndim}-D array of shape {tuple(inputs.shape)}; inputs must be "
-            f"{expected}{extra}, in the model's {layout} layout"
+            f"{show(path)} holds a {inputs.ndim}-D array of shape {tuple(inputs.shape)}; "
+            f"inputs must be {expected}{extra}, in the model's {layout} layout"
         )
     if n == 0:
         raise DataError(
@@ -1511,8 +1511,8 @@ def _check_array_shape(
                 "or pass a folder of images"
             )
         raise MismatchError(
-            f"{show(path)} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as {layout}) "
-            f"but the model takes {want}{hint}"
+            f"{show(path)} holds inputs of CxHxW {got} (shape {tuple(inputs.shape)}, read as "
+            f"{layout}) but the model takes {want}{hint}"
         )
     return int(channels), int(height), int(width)
 
@@ -1527,7 +1527,8 @@ def _check_array_labels(
         )
     if labels.shape != (n,):
         raise DataError(
-            f"{show(path)}: labels have shape {labels.shape} but there are {n} inputs: save (N,) labels"
+            f"{show(path)}: labels have shape {labels.shape} but there are {n} inputs: "
+            "save (N,) labels"
         )
     labels = labels.astype(np.int64)
     if np.any(labels < -1):

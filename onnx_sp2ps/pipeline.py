@@ -275,7 +275,7 @@ def path_endings(paths: list[str | None]) -> list[str]:
         pure = PurePath(show(p)) if p else PurePath("model")
         parts.append(pure.parts[1:] if pure.anchor else pure.parts)
     out = []
-    for i, mine in enumerate(parts):
+    for mine in parts:
         others = [q for q in parts if q != mine]
         depth = 1
         while depth < len(mine) and any(q[-depth:] == mine[-depth:] for q in others):

@@ -944,8 +944,10 @@ def html_report(
             rows.append(
                 "<tr>"
                 f"<td>{img(w.image_png, 'input ' + w.path)}<br><code>{e(w.path)}</code></td>"
-                f"<td>{img(w.original_png, 'original map')}<br>pred {e(name_of(w.prediction_original))}</td>"
-                f"<td>{img(w.candidate_png, 'candidate map')}<br>pred {e(name_of(w.prediction_candidate))}</td>"
+                f"<td>{img(w.original_png, 'original map')}<br>pred "
+                f"{e(name_of(w.prediction_original))}</td>"
+                f"<td>{img(w.candidate_png, 'candidate map')}<br>pred "
+                f"{e(name_of(w.prediction_candidate))}</td>"
                 f"<td>S {e(_fmt(w.spatial))}<br>F {e(_fmt(w.spectral))}<br>"
                 f"<b>Sp2PS {e(_fmt(w.score))}</b><br>label {e(name_of(w.label))}</td>"
                 "</tr>"

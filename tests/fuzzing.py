@@ -758,7 +758,7 @@ def _important(doc):
         ("gate_criteria",),
     ]
     cands = doc.get("candidates")
-    for i, c in enumerate(cands if isinstance(cands, list) else []):
+    for i, _c in enumerate(cands if isinstance(cands, list) else []):
         picks += [
             ("candidates", i),
             ("candidates", i, "sp2ps"),
@@ -1211,7 +1211,7 @@ def traceback_site(args, timeout: float = TIMEOUT) -> str:
     outcome = run_cli([*args, "--debug"], timeout=timeout)
     site = ""
     lines = outcome.stderr.splitlines()
-    for i, line in enumerate(lines):
+    for _i, line in enumerate(lines):
         text = line.strip()
         if text.startswith('File "') and "onnx_sp2ps" in text and "/tests/" not in text:
             path, rest = text[6:].split('", line ', 1)

@@ -69,7 +69,7 @@ MATRIX = list(itertools.product(HEADS, LAYOUTS, WEIGHTS, (False, True), FINALS))
 @pytest.mark.parametrize(
     ("head", "layout", "weights", "symbolic", "final"),
     MATRIX,
-    ids=[f"{h}-{l}-{w[:5]}-{'sym' if s else 'fix'}-{f}" for h, l, w, s, f in MATRIX],
+    ids=[f"{h}-{lay}-{w[:5]}-{'sym' if s else 'fix'}-{f}" for h, lay, w, s, f in MATRIX],
 )
 def test_matrix_model_runs_and_names_feature_map_and_logits(head, layout, weights, symbolic, final):
     built = build_cnn(head=head, layout=layout, weights=weights, symbolic=symbolic, final=final)
