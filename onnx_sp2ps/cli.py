@@ -1140,10 +1140,16 @@ def main(argv: list[str] | None = None) -> None:
         restore()
     if code is None:
         code = EXIT_OK
-    if code > 128 and argv is None:
-        # The process ends now: a decoding thread still busy with a file must not delay
-        # it (temporary files were removed on the way here).
-        sys.stdout.flush()
+    if argv is None:
+        # The command's process ends now, with our handlers still in place: a decoding
+        # thread busy with a file must not delay it, and a signal during the
+        # interpreter's own shutdown (whose handlers are the defaults) must not turn a
+        # finished run into a death by that signal. Every file was written and closed
+        # (or removed) on the way here.
+        try:
+            sys.stdout.flush()
+        except OSError:  # a closed pipe: what was printed is all that can be
+            pass
         sys.stderr.flush()
         os._exit(int(code))
     sys.exit(int(code))
