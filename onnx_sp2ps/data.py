@@ -18,6 +18,7 @@ settings) or :class:`~onnx_sp2ps.errors.MismatchError` (a size the model cannot 
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import operator
@@ -53,7 +54,6 @@ __all__ = [
     "ARRAY_SUFFIXES",
     "MAX_IMAGE_PIXELS",
     "MAX_CLASS_NAMES_BYTES",
-    "MAX_ARRAY_BYTES",
     "InputSpec",
     "Preprocess",
     "ResolvedPreprocess",
@@ -82,12 +82,6 @@ _FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "MPO")
 MAX_IMAGE_PIXELS = 89_478_485
 #: Class-names files larger than this (bytes) are refused, unread.
 MAX_CLASS_NAMES_BYTES = 16 * 1024 * 1024
-#: Memory budget (bytes) for the arrays read from an ``.npz`` file (inputs and labels
-#: together, uncompressed), checked from the archive's directory and the arrays' headers
-#: before anything is inflated. None: half the memory available (``MemAvailable``), and
-#: at most half the address-space limit (``RLIMIT_AS``) where one is set. ``.npy`` files
-#: are memory-mapped, read as needed, and have no budget.
-MAX_ARRAY_BYTES: int | None = None
 #: Preset name recorded for array files, whose values are used as given.
 ARRAY_PRESET = "array"
 #: Ratio of crop size to resized shorter side in centre-crop mode (224 -> 256).
@@ -1051,8 +1045,15 @@ def open_images(
     preprocess: Preprocess = Preprocess(),
     class_names: str | os.PathLike[str] | list[str] | None = None,
     strict: bool = False,
+    max_memory: int | None = None,
 ) -> ImageSet:
     """Open a folder of images or a preprocessed array file for a model.
+
+    ``max_memory``: the memory budget in bytes that the arrays of an ``.npz`` (inputs and
+    labels together, uncompressed) must fit, checked from the archive's directory and
+    the arrays' headers before anything is inflated (None: the default of
+    :func:`onnx_sp2ps.files.memory_budget`). ``.npy`` files are memory-mapped, read as
+    needed, and have no budget.
 
     Nothing is decoded yet (array files are memory-mapped): decoding happens in
     :meth:`ImageSet.iter_batches`.
@@ -1062,7 +1063,7 @@ def open_images(
     socket or device (or a symlink to one) is refused, since reading it could block
     forever. Sub-folders that cannot be listed are recorded in :attr:`ImageSet.skipped`
     (refused with ``strict``). Nothing is read whose size is not known and bounded first:
-    see :data:`MAX_IMAGE_PIXELS`, :data:`MAX_CLASS_NAMES_BYTES` and :data:`MAX_ARRAY_BYTES`.
+    see :data:`MAX_IMAGE_PIXELS`, :data:`MAX_CLASS_NAMES_BYTES` and ``max_memory``.
 
     Parameters
     ----------
@@ -1123,7 +1124,7 @@ def open_images(
             "file; it is not read: pass a folder of images or a .npy/.npz array file"
         )
     elif root.suffix.lower() in ARRAY_SUFFIXES:
-        opener = _open_array
+        opener = functools.partial(_open_array, max_memory=max_memory)
     else:
         raise DataError(
             f"{show(root)} is neither a folder of images nor a .npy/.npz array file: "
@@ -1364,11 +1365,11 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _npz_members(
-    path: Path, archive: zipfile.ZipFile, keys: list[str | None]
+    path: Path, archive: zipfile.ZipFile, keys: list[str | None], budget: int
 ) -> list[np.ndarray | None]:
     """Read the ``.npz`` members named by keys (None: none), after checking, from the
     archive's directory and each member's ``.npy`` header, that their data is what the
-    header says and that together they fit :func:`onnx_sp2ps.files.memory_budget`."""
+    header says and that together they fit ``budget`` bytes."""
     infos = {}
     claimed = 0
     for key in keys:
@@ -1386,12 +1387,11 @@ def _npz_members(
             )
         claimed += size
         infos[key] = info
-    budget = memory_budget(MAX_ARRAY_BYTES)
     if claimed > budget:
         raise DataError(
             f"{show(path)} would take {claimed} bytes of memory once inflated, over the "
-            f"memory budget of {budget} bytes (half of what is available): save the inputs as a "
-            ".npy file, which is read from disk as needed, or pass fewer images"
+            f"memory budget of {budget} bytes (--max-memory): save the inputs as a .npy "
+            "file, which is read from disk as needed, or pass fewer images"
         )
     arrays: list[np.ndarray | None] = []
     for key in keys:
@@ -1403,7 +1403,9 @@ def _npz_members(
     return arrays
 
 
-def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+def _load_arrays(
+    path: Path, max_memory: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(inputs, labels or None, description of where they came from)."""
     shown = show(path)
     try:
@@ -1431,7 +1433,8 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
                         "and the labels 'labels'"
                     )
                 input_key = rest[0]
-            inputs, labels = _npz_members(path, archive, [input_key, label_key])
+            budget = memory_budget(max_memory)
+            inputs, labels = _npz_members(path, archive, [input_key, label_key], budget)
             assert inputs is not None
             source = (
                 f"no labels in {show(path.name)}" if label_key is None else (f"array {label_key!r}")
@@ -1553,9 +1556,10 @@ def _open_array(
     preprocess: Preprocess,
     class_names: list[str] | None,
     strict: bool,
+    max_memory: int | None = None,
 ) -> ImageSet:
     layout = preprocess.layout or spec.layout
-    inputs, raw_labels, label_source = _load_arrays(path)
+    inputs, raw_labels, label_source = _load_arrays(path, max_memory)
     channels, height, width = _check_array_shape(path, inputs, spec, layout)
     if preprocess.center_crop:
         raise UsageError(

@@ -527,7 +527,9 @@ def _target_hint(target, labels, original_targets, n: int) -> np.ndarray | None:
     return None
 
 
-def _open(images, spec: ModelSpec, preprocess: Preprocess, class_names, strict) -> ImageSet:
+def _open(
+    images, spec: ModelSpec, preprocess: Preprocess, class_names, strict, max_memory
+) -> ImageSet:
     if isinstance(images, ImageSet):
         return images
     return open_images(
@@ -536,6 +538,7 @@ def _open(images, spec: ModelSpec, preprocess: Preprocess, class_names, strict) 
         preprocess=preprocess,
         class_names=class_names,
         strict=strict,
+        max_memory=max_memory,
     )
 
 
@@ -699,7 +702,7 @@ def compute_cams(
         max_memory=max_memory,
     )
     explainer = _Explainer(prepared, settings)
-    image_set = _open(images, prepared.spec, preprocess, class_names, strict)
+    image_set = _open(images, prepared.spec, preprocess, class_names, strict, max_memory)
     size = image_set.preprocess.size
     check_batch_memory([prepared.spec], size, batch_size, image_set.preprocess.channels, max_memory)
     out = _Collector()
@@ -788,7 +791,9 @@ def audit(
     ]
     for cp in cand_preps:
         _check_compatible(orig_prep.spec, cp.spec, Path(cp.path).name if cp.path else "model")
-    image_set = _open(images, orig_prep.spec, preprocess, class_names, settings.strict)
+    image_set = _open(
+        images, orig_prep.spec, preprocess, class_names, settings.strict, settings.max_memory
+    )
     size = image_set.preprocess.size
     check_batch_memory(
         [orig_prep.spec] + [cp.spec for cp in cand_preps],
