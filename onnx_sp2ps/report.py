@@ -25,7 +25,9 @@ import numpy as np
 
 from onnx_sp2ps.errors import ReportError
 from onnx_sp2ps.files import (
+    NotRegularFile,
     check_regular,
+    open_regular,
     read_bounded,
     show,
     track_temporary,
@@ -165,12 +167,6 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     return write_atomic(path, lambda h: np.savez_compressed(h, **arrays))
 
 
-def _head(path: Path, size: int = _SCAN_BYTES) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read(size)
-
-
 def _png_is_ours(head: bytes) -> bool:
     """A PNG whose text chunks (before the image data) name this tool as its Software."""
     if not head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -197,13 +193,13 @@ def written_by_us(path: Path) -> bool:
 
     name = path.name
     try:
-        if name.endswith(".npz"):
-            with zipfile.ZipFile(path) as archive:
-                return {"paths.npy", "targets.npy", "raw.npy", "maps.npy"} <= set(
-                    archive.namelist()
-                )
-        head = _head(path)
-    except (OSError, zipfile.BadZipFile, ValueError):
+        with open_regular(path) as handle:
+            if name.endswith(".npz"):
+                with zipfile.ZipFile(handle) as archive:
+                    keys = set(archive.namelist())
+                return {"paths.npy", "targets.npy", "raw.npy", "maps.npy"} <= keys
+            head = handle.read(_SCAN_BYTES)
+    except (OSError, NotRegularFile, zipfile.BadZipFile, ValueError):
         return False
     if name.endswith(".json"):
         return re.search(rb'"tool": *"onnx-sp2ps"', head[:4096]) is not None
