@@ -438,7 +438,7 @@ def _config_settings(path: Path | None) -> tuple[dict, str | None]:
     settings: dict = {}
     sources = []
     pyproject = Path("pyproject.toml")
-    if pyproject.is_file():
+    if os.path.isfile(pyproject):  # False, not an error, where the folder is not ours
         table = _settings_table(_load_toml(pyproject), pyproject, whole=False)
         if table:
             settings.update(table)

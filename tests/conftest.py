@@ -96,7 +96,7 @@ def open_tmp():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_as_nobody(tmp_path: Path, *args) -> tuple[int, str, str]:
+def run_as_nobody(tmp_path: Path, *args, cwd: Path | None = None) -> tuple[int, str, str]:
     """Run the CLI as an unprivileged user (uid and gid 65534) in a forked child.
 
     The child is forked from this process with the package, onnxruntime and a session
@@ -150,6 +150,8 @@ def run_as_nobody(tmp_path: Path, *args) -> tuple[int, str, str]:
                 os.dup2(err.fileno(), 2)
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", closefd=False)
+                if cwd is not None:  # (entered as root: the user may not be able to)
+                    os.chdir(cwd)
                 os.setgroups([])
                 os.setgid(NOBODY)
                 os.setuid(NOBODY)

@@ -620,6 +620,12 @@ def test_as_a_non_root_user_an_unwritable_out_is_exit_3_and_onnxruntime_stays_qu
     code, stdout, err = run_as_nobody(tmp_path, *args, "--out", out)
     assert code == 0 and err == "", err
     assert (out / "report.json").stat().st_uid == 65534
+    # Run from a folder this user cannot read (./pyproject.toml cannot even be looked
+    # for there): settings are simply absent, not an internal error.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    code, _, err = run_as_nobody(tmp_path, *args, "--out", out, cwd=private)
+    assert code == 0 and err == "", err
     # A model this user cannot read is an input problem (3), not a usage error.
     secret = models / "secret.onnx"
     shutil.copy(small["orig"], secret)
