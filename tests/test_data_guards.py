@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -583,7 +584,12 @@ def test_unreadable_sub_folders_are_listed_as_skipped(open_tmp):
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     (folder / "1" / "locked").chmod(0)
-    args = ["audit", *MODELS, "--images", folder, "-q"]
+    models = []  # copies the user can read (the checkout may be private to root)
+    for model in MODELS:
+        models.append(open_tmp / model.name)
+        shutil.copy(model, models[-1])
+        models[-1].chmod(0o644)
+    args = ["audit", *models, "--images", folder, "-q"]
     code, _, err = run_as_nobody(open_tmp, *args)
     strict_code, _, strict_err = run_as_nobody(open_tmp, *args, "--strict")
     assert code == 0, err
