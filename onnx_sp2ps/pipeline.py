@@ -10,22 +10,32 @@ does the first half for a single model.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 
 from onnx_sp2ps._version import __version__
 from onnx_sp2ps.cams import make_cam
 from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
-from onnx_sp2ps.data import ImageSet, InputSpec, Preprocess, open_images
+from onnx_sp2ps.data import Batch, ImageSet, InputSpec, Preprocess, open_images
 from onnx_sp2ps.errors import DataError, InputError, MismatchError, NonFiniteError, UsageError
 from onnx_sp2ps.files import human_bytes, memory_budget, show
 from onnx_sp2ps.gate import GateCriteria, apply_gate
 from onnx_sp2ps.gate import finite_or_none as _num
 from onnx_sp2ps.graph import ModelSpec, PreparedModel, prepare_model
+from onnx_sp2ps.records import (
+    CandidateColumns,
+    ModelColumns,
+    ModelMaps,
+    Records,
+    WorstImages,
+    merge,
+    merge_stream,
+)
 from onnx_sp2ps.runtime import DeviceInputs, ModelRunner
 from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
 from onnx_sp2ps.targets import select_targets, top1
@@ -43,6 +53,13 @@ __all__ = [
     "check_batch_memory",
     "compute_cams",
     "audit",
+    "AuditModels",
+    "AuditContext",
+    "open_audit_models",
+    "score_batch",
+    "summarise",
+    "Records",
+    "merge",
     "SCHEMA_VERSION",
     "audit_to_dict",
     "display_names",
@@ -53,6 +70,10 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 Progress = Callable[[int, int], None]
+#: Images to audit: a folder, an ``.npy``/``.npz`` file, or an opened set.
+ImageSource = Union[str, "os.PathLike[str]", ImageSet]
+#: Class names: a file of one name per line, or the names.
+ClassNames = Union[str, "os.PathLike[str]", list[str], None]
 
 
 @dataclass(frozen=True)
@@ -121,53 +142,6 @@ class ModelInfo:
             **self.spec.to_dict(),
             "gradient": {"path": self.gradient, "reason": self.gradient_note},
         }
-
-
-@dataclass
-class ModelMaps:
-    """CAMs of one model over a data set (the keys of ``cams.npz``)."""
-
-    paths: list[str]
-    targets: np.ndarray  # (N,) int64
-    logits: np.ndarray  # (N, K) float32
-    raw: np.ndarray  # (N, h, w) float32, ReLU(R) at feature resolution
-    maps: np.ndarray  # (N, H, W) float32, normalised CAM images
-    flat: np.ndarray  # (N,) bool
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "paths": np.asarray(self.paths, dtype=str),
-            "targets": self.targets,
-            "logits": self.logits,
-            "raw": self.raw,
-            "maps": self.maps,
-        }
-
-
-@dataclass
-class WorstImages:
-    """The lowest-scoring images of a candidate and both models' maps for them, kept
-    while streaming so memory does not grow with the data set."""
-
-    limit: int
-    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    original_maps: np.ndarray | None = None  # (n, H, W)
-    candidate_maps: np.ndarray | None = None  # (n, H, W)
-
-    def add(self, positions, scores, original_maps, candidate_maps) -> None:
-        if self.limit <= 0:
-            return
-        if self.original_maps is None:
-            self.original_maps = original_maps[:0]
-            self.candidate_maps = candidate_maps[:0]
-        pos = np.concatenate([self.positions, positions])
-        sc = np.concatenate([self.scores, scores])
-        om = np.concatenate([self.original_maps, original_maps])
-        cm = np.concatenate([self.candidate_maps, candidate_maps])
-        keep = np.lexsort((pos, sc))[: self.limit]  # lowest score first, then order
-        self.positions, self.scores = pos[keep], sc[keep]
-        self.original_maps, self.candidate_maps = om[keep], cm[keep]
 
 
 MapsCallback = Callable[[ImageSet, np.ndarray, np.ndarray, list], None]
@@ -495,23 +469,6 @@ class _Explainer:
         return raw, images, flat
 
 
-class _Collector:
-    """Accumulates per-batch arrays and concatenates them at the end."""
-
-    def __init__(self):
-        self.parts: dict[str, list[np.ndarray]] = {}
-
-    def add(self, **arrays: np.ndarray) -> None:
-        for key, value in arrays.items():
-            self.parts.setdefault(key, []).append(value)
-
-    def get(self, key: str) -> np.ndarray:
-        return np.concatenate(self.parts[key])
-
-    def has(self, key: str) -> bool:
-        return key in self.parts
-
-
 def _target_hint(target, labels, original_targets, n: int) -> np.ndarray | None:
     """Targets known before a model runs (-1: its own top-1), or None when unknown."""
     if target in ("own",) or (target == "original" and original_targets is None):
@@ -658,13 +615,13 @@ def _batches(image_set: ImageSet, batch_size: int):
 
 def compute_cams(
     model: str | Path | PreparedModel,
-    images,
+    images: ImageSource,
     *,
     preprocess: Preprocess = Preprocess(),
     method: str = "gradcam",
     target: str | int = "own",
     options: ModelOptions = ModelOptions(),
-    class_names=None,
+    class_names: ClassNames = None,
     batch_size: int = 16,
     provider: str = "auto",
     threads: int | None = None,
@@ -705,7 +662,7 @@ def compute_cams(
     image_set = _open(images, prepared.spec, preprocess, class_names, strict, max_memory)
     size = image_set.preprocess.size
     check_batch_memory([prepared.spec], size, batch_size, image_set.preprocess.channels, max_memory)
-    out = _Collector()
+    parts: list[ModelMaps] = []
     done = 0
     for batch in _batches(image_set, batch_size):
         labels = _labels_at(image_set, batch.indices)
@@ -714,42 +671,225 @@ def compute_cams(
         )
         targets = select_targets(target, logits=logits, labels=labels)
         raw, maps, flat = explainer.maps(acts, targets, logits, size, batch.inputs)
-        out.add(
-            indices=batch.indices, targets=targets, logits=logits, raw=raw, maps=maps, flat=flat
-        )
+        paths = [image_set.paths[i] for i in batch.indices]
+        parts.append(ModelMaps(paths, targets, logits, raw, maps, flat))
         done += len(batch.indices)
         if progress:
             progress(done, len(image_set))
-    if not out.has("indices"):
+    if not parts:
         raise _nothing_read(image_set, "explain")
-    indices = out.get("indices")
-    result = ModelMaps(
-        paths=[image_set.paths[i] for i in indices],
-        targets=out.get("targets"),
-        logits=out.get("logits"),
-        raw=out.get("raw"),
-        maps=out.get("maps"),
-        flat=out.get("flat"),
+    return ModelMaps.concatenate(parts), explainer.info, image_set
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+@dataclass(frozen=True)
+class AuditModels:
+    """The models of one audit, ready to score batches: the original's and each
+    candidate's runner and CAM method, and what the records keep (every map, or only
+    the ``worst`` lowest-scoring per candidate)."""
+
+    original: _Explainer
+    candidates: tuple[_Explainer, ...]
+    settings: AuditSettings
+    keep_maps: bool = False
+    worst: int = 0
+
+
+@dataclass(frozen=True)
+class AuditContext:
+    """What an audit's result says besides its per-image records: settings, the image
+    set (source, skipped files), the models and the environment."""
+
+    settings: AuditSettings
+    images: ImageSet
+    original: ModelInfo
+    candidates: tuple[ModelInfo, ...]
+    provider_note: str | None
+    versions: dict[str, str]
+
+
+def score_batch(
+    models: AuditModels,
+    batch: Batch,
+    images: ImageSet,
+    on_maps: MapsCallback | None = None,
+) -> Records:
+    """The map step of an audit: one batch of ``images`` through the original and each
+    candidate, both maps of each image made for the same target class, and scored.
+
+    ``on_maps`` (see :func:`audit`) sees the batch's maps before they are dropped."""
+    settings = models.settings
+    size = images.preprocess.size
+    n = len(batch.indices)
+    rows = np.arange(n)
+    positions = batch.indices.astype(np.int64, copy=False)
+    paths = [images.paths[i] for i in positions]
+    labels = _labels_at(images, positions)
+    orig = models.original
+    o_acts, o_logits = orig.run(batch.inputs, _target_hint(settings.target, labels, None, n))
+    o_targets = select_targets(
+        settings.target, logits=o_logits, labels=labels, reference_logits=o_logits
     )
-    return result, explainer.info, image_set
+    o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size, batch.inputs)
+
+    def columns(
+        model: _Explainer,
+        targets: np.ndarray,
+        logits: np.ndarray,
+        raw: np.ndarray,
+        maps: np.ndarray,
+        flat: np.ndarray,
+    ) -> ModelColumns:
+        prob = _probabilities(logits, model.prepared.spec.activation)
+        return ModelColumns(
+            targets=targets,
+            predictions=top1(logits),
+            confidence=prob[rows, o_targets],
+            maps=ModelMaps(paths, targets, logits, raw, maps, flat) if models.keep_maps else None,
+        )
+
+    original = columns(orig, o_targets, o_logits, o_raw, o_maps, o_flat)
+    candidates = []
+    batch_maps = []
+    for cand in models.candidates:
+        c_acts, c_logits = cand.run(
+            batch.inputs, _target_hint(settings.target, labels, o_targets, n)
+        )
+        c_targets = select_targets(
+            settings.target, logits=c_logits, labels=labels, reference_logits=o_logits
+        )
+        c_raw, c_maps, c_flat = cand.maps(c_acts, c_targets, c_logits, size, batch.inputs)
+        pair = score_pairs(o_maps, c_maps, workers=settings.threads)
+        worst = WorstImages.select(models.worst, positions, pair.score, o_maps, c_maps)
+        candidates.append(
+            CandidateColumns(columns(cand, c_targets, c_logits, c_raw, c_maps, c_flat), pair, worst)
+        )
+        batch_maps.append(c_maps)
+    if on_maps is not None:
+        on_maps(images, batch.indices, o_maps, batch_maps)
+    return Records(positions, paths, labels, original, tuple(candidates))
+
+
+def summarise(records: Records, context: AuditContext) -> AuditResult:
+    """The reduce step's end: every aggregate of an audit, computed from its merged
+    records only.
+
+    Raises
+    ------
+    DataError
+        No image was scored.
+    NonFiniteError
+        Every image of some candidate gave non-finite logits or maps.
+    """
+    if not len(records):
+        raise _nothing_read(context.images, "audit")
+    labels = records.labels
+    known = None if labels is None else labels >= 0
+    o = records.original
+
+    def accuracy(pred: np.ndarray) -> float | None:
+        if labels is None or known is None or not known.any():
+            return None
+        return float(np.mean(pred[known] == labels[known]))
+
+    results = []
+    for info, cand in zip(context.candidates, records.candidates):
+        scores, c = cand.scores, cand.columns
+        if not scores.finite.any():
+            raise NonFiniteError(
+                f"every image gave non-finite logits or maps for {info.name} or the "
+                "original: check the models and the preprocessing"
+            )
+        drop = o.confidence - c.confidence
+        results.append(
+            CandidateResult(
+                model=info,
+                scores=scores,
+                summary=summarise_scores(scores, o.targets, threshold=context.settings.threshold),
+                targets=c.targets,
+                predictions=c.predictions,
+                confidence=c.confidence,
+                agreement=float(np.mean(c.predictions == o.predictions)),
+                accuracy=accuracy(c.predictions),
+                confidence_drop=float(np.nanmean(drop))
+                if np.isfinite(drop).any()
+                else float("nan"),
+                non_finite_paths=tuple(p for p, ok in zip(records.paths, scores.finite) if not ok),
+                maps=c.maps,
+                worst=_worst_rows(cand.worst, records.positions) if cand.worst.limit > 0 else None,
+            )
+        )
+    return AuditResult(
+        settings=context.settings,
+        preprocess=context.images.preprocess.to_dict(),
+        images=context.images,
+        original=context.original,
+        original_targets=o.targets,
+        original_predictions=o.predictions,
+        original_confidence=o.confidence,
+        original_accuracy=accuracy(o.predictions),
+        candidates=tuple(results),
+        indices=records.positions,
+        provider_note=context.provider_note,
+        versions=context.versions,
+        original_maps=o.maps,
+    )
+
+
+def _worst_rows(worst: WorstImages, positions: np.ndarray) -> WorstImages:
+    """``worst`` with its image-set positions turned into rows of the result."""
+    rows = np.searchsorted(positions, worst.positions).astype(np.int64)
+    return WorstImages(worst.limit, rows, worst.scores, worst.original_maps, worst.candidate_maps)
+
+
+def open_audit_models(
+    original: str | Path | PreparedModel,
+    candidates: Sequence[str | Path | PreparedModel],
+    *,
+    preprocess: Preprocess,
+    settings: AuditSettings,
+    original_options: ModelOptions,
+    candidate_options: ModelOptions,
+    keep_maps: bool = False,
+    worst: int = 0,
+) -> AuditModels:
+    """Prepare the original and the candidates (detection, head gradients), check that
+    each candidate fits the original, and open their sessions."""
+    orig_prep = _prepare(original, original_options, preprocess, settings.max_memory)
+    cand_preps = [
+        _prepare(c, candidate_options, preprocess, settings.max_memory) for c in candidates
+    ]
+    for cp in cand_preps:
+        _check_compatible(orig_prep.spec, cp.spec, Path(cp.path).name if cp.path else "model")
+    shared = DeviceInputs()  # on CUDA, each batch crosses to the GPU once for all models
+    return AuditModels(
+        original=_Explainer(orig_prep, settings, shared),
+        candidates=tuple(_Explainer(cp, settings, shared) for cp in cand_preps),
+        settings=settings,
+        keep_maps=keep_maps,
+        worst=worst,
+    )
 
 
 def audit(
     original: str | Path | PreparedModel,
     candidates: Sequence[str | Path | PreparedModel],
-    images,
+    images: ImageSource,
     *,
     preprocess: Preprocess = Preprocess(),
     settings: AuditSettings = AuditSettings(),
     original_options: ModelOptions = ModelOptions(),
     candidate_options: ModelOptions = ModelOptions(),
-    class_names=None,
+    class_names: ClassNames = None,
     keep_maps: bool = False,
     worst: int = 0,
     on_maps: MapsCallback | None = None,
     progress: Progress | None = None,
 ) -> AuditResult:
-    """Score each candidate's CAMs against the original's, image by image.
+    """Score each candidate's CAMs against the original's, image by image: map each
+    batch to :class:`Records` (:func:`score_batch`), merge them, and summarise.
 
     Parameters
     ----------
@@ -784,156 +924,45 @@ def audit(
         raise UsageError("give at least one candidate model")
     if settings.target not in ("original", "label", "own"):
         raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
-
-    orig_prep = _prepare(original, original_options, preprocess, settings.max_memory)
-    cand_preps = [
-        _prepare(c, candidate_options, preprocess, settings.max_memory) for c in candidates
-    ]
-    for cp in cand_preps:
-        _check_compatible(orig_prep.spec, cp.spec, Path(cp.path).name if cp.path else "model")
-    image_set = _open(
-        images, orig_prep.spec, preprocess, class_names, settings.strict, settings.max_memory
+    models = open_audit_models(
+        original,
+        candidates,
+        preprocess=preprocess,
+        settings=settings,
+        original_options=original_options,
+        candidate_options=candidate_options,
+        keep_maps=keep_maps,
+        worst=worst,
     )
-    size = image_set.preprocess.size
+    orig_spec = models.original.prepared.spec
+    image_set = _open(
+        images, orig_spec, preprocess, class_names, settings.strict, settings.max_memory
+    )
     check_batch_memory(
-        [orig_prep.spec] + [cp.spec for cp in cand_preps],
-        size,
+        [orig_spec] + [c.prepared.spec for c in models.candidates],
+        image_set.preprocess.size,
         settings.batch_size,
         image_set.preprocess.channels,
         settings.max_memory,
     )
 
-    shared = DeviceInputs()  # on CUDA, each batch crosses to the GPU once for all models
-    orig = _Explainer(orig_prep, settings, shared)
-    cands = [_Explainer(cp, settings, shared) for cp in cand_preps]
-    o_out = _Collector()
-    c_out = [_Collector() for _ in cands]
-    worsts = [WorstImages(worst) for _ in cands]
-    done = 0  # images scored so far: also the row of the batch's first image
-    for batch in _batches(image_set, settings.batch_size):
-        labels = _labels_at(image_set, batch.indices)
-        o_acts, o_logits = orig.run(
-            batch.inputs, _target_hint(settings.target, labels, None, len(batch.indices))
-        )
-        o_targets = select_targets(
-            settings.target, logits=o_logits, labels=labels, reference_logits=o_logits
-        )
-        o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size, batch.inputs)
-        o_prob = _probabilities(o_logits, orig_prep.spec.activation)
-        o_out.add(
-            indices=batch.indices,
-            targets=o_targets,
-            pred=top1(o_logits),
-            conf=o_prob[np.arange(len(o_targets)), o_targets],
-        )
-        if keep_maps:  # (N, K) logits too: with many classes, they grow with N
-            o_out.add(logits=o_logits, raw=o_raw, maps=o_maps, flat=o_flat)
-        batch_maps = []
-        for cand, out, wst in zip(cands, c_out, worsts):
-            c_acts, c_logits = cand.run(
-                batch.inputs, _target_hint(settings.target, labels, o_targets, len(batch.indices))
-            )
-            c_targets = select_targets(
-                settings.target, logits=c_logits, labels=labels, reference_logits=o_logits
-            )
-            c_raw, c_maps, c_flat = cand.maps(c_acts, c_targets, c_logits, size, batch.inputs)
-            pair = score_pairs(o_maps, c_maps, workers=settings.threads)
-            c_prob = _probabilities(c_logits, cand.prepared.spec.activation)
-            out.add(
-                targets=c_targets,
-                pred=top1(c_logits),
-                conf=c_prob[np.arange(len(o_targets)), o_targets],
-                spatial=pair.spatial,
-                spectral=pair.spectral,
-                score=pair.score,
-                finite=pair.finite,
-                flat_a=pair.flat_a,
-                flat_b=pair.flat_b,
-            )
-            if keep_maps:
-                out.add(logits=c_logits, raw=c_raw, maps=c_maps, flat=c_flat)
-            wst.add(done + np.arange(len(batch.indices)), pair.score, o_maps, c_maps)
-            batch_maps.append(c_maps)
-        if on_maps is not None:
-            on_maps(image_set, batch.indices, o_maps, batch_maps)
-        done += len(batch.indices)
-        if progress:
-            progress(done, len(image_set))
-    if not o_out.has("indices"):
+    def mapped() -> Iterator[Records]:
+        done = 0
+        for batch in _batches(image_set, settings.batch_size):
+            yield score_batch(models, batch, image_set, on_maps)
+            done += len(batch.indices)
+            if progress:
+                progress(done, len(image_set))
+
+    records = merge_stream(mapped())
+    if records is None:
         raise _nothing_read(image_set, "audit")
-
-    indices = o_out.get("indices")
-    paths = [image_set.paths[i] for i in indices]
-    labels = _labels_at(image_set, indices)
-    known = None if labels is None else labels >= 0
-    o_pred = o_out.get("pred")
-    o_targets = o_out.get("targets")
-
-    def accuracy(pred):
-        if known is None or not known.any():
-            return None
-        return float(np.mean(pred[known] == labels[known]))
-
-    def model_maps(out: _Collector, targets):
-        if not keep_maps:
-            return None
-        return ModelMaps(
-            paths=paths,
-            targets=targets,
-            logits=out.get("logits"),
-            raw=out.get("raw"),
-            maps=out.get("maps"),
-            flat=out.get("flat"),
-        )
-
-    results = []
-    for cand, out, wst in zip(cands, c_out, worsts):
-        scores = PairScores(
-            spatial=out.get("spatial"),
-            spectral=out.get("spectral"),
-            score=out.get("score"),
-            finite=out.get("finite"),
-            flat_a=out.get("flat_a"),
-            flat_b=out.get("flat_b"),
-        )
-        if not scores.finite.any():
-            raise NonFiniteError(
-                f"every image gave non-finite logits or maps for {cand.info.name} or the "
-                "original: check the models and the preprocessing"
-            )
-        summary = summarise_scores(scores, o_targets, threshold=settings.threshold)
-        c_pred = out.get("pred")
-        drop = o_out.get("conf") - out.get("conf")
-        results.append(
-            CandidateResult(
-                model=cand.info,
-                scores=scores,
-                summary=summary,
-                targets=out.get("targets"),
-                predictions=c_pred,
-                confidence=out.get("conf"),
-                agreement=float(np.mean(c_pred == o_pred)),
-                accuracy=accuracy(c_pred),
-                confidence_drop=float(np.nanmean(drop))
-                if np.isfinite(drop).any()
-                else float("nan"),
-                non_finite_paths=tuple(p for p, ok in zip(paths, scores.finite) if not ok),
-                maps=model_maps(out, out.get("targets")),
-                worst=wst if worst > 0 else None,
-            )
-        )
-    return AuditResult(
+    context = AuditContext(
         settings=settings,
-        preprocess=image_set.preprocess.to_dict(),
         images=image_set,
-        original=orig.info,
-        original_targets=o_targets,
-        original_predictions=o_pred,
-        original_confidence=o_out.get("conf"),
-        original_accuracy=accuracy(o_pred),
-        candidates=tuple(results),
-        indices=indices,
-        provider_note=orig.runner.provider.note,
+        original=models.original.info,
+        candidates=tuple(c.info for c in models.candidates),
+        provider_note=models.original.runner.provider.note,
         versions=versions(),
-        original_maps=model_maps(o_out, o_targets),
     )
+    return summarise(records, context)

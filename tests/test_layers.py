@@ -17,7 +17,7 @@ LAYERS = [
     {"graph", "backward"},
     {"runtime"},
     {"cams"},
-    {"similarity", "targets", "data", "gate"},
+    {"similarity", "targets", "data", "gate", "records"},
     {"pipeline"},
     {"report"},
     {"cli", "__main__"},
