@@ -14,7 +14,7 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class AuditSettings:
     #: Not in :meth:`to_dict`: it depends on the machine and changes no result.
     max_memory: int | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "scorecam_channels": self.scorecam_channels,
@@ -132,7 +132,7 @@ class ModelInfo:
     def name(self) -> str:
         return Path(self.path).name if self.path else "model"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "name": self.name,
@@ -144,7 +144,7 @@ class ModelInfo:
         }
 
 
-MapsCallback = Callable[[ImageSet, np.ndarray, np.ndarray, list], None]
+MapsCallback = Callable[[ImageSet, np.ndarray, np.ndarray, list[np.ndarray]], None]
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class AuditResult:
     """Everything an audit found; :mod:`onnx_sp2ps.report` writes it out."""
 
     settings: AuditSettings
-    preprocess: dict
+    preprocess: dict[str, Any]
     images: ImageSet
     original: ModelInfo
     original_targets: np.ndarray
@@ -195,7 +195,7 @@ class AuditResult:
     candidates: tuple[CandidateResult, ...]
     indices: np.ndarray  # (N,) positions in ``images`` of the images scored
     provider_note: str | None
-    versions: dict = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
     original_maps: ModelMaps | None = None
 
     @property
@@ -225,12 +225,12 @@ class AuditResult:
             for i, path in enumerate(self.paths)
         ]
 
-    def to_dict(self, criteria=None) -> dict:
+    def to_dict(self, criteria: GateCriteria | None = None) -> dict[str, Any]:
         """The report.json content (see README); ``criteria`` a
         :class:`onnx_sp2ps.gate.GateCriteria` to record a gate."""
         return audit_to_dict(self, criteria=criteria)
 
-    def to_json(self, criteria=None) -> str:
+    def to_json(self, criteria: GateCriteria | None = None) -> str:
         """:meth:`to_dict` as JSON text (non-finite numbers as null)."""
         import json
 
@@ -266,7 +266,7 @@ def display_names(paths: list[str | None]) -> list[str]:
     return [e if e not in endings[:i] else f"{e} (candidate {i})" for i, e in enumerate(endings)]
 
 
-def _model_dict(info, name: str) -> dict:
+def _model_dict(info: ModelInfo, name: str) -> dict[str, Any]:
     out = info.to_dict()
     out["name"] = name
     out["path"] = None if info.path is None else show(info.path)
@@ -278,7 +278,7 @@ def audit_to_dict(
     *,
     schema_version: int = SCHEMA_VERSION,
     criteria: GateCriteria | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """report.json content of an :class:`onnx_sp2ps.pipeline.AuditResult` (README documents
     the schema); with ``criteria``, each candidate's ``gate`` and the top-level
     ``passed`` are filled in."""
@@ -354,7 +354,7 @@ def audit_to_dict(
 # --------------------------------------------------------------------------- helpers
 
 
-def versions() -> dict:
+def versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
@@ -372,7 +372,7 @@ def input_spec(spec: ModelSpec, layout: str | None = None) -> InputSpec:
     layout = layout or spec.layout
     shape = spec.input.shape or (None, None, None, None)
 
-    def static(d):
+    def static(d: object) -> int | None:
         return d if isinstance(d, int) and d > 0 else None
 
     if layout == "NCHW":
@@ -447,7 +447,7 @@ class _Explainer:
             gradient_note=self.runner.gradient_note,
         )
 
-    def run(self, inputs: np.ndarray, targets: np.ndarray | None):
+    def run(self, inputs: np.ndarray, targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Activations and logits; with the gradients in the same run when the method
         uses them (``targets`` -1 = each image's top-1, resolved in the graph)."""
         if targets is None or not self.cam.uses_gradients:
@@ -469,7 +469,12 @@ class _Explainer:
         return raw, images, flat
 
 
-def _target_hint(target, labels, original_targets, n: int) -> np.ndarray | None:
+def _target_hint(
+    target: str | int,
+    labels: np.ndarray | None,
+    original_targets: np.ndarray | None,
+    n: int,
+) -> np.ndarray | None:
     """Targets known before a model runs (-1: its own top-1), or None when unknown."""
     if target in ("own",) or (target == "original" and original_targets is None):
         return np.full(n, -1, dtype=np.int64)
@@ -485,7 +490,12 @@ def _target_hint(target, labels, original_targets, n: int) -> np.ndarray | None:
 
 
 def _open(
-    images, spec: ModelSpec, preprocess: Preprocess, class_names, strict, max_memory
+    images: ImageSource,
+    spec: ModelSpec,
+    preprocess: Preprocess,
+    class_names: ClassNames,
+    strict: bool,
+    max_memory: int | None,
 ) -> ImageSet:
     if isinstance(images, ImageSet):
         return images
@@ -500,7 +510,10 @@ def _open(
 
 
 def _prepare(
-    model, options: ModelOptions, preprocess: Preprocess, max_memory: int | None = None
+    model: str | Path | PreparedModel,
+    options: ModelOptions,
+    preprocess: Preprocess,
+    max_memory: int | None = None,
 ) -> PreparedModel:
     if isinstance(model, PreparedModel):
         return model
@@ -514,7 +527,7 @@ def _prepare(
     )
 
 
-def _dim_product(dims) -> int | None:
+def _dim_product(dims: Sequence[object]) -> int | None:
     n = 1
     for d in dims:
         if not isinstance(d, int) or d < 0:
@@ -604,7 +617,7 @@ def _nothing_read(image_set: ImageSet, what: str) -> DataError:
     )
 
 
-def _batches(image_set: ImageSet, batch_size: int):
+def _batches(image_set: ImageSet, batch_size: int) -> Iterator[Batch]:
     if batch_size < 1:
         raise UsageError("--batch-size must be 1 or more")
     yield from image_set.iter_batches(batch_size)

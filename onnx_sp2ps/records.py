@@ -42,7 +42,7 @@ __all__ = [
 #: Identifies the binary form; a reader refuses any other.
 RECORDS_FORMAT = "onnx-sp2ps-records/1"
 
-Array = NDArray[np.generic]
+Array = NDArray[Any]
 
 
 @dataclass(frozen=True)
@@ -400,8 +400,8 @@ def _merge_columns(parts: Sequence[ModelColumns], order: NDArray[np.intp]) -> Mo
     if kept:
         maps = ModelMaps.concatenate(kept).take(order)
     return ModelColumns(
-        targets=_cat([p.targets for p in parts], order),  # type: ignore[arg-type]
-        predictions=_cat([p.predictions for p in parts], order),  # type: ignore[arg-type]
+        targets=_cat([p.targets for p in parts], order),
+        predictions=_cat([p.predictions for p in parts], order),
         confidence=_cat([p.confidence for p in parts], order),
         maps=maps,
     )
