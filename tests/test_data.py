@@ -16,6 +16,7 @@ from onnx_sp2ps.data import (
     InputSpec,
     Preprocess,
     ResolvedPreprocess,
+    decode,
     display_image,
     open_images,
     parse_size,
@@ -435,7 +436,7 @@ def test_batch_with_only_bad_images_is_not_yielded(tmp_path):
 def test_oversized_images_are_refused_before_decoding(tmp_path, monkeypatch):
     save(tmp_path / "small.png", solid(size=(4, 4)))
     save(tmp_path / "large.png", solid(size=(20, 20)))
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 100)  # where _open_image reads it
     images = open_images(tmp_path, spec=spec())
     indices, _ = all_inputs(images)
     np.testing.assert_array_equal(indices, [1])
