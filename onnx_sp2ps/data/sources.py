@@ -78,7 +78,8 @@ def _release_rows(array: np.ndarray | None, stop: int) -> None:
     instead of growing by the file's size; a later read of those rows maps them again."""
     mapped = getattr(array, "_mmap", None)
     if (
-        mapped is None
+        array is None
+        or mapped is None
         or stop <= 0
         or not array.flags.c_contiguous
         or not hasattr(mapped, "madvise")
