@@ -506,6 +506,30 @@ def test_next_batch_is_decoded_while_the_caller_works(tmp_path, monkeypatch):
     assert [list(b.indices) for b in batches] == [[2, 3], [4, 5]]
 
 
+@pytest.mark.parametrize(
+    "kwargs, channels, layout",
+    [
+        (dict(preset="imagenet", bgr=True, center_crop=True), 3, "NHWC"),
+        (dict(preset="unit"), 1, "NCHW"),
+    ],
+)
+def test_folder_batches_and_display_are_the_library_functions(tmp_path, kwargs, channels, layout):
+    # One path: what ImageSet yields and shows is what preprocess_image and display_image
+    # make of the same file, decoded.
+    rng = np.random.default_rng(6)
+    save(tmp_path / "a.png", Image.fromarray(rng.integers(0, 256, (9, 13, 4), dtype=np.uint8)))
+    save(tmp_path / "b.png", Image.fromarray(rng.integers(0, 256, (14, 6), dtype=np.uint8)))
+    model = spec(layout=layout, channels=channels, height=5, width=4)
+    images = open_images(tmp_path, spec=model, preprocess=Preprocess(**kwargs))
+    (batch,) = images.iter_batches(2)
+    for i, name in enumerate(("a.png", "b.png")):
+        with Image.open(tmp_path / name) as image:
+            direct = preprocess_image(image, images.preprocess)
+            shown = display_image(image, images.preprocess)
+        np.testing.assert_array_equal(batch.inputs[i], direct)
+        np.testing.assert_array_equal(images.display_image(i), shown)
+
+
 def test_display_image_of_folder_matches_resize(tmp_path):
     rng = np.random.default_rng(5)
     image = Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8))
