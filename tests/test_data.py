@@ -16,6 +16,7 @@ from onnx_sp2ps.data import (
     InputSpec,
     Preprocess,
     ResolvedPreprocess,
+    decode,
     display_image,
     open_images,
     parse_size,
@@ -435,7 +436,7 @@ def test_batch_with_only_bad_images_is_not_yielded(tmp_path):
 def test_oversized_images_are_refused_before_decoding(tmp_path, monkeypatch):
     save(tmp_path / "small.png", solid(size=(4, 4)))
     save(tmp_path / "large.png", solid(size=(20, 20)))
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 100)  # where _open_image reads it
     images = open_images(tmp_path, spec=spec())
     indices, _ = all_inputs(images)
     np.testing.assert_array_equal(indices, [1])
@@ -503,6 +504,30 @@ def test_next_batch_is_decoded_while_the_caller_works(tmp_path, monkeypatch):
     assert second_batch_done.wait(5)  # decoded without being asked for
     assert not {4, 5} & set(loaded)  # but only one batch ahead
     assert [list(b.indices) for b in batches] == [[2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, channels, layout",
+    [
+        (dict(preset="imagenet", bgr=True, center_crop=True), 3, "NHWC"),
+        (dict(preset="unit"), 1, "NCHW"),
+    ],
+)
+def test_folder_batches_and_display_are_the_library_functions(tmp_path, kwargs, channels, layout):
+    # One path: what ImageSet yields and shows is what preprocess_image and display_image
+    # make of the same file, decoded.
+    rng = np.random.default_rng(6)
+    save(tmp_path / "a.png", Image.fromarray(rng.integers(0, 256, (9, 13, 4), dtype=np.uint8)))
+    save(tmp_path / "b.png", Image.fromarray(rng.integers(0, 256, (14, 6), dtype=np.uint8)))
+    model = spec(layout=layout, channels=channels, height=5, width=4)
+    images = open_images(tmp_path, spec=model, preprocess=Preprocess(**kwargs))
+    (batch,) = images.iter_batches(2)
+    for i, name in enumerate(("a.png", "b.png")):
+        with Image.open(tmp_path / name) as image:
+            direct = preprocess_image(image, images.preprocess)
+            shown = display_image(image, images.preprocess)
+        np.testing.assert_array_equal(batch.inputs[i], direct)
+        np.testing.assert_array_equal(images.display_image(i), shown)
 
 
 def test_display_image_of_folder_matches_resize(tmp_path):

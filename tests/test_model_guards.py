@@ -427,7 +427,7 @@ def _with_input_dims(dims: dict[int, int | str]) -> onnx.ModelProto:
 INPUTS = {
     "input_declared_100000x100000": (
         lambda tmp: (_save(_with_input_dims({2: 100000, 3: 100000}), tmp / "huge.onnx"), []),
-        # (the image pixel guard of data.py refuses this size first)
+        # (the image pixel guard of data.sources.open_images refuses this size first)
         "images cannot be prepared at 100000x100000",
         "use a smaller input size",
     ),

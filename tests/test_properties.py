@@ -4,9 +4,9 @@ Similarity (onnx_sp2ps.similarity): bounds, symmetry, identity, the closed forms
 (constant) maps, non-finite pairs scoring 0, batch results equal to one-pair results, shift
 and scale behaviour of the spectral term, and the summary's order statistics.
 
-Preprocessing (onnx_sp2ps.data): images of any size and colour mode give arrays of exactly
-the declared shape, float32, C-contiguous and finite; NHWC is the transpose of NCHW; values
-stay inside the range the preset maps 0..255 to.
+Preprocessing (onnx_sp2ps.data.preprocess): images of any size and colour mode give arrays
+of exactly the declared shape, float32, C-contiguous and finite; NHWC is the transpose of
+NCHW; values stay inside the range the preset maps 0..255 to.
 
 Fixed examples of the same functions live in test_similarity.py and test_data.py.
 """
