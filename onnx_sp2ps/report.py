@@ -100,11 +100,11 @@ def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
 
 
 def write_atomic(
-    path: str | Path, write: Callable[[io.BufferedWriter], None], *, option: str = "--out"
+    path: str | Path, write: Callable[[io.BufferedWriter], object], *, option: str = "--out"
 ) -> Path:
-    """Write a file through ``write(handle)`` into a temporary file beside it, then rename
-    it into place; the file gets the mode the umask gives. A failed write (a full disk
-    included) leaves no temporary file and raises :class:`ReportError`."""
+    """Write a file through ``write(handle)`` (its result is ignored) into a temporary file
+    beside it, then rename it into place; the file gets the mode the umask gives. A failed
+    write (a full disk included) leaves no temporary file and raises :class:`ReportError`."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,9 @@ def write_json(path: str | Path, data: dict) -> Path:
 
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    return write_atomic(path, lambda h: np.savez_compressed(h, **arrays))
+    # mypy matches **arrays against savez_compressed's allow_pickle: bool keyword; the
+    # keys are map names, never "allow_pickle".
+    return write_atomic(path, lambda h: np.savez_compressed(h, **arrays))  # type: ignore[arg-type]
 
 
 def _png_is_ours(head: bytes) -> bool:
