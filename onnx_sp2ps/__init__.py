@@ -9,6 +9,8 @@ Python API::
     report = result.to_dict()                     # what report.json holds
 """
 
+from typing import Any
+
 from onnx_sp2ps._version import __version__
 
 # The public API is imported on first use (PEP 562), so that ``import onnx_sp2ps.cli``
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'onnx_sp2ps' has no attribute {name!r}")

@@ -62,7 +62,7 @@ def _supervise(pid: int, read_fd: int) -> None:
 
     received: list[int] = []
 
-    def remember(signum, frame):
+    def remember(signum: int, frame: object) -> None:
         received.append(signum)
 
     for name in SIGNALS:

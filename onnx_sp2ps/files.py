@@ -15,6 +15,7 @@ import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 from onnx_sp2ps.errors import InputError, Interrupted
@@ -367,7 +368,7 @@ def uninterruptible() -> Iterator[None]:
                 raise Interrupted(signum)
 
 
-def _on_signal(signum, frame) -> None:
+def _on_signal(signum: int, frame: FrameType | None) -> None:
     interrupt(signum)
 
 

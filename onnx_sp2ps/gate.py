@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "GateCriteria",
@@ -22,13 +24,13 @@ __all__ = [
 ]
 
 
-def finite_or_none(x) -> float | None:
+def finite_or_none(x: object) -> float | None:
     """A JSON-safe float: None for anything missing, non-numeric or non-finite (in
     results and in reports read back from disk alike)."""
     if not isinstance(x, numbers.Real) or isinstance(x, bool):
         return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+    value = float(x)
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class GateCriteria:
     def any(self) -> bool:
         return any(v is not None for v in self.to_dict().values())
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, float | None]:
         return {
             "fail_under": self.fail_under,
             "fail_under_p5": self.fail_under_p5,
@@ -70,7 +72,7 @@ class GateCheck:
     threshold: float
     passed: bool
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "criterion": self.criterion,
             "value": finite_or_none(self.value),
@@ -80,7 +82,7 @@ class GateCheck:
         }
 
 
-def _accuracy_drop(report: dict, cand: dict) -> float | None:
+def _accuracy_drop(report: dict[str, Any], cand: dict[str, Any]) -> float | None:
     original = finite_or_none((report.get("original") or {}).get("accuracy"))
     candidate = finite_or_none(cand.get("accuracy"))
     if original is None or candidate is None:
@@ -88,16 +90,17 @@ def _accuracy_drop(report: dict, cand: dict) -> float | None:
     return original - candidate
 
 
-def check_report(report: dict, criteria: GateCriteria) -> list[GateCheck]:
+def check_report(report: dict[str, Any], criteria: GateCriteria) -> list[GateCheck]:
     """Every criterion for every candidate of a report dict; a missing or non-finite
     figure fails its criterion.  With no candidate at all, the gate fails."""
-    table = [
+    # (criterion, threshold or None when not checked, op, the candidate's figure)
+    table: list[tuple[str, float | None, str, Callable[[dict[str, Any]], object]]] = [
         ("sp2ps mean", criteria.fail_under, ">=", lambda c: (c.get("sp2ps") or {}).get("mean")),
         ("sp2ps p5", criteria.fail_under_p5, ">=", lambda c: (c.get("sp2ps") or {}).get("p5")),
         ("agreement", criteria.min_agreement, ">=", lambda c: c.get("agreement")),
         ("accuracy drop", criteria.max_accuracy_drop, "<=", lambda c: _accuracy_drop(report, c)),
     ]
-    checks = []
+    checks: list[GateCheck] = []
     candidates = report.get("candidates") or [{}]
     for index, cand in enumerate(candidates):
         name = (cand.get("model") or {}).get("name") or "(no candidate)"
@@ -139,7 +142,7 @@ def gate_lines(checks: list[GateCheck]) -> list[str]:
     return lines
 
 
-def apply_gate(report: dict, criteria: GateCriteria) -> list[GateCheck]:
+def apply_gate(report: dict[str, Any], criteria: GateCriteria) -> list[GateCheck]:
     """Check ``criteria`` and record them in the report dict (``gate`` per candidate,
     ``passed`` and ``gate_criteria`` at the top level)."""
     checks = check_report(report, criteria)

@@ -17,9 +17,10 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
@@ -100,11 +101,11 @@ def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
 
 
 def write_atomic(
-    path: str | Path, write: Callable[[io.BufferedWriter], None], *, option: str = "--out"
+    path: str | Path, write: Callable[[io.BufferedWriter], object], *, option: str = "--out"
 ) -> Path:
-    """Write a file through ``write(handle)`` into a temporary file beside it, then rename
-    it into place; the file gets the mode the umask gives. A failed write (a full disk
-    included) leaves no temporary file and raises :class:`ReportError`."""
+    """Write a file through ``write(handle)`` (its result is ignored) into a temporary file
+    beside it, then rename it into place; the file gets the mode the umask gives. A failed
+    write (a full disk included) leaves no temporary file and raises :class:`ReportError`."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -158,13 +159,15 @@ def append_text(path: str | Path, text: str, *, option: str) -> Path:
     return p
 
 
-def write_json(path: str | Path, data: dict) -> Path:
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     text = json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
     return write_atomic(path, lambda h: h.write(text.encode("utf-8")))
 
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    return write_atomic(path, lambda h: np.savez_compressed(h, **arrays))
+    # mypy matches **arrays against savez_compressed's allow_pickle: bool keyword; the
+    # keys are map names, never "allow_pickle".
+    return write_atomic(path, lambda h: np.savez_compressed(h, **arrays))  # type: ignore[arg-type]
 
 
 def _png_is_ours(head: bytes) -> bool:
@@ -275,7 +278,7 @@ def check_target(path: str | Path, *, option: str, force: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
+def _folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on ``folder`` itself (no lock file), so that two runs writing
     one --out swap their sets one after the other, never interleaved."""
     try:
@@ -380,14 +383,14 @@ class ReportSet:
     def __enter__(self) -> "ReportSet":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.discard()
 
 
 # --------------------------------------------------------------------------- JSON
 
 
-def _ranked(candidates: list[dict]) -> list[dict]:
+def _ranked(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Candidates of a report dict, highest Sp2PS mean first, missing means last."""
     return sorted(
         candidates, key=lambda c: -(c["sp2ps"]["mean"] if c["sp2ps"]["mean"] is not None else -1.0)
@@ -399,7 +402,7 @@ KNOWN_SCHEMAS = (1,)
 MAX_REPORT_BYTES = 256 << 20
 
 
-def _schema_errors(data) -> str | None:
+def _schema_errors(data: object) -> str | None:
     """The first way ``data`` is not a report.json that ``gate`` can read, or None.
     Everything the gate reads is checked: types (a boolean is not a number, a string
     is not a score), ranges, a known ``schema_version``."""
@@ -415,7 +418,7 @@ def _schema_errors(data) -> str | None:
             f"({', '.join(map(str, KNOWN_SCHEMAS))})"
         )
 
-    def fraction(value, where: str) -> str | None:
+    def fraction(value: Any, where: str) -> str | None:
         if value is None or (finite_or_none(value) is not None and 0.0 <= value <= 1.0):
             return None
         return f"{where} is {json.dumps(value)[:40]}, not a number in [0, 1] or null"
@@ -456,7 +459,7 @@ def _schema_errors(data) -> str | None:
     return None
 
 
-def load_report(path: str | Path) -> dict:
+def load_report(path: str | Path) -> dict[str, Any]:
     """Read and validate a report.json written by ``audit`` (:class:`ReportError`, one
     line, for anything else: a special or oversized file, malformed or deeply nested
     JSON, NaN literals, wrong types or ranges, an unknown schema_version)."""
@@ -464,7 +467,7 @@ def load_report(path: str | Path) -> dict:
     hint = "pass the report.json written by onnx-sp2ps audit --out"
     raw = read_bounded(p, "report", limit=MAX_REPORT_BYTES, error=ReportError)
 
-    def no_constants(name: str):
+    def no_constants(name: str) -> NoReturn:
         raise ValueError(f"{name} is not a JSON number")
 
     try:
@@ -477,13 +480,14 @@ def load_report(path: str | Path) -> dict:
     problem = _schema_errors(data)
     if problem:
         raise ReportError(f"{show(p)} is not a valid onnx-sp2ps report: {problem}: {hint}")
-    return data
+    report: dict[str, Any] = data  # an object: _schema_errors checked
+    return report
 
 
 # --------------------------------------------------------------------------- text
 
 
-def _fmt(x, digits: int = 4) -> str:
+def _fmt(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "-"
     if isinstance(x, float) and not math.isfinite(x):
@@ -492,7 +496,7 @@ def _fmt(x, digits: int = 4) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0000"
 
 
-def format_table(report: dict) -> str:
+def format_table(report: dict[str, Any]) -> str:
     """The audit table printed on stdout, from the report dict."""
     orig = report["original"]
     lines = [
@@ -522,7 +526,7 @@ def format_table(report: dict) -> str:
     rows = []
     order = _ranked(report["candidates"])
 
-    def ratio(cand: dict, key: str) -> str:
+    def ratio(cand: dict[str, Any], key: str) -> str:
         a, b = cand["model"].get(key), orig["model"].get(key)
         return f"{a / b:.0%}" if a and b else "-"
 
@@ -641,7 +645,7 @@ SAMPLE_COLUMNS = (
 )
 
 
-def samples_csv(report: dict) -> str:
+def samples_csv(report: dict[str, Any]) -> str:
     """samples.csv: one row per image and candidate (empty cells for missing values)."""
     import csv
 
@@ -657,7 +661,9 @@ def samples_csv(report: dict) -> str:
     return buffer.getvalue()
 
 
-def junit_xml(report: dict, checks: list[GateCheck], *, timestamp: str | None = None) -> str:
+def junit_xml(
+    report: dict[str, Any], checks: list[GateCheck], *, timestamp: str | None = None
+) -> str:
     """JUnit XML: one test case per candidate and criterion (a failed gate is a
     ``<failure>``); without criteria, one passing test case per candidate.
     ``timestamp`` (ISO 8601, default now in UTC) is the suite's; report.json itself has
@@ -727,10 +733,10 @@ def junit_xml(report: dict, checks: list[GateCheck], *, timestamp: str | None = 
     )
 
 
-def summary_markdown(report: dict, checks: list[GateCheck]) -> str:
+def summary_markdown(report: dict[str, Any], checks: list[GateCheck]) -> str:
     """A short Markdown summary for pull-request comments or CI job summaries."""
 
-    def cell(text) -> str:
+    def cell(text: object) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
 
     verdict = ""
@@ -840,15 +846,15 @@ def _histogram_svg(scores: list[float], threshold: float | None, bins: int = 20)
     return "".join(parts)
 
 
-def _per_class_rows(cand: dict) -> list[list[str]]:
-    groups: dict[int, list[dict]] = {}
+def _per_class_rows(cand: dict[str, Any]) -> list[list[str]]:
+    groups: dict[int, list[dict[str, Any]]] = {}
     for row in cand["images"]:
         groups.setdefault(row["target_original"], []).append(row)
     rows = []
     for cls in sorted(groups):
         items = groups[cls]
 
-        def mean(key, items=items):
+        def mean(key: str, items: list[dict[str, Any]] = items) -> float | None:
             values = [r[key] for r in items if r[key] is not None]
             return float(np.mean(values)) if values else None
 
@@ -869,14 +875,17 @@ def _per_class_rows(cand: dict) -> list[list[str]]:
 
 
 def html_report(
-    report: dict, worst: dict[str, list[WorstImage]], *, class_names: list[str] | None = None
+    report: dict[str, Any],
+    worst: dict[str, list[WorstImage]],
+    *,
+    class_names: list[str] | None = None,
 ) -> str:
     """report.html: one self-contained page (no network, no JavaScript): settings,
     ranking, and per candidate a histogram, a per-class table and the worst images."""
     import base64
     from html import escape
 
-    def e(x) -> str:
+    def e(x: object) -> str:
         return escape(str(x), quote=True)
 
     def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
@@ -890,7 +899,7 @@ def html_report(
         src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         return f'<img src="{src}" alt="{e(alt)}" width="128" height="128">'
 
-    def name_of(cls) -> str:
+    def name_of(cls: int | str | None) -> str:  # an index, or its digits
         if cls is None:
             return "-"
         if class_names and 0 <= int(cls) < len(class_names):

@@ -32,10 +32,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from onnx_sp2ps.errors import UsageError
 
@@ -65,11 +68,17 @@ _MIN_CHUNK_PIXELS = 1 << 16
 #: sigma 1.5, wasting few multiplications on zeros while BLAS runs at full speed.
 _BLOCK = 8
 
+#: A stack of maps as callers give it: floats, integers or booleans (see _as_map_stack).
+RealArray = npt.NDArray[np.floating[Any] | np.integer[Any] | np.bool_]
+#: What the measures return: float64 scores, or bool flags.
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
 
 # --------------------------------------------------------------------------- checks
 
 
-def _as_map_stack(maps: np.ndarray, name: str) -> np.ndarray:
+def _as_map_stack(maps: npt.ArrayLike, name: str) -> RealArray:
     """Return ``maps`` as an ``(N, H, W)`` array of real numbers, or raise UsageError.
 
     The dtype is kept: the chunked functions convert one chunk at a time to float64
@@ -90,7 +99,7 @@ def _as_map_stack(maps: np.ndarray, name: str) -> np.ndarray:
     return maps
 
 
-def _as_map_pair(maps_a: np.ndarray, maps_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _as_map_pair(maps_a: npt.ArrayLike, maps_b: npt.ArrayLike) -> tuple[RealArray, RealArray]:
     """Validate two map stacks of the same ``(N, H, W)`` shape (see :func:`_as_map_stack`)."""
     maps_a = _as_map_stack(maps_a, "maps_a")
     maps_b = _as_map_stack(maps_b, "maps_b")
@@ -111,15 +120,15 @@ def _ssim_window(sigma: float) -> int:
 
 
 def ssim(
-    maps_a: np.ndarray,
-    maps_b: np.ndarray,
+    maps_a: RealArray,
+    maps_b: RealArray,
     *,
     sigma: float = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     data_range: float = 1.0,
     workers: int | None = None,
-) -> np.ndarray:
+) -> FloatArray:
     r"""Mean structural similarity (SSIM) of each pair of maps.
 
     Equals ``skimage.metrics.structural_similarity(a, b, gaussian_weights=True,
@@ -201,7 +210,12 @@ def ssim(
     return result
 
 
-def _by_chunks(function, maps_a: np.ndarray, maps_b: np.ndarray, workers: int | None) -> np.ndarray:
+def _by_chunks(
+    function: Callable[[RealArray, RealArray], FloatArray],
+    maps_a: RealArray,
+    maps_b: RealArray,
+    workers: int | None,
+) -> FloatArray:
     """``function(a, b) -> (n,)`` over chunks of pairs, on a pool of ``workers`` threads.
 
     A few pairs per chunk (not one per loop), at most ``_CHUNK_PIXELS`` pixels, and one
@@ -241,8 +255,8 @@ def _workers(workers: int | None) -> int:
 
 
 def _ssim_chunk(
-    maps_a: np.ndarray, maps_b: np.ndarray, *, sigma: float, c1: float, c2: float, pad: int
-) -> np.ndarray:
+    maps_a: RealArray, maps_b: RealArray, *, sigma: float, c1: float, c2: float, pad: int
+) -> FloatArray:
     """Mean SSIM of each pair of an (n, H, W) chunk, in float64 (see :func:`ssim`).
 
     Only the pixels the mean keeps (``pad`` off each border) are filtered, so no
@@ -313,11 +327,12 @@ def _ssim_chunk(
     numerator[-1, :, :, out_w - (blocks - 1) * _BLOCK :] = 0.0
     # Sum each pair's map in one layout whatever n is, so chunking changes nothing.
     per_pair = np.ascontiguousarray(numerator.transpose(2, 0, 1, 3))
-    return per_pair.sum(axis=(1, 2, 3)) / (out_h * out_w)
+    means: FloatArray = per_pair.sum(axis=(1, 2, 3)) / (out_h * out_w)
+    return means
 
 
 @functools.lru_cache(maxsize=8)
-def _gaussian_band(sigma: float) -> np.ndarray:
+def _gaussian_band(sigma: float) -> FloatArray:
     """(_BLOCK + 2 r, _BLOCK) matrix: column j holds the Gaussian taps at rows j..j+2r.
 
     A block of rows ``x[s:s + _BLOCK + 2 r]`` times it gives the Gaussian-filtered
@@ -336,8 +351,8 @@ def _gaussian_band(sigma: float) -> np.ndarray:
 
 
 def spatial_similarity(
-    maps_a: np.ndarray, maps_b: np.ndarray, *, workers: int | None = None
-) -> np.ndarray:
+    maps_a: RealArray, maps_b: RealArray, *, workers: int | None = None
+) -> FloatArray:
     r"""Spatial similarity of each pair: SSIM clipped to ``[0, 1]``.
 
     Parameters
@@ -371,7 +386,7 @@ def spatial_similarity(
 # --------------------------------------------------------------------------- spectral
 
 
-def magnitude_spectrum(maps: np.ndarray) -> np.ndarray:
+def magnitude_spectrum(maps: RealArray) -> FloatArray:
     r"""Magnitude of the 2-D discrete Fourier transform of each map.
 
     Parameters
@@ -395,8 +410,8 @@ def magnitude_spectrum(maps: np.ndarray) -> np.ndarray:
 
 
 def spectral_similarity(
-    maps_a: np.ndarray, maps_b: np.ndarray, *, workers: int | None = None
-) -> np.ndarray:
+    maps_a: RealArray, maps_b: RealArray, *, workers: int | None = None
+) -> FloatArray:
     r"""Spectral similarity of each pair: Bray-Curtis similarity of magnitude spectra.
 
     Parameters
@@ -435,7 +450,7 @@ def spectral_similarity(
     return _by_chunks(_spectral_chunk, maps_a, maps_b, workers)
 
 
-def _spectral_chunk(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
+def _spectral_chunk(maps_a: RealArray, maps_b: RealArray) -> FloatArray:
     """Spectral similarity of each pair of an (n, H, W) chunk, in float64."""
     n, _, width = maps_a.shape
     maps = np.empty((2 * n, *maps_a.shape[1:]))
@@ -456,14 +471,14 @@ def _spectral_chunk(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
     np.abs(spectra_a, out=spectra_a)
     difference = (spectra_a.sum(axis=1) * weights).sum(axis=1)
     total = (total * weights).sum(axis=1)
-    ratio = np.divide(difference, total, out=np.zeros_like(total), where=total > 0)
+    ratio: FloatArray = np.divide(difference, total, out=np.zeros_like(total), where=total > 0)
     return np.clip(1.0 - ratio, 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- score
 
 
-def harmonic_mean(s: np.ndarray, f: np.ndarray) -> np.ndarray:
+def harmonic_mean(s: npt.ArrayLike, f: npt.ArrayLike) -> FloatArray:
     r"""Harmonic mean of two arrays of non-negative similarities, element by element.
 
     Parameters
@@ -486,7 +501,8 @@ def harmonic_mean(s: np.ndarray, f: np.ndarray) -> np.ndarray:
     if s.shape != f.shape:
         raise UsageError(f"s and f must have the same shape; got {s.shape} and {f.shape}.")
     total = s + f
-    return np.divide(2.0 * s * f, total, out=np.zeros_like(total), where=total != 0)
+    mean: FloatArray = np.divide(2.0 * s * f, total, out=np.zeros_like(total), where=total != 0)
+    return mean
 
 
 @dataclass(frozen=True)
@@ -507,24 +523,23 @@ class PairScores:
         The map is finite and constant (after normalisation it is all zeros).
     """
 
-    spatial: np.ndarray
-    spectral: np.ndarray
-    score: np.ndarray
-    finite: np.ndarray
-    flat_a: np.ndarray
-    flat_b: np.ndarray
+    spatial: FloatArray
+    spectral: FloatArray
+    score: FloatArray
+    finite: BoolArray
+    flat_a: BoolArray
+    flat_b: BoolArray
 
 
-def _flat(maps: np.ndarray, finite: np.ndarray) -> np.ndarray:
+def _flat(maps: RealArray, finite: BoolArray) -> BoolArray:
     """(N,) bool: map is finite and constant; ``maps`` has non-finite maps zeroed."""
     if maps.shape[0] == 0:
         return np.zeros(0, dtype=bool)
-    return finite & (maps.max(axis=(1, 2)) == maps.min(axis=(1, 2)))
+    constant: BoolArray = maps.max(axis=(1, 2)) == maps.min(axis=(1, 2))
+    return finite & constant
 
 
-def score_pairs(
-    maps_a: np.ndarray, maps_b: np.ndarray, *, workers: int | None = None
-) -> PairScores:
+def score_pairs(maps_a: RealArray, maps_b: RealArray, *, workers: int | None = None) -> PairScores:
     r"""Sp2PS score of each pair of maps.
 
     Parameters
@@ -565,7 +580,8 @@ def score_pairs(
        doi:10.3390/informatics10030072
     """
     maps_a, maps_b = _as_map_pair(maps_a, maps_b)
-    finite = np.isfinite(maps_a).all(axis=(1, 2)) & np.isfinite(maps_b).all(axis=(1, 2))
+    # (N,) arrays, as the maps are (N, H, W); np.asarray tells the type checker so.
+    finite = np.asarray(np.isfinite(maps_a).all(axis=(1, 2)) & np.isfinite(maps_b).all(axis=(1, 2)))
     if not finite.all():  # score zeros instead, so no NaN or warning is produced
         maps_a = np.where(finite[:, None, None], maps_a, 0.0)
         maps_b = np.where(finite[:, None, None], maps_b, 0.0)
@@ -645,7 +661,7 @@ class ScoreSummary:
 
 
 def summarise_scores(
-    scores: PairScores, classes: np.ndarray, *, threshold: float | None = None
+    scores: PairScores, classes: npt.NDArray[np.integer[Any]], *, threshold: float | None = None
 ) -> ScoreSummary:
     r"""Aggregate per-pair scores over the data set.
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from onnx_sp2ps.errors import DataError, UsageError
 
@@ -10,6 +13,10 @@ __all__ = ["AUDIT_TARGETS", "select_targets", "parse_target", "top1"]
 
 #: Choices of ``--target`` for audits.
 AUDIT_TARGETS = ("original", "label", "own")
+
+#: Logits ``(N, K)`` as the models give them, and class indices ``(N,)``.
+Logits = npt.NDArray[np.floating[Any]]
+Classes = npt.NDArray[np.int64]
 
 
 def parse_target(text: str, *, allow_original: bool = True) -> str | int:
@@ -31,18 +38,19 @@ def parse_target(text: str, *, allow_original: bool = True) -> str | int:
     return index
 
 
-def top1(logits: np.ndarray) -> np.ndarray:
+def top1(logits: Logits) -> Classes:
     """Each row's top-1 class ``(N,)`` int64; NaN logits never win."""
-    return np.argmax(np.nan_to_num(logits, nan=-np.inf), axis=1).astype(np.int64)
+    best: npt.NDArray[np.intp] = np.argmax(np.nan_to_num(logits, nan=-np.inf), axis=1)
+    return best.astype(np.int64)
 
 
 def select_targets(
     target: str | int,
     *,
-    logits: np.ndarray,
-    labels: np.ndarray | None = None,
-    reference_logits: np.ndarray | None = None,
-) -> np.ndarray:
+    logits: Logits,
+    labels: npt.NDArray[np.integer[Any]] | None = None,
+    reference_logits: Logits | None = None,
+) -> Classes:
     """Target class per image, ``(N,)`` int64.
 
     Parameters
@@ -65,12 +73,12 @@ def select_targets(
                 "--target label needs labels: put images in class folders "
                 "(or pass labels in the .npz)"
             )
-        labels = np.asarray(labels, dtype=np.int64)
-        if (labels < 0).any():
-            raise DataError(f"--target label: {(labels < 0).sum()} image(s) have no label")
-        if (labels >= k).any():
+        classes = np.asarray(labels, dtype=np.int64)
+        if (classes < 0).any():
+            raise DataError(f"--target label: {(classes < 0).sum()} image(s) have no label")
+        if (classes >= k).any():
             raise DataError(f"--target label: a label is >= the model's {k} classes")
-        return labels
+        return classes
     if isinstance(target, (int, np.integer)):
         if not 0 <= int(target) < k:
             raise UsageError(f"--target {target} is not a class of a model with {k} classes")
