@@ -100,7 +100,7 @@ def prepare_out_dir(path: str | Path, *, option: str = "--out") -> Path:
 
 
 def write_atomic(
-    path: str | Path, write: Callable[[io.BufferedWriter], None], *, option: str = "--out"
+    path: str | Path, write: Callable[[io.BufferedWriter], object], *, option: str = "--out"
 ) -> Path:
     """Write a file through ``write(handle)`` into a temporary file beside it, then rename
     it into place; the file gets the mode the umask gives. A failed write (a full disk
