@@ -13,17 +13,30 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 import click
 
 from onnx_sp2ps._version import __version__
+from onnx_sp2ps.cams import METHODS
+from onnx_sp2ps.data import LAYOUTS, PRESETS
 from onnx_sp2ps.errors import InputError, Interrupted, Sp2psError, UsageError
+from onnx_sp2ps.runtime import PROVIDERS
+from onnx_sp2ps.targets import AUDIT_TARGETS
+
+if TYPE_CHECKING:
+    from onnx_sp2ps.data import Preprocess
+    from onnx_sp2ps.gate import GateCriteria
+    from onnx_sp2ps.pipeline import ModelOptions
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 #: Upper bounds of numeric options (each says what is allowed in its error).
 MAX_THREADS, MAX_BATCH, MAX_WORST, MAX_SCORECAM_CHANNELS = 256, 4096, 1000, 4096
+#: Choices of --format, and of audit's --overlays (the worst N images, all, none).
+FORMATS = ("text", "json")
+OVERLAY_MODES = ("worst", "all", "none")
 
 
 #: Paths are checked by the library, which says what is wrong in one line (click's own
@@ -39,10 +52,12 @@ def _err(message: str) -> None:
     click.echo(one_line(message), err=True)
 
 
-# --------------------------------------------------------------------------- option groups
+# --------------------------------------------------------------------------- option values
 
 
-def _parse_floats(ctx, param, value):
+def _parse_floats(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[float, ...] | None:
     if value is None:
         return None
     try:
@@ -58,7 +73,7 @@ def _parse_number(text: str) -> float:
     return float(text)
 
 
-def _parse_scale(ctx, param, value):
+def _parse_scale(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
     try:
@@ -72,7 +87,9 @@ def _parse_scale(ctx, param, value):
     return scale
 
 
-def _parse_size_option(ctx, param, value):
+def _parse_size_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
     if value is None:
         return None
     from onnx_sp2ps.data import parse_size
@@ -83,148 +100,10 @@ def _parse_size_option(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
-def preprocess_options(f):
-    """Options that build a :class:`onnx_sp2ps.data.Preprocess`."""
-    options = [
-        click.option(
-            "--preprocess",
-            "pre_preset",
-            type=click.Choice(["unit", "imagenet", "raw"]),
-            default="unit",
-            show_default=True,
-            help="Preset: unit x/255; imagenet x/255 then ImageNet mean/std; raw x.",
-        ),
-        click.option(
-            "--size",
-            "pre_size",
-            callback=_parse_size_option,
-            metavar="HxW",
-            help="Input size (default: the model's static input size).",
-        ),
-        click.option(
-            "--center-crop",
-            "pre_center_crop",
-            is_flag=True,
-            help="Resize the shorter side to size/0.875, then crop the centre.",
-        ),
-        click.option(
-            "--scale",
-            "pre_scale",
-            callback=_parse_scale,
-            metavar="X",
-            help="Multiply pixels by X (default from the preset, e.g. 1/255).",
-        ),
-        click.option(
-            "--mean",
-            "pre_mean",
-            callback=_parse_floats,
-            metavar="M[,M,M]",
-            help="Subtract per channel, after scaling.",
-        ),
-        click.option(
-            "--std",
-            "pre_std",
-            callback=_parse_floats,
-            metavar="S[,S,S]",
-            help="Divide per channel, after the mean.",
-        ),
-        click.option("--bgr", "pre_bgr", is_flag=True, help="Feed channels in BGR order."),
-        click.option(
-            "--layout",
-            "pre_layout",
-            type=click.Choice(["NCHW", "NHWC"]),
-            help="Input layout (default: detected from the model).",
-        ),
-        click.option(
-            "--class-names",
-            type=_FILE_PATH,
-            help="File with one class name per line, in class order; image "
-            "sub-folders named after classes give the labels.",
-        ),
-        click.option(
-            "--strict",
-            is_flag=True,
-            help="Stop (exit 3) on an unreadable image instead of skipping it.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _preprocess(kwargs: dict):
-    from onnx_sp2ps.data import Preprocess
-
-    return Preprocess(
-        preset=kwargs.pop("pre_preset"),
-        size=kwargs.pop("pre_size"),
-        center_crop=kwargs.pop("pre_center_crop"),
-        scale=kwargs.pop("pre_scale"),
-        mean=kwargs.pop("pre_mean"),
-        std=kwargs.pop("pre_std"),
-        bgr=kwargs.pop("pre_bgr"),
-        layout=kwargs.pop("pre_layout"),
-    )
-
-
-def model_options(candidates: bool):
-    """--input-name/--feature-layer/--logits (and --candidate-* variants)."""
-
-    def decorate(f):
-        opts = [
-            click.option(
-                "--input-name",
-                metavar="NAME",
-                help="Image input tensor (when the model has several inputs).",
-            ),
-            click.option(
-                "--feature-layer", metavar="NAME", help="Feature-map tensor, overriding detection."
-            ),
-            click.option(
-                "--logits",
-                "logits_name",
-                metavar="NAME",
-                help="Logits tensor, overriding detection.",
-            ),
-        ]
-        if candidates:
-            opts += [
-                click.option(
-                    "--candidate-input-name",
-                    metavar="NAME",
-                    help="Like --input-name, for the candidates.",
-                ),
-                click.option(
-                    "--candidate-feature-layer",
-                    metavar="NAME",
-                    help="Like --feature-layer, for the candidates (pruned graphs "
-                    "may rename tensors).",
-                ),
-                click.option(
-                    "--candidate-logits", metavar="NAME", help="Like --logits, for the candidates."
-                ),
-            ]
-        for option in reversed(opts):
-            f = option(f)
-        return f
-
-    return decorate
-
-
-def _model_options(kwargs: dict, prefix: str = ""):
-    from onnx_sp2ps.pipeline import ModelOptions
-
-    return ModelOptions(
-        input_name=kwargs.pop(f"{prefix}input_name"),
-        feature_layer=kwargs.pop(f"{prefix}feature_layer"),
-        logits=kwargs.pop(f"{prefix}logits" if prefix else "logits_name"),
-    )
-
-
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def _parse_bytes(ctx, param, value):
+def _parse_bytes(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     """``8G``, ``512M``, ``1.5G`` or a number of bytes."""
     if value is None:
         return None
@@ -241,7 +120,41 @@ def _parse_bytes(ctx, param, value):
     return int(amount * _UNITS[unit])
 
 
-_max_memory_option = click.option(
+def _unit_interval(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise click.BadParameter("must be between 0 and 1")
+    return value
+
+
+def _out_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter("must name a folder, not an empty string")
+    return Path(value)
+
+
+# --------------------------------------------------------------------------- option groups
+
+#: A click decorator adding options to a command.
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+_G = TypeVar("_G", bound="_OptionGroup")
+
+#: Options that more than one group or command shows, declared once.
+_FORMAT_OPTION = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="Output on stdout.",
+)
+_FORCE_OPTION = click.option(
+    "--force",
+    is_flag=True,
+    help="Replace files under --out (and --junit) that this tool did not write.",
+)
+_MAX_MEMORY_OPTION = click.option(
     "--max-memory",
     callback=_parse_bytes,
     metavar="SIZE",
@@ -250,48 +163,505 @@ _max_memory_option = click.option(
 )
 
 
-def runtime_options(f):
-    options = [
-        _max_memory_option,
-        click.option(
-            "--provider",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default="auto",
-            show_default=True,
-            help="Execution provider; CUDA falls back to CPU.",
-        ),
-        click.option(
-            "--threads",
-            type=click.IntRange(1, MAX_THREADS),
-            metavar="N",
-            help=f"onnxruntime intra-op threads, 1 to {MAX_THREADS} (default: all cores).",
-        ),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(1, MAX_BATCH),
-            default=16,
-            show_default=True,
-            help=f"Images per batch, 1 to {MAX_BATCH}.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def _apply(options: list[Decorator]) -> Decorator:
+    """One decorator adding ``options``, shown in this order by --help."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
-def common_options(f):
-    f = click.option(
-        "--config",
-        type=_PATH,
-        is_eager=True,
-        callback=_apply_config,
-        expose_value=False,
-        metavar="FILE",
-        help="TOML file of settings (long option names as keys); the command line wins.",
-    )(f)
-    f = click.option("-q", "--quiet", is_flag=True, help="No progress bar or diagnostics.")(f)
-    f = click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")(f)
-    return f
+class _OptionGroup:
+    """A group of options, in the manner of Polygraphy's argument groups: a frozen
+    dataclass of the values. :meth:`declared` is the one place that declares its click
+    options, :meth:`from_params` the one place that takes their values out of a command's
+    keyword arguments (``**params``) and checks them. Where the fields are the click
+    parameter names, the default :meth:`from_params` takes the values as they are."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        """The group's click options by field name, in --help order."""
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls, *names: str) -> Decorator:
+        """A decorator adding the group's options (only ``names``, in the declared order,
+        where a command shows other options between them)."""
+        declared = cls.declared()
+        unknown = set(names) - set(declared)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no options {sorted(unknown)}")
+        return _apply([option for name, option in declared.items() if not names or name in names])
+
+    @classmethod
+    def from_params(cls: type[_G], params: dict[str, Any]) -> _G:
+        """The group from (and without) its values in ``params``, a command's keyword
+        arguments."""
+        return cls(**{f.name: params.pop(f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class CommonOptions(_OptionGroup):
+    """--debug, --quiet and --config (every command)."""
+
+    quiet: bool
+    debug: bool  # read by main() from the command line, before click
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "debug": click.option(
+                "--debug", is_flag=True, help="Show tracebacks of internal errors."
+            ),
+            "quiet": click.option(
+                "-q", "--quiet", is_flag=True, help="No progress bar or diagnostics."
+            ),
+            "config": click.option(
+                "--config",
+                type=_PATH,
+                is_eager=True,
+                callback=_apply_config,
+                expose_value=False,
+                metavar="FILE",
+                help="TOML file of settings (long option names as keys); the command line wins.",
+            ),
+        }
+
+    @property
+    def console(self) -> _Console:
+        return _Console(self.quiet)
+
+
+@dataclass(frozen=True)
+class ImageOptions(_OptionGroup):
+    """The images and how they are read: --images, --class-names, --strict."""
+
+    images: Path
+    class_names: Path | None
+    strict: bool
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "images": click.option(
+                "--images",
+                required=True,
+                type=_PATH,
+                help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.",
+            ),
+            "class_names": click.option(
+                "--class-names",
+                type=_FILE_PATH,
+                help="File with one class name per line, in class order; image "
+                "sub-folders named after classes give the labels.",
+            ),
+            "strict": click.option(
+                "--strict",
+                is_flag=True,
+                help="Stop (exit 3) on an unreadable image instead of skipping it.",
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class PreprocessOptions(_OptionGroup):
+    """Options that build a :class:`onnx_sp2ps.data.Preprocess`."""
+
+    preset: str
+    size: tuple[int, int] | None
+    center_crop: bool
+    scale: float | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    bgr: bool
+    layout: str | None
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "preset": click.option(
+                "--preprocess",
+                "preset",
+                type=click.Choice(list(PRESETS)),
+                default="unit",
+                show_default=True,
+                help="Preset: unit x/255; imagenet x/255 then ImageNet mean/std; raw x.",
+            ),
+            "size": click.option(
+                "--size",
+                callback=_parse_size_option,
+                metavar="HxW",
+                help="Input size (default: the model's static input size).",
+            ),
+            "center_crop": click.option(
+                "--center-crop",
+                is_flag=True,
+                help="Resize the shorter side to size/0.875, then crop the centre.",
+            ),
+            "scale": click.option(
+                "--scale",
+                callback=_parse_scale,
+                metavar="X",
+                help="Multiply pixels by X (default from the preset, e.g. 1/255).",
+            ),
+            "mean": click.option(
+                "--mean",
+                callback=_parse_floats,
+                metavar="M[,M,M]",
+                help="Subtract per channel, after scaling.",
+            ),
+            "std": click.option(
+                "--std",
+                callback=_parse_floats,
+                metavar="S[,S,S]",
+                help="Divide per channel, after the mean.",
+            ),
+            "bgr": click.option("--bgr", is_flag=True, help="Feed channels in BGR order."),
+            "layout": click.option(
+                "--layout",
+                type=click.Choice(LAYOUTS),
+                help="Input layout (default: detected from the model).",
+            ),
+        }
+
+    def preprocess(self) -> Preprocess:
+        """The library's preprocessing (UsageError where the values do not fit)."""
+        from onnx_sp2ps.data import Preprocess
+
+        return Preprocess(
+            preset=self.preset,
+            size=self.size,
+            center_crop=self.center_crop,
+            scale=self.scale,
+            mean=self.mean,
+            std=self.std,
+            bgr=self.bgr,
+            layout=self.layout,
+        )
+
+
+@dataclass(frozen=True)
+class ModelOverrides(_OptionGroup):
+    """--input-name/--feature-layer/--logits, for the model (or the original) and, in
+    audits, their --candidate-* twins for the candidates (each defaulting to the
+    original's)."""
+
+    model: ModelOptions
+    candidates: ModelOptions
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "input_name": click.option(
+                "--input-name",
+                metavar="NAME",
+                help="Image input tensor (when the model has several inputs).",
+            ),
+            "feature_layer": click.option(
+                "--feature-layer", metavar="NAME", help="Feature-map tensor, overriding detection."
+            ),
+            "logits": click.option(
+                "--logits", metavar="NAME", help="Logits tensor, overriding detection."
+            ),
+            "candidate_input_name": click.option(
+                "--candidate-input-name",
+                metavar="NAME",
+                help="Like --input-name, for the candidates.",
+            ),
+            "candidate_feature_layer": click.option(
+                "--candidate-feature-layer",
+                metavar="NAME",
+                help="Like --feature-layer, for the candidates (pruned graphs may rename tensors).",
+            ),
+            "candidate_logits": click.option(
+                "--candidate-logits", metavar="NAME", help="Like --logits, for the candidates."
+            ),
+        }
+
+    @classmethod
+    def options(cls, *names: str, candidates: bool = False) -> Decorator:
+        """The model's options, and with ``candidates`` the candidates' twins."""
+        if not names and not candidates:
+            names = ("input_name", "feature_layer", "logits")
+        return super().options(*names)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], *, candidates: bool = False) -> ModelOverrides:
+        from onnx_sp2ps.pipeline import ModelOptions
+
+        model = ModelOptions(
+            input_name=params.pop("input_name"),
+            feature_layer=params.pop("feature_layer"),
+            logits=params.pop("logits"),
+        )
+        if not candidates:
+            return cls(model=model, candidates=model)
+        twins = ModelOptions(
+            input_name=params.pop("candidate_input_name") or model.input_name,
+            feature_layer=params.pop("candidate_feature_layer") or model.feature_layer,
+            logits=params.pop("candidate_logits") or model.logits,
+        )
+        return cls(model=model, candidates=twins)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions(_OptionGroup):
+    """How the models run: --max-memory, --provider, --threads, --batch-size."""
+
+    max_memory: int | None
+    provider: str
+    threads: int | None
+    batch_size: int
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "max_memory": _MAX_MEMORY_OPTION,
+            "provider": click.option(
+                "--provider",
+                type=click.Choice(PROVIDERS),
+                default="auto",
+                show_default=True,
+                help="Execution provider; CUDA falls back to CPU.",
+            ),
+            "threads": click.option(
+                "--threads",
+                type=click.IntRange(1, MAX_THREADS),
+                metavar="N",
+                help=f"onnxruntime intra-op threads, 1 to {MAX_THREADS} (default: all cores).",
+            ),
+            "batch_size": click.option(
+                "--batch-size",
+                type=click.IntRange(1, MAX_BATCH),
+                default=16,
+                show_default=True,
+                help=f"Images per batch, 1 to {MAX_BATCH}.",
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class CamOptions(_OptionGroup):
+    """Which maps: --method, --scorecam-channels, --target (in audits one of
+    :data:`~onnx_sp2ps.targets.AUDIT_TARGETS`; for ``cam`` also a class index)."""
+
+    method: str
+    scorecam_channels: int | None
+    target: str | int
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "method": click.option(
+                "--method",
+                type=click.Choice(list(METHODS)),
+                default="gradcam",
+                show_default=True,
+                help="CAM method.",
+            ),
+            "scorecam_channels": click.option(
+                "--scorecam-channels",
+                type=click.IntRange(1, MAX_SCORECAM_CHANNELS),
+                metavar="N",
+                help="Score-CAM: use the N channels with the largest mean "
+                f"activation, 1 to {MAX_SCORECAM_CHANNELS}.",
+            ),
+            "audit_target": click.option(
+                "--target",
+                type=click.Choice(AUDIT_TARGETS),
+                default="original",
+                show_default=True,
+                help="Class explained: the original's top-1 (both models), the label, or "
+                "each model's own top-1.",
+            ),
+            "target": click.option(
+                "--target",
+                default="own",
+                show_default=True,
+                metavar="own|label|K",
+                help="Class explained: each image's top-1, its label, or class K.",
+            ),
+        }
+
+    @classmethod
+    def options(cls, *names: str, audit: bool = False) -> Decorator:
+        """The options of ``audit`` (``audit``) or of ``cam``."""
+        if not names:
+            names = ("method", "scorecam_channels", "audit_target" if audit else "target")
+        return super().options(*names)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], *, audit: bool = False) -> CamOptions:
+        """The options; ``cam``'s --target (text) checked and parsed."""
+        group = super().from_params(params)
+        if audit:  # a choice that click checked
+            return group
+        from onnx_sp2ps.targets import parse_target
+
+        try:
+            target = parse_target(str(group.target), allow_original=False)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc), param_hint="--target") from None
+        return replace(group, target=target)
+
+
+@dataclass(frozen=True)
+class GateOptions(_OptionGroup):
+    """The gate criteria, shared by ``audit`` and ``gate``."""
+
+    fail_under: float | None
+    fail_under_p5: float | None
+    min_agreement: float | None
+    max_accuracy_drop: float | None
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "fail_under": click.option(
+                "--fail-under",
+                type=float,
+                metavar="X",
+                callback=_unit_interval,
+                help="Gate: each candidate's Sp2PS mean must be >= X.",
+            ),
+            "fail_under_p5": click.option(
+                "--fail-under-p5",
+                type=float,
+                metavar="X",
+                callback=_unit_interval,
+                help="Gate: the 5th percentile of per-image Sp2PS must be >= X.",
+            ),
+            "min_agreement": click.option(
+                "--min-agreement",
+                type=float,
+                metavar="X",
+                callback=_unit_interval,
+                help="Gate: top-1 agreement with the original must be >= X.",
+            ),
+            "max_accuracy_drop": click.option(
+                "--max-accuracy-drop",
+                type=float,
+                metavar="X",
+                callback=_unit_interval,
+                help="Gate: original accuracy minus candidate accuracy must be <= X "
+                "(absolute; needs labels).",
+            ),
+        }
+
+    def criteria(self) -> GateCriteria:
+        from onnx_sp2ps.gate import GateCriteria
+
+        return GateCriteria(
+            fail_under=self.fail_under,
+            fail_under_p5=self.fail_under_p5,
+            min_agreement=self.min_agreement,
+            max_accuracy_drop=self.max_accuracy_drop,
+        )
+
+
+@dataclass(frozen=True)
+class AuditOutput(_OptionGroup):
+    """What ``audit`` writes: --out, --format, --junit, --summary-md, --save-maps,
+    --worst, --overlays, --force."""
+
+    out: Path | None
+    fmt: str
+    junit: Path | None
+    summary_md: Path | None
+    save_maps: bool
+    worst: int
+    overlays: str
+    force: bool
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "out": click.option(
+                "--out",
+                type=click.Path(),
+                callback=_out_path,
+                help="Folder for report.json (and maps).",
+            ),
+            "fmt": _FORMAT_OPTION,
+            "junit": click.option(
+                "--junit",
+                type=_FILE_PATH,
+                metavar="FILE",
+                help="Write JUnit XML (one test case per candidate and criterion).",
+            ),
+            "summary_md": click.option(
+                "--summary-md",
+                type=_FILE_PATH,
+                metavar="FILE",
+                help="Append a short Markdown summary (pull-request comment, CI job summary "
+                "such as $GITHUB_STEP_SUMMARY); an existing file is never truncated.",
+            ),
+            "save_maps": click.option(
+                "--save-maps",
+                is_flag=True,
+                help="With --out: write OUT/maps/<model>.npz for every model.",
+            ),
+            "worst": click.option(
+                "--worst",
+                type=click.IntRange(0, MAX_WORST),
+                default=12,
+                show_default=True,
+                metavar="N",
+                help=f"With --out: show the N lowest-scoring images per candidate (0 to "
+                f"{MAX_WORST}).",
+            ),
+            "overlays": click.option(
+                "--overlays",
+                type=click.Choice(OVERLAY_MODES),
+                default="worst",
+                show_default=True,
+                help="With --out: PNG overlays under OUT/overlays/ for the worst N or all images.",
+            ),
+            "force": _FORCE_OPTION,
+        }
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> AuditOutput:
+        group = super().from_params(params)
+        if group.save_maps and group.out is None:
+            raise click.UsageError("--save-maps needs --out")
+        return group
+
+
+@dataclass(frozen=True)
+class CamOutput(_OptionGroup):
+    """What ``cam`` writes: --out, --overlays, --force."""
+
+    out: Path
+    overlays: bool
+    force: bool
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "out": click.option(
+                "--out",
+                required=True,
+                type=click.Path(),
+                callback=_out_path,
+                help="Folder for cams.npz (and overlays).",
+            ),
+            "overlays": click.option(
+                "--overlays", is_flag=True, help="Also write one PNG per image: the map over it."
+            ),
+            "force": _FORCE_OPTION,
+        }
+
+
+def _no_params_left(params: dict[str, Any]) -> None:
+    """Every option of a command belongs to a group that took its value."""
+    if params:
+        raise TypeError(f"options of no group: {', '.join(sorted(params))}")
 
 
 @dataclass
@@ -329,87 +699,6 @@ class _Console:
         return update, close
 
 
-def _unit_interval(ctx, param, value):
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise click.BadParameter("must be between 0 and 1")
-    return value
-
-
-def gate_options(f):
-    """The gate criteria, shared by ``audit`` and ``gate``."""
-    options = [
-        click.option(
-            "--fail-under",
-            type=float,
-            metavar="X",
-            callback=_unit_interval,
-            help="Gate: each candidate's Sp2PS mean must be >= X.",
-        ),
-        click.option(
-            "--fail-under-p5",
-            type=float,
-            metavar="X",
-            callback=_unit_interval,
-            help="Gate: the 5th percentile of per-image Sp2PS must be >= X.",
-        ),
-        click.option(
-            "--min-agreement",
-            type=float,
-            metavar="X",
-            callback=_unit_interval,
-            help="Gate: top-1 agreement with the original must be >= X.",
-        ),
-        click.option(
-            "--max-accuracy-drop",
-            type=float,
-            metavar="X",
-            callback=_unit_interval,
-            help="Gate: original accuracy minus candidate accuracy must be <= X "
-            "(absolute; needs labels).",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _criteria(kwargs: dict):
-    from onnx_sp2ps.gate import GateCriteria
-
-    return GateCriteria(
-        fail_under=kwargs.pop("fail_under"),
-        fail_under_p5=kwargs.pop("fail_under_p5"),
-        min_agreement=kwargs.pop("min_agreement"),
-        max_accuracy_drop=kwargs.pop("max_accuracy_drop"),
-    )
-
-
-def _format_choice(f):
-    return click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(["text", "json"]),
-        default="text",
-        show_default=True,
-        help="Output on stdout.",
-    )(f)
-
-
-def _out_path(ctx, param, value):
-    if value is None:
-        return None
-    if not value.strip():
-        raise click.BadParameter("must name a folder, not an empty string")
-    return Path(value)
-
-
-_force_option = click.option(
-    "--force",
-    is_flag=True,
-    help="Replace files under --out (and --junit) that this tool did not write.",
-)
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -417,9 +706,9 @@ CONFIG_TABLE = "onnx-sp2ps"
 
 
 def _load_toml(path: Path) -> dict:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10
         import tomli as tomllib
     from onnx_sp2ps.files import read_bounded, show
 
@@ -482,7 +771,7 @@ def _default_map(command: click.Command, settings: dict, source: str) -> dict:
         if isinstance(p, click.Option):
             for opt in p.opts:
                 params[opt.lstrip("-")] = p
-    known_anywhere = set()
+    known_anywhere: set[str] = set()
     for cmd in cli.commands.values():
         for p in cmd.params:
             if isinstance(p, click.Option):
@@ -523,7 +812,7 @@ def setting_sources(ctx: click.Context) -> dict:
     """Where each setting of the running command came from (for the report)."""
     from click.core import ParameterSource
 
-    names = {
+    names: dict[ParameterSource | None, str] = {
         ParameterSource.COMMANDLINE: "command line",
         ParameterSource.ENVIRONMENT: "environment",
         ParameterSource.DEFAULT_MAP: ctx.find_root().meta.get("config_source") or "config",
@@ -550,8 +839,8 @@ def cli():
 
 @cli.command()
 @click.argument("model", type=_PATH)
-@_format_choice
-@model_options(candidates=False)
+@_FORMAT_OPTION
+@ModelOverrides.options()
 @click.option(
     "--size",
     "size",
@@ -559,15 +848,19 @@ def cli():
     metavar="HxW",
     help="Input size used to infer shapes when the model's is symbolic.",
 )
-@_max_memory_option
-@common_options
-def inspect(model, fmt, size, max_memory, quiet, debug, **kwargs):
+@_MAX_MEMORY_OPTION
+@CommonOptions.options()
+def inspect(
+    model: Path, fmt: str, size: tuple[int, int] | None, max_memory: int | None, **params: Any
+) -> int:
     """Show what was detected in MODEL: input, layout, feature map, logits, head ops, and
     the execution providers available."""
     from onnx_sp2ps.graph import prepare_model
     from onnx_sp2ps.runtime import ModelRunner, available_providers
 
-    opts = _model_options(kwargs)
+    opts = ModelOverrides.from_params(params).model
+    CommonOptions.from_params(params)
+    _no_params_left(params)
     prepared = prepare_model(
         model,
         input_name=opts.input_name,
@@ -617,108 +910,49 @@ def _shape(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _method_options(f):
-    from onnx_sp2ps.cams import METHODS
-
-    f = click.option(
-        "--scorecam-channels",
-        type=click.IntRange(1, MAX_SCORECAM_CHANNELS),
-        metavar="N",
-        help="Score-CAM: use the N channels with the largest mean "
-        f"activation, 1 to {MAX_SCORECAM_CHANNELS}.",
-    )(f)
-    return click.option(
-        "--method",
-        type=click.Choice(list(METHODS)),
-        default="gradcam",
-        show_default=True,
-        help="CAM method.",
-    )(f)
-
-
-def _target_option(f):
-    return click.option(
-        "--target",
-        default="own",
-        show_default=True,
-        metavar="own|label|K",
-        help="Class explained: each image's top-1, its label, or class K.",
-    )(f)
-
-
 @cli.command()
 @click.argument("model", type=_PATH)
-@click.option(
-    "--images",
-    required=True,
-    type=_PATH,
-    help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.",
-)
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(),
-    callback=_out_path,
-    help="Folder for cams.npz (and overlays).",
-)
-@_method_options
-@_target_option
-@click.option("--overlays", is_flag=True, help="Also write one PNG per image: the map over it.")
-@_force_option
-@preprocess_options
-@model_options(candidates=False)
-@runtime_options
-@common_options
-def cam(
-    model,
-    images,
-    out,
-    method,
-    scorecam_channels,
-    target,
-    overlays,
-    force,
-    max_memory,
-    provider,
-    threads,
-    batch_size,
-    quiet,
-    debug,
-    class_names,
-    strict,
-    **kwargs,
-):
+@ImageOptions.options("images")
+@CamOutput.options("out")
+@CamOptions.options()
+@CamOutput.options("overlays", "force")
+@PreprocessOptions.options()
+@ImageOptions.options("class_names", "strict")
+@ModelOverrides.options()
+@RuntimeOptions.options()
+@CommonOptions.options()
+def cam(model: Path, **params: Any) -> int:
     """Compute CAMs of MODEL on images; write OUT/cams.npz (paths, targets, logits, raw,
     maps)."""
     from onnx_sp2ps.pipeline import compute_cams
     from onnx_sp2ps.report import ReportSet, overlay_image, write_npz, write_png
-    from onnx_sp2ps.targets import parse_target
 
-    console = _Console(quiet)
-    preprocess = _preprocess(kwargs)
-    opts = _model_options(kwargs)
-    try:
-        chosen = parse_target(target, allow_original=False)
-    except UsageError as exc:
-        raise click.BadParameter(str(exc), param_hint="--target") from None
-    _check_out_not_in_images(out, images)
-    with ReportSet(out, CAM_SET, force=force) as files:
+    console = CommonOptions.from_params(params).console
+    output = CamOutput.from_params(params)
+    data = ImageOptions.from_params(params)
+    runtime = RuntimeOptions.from_params(params)
+    preprocess = PreprocessOptions.from_params(params).preprocess()
+    opts = ModelOverrides.from_params(params).model
+    cams = CamOptions.from_params(params)
+    _no_params_left(params)
+    _check_out_not_in_images(output.out, data.images)
+    with ReportSet(output.out, CAM_SET, force=output.force) as files:
         update, close = console.progress("cam")
         try:
             maps, info, image_set = compute_cams(
                 model,
-                images,
+                data.images,
                 preprocess=preprocess,
-                method=method,
-                target=chosen,
+                method=cams.method,
+                target=cams.target,
                 options=opts,
-                class_names=class_names,
-                batch_size=batch_size,
-                provider=provider,
-                threads=threads,
-                strict=strict,
-                scorecam_channels=scorecam_channels,
-                max_memory=max_memory,
+                class_names=data.class_names,
+                batch_size=runtime.batch_size,
+                provider=runtime.provider,
+                threads=runtime.threads,
+                strict=data.strict,
+                scorecam_channels=cams.scorecam_channels,
+                max_memory=runtime.max_memory,
                 progress=update,
             )
         finally:
@@ -726,7 +960,7 @@ def cam(
         console.info(f"preprocess: {image_set.preprocess.describe()}")
         _provider_note(console, info)
         write_npz(files.path("cams.npz"), maps.arrays())
-        if overlays:
+        if output.overlays:
             index = {p: i for i, p in enumerate(image_set.paths)}
             for k, p in enumerate(maps.paths):
                 rgb = image_set.display_image(index[p])
@@ -737,7 +971,7 @@ def cam(
     _report_skipped(console, image_set)
     from onnx_sp2ps.files import show
 
-    click.echo(f"{len(maps.paths)} maps ({method}) written to {show(files.out / 'cams.npz')}")
+    click.echo(f"{len(maps.paths)} maps ({cams.method}) written to {show(files.out / 'cams.npz')}")
     return EXIT_OK
 
 
@@ -775,7 +1009,8 @@ def _model_folders(paths: list[str]) -> list[str]:
 
     used: set[str] = set()
     out = []
-    for name in path_endings(paths):
+    named: list[str | None] = list(paths)
+    for name in path_endings(named):
         stem = name[:-5] if name.endswith(".onnx") else name
         base = _escape_name(stem.replace("/", "_").replace(" ", "_")) or "model"
         folder, k = base, 2
@@ -823,88 +1058,18 @@ def _report_skipped(console: _Console, image_set) -> None:
 @cli.command()
 @click.argument("original", type=_PATH)
 @click.argument("candidates", nargs=-1, required=True, type=_PATH)
-@click.option(
-    "--images",
-    required=True,
-    type=_PATH,
-    help="Folder of images (sub-folders = classes) or a preprocessed .npy/.npz.",
-)
-@click.option(
-    "--out", type=click.Path(), callback=_out_path, help="Folder for report.json (and maps)."
-)
-@_format_choice
-@gate_options
-@click.option(
-    "--junit",
-    type=_FILE_PATH,
-    metavar="FILE",
-    help="Write JUnit XML (one test case per candidate and criterion).",
-)
-@click.option(
-    "--summary-md",
-    type=_FILE_PATH,
-    metavar="FILE",
-    help="Append a short Markdown summary (pull-request comment, CI job summary "
-    "such as $GITHUB_STEP_SUMMARY); an existing file is never truncated.",
-)
-@click.option(
-    "--save-maps", is_flag=True, help="With --out: write OUT/maps/<model>.npz for every model."
-)
-@click.option(
-    "--worst",
-    type=click.IntRange(0, MAX_WORST),
-    default=12,
-    show_default=True,
-    metavar="N",
-    help=f"With --out: show the N lowest-scoring images per candidate (0 to {MAX_WORST}).",
-)
-@click.option(
-    "--overlays",
-    "overlay_mode",
-    type=click.Choice(["worst", "all", "none"]),
-    default="worst",
-    show_default=True,
-    help="With --out: PNG overlays under OUT/overlays/ for the worst N or all images.",
-)
-@_method_options
-@click.option(
-    "--target",
-    type=click.Choice(["original", "label", "own"]),
-    default="original",
-    show_default=True,
-    help="Class explained: the original's top-1 (both models), the label, or each "
-    "model's own top-1.",
-)
-@_force_option
-@preprocess_options
-@model_options(candidates=True)
-@runtime_options
-@common_options
-def audit(
-    original,
-    candidates,
-    images,
-    out,
-    fmt,
-    junit,
-    summary_md,
-    save_maps,
-    worst,
-    overlay_mode,
-    method,
-    scorecam_channels,
-    target,
-    force,
-    max_memory,
-    provider,
-    threads,
-    batch_size,
-    quiet,
-    debug,
-    class_names,
-    strict,
-    **kwargs,
-):
+@ImageOptions.options("images")
+@AuditOutput.options("out", "fmt")
+@GateOptions.options()
+@AuditOutput.options("junit", "summary_md", "save_maps", "worst", "overlays")
+@CamOptions.options(audit=True)
+@AuditOutput.options("force")
+@PreprocessOptions.options()
+@ImageOptions.options("class_names", "strict")
+@ModelOverrides.options(candidates=True)
+@RuntimeOptions.options()
+@CommonOptions.options()
+def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
     import onnx_sp2ps.pipeline as audit_module
     from onnx_sp2ps.gate import apply_gate
@@ -922,58 +1087,54 @@ def audit(
         write_json,
     )
 
-    console = _Console(quiet)
-    if save_maps and out is None:
-        raise click.UsageError("--save-maps needs --out")
-    criteria = _criteria(kwargs)
-    fail_under = criteria.fail_under
-    preprocess = _preprocess(kwargs)
-    orig_opts = _model_options(kwargs)
-    cand_opts = _model_options(kwargs, prefix="candidate_")
-    cand_opts = type(cand_opts)(
-        input_name=cand_opts.input_name or orig_opts.input_name,
-        feature_layer=cand_opts.feature_layer or orig_opts.feature_layer,
-        logits=cand_opts.logits or orig_opts.logits,
-    )
-    if junit is not None:
-        check_target(junit, option="--junit", force=force)
-    if summary_md is not None:
-        check_target(summary_md, option="--summary-md", force=True)
+    console = CommonOptions.from_params(params).console
+    output = AuditOutput.from_params(params)
+    data = ImageOptions.from_params(params)
+    runtime = RuntimeOptions.from_params(params)
+    cams = CamOptions.from_params(params, audit=True)
+    criteria = GateOptions.from_params(params).criteria()
+    preprocess = PreprocessOptions.from_params(params).preprocess()
+    models = ModelOverrides.from_params(params, candidates=True)
+    _no_params_left(params)
+    if output.junit is not None:
+        check_target(output.junit, option="--junit", force=output.force)
+    if output.summary_md is not None:
+        check_target(output.summary_md, option="--summary-md", force=True)
     settings = audit_module.AuditSettings(
-        method=method,
-        target=target,
-        batch_size=batch_size,
-        provider=provider,
-        threads=threads,
-        threshold=fail_under,
-        strict=strict,
-        scorecam_channels=scorecam_channels,
-        max_memory=max_memory,
+        method=cams.method,
+        target=cams.target,
+        batch_size=runtime.batch_size,
+        provider=runtime.provider,
+        threads=runtime.threads,
+        threshold=criteria.fail_under,
+        strict=data.strict,
+        scorecam_channels=cams.scorecam_channels,
+        max_memory=runtime.max_memory,
     )
     folders = _model_folders([str(original), *map(str, candidates)])
     files = None
-    if out is not None:
-        _check_out_not_in_images(out, images)
-        files = ReportSet(out, AUDIT_SET, force=force)
+    if output.out is not None:
+        _check_out_not_in_images(output.out, data.images)
+        files = ReportSet(output.out, AUDIT_SET, force=output.force)
     try:
         update, close = console.progress("audit")
         streamer = (
             _OverlayStreamer(files.path("overlays"), folders)
-            if (files is not None and overlay_mode == "all")
+            if (files is not None and output.overlays == "all")
             else None
         )
         try:
             result = audit_module.audit(
                 original,
                 list(candidates),
-                images,
+                data.images,
                 preprocess=preprocess,
                 settings=settings,
-                original_options=orig_opts,
-                candidate_options=cand_opts,
-                class_names=class_names,
-                keep_maps=save_maps,
-                worst=worst if files is not None else 0,
+                original_options=models.model,
+                candidate_options=models.candidates,
+                class_names=data.class_names,
+                keep_maps=output.save_maps,
+                worst=output.worst if files is not None else 0,
                 on_maps=streamer,
                 progress=update,
             )
@@ -987,7 +1148,7 @@ def audit(
         # The gate is checked once; the table, the files and the exit code show it.
         checks = apply_gate(report, criteria) if criteria.any() else []
         if files is not None:
-            overlays = files.path("overlays") if overlay_mode == "worst" else None
+            overlays = files.path("overlays") if output.overlays == "worst" else None
             page = html_report(
                 report,
                 _worst_images(result, report, folders, overlays),
@@ -996,7 +1157,7 @@ def audit(
             table = samples_csv(report).encode("utf-8")
             write_atomic(files.path("samples.csv"), lambda h: h.write(table))
             write_atomic(files.path("report.html"), lambda h: h.write(page.encode("utf-8")))
-            if save_maps:
+            if output.save_maps:
                 _save_maps(files.path("maps"), result, folders)
             write_json(files.path("report.json"), report)
             files.commit()
@@ -1004,18 +1165,18 @@ def audit(
     finally:
         if files is not None:
             files.discard()
-    if junit is not None:
+    if output.junit is not None:
         text = junit_xml(report, checks).encode("utf-8")
-        write_atomic(junit, lambda h: h.write(text), option="--junit")
-    if summary_md is not None:
-        append_text(summary_md, summary_markdown(report, checks), option="--summary-md")
-    if fmt == "json":
+        write_atomic(output.junit, lambda h: h.write(text), option="--junit")
+    if output.summary_md is not None:
+        append_text(output.summary_md, summary_markdown(report, checks), option="--summary-md")
+    if output.fmt == "json":
         click.echo(json.dumps(report, indent=2, allow_nan=False))
     else:
         click.echo(format_table(report))
     if not criteria.any():
         return EXIT_OK
-    return _gate(checks, to_stderr=fmt == "json")
+    return _gate(checks, to_stderr=output.fmt == "json")
 
 
 class _OverlayStreamer:
@@ -1106,14 +1267,16 @@ def _gate(checks: list, *, to_stderr: bool = False) -> int:
 
 @cli.command()
 @click.argument("report", type=_PATH)
-@gate_options
-@common_options
-def gate(report, quiet, debug, **kwargs):
+@GateOptions.options()
+@CommonOptions.options()
+def gate(report: Path, **params: Any) -> int:
     """Re-check a saved REPORT.json against gate criteria without re-running the models."""
     from onnx_sp2ps.gate import check_report
     from onnx_sp2ps.report import load_report
 
-    criteria = _criteria(kwargs)
+    CommonOptions.from_params(params)
+    criteria = GateOptions.from_params(params).criteria()
+    _no_params_left(params)
     if not criteria.any():
         raise click.UsageError(
             "give at least one criterion (--fail-under, --fail-under-p5, "
