@@ -874,6 +874,145 @@ def _per_class_rows(cand: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+_HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}"
+    "th:first-child,td:first-child{text-align:left}"
+    ".worst td{text-align:center}.verdict{font-size:1.4em;font-weight:bold}"
+    ".PASSED{color:#1e7b34}.FAILED{color:#c0392b}img{image-rendering:pixelated}"
+    "code{font-size:.85em}"
+)
+_RANKING_HEADER = [
+    "candidate",
+    "Sp2PS",
+    "balanced",
+    "p5",
+    "S",
+    "F",
+    "agreement",
+    "accuracy",
+    "conf. drop",
+    "gate",
+]
+
+
+def _e(x: object) -> str:
+    from html import escape
+
+    return escape(str(x), quote=True)
+
+
+def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f'<table class="{_e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _html_img(data: bytes, alt: str) -> str:
+    import base64
+
+    src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return f'<img src="{src}" alt="{_e(alt)}" width="128" height="128">'
+
+
+def _class_namer(class_names: list[str] | None) -> Callable[[int | str | None], str]:
+    def name_of(cls: int | str | None) -> str:  # an index, or its digits
+        if cls is None:
+            return "-"
+        if class_names and 0 <= int(cls) < len(class_names):
+            return f"{cls} {class_names[int(cls)]}"
+        return str(cls)
+
+    return name_of
+
+
+def _html_settings_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = [[k, json.dumps(v)] for k, v in report["settings"].items()]
+    rows += [[f"preprocess.{k}", json.dumps(v)] for k, v in report["preprocess"].items()]
+    rows += [
+        ["providers", ", ".join(report["providers"]["used"])],
+        [
+            "images",
+            f"{report['images']['source']}: {report['images']['scored']} "
+            f"scored, {len(report['images']['skipped'])} skipped",
+        ],
+    ]
+    rows += [[f"version.{k}", v] for k, v in report["versions"].items()]
+    return rows
+
+
+def _html_ranking_row(c: dict[str, Any]) -> list[str]:
+    s = c["sp2ps"]
+    gate = c.get("gate")
+    return [
+        c["model"]["name"],
+        _fmt(s["mean"]),
+        _fmt(s["class_balanced_mean"]),
+        _fmt(s["p5"]),
+        _fmt(s["spatial_mean"]),
+        _fmt(s["spectral_mean"]),
+        _fmt(c["agreement"], 3),
+        _fmt(c["accuracy"], 3),
+        _fmt(c["confidence_drop"]),
+        "-" if gate is None else ("pass" if gate["passed"] else "FAIL"),
+    ]
+
+
+def _html_worst(worst: list[WorstImage], name_of: Callable[[int | str | None], str]) -> str:
+    rows = [
+        "<tr>"
+        f"<td>{_html_img(w.image_png, 'input ' + w.path)}<br><code>{_e(w.path)}</code></td>"
+        f"<td>{_html_img(w.original_png, 'original map')}<br>pred "
+        f"{_e(name_of(w.prediction_original))}</td>"
+        f"<td>{_html_img(w.candidate_png, 'candidate map')}<br>pred "
+        f"{_e(name_of(w.prediction_candidate))}</td>"
+        f"<td>S {_e(_fmt(w.spatial))}<br>F {_e(_fmt(w.spectral))}<br>"
+        f"<b>Sp2PS {_e(_fmt(w.score))}</b><br>label {_e(name_of(w.label))}</td>"
+        "</tr>"
+        for w in worst
+    ]
+    if not rows:
+        return "<p>(no images)</p>"
+    return (
+        "<table class=worst><thead><tr><th>input</th><th>original's map</th>"
+        "<th>candidate's map</th><th>scores</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+
+
+def _html_candidate(
+    c: dict[str, Any],
+    original: dict[str, Any],
+    worst: list[WorstImage],
+    threshold: float | None,
+    name_of: Callable[[int | str | None], str],
+) -> str:
+    """One candidate's section: size relative to the original, histogram, per-class
+    table and worst images."""
+    name = c["model"]["name"]
+    scores = [r["score"] if r["score"] is not None else 0.0 for r in c["images"]]
+    params = c["model"].get("parameters")
+    size = c["model"].get("size_bytes")
+    rel = []
+    if params and original["model"].get("parameters"):
+        rel.append(f"{params / original['model']['parameters']:.1%} of the original's parameters")
+    if size and original["model"].get("size_bytes"):
+        rel.append(f"{size / original['model']['size_bytes']:.1%} of its file size")
+    return (
+        f'<section class="candidate"><h2>{_e(name)}</h2>'
+        f"<p>{_e('; '.join(rel))}</p>"
+        f"<h3>Per-image Sp2PS</h3>{_histogram_svg(scores, threshold)}"
+        f"<h3>Per class (original's target)</h3>"
+        + _html_table(
+            ["class", "images", "Sp2PS", "S", "F", "agreement"],
+            [[name_of(r[0])] + r[1:] for r in _per_class_rows(c)],
+        )
+        + f"<h3>Lowest-scoring images</h3>{_html_worst(worst, name_of)}</section>"
+    )
+
+
 def html_report(
     report: dict[str, Any],
     worst: dict[str, list[WorstImage]],
@@ -882,145 +1021,28 @@ def html_report(
 ) -> str:
     """report.html: one self-contained page (no network, no JavaScript): settings,
     ranking, and per candidate a histogram, a per-class table and the worst images."""
-    import base64
-    from html import escape
-
-    def e(x: object) -> str:
-        return escape(str(x), quote=True)
-
-    def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
-        head = "".join(f"<th>{e(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in r) + "</tr>" for r in rows)
-        return (
-            f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-        )
-
-    def img(data: bytes, alt: str) -> str:
-        src = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-        return f'<img src="{src}" alt="{e(alt)}" width="128" height="128">'
-
-    def name_of(cls: int | str | None) -> str:  # an index, or its digits
-        if cls is None:
-            return "-"
-        if class_names and 0 <= int(cls) < len(class_names):
-            return f"{cls} {class_names[int(cls)]}"
-        return str(cls)
-
     orig = report["original"]
     verdict = report.get("passed")
     status = "" if verdict is None else ("PASSED" if verdict else "FAILED")
     threshold = (report.get("gate_criteria") or {}).get("fail_under")
-    settings_rows = [[k, json.dumps(v)] for k, v in report["settings"].items()]
-    settings_rows += [[f"preprocess.{k}", json.dumps(v)] for k, v in report["preprocess"].items()]
-    settings_rows += [
-        ["providers", ", ".join(report["providers"]["used"])],
-        [
-            "images",
-            f"{report['images']['source']}: {report['images']['scored']} "
-            f"scored, {len(report['images']['skipped'])} skipped",
-        ],
-    ]
-    settings_rows += [[f"version.{k}", v] for k, v in report["versions"].items()]
-    ranking = []
+    name_of = _class_namer(class_names)
     order = _ranked(report["candidates"])
-    for c in order:
-        s = c["sp2ps"]
-        gate = c.get("gate")
-        ranking.append(
-            [
-                c["model"]["name"],
-                _fmt(s["mean"]),
-                _fmt(s["class_balanced_mean"]),
-                _fmt(s["p5"]),
-                _fmt(s["spatial_mean"]),
-                _fmt(s["spectral_mean"]),
-                _fmt(c["agreement"], 3),
-                _fmt(c["accuracy"], 3),
-                _fmt(c["confidence_drop"]),
-                "-" if gate is None else ("pass" if gate["passed"] else "FAIL"),
-            ]
-        )
-    sections = []
-    for c in order:
-        name = c["model"]["name"]
-        scores = [r["score"] if r["score"] is not None else 0.0 for r in c["images"]]
-        rows = []
-        for w in worst.get(name, []):
-            rows.append(
-                "<tr>"
-                f"<td>{img(w.image_png, 'input ' + w.path)}<br><code>{e(w.path)}</code></td>"
-                f"<td>{img(w.original_png, 'original map')}<br>pred "
-                f"{e(name_of(w.prediction_original))}</td>"
-                f"<td>{img(w.candidate_png, 'candidate map')}<br>pred "
-                f"{e(name_of(w.prediction_candidate))}</td>"
-                f"<td>S {e(_fmt(w.spatial))}<br>F {e(_fmt(w.spectral))}<br>"
-                f"<b>Sp2PS {e(_fmt(w.score))}</b><br>label {e(name_of(w.label))}</td>"
-                "</tr>"
-            )
-        worst_html = (
-            (
-                "<table class=worst><thead><tr><th>input</th><th>original's map</th>"
-                "<th>candidate's map</th><th>scores</th></tr></thead><tbody>"
-                + "".join(rows)
-                + "</tbody></table>"
-            )
-            if rows
-            else "<p>(no images)</p>"
-        )
-        params = c["model"].get("parameters")
-        size = c["model"].get("size_bytes")
-        rel = []
-        if params and orig["model"].get("parameters"):
-            rel.append(f"{params / orig['model']['parameters']:.1%} of the original's parameters")
-        if size and orig["model"].get("size_bytes"):
-            rel.append(f"{size / orig['model']['size_bytes']:.1%} of its file size")
-        sections.append(
-            f'<section class="candidate"><h2>{e(name)}</h2>'
-            f"<p>{e('; '.join(rel))}</p>"
-            f"<h3>Per-image Sp2PS</h3>{_histogram_svg(scores, threshold)}"
-            f"<h3>Per class (original's target)</h3>"
-            + table(
-                ["class", "images", "Sp2PS", "S", "F", "agreement"],
-                [[name_of(r[0])] + r[1:] for r in _per_class_rows(c)],
-            )
-            + f"<h3>Lowest-scoring images</h3>{worst_html}</section>"
-        )
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
-        "table{border-collapse:collapse;margin:.5em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}"
-        "th:first-child,td:first-child{text-align:left}"
-        ".worst td{text-align:center}.verdict{font-size:1.4em;font-weight:bold}"
-        ".PASSED{color:#1e7b34}.FAILED{color:#c0392b}img{image-rendering:pixelated}"
-        "code{font-size:.85em}"
-    )
+    sections = [
+        _html_candidate(c, orig, worst.get(c["model"]["name"], []), threshold, name_of)
+        for c in order
+    ]
     return (
         f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>{_HTML_MARK}"
-        f"<title>onnx-sp2ps audit of {e(orig['model']['name'])}</title>"
-        f"<style>{style}</style></head><body>"
-        f"<h1>onnx-sp2ps audit of <code>{e(orig['model']['name'])}</code></h1>"
+        f"<title>onnx-sp2ps audit of {_e(orig['model']['name'])}</title>"
+        f"<style>{_HTML_STYLE}</style></head><body>"
+        f"<h1>onnx-sp2ps audit of <code>{_e(orig['model']['name'])}</code></h1>"
         + (f'<p class="verdict {status}">{status}</p>' if status else "")
-        + f"<p>Original accuracy {e(_fmt(orig['accuracy'], 3))}; method "
-        f"{e(report['settings']['method'])}, target {e(report['settings']['target'])}.</p>"
+        + f"<p>Original accuracy {_e(_fmt(orig['accuracy'], 3))}; method "
+        f"{_e(report['settings']['method'])}, target {_e(report['settings']['target'])}.</p>"
         "<h2>Ranking</h2>"
-        + table(
-            [
-                "candidate",
-                "Sp2PS",
-                "balanced",
-                "p5",
-                "S",
-                "F",
-                "agreement",
-                "accuracy",
-                "conf. drop",
-                "gate",
-            ],
-            ranking,
-            "ranking",
-        )
+        + _html_table(_RANKING_HEADER, [_html_ranking_row(c) for c in order], "ranking")
         + "".join(sections)
         + "<h2>Settings</h2>"
-        + table(["setting", "value"], settings_rows, "settings")
+        + _html_table(["setting", "value"], _html_settings_rows(report), "settings")
         + "</body></html>\n"
     )
