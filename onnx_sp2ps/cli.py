@@ -564,7 +564,7 @@ def cli():
 def inspect(model, fmt, size, max_memory, quiet, debug, **kwargs):
     """Show what was detected in MODEL: input, layout, feature map, logits, head ops, and
     the execution providers available."""
-    from onnx_sp2ps.graph import prepare_model
+    from onnx_sp2ps.model import prepare_model
     from onnx_sp2ps.runtime import ModelRunner, available_providers
 
     opts = _model_options(kwargs)

@@ -1,6 +1,6 @@
 """ONNX Runtime sessions: provider choice, the edited model and its head.
 
-No graph edits here (that is :mod:`onnx_sp2ps.graph`).  Nothing is printed: the one
+No graph edits here (that is :mod:`onnx_sp2ps.model.edit`).  Nothing is printed: the one
 line about a CUDA fallback is returned in :attr:`ProviderChoice.note` for the CLI.
 
 Activations are handed out in NCHW whatever the model's feature layout, so that the CAM
@@ -22,9 +22,10 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient, fuse_gradient
+from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient
 from onnx_sp2ps.errors import DataError, ModelError, UsageError
-from onnx_sp2ps.graph import PreparedModel, is_too_large, split_large_weights
+from onnx_sp2ps.model.edit import PreparedModel, fuse_gradient
+from onnx_sp2ps.model.load import is_too_large, split_large_weights
 
 __all__ = [
     "PROVIDERS",
@@ -329,7 +330,7 @@ class ModelRunner:
     Parameters
     ----------
     prepared
-        From :func:`onnx_sp2ps.graph.prepare_model`.
+        From :func:`onnx_sp2ps.model.prepare_model`.
     provider, threads
         See :func:`create_session`.
     device_inputs
@@ -354,7 +355,7 @@ class ModelRunner:
         self._input_dtype = _np_dtype(spec.input.dtype)
         self._outputs = [spec.feature_map.name, spec.logits.name]
         self._nhwc = spec.feature_layout == "NHWC"
-        self._head_dtype = np.dtype(np.float32)  # graph.float32_head: all head maths in fp32
+        self._head_dtype = np.dtype(np.float32)  # model.float32_head: all head maths in fp32
         self.batch_limit = spec.fixed_batch
         self.head_batch_limit: int | None = None
         self._head_checked = False
