@@ -9,17 +9,15 @@ cuts out (feature map -> logits) and returns a model with inputs
 and outputs ``logits`` and ``gradient`` = dy_target / dA, the shape of ``A``.  One run
 gives the exact per-position gradients that Grad-CAM's relatives need.
 
-The backward pass is written op by op (reverse-mode differentiation) for the ops
-classifier heads use: GlobalAveragePool, GlobalMaxPool, AveragePool and MaxPool (when
-they reduce to 1x1 or tile without overlap), ReduceMean/ReduceSum/ReduceMax, Flatten,
-Reshape, Squeeze, Unsqueeze, Transpose, Identity, Dropout, Gemm, MatMul, Add, Sub, Mul,
-Div, Pow (constant exponent), Neg, Exp, Sqrt, BatchNormalization, LayerNormalization,
-Relu, LeakyRelu, Clip, HardSigmoid, HardSwish, Sigmoid, Tanh, Erf, Gelu, Softmax, LogSoftmax,
-Gather (opset 16+), Conv with 1x1 kernels, Concat, and QuantizeLinear/DequantizeLinear
-straight-through (QOperator ops are differentiated in their QDQ form,
-:func:`onnx_sp2ps.model.qdq_form`).
-Weights may be initializers or Constant nodes (or computed from them).  For any other op,
-:class:`UnsupportedHead` says which, and the caller falls back to finite differences.
+The backward pass is written op by op (reverse-mode differentiation): one
+``_Builder._bw_<op>`` rule per op that classifier heads use, and :data:`GRADIENT_OPS`
+is the list those rules make.  Some rules take only some forms of their op (pools that
+reduce to 1x1 or tile without overlap, Conv with 1x1 kernels, Pow of a constant
+exponent, Gather from opset 16); QuantizeLinear/DequantizeLinear are straight-through,
+and QOperator ops are differentiated in their QDQ form
+(:func:`onnx_sp2ps.model.qdq_form`).  Weights may be initializers or Constant nodes (or
+computed from them).  For any other op or form, :class:`UnsupportedHead` says which,
+and the caller falls back to finite differences.
 No onnxruntime here.
 """
 
@@ -36,7 +34,7 @@ from onnx_sp2ps.model.compressed import UnsupportedQuantizedOp, qdq_form
 from onnx_sp2ps.model.index import _attr, constant_value
 from onnx_sp2ps.model.load import check_model
 
-__all__ = ["UnsupportedHead", "HeadGradient", "build_head_gradient"]
+__all__ = ["UnsupportedHead", "HeadGradient", "build_head_gradient", "GRADIENT_OPS"]
 
 TARGET = "sp2ps_target"
 LOGITS_OUT = "sp2ps_logits"
@@ -115,12 +113,10 @@ class _Builder:
         self.count += 1
         return f"sp2ps_bw/{hint}_{self.count}"
 
-    def op(
-        self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs
-    ) -> str | list[str]:
-        outs = [self.name(hint or op_type) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
-        return outs[0] if n_out == 1 else outs
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        out = self.name(hint or op_type)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
 
     def const(self, value, hint: str = "c", dtype=np.float32) -> str:
         name = self.name(hint)
@@ -251,9 +247,9 @@ class _Builder:
             outs = [o for o in node.output if o in self.grads]
             if not outs or not any(i in self.active for i in node.input):
                 continue
-            rule = getattr(self, f"_bw_{node.op_type}", None)
-            if rule is None or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in GRADIENT_OPS or node.domain not in ("", "ai.onnx"):
                 raise UnsupportedHead(f"no gradient rule for {node.op_type}")
+            rule = getattr(self, f"_bw_{node.op_type}")
             dy = self.grad(node.output[0])
             if dy is None:
                 continue
@@ -450,7 +446,9 @@ class _Builder:
     def _tile_up(self, node, t: str) -> str:
         """Repeat each pooled value over its window and pad the remainder with zeros."""
         kernel = list(_attr(node, "kernel_shape"))
-        channels = self.static_shape(node.input[0])[1]
+        shape = self.static_shape(node.input[0])
+        assert shape is not None  # (a "tiled" _pool_form has a known shape)
+        channels = shape[1]
         ones = self.const(np.ones([channels, 1] + kernel), "ones")
         up = self.op("ConvTranspose", [t, ones], "tile", strides=kernel, group=channels)
         # Pad to x's size (floor mode leaves a remainder that gets no gradient).
@@ -886,6 +884,10 @@ class _Builder:
                 "Transpose", [scattered], "gather_back", perm=[int(i) for i in np.argsort(to_front)]
             ),
         )
+
+
+#: The ops with a gradient rule: the ``_bw_<op>`` methods of :class:`_Builder`.
+GRADIENT_OPS = frozenset(name[len("_bw_") :] for name in vars(_Builder) if name.startswith("_bw_"))
 
 
 def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:

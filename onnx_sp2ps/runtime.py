@@ -437,16 +437,16 @@ class ModelRunner:
         self, inputs: np.ndarray, targets: np.ndarray | None, uploads: DeviceInputs | None
     ) -> tuple[np.ndarray, np.ndarray]:
         fused = self._fused is not None and targets is not None
-        names = self._outputs + (
-            [self._grad[0].gradient, self._grad[0].target_used] if fused else []
-        )
-        session = self._fused if fused else self.session
+        # (a fused session is only made with the exact gradient it contains: _grad is set)
+        grad = self._grad[0] if fused and self._grad is not None else None
+        names = self._outputs + ([grad.gradient, grad.target_used] if grad is not None else [])
+        session = self._fused if fused and self._fused is not None else self.session
         on_device = _device(session.get_providers()) == "cuda"
 
         def run(images, *rest, span):
             feed = {self._input: self._image_input(images, span, on_device, uploads)}
-            if fused:
-                feed[self._grad[0].target] = np.asarray(rest[0][span], dtype=np.int64)
+            if grad is not None:
+                feed[grad.target] = np.asarray(rest[0][span], dtype=np.int64)
             return _run(session, names, feed)
 
         rows = [inputs, np.asarray(targets)] if fused else [inputs]
