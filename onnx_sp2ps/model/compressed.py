@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -165,6 +167,19 @@ def _float_views(
     return out, dataclasses.replace(spec, feature_map=feature, logits=logits)
 
 
+class _Add(Protocol):
+    """How a QOperator rule adds a node: ``add(op_type, inputs, output=None, **attrs)``
+    returns the name of the node's one output (made up when not given)."""
+
+    def __call__(
+        self, op_type: str, inputs: list[str], output: str | None = None, **attrs: Any
+    ) -> str: ...
+
+
+#: A QOperator rule: writes the node's QDQ form through ``add``.
+_Rule = Callable[[onnx.NodeProto, _Add], None]
+
+
 def qdq_form(head: onnx.ModelProto) -> onnx.ModelProto:
     """``head`` with its QOperator ops (QLinearConv, QLinearMatMul, QGemm,
     QLinearGlobalAveragePool, QLinearAdd, QLinearMul) written as DequantizeLinear -> float
@@ -176,7 +191,7 @@ def qdq_form(head: onnx.ModelProto) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     counter = iter(range(1 << 30))
 
-    def add(op_type, inputs, output=None, **attrs):
+    def add(op_type: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
         name = output or f"sp2ps_qdq/{op_type}_{next(counter)}"
         nodes.append(helper.make_node(op_type, inputs, [name], **attrs))
         return name
@@ -194,11 +209,11 @@ def qdq_form(head: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _dq(add, x, scale, zp, **attrs):
+def _dq(add: _Add, x: str, scale: str, zp: str, **attrs: Any) -> str:
     return add("DequantizeLinear", [x, scale, zp] if zp else [x, scale], **attrs)
 
 
-def _requantize(add, node, y, at):
+def _requantize(add: _Add, node: onnx.NodeProto, y: str, at: int) -> None:
     """Quantize the float ``y`` to the node's output (scale, zero point at ``at``)."""
     ins = node.input
     if len(ins) > at and ins[at]:
@@ -208,7 +223,7 @@ def _requantize(add, node, y, at):
         add("Identity", [y], node.output[0])
 
 
-def _float_bias(add, bias, *scales, alpha=1.0):
+def _float_bias(add: _Add, bias: str, *scales: str, alpha: float = 1.0) -> str:
     scale = add("Mul", list(scales[:2])) if len(scales) == 2 else scales[0]
     if alpha != 1.0:
         scale = add(
@@ -221,7 +236,7 @@ def _float_bias(add, bias, *scales, alpha=1.0):
     return add("Mul", [add("Cast", [bias], to=onnx.TensorProto.FLOAT), scale])
 
 
-def _q_conv(node, add):
+def _q_conv(node: onnx.NodeProto, add: _Add) -> None:
     i = node.input
     x, w = _dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5], axis=0)
     ins = [x, w] + ([_float_bias(add, i[8], i[1], i[4])] if len(i) > 8 and i[8] else [])
@@ -229,14 +244,14 @@ def _q_conv(node, add):
     _requantize(add, node, add("Conv", ins, **attrs), 6)
 
 
-def _q_matmul(node, add):
+def _q_matmul(node: onnx.NodeProto, add: _Add) -> None:
     i = node.input
     _requantize(
         add, node, add("MatMul", [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]), 6
     )
 
 
-def _q_gemm(node, add):
+def _q_gemm(node: onnx.NodeProto, add: _Add) -> None:
     i = node.input
     alpha = float(_attr(node, "alpha", 1.0))
     ins = [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]
@@ -252,15 +267,15 @@ def _q_gemm(node, add):
     _requantize(add, node, y, 7)
 
 
-def _q_global_average_pool(node, add):
+def _q_global_average_pool(node: onnx.NodeProto, add: _Add) -> None:
     if int(_attr(node, "channels_last", 0)):
         raise UnsupportedQuantizedOp("QLinearGlobalAveragePool with channels_last")
     i = node.input
     _requantize(add, node, add("GlobalAveragePool", [_dq(add, i[0], i[1], i[2])]), 3)
 
 
-def _q_binary(op_type):
-    def rule(node, add):
+def _q_binary(op_type: str) -> _Rule:
+    def rule(node: onnx.NodeProto, add: _Add) -> None:
         i = node.input
         _requantize(
             add, node, add(op_type, [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]), 6
@@ -269,7 +284,7 @@ def _q_binary(op_type):
     return rule
 
 
-_QOPERATOR = {
+_QOPERATOR: dict[str, _Rule] = {
     "QLinearConv": _q_conv,
     "QLinearMatMul": _q_matmul,
     "QGemm": _q_gemm,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -114,7 +115,7 @@ class ModelSpec:
     opset: int
     ir_version: int
     producer: str
-    detected: dict = field(default_factory=dict)
+    detected: dict[str, bool] = field(default_factory=dict)
     #: Bytes per input image of the largest tensor shape inference found at the size
     #: detection probed (None when none has a static shape): for memory estimates
     #: (:func:`onnx_sp2ps.pipeline.check_batch_memory`); not reported.
@@ -140,7 +141,7 @@ class ModelSpec:
             return shape[0]
         return None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "input": {**self.input.to_dict(), "layout": self.layout},
             "feature_map": {**self.feature_map.to_dict(), "layout": self.feature_layout},
@@ -157,7 +158,7 @@ class ModelSpec:
         }
 
 
-def _spatial(shape: tuple[Dim, ...] | None, layout: str) -> tuple[Dim, Dim]:
+def _spatial(shape: tuple[Dim, ...] | None, layout: str) -> tuple[int | None, int | None]:
     if shape is None or len(shape) != 4:
         return (None, None)
     h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
@@ -203,7 +204,7 @@ def _input_layout(g: GraphIndex, name: str, shape: tuple[Dim, ...] | None) -> st
     if any(op in ("Conv", "ConvInteger", "MaxPool", "AveragePool") for op in first):
         return "NCHW"
 
-    def chan(d):
+    def chan(d: Dim) -> bool:
         return isinstance(d, int) and d in (1, 3, 4)
 
     if chan(shape[3]) and not chan(shape[1]):
@@ -371,7 +372,8 @@ def _behind_classifier_conv(g: GraphIndex, feature: str, num_classes: int | None
                 and weight.shape[0] == num_classes
                 and group == 1
             ):
-                return node.input[0]
+                trunk: str = node.input[0]
+                return trunk
         return feature
     return feature
 
@@ -509,7 +511,7 @@ def _analyse(
     ):
         raise DetectionError(
             f"the output {logits_name!r} has spatial extent (shape "
-            f"{list(probe.info(logits_name).shape)}): this is not an image classifier; "
+            f"{list(probe.info(logits_name).shape or ())}): this is not an image classifier; "
             "name the logits with --logits"
         )
 
@@ -567,13 +569,14 @@ def _largest_activation(probe: GraphIndex) -> int | None:
         if name in probe.initializers:
             continue
         shape = _shape_of(vi.type)
-        if not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+        dims = [d for d in shape or () if isinstance(d, int) and d >= 0]
+        if not shape or len(dims) != len(shape):
             continue
         try:
             item = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).itemsize
         except Exception:
             item = 4
-        nbytes = _numel(shape[1:]) * item
+        nbytes = _numel(dims[1:]) * item
         largest = nbytes if largest is None else max(largest, nbytes)
     return largest
 
@@ -601,8 +604,8 @@ def _shape_from_output(g: GraphIndex, info: TensorInfo) -> TensorInfo:
 def _num_classes(shape: tuple[Dim, ...] | None) -> int | None:
     if not shape:
         return None
-    rest = [d for d in shape[1:]]
-    if all(isinstance(d, int) for d in rest):
+    rest = [d for d in shape[1:] if isinstance(d, int)]
+    if len(rest) == len(shape) - 1:
         return int(np.prod(rest)) if rest else 1
     return None
 

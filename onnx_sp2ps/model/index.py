@@ -273,7 +273,7 @@ def _outer_names(graph: onnx.GraphProto) -> list[str]:
     """Names a subgraph reads from the graph around it (not its own inputs, weights or
     node outputs)."""
     local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    names = []
+    names: list[str] = []
     for node in graph.node:
         local.update(node.output)
         names.extend(i for i in node.input if i and i not in local)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import os
 import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import onnx
@@ -61,7 +63,7 @@ def load_model(path: str | Path, *, max_memory: int | None = None) -> onnx.Model
         raise _out_of_memory(p, "loading") from exc
 
 
-def _out_of_memory(where, doing: str) -> ModelError:
+def _out_of_memory(where: str | Path, doing: str) -> ModelError:
     return ModelError(
         f"{where}: out of memory while {doing} the model: free memory, use "
         "a machine with more, or check that the model is what it claims to be"
@@ -167,7 +169,9 @@ def _check_external(t: onnx.TensorProto, path: Path, folder: Path) -> None:
     location = info.get("location", "")
     name = t.name
 
-    def refuse(problem: str, remedy: str = "keep external data files next to the model"):
+    def refuse(
+        problem: str, remedy: str = "keep external data files next to the model"
+    ) -> NoReturn:
         raise ModelError(f"{path}: weights of {name!r} {problem}; refused: {remedy}")
 
     if "\0" in location:
@@ -239,7 +243,7 @@ _MAX_LOCATION, _MAX_NAME = 4096, 255
 _T = onnx.TensorProto
 #: Element types stored with fewer than 8 bits: bits per element in raw_data, and
 #: elements per entry of int32_data.
-_PACKED = {_T.UINT4: (4, 2), _T.INT4: (4, 2), _T.FLOAT4E2M1: (4, 2)}
+_PACKED: dict[int, tuple[int, int]] = {_T.UINT4: (4, 2), _T.INT4: (4, 2), _T.FLOAT4E2M1: (4, 2)}
 for _name, _bits, _per in (
     ("UINT2", 2, 4),
     ("INT2", 2, 4),
@@ -249,7 +253,7 @@ for _name, _bits, _per in (
     if hasattr(_T, _name):
         _PACKED[getattr(_T, _name)] = (_bits, _per)
 #: Typed-field entries per element (complex numbers take two).
-_ENTRIES = {_T.COMPLEX64: 2, _T.COMPLEX128: 2}
+_ENTRIES: dict[int, int] = {_T.COMPLEX64: 2, _T.COMPLEX128: 2}
 
 
 def _regular_file(p: Path) -> os.stat_result:
@@ -277,7 +281,9 @@ def _regular_file(p: Path) -> os.stat_result:
     return st
 
 
-def _all_tensors(model: onnx.ModelProto):
+def _all_tensors(
+    model: onnx.ModelProto,
+) -> Iterator[tuple[onnx.TensorProto | onnx.SparseTensorProto, str]]:
     """(tensor, label) for every dense and every sparse tensor of the model: initializers
     and node attributes (Constant values and others), in subgraphs and functions too."""
     for g in _walk_graphs(model):
@@ -301,16 +307,16 @@ def _all_tensors(model: onnx.ModelProto):
 
 def _type_name(data_type: int) -> str:
     try:
-        return onnx.TensorProto.DataType.Name(data_type).lower()
+        return str(onnx.TensorProto.DataType.Name(data_type)).lower()
     except ValueError:
         return f"type {data_type}"
 
 
-def _shape_text(dims) -> str:
+def _shape_text(dims: Iterable[int]) -> str:
     return "x".join(str(d) for d in dims) or "scalar"
 
 
-def _declared(t: onnx.TensorProto, where, what: str) -> tuple[int, int]:
+def _declared(t: onnx.TensorProto, where: str | Path, what: str) -> tuple[int, int]:
     """(elements, bytes in memory) that ``t`` declares, with Python integers (no
     overflow); refuses an unknown element type or a negative dimension."""
     if any(d < 0 for d in t.dims):
@@ -346,7 +352,7 @@ def _stored(t: onnx.TensorProto, n: int) -> tuple[str, int, int]:
     return field_name, len(getattr(t, field_name)), -(-n // per) * _ENTRIES.get(t.data_type, 1)
 
 
-def _check_dense(t: onnx.TensorProto, where, what: str) -> int:
+def _check_dense(t: onnx.TensorProto, where: str | Path, what: str) -> int:
     """Bytes ``t`` declares, once its data is known to match its type and shape."""
     n, nbytes = _declared(t, where, what)
     if t.data_location == _T.EXTERNAL:
@@ -362,7 +368,7 @@ def _check_dense(t: onnx.TensorProto, where, what: str) -> int:
     return nbytes
 
 
-def _check_sparse(s: onnx.SparseTensorProto, where, what: str) -> int:
+def _check_sparse(s: onnx.SparseTensorProto, where: str | Path, what: str) -> int:
     """Bytes the dense form of ``s`` takes, once its values and indices are consistent
     and that form is within what onnxruntime accepts (``PROTOBUF_LIMIT``)."""
     _check_dense(s.values, where, what + " values")
@@ -394,7 +400,7 @@ def _check_sparse(s: onnx.SparseTensorProto, where, what: str) -> int:
     return dense
 
 
-def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
+def check_tensor_sizes(model: onnx.ModelProto, where: str | Path, budget: int) -> int:
     """Check every tensor's declared size against its data and the memory budget, before
     any of them is made dense, converted or checked.  Returns the bytes declared.
 
@@ -435,7 +441,7 @@ def check_tensor_sizes(model: onnx.ModelProto, where, budget: int) -> int:
     return total
 
 
-def _constant_output_sizes(model: onnx.ModelProto):
+def _constant_output_sizes(model: onnx.ModelProto) -> Iterator[tuple[int, str]]:
     """(bytes, label) of the outputs a few constant numbers ask for: ConstantOfShape and
     Expand of a constant shape, Range of constant bounds (the constants: initializers or
     Constant values, checked first).  Shape folding or onnxruntime would make them."""
@@ -480,8 +486,10 @@ def _constant_output_sizes(model: onnx.ModelProto):
                 dims = [max(int(d), 0) for d in shape]
                 yield _numel(dims) * item, f"{label} ({_shape_text(dims)})"
             elif node.op_type == "Range" and len(node.input) == 3:
-                bounds = [small(n) for n in node.input]
-                if any(b is None or b.size != 1 for b in bounds):
+                bounds = [
+                    b for b in (small(n) for n in node.input) if b is not None and b.size == 1
+                ]
+                if len(bounds) != 3:
                     continue
                 start, limit, delta = (float(b[0]) for b in bounds)
                 if delta == 0 or not np.isfinite([start, limit, delta]).all():
@@ -510,7 +518,7 @@ def is_too_large(model: onnx.ModelProto) -> bool:
     weights = sum(_nbytes(t) for t in model.graph.initializer)
     if weights + _STRUCTURE_BYTES < PROTOBUF_LIMIT:
         return False
-    return model.ByteSize() > PROTOBUF_LIMIT
+    return int(model.ByteSize()) > PROTOBUF_LIMIT
 
 
 def _has_data(t: onnx.TensorProto) -> bool:
@@ -529,7 +537,9 @@ def _has_data(t: onnx.TensorProto) -> bool:
     )
 
 
-def _copy_fields(src, dst, skip: str) -> None:
+def _copy_fields(
+    src: onnx.ModelProto | onnx.GraphProto, dst: onnx.ModelProto | onnx.GraphProto, skip: str
+) -> None:
     """Copy every set field of message ``src`` into ``dst`` except ``skip``."""
     for descriptor, value in src.ListFields():
         if descriptor.name == skip:

@@ -106,7 +106,7 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
     opset = [o for o in probe.opset_import if o.domain in ("", "ai.onnx")]
     for _ in range(rounds):
         g = GraphIndex(probe)
-        values: dict[str, np.ndarray] = {}
+        values: dict[str, np.ndarray | None] = {}
 
         def value(name: str) -> np.ndarray | None:
             if name not in values:
@@ -134,7 +134,7 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
                 if shape is None or not all(isinstance(d, int) for d in shape):
                     continue
                 start, end = _attr(node, "start", 0), _attr(node, "end", None)
-                outs = [np.asarray(shape, np.int64)[start:end]]
+                outs: list[np.ndarray] = [np.asarray(shape, np.int64)[start:end]]
             else:
                 ins = [value(n) if n else None for n in node.input]
                 if any(n and v is None for n, v in zip(node.input, ins)):
@@ -151,7 +151,7 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
                                     n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape
                                 )
                                 for n, v in zip(node.input, ins)
-                                if n
+                                if n and v is not None
                             ],
                             [
                                 helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
@@ -160,12 +160,12 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
                         ),
                         opset_imports=opset,
                     )
-                    outs = ReferenceEvaluator(one).run(
+                    results = ReferenceEvaluator(one).run(
                         None, {n: v for n, v in zip(node.input, ins) if n}
                     )
                 except Exception:
                     continue
-                outs = [np.asarray(o) for o in outs]
+                outs = [np.asarray(o) for o in results]
                 if any(o.size > _SHAPE_VALUE_SIZE for o in outs):
                     continue
             folded[i] = outs
@@ -192,13 +192,20 @@ def _folds_too_large(op_type: str, ins: list[np.ndarray | None]) -> bool:
     """True when a shape op's output would be over ``_SHAPE_VALUE_SIZE`` elements, told
     from its (small) inputs before it is evaluated: ConstantOfShape, Expand and Range
     make outputs of any size from a few numbers (a hostile model's [100000, 100000])."""
+
+    def arg(i: int) -> np.ndarray:
+        v = ins[i]
+        if v is None:
+            raise ValueError(f"input {i} has no value")  # (caught below: not folded)
+        return v
+
     try:
         if op_type == "ConstantOfShape":
-            size = _numel(max(int(d), 0) for d in ins[0].reshape(-1))
+            size = _numel(max(int(d), 0) for d in arg(0).reshape(-1))
         elif op_type == "Expand":
-            size = _numel(max(int(d), 0) for d in ins[1].reshape(-1)) * max(ins[0].size, 1)
+            size = _numel(max(int(d), 0) for d in arg(1).reshape(-1)) * max(arg(0).size, 1)
         elif op_type == "Range":
-            start, limit, delta = (float(v.reshape(-1)[0]) for v in ins[:3])
+            start, limit, delta = (float(arg(i).reshape(-1)[0]) for i in range(3))
             size = 0 if delta == 0 else max(int(np.ceil((limit - start) / delta)), 0)
         else:
             return False
