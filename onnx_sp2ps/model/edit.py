@@ -201,15 +201,7 @@ def _prepare_model(
     size: tuple[int, int] | None,
     budget: int,
 ) -> PreparedModel:
-    path = None
-    size_bytes = None
-    if isinstance(source, onnx.ModelProto):
-        model = source
-        check_tensor_sizes(model, "model", budget)
-    else:
-        path = str(source)
-        model = load_model(source, max_memory=budget)
-        size_bytes = Path(source).stat().st_size
+    model, path, size_bytes = _read(source, budget)
     parameters = count_parameters(model)
     model = _densified(model)
     g = GraphIndex(_infer(model))  # shape inference once, for detection and both edits
@@ -219,13 +211,7 @@ def _prepare_model(
     if _is_quantized(g, spec.feature_map) or _is_quantized(g, spec.logits):
         model, spec = _float_views(model, g, spec)
         g = GraphIndex(_infer(model))
-    others = [i for i in g.inputs if i != spec.input.name]
-    if others:
-        raise ModelError(
-            f"the model needs inputs besides the image ({', '.join(others)}) that onnx-sp2ps "
-            "cannot fill: export it with the image as its only input, or give those "
-            "inputs default values as initializers"
-        )
+    _check_only_image_input(g, spec)
     for info in (spec.feature_map, spec.logits):  # shapes found by the probe only
         if g.info(info.name).shape is None and info.shape is not None:
             g.infos[info.name] = _value_info(g, g, info.name, shape=info.shape)
@@ -241,6 +227,29 @@ def _prepare_model(
         size_bytes=size_bytes,
         parameters=parameters,
     )
+
+
+def _read(
+    source: str | Path | onnx.ModelProto, budget: int
+) -> tuple[onnx.ModelProto, str | None, int | None]:
+    """The model ``source`` is or names (read and checked by :func:`load_model` when a
+    path), with its path and file size (None for an in-memory model)."""
+    if isinstance(source, onnx.ModelProto):
+        check_tensor_sizes(source, "model", budget)
+        return source, None, None
+    model = load_model(source, max_memory=budget)
+    return model, str(source), Path(source).stat().st_size
+
+
+def _check_only_image_input(g: GraphIndex, spec: ModelSpec) -> None:
+    """Refuse a model that needs inputs other than the image (nothing could fill them)."""
+    others = [i for i in g.inputs if i != spec.input.name]
+    if others:
+        raise ModelError(
+            f"the model needs inputs besides the image ({', '.join(others)}) that onnx-sp2ps "
+            "cannot fill: export it with the image as its only input, or give those "
+            "inputs default values as initializers"
+        )
 
 
 def fuse_gradient(model: onnx.ModelProto, grad: HeadGradient) -> onnx.ModelProto:

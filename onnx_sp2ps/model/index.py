@@ -60,9 +60,9 @@ _SHAPED_BY_LATER_INPUTS = (
 class GraphIndex:
     """Index of a graph: producers, consumers, constants, value infos.
 
-    ``real_size`` is True for the index of a probe (:func:`onnx_sp2ps.model.shapes.
-    _with_static_input`) made at the model's own input size, whose dims are then the
-    real ones rather than the probe's."""
+    ``real_size`` is True for the index of a detection probe made at the model's own
+    input size (``shapes._with_static_input``), whose dims are then the real ones
+    rather than the probe's."""
 
     model: onnx.ModelProto = field(repr=False)
     real_size: bool = False

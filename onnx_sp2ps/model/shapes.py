@@ -101,8 +101,6 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
     into Constant nodes and shapes inferred again, until nothing more folds: shapes that
     ``x.view(...)`` of computed sizes hide from ONNX shape inference (ShuffleNet's channel
     shuffle) become known.  Only for detection; the model that runs is never changed."""
-    from onnx.reference import ReferenceEvaluator
-
     opset = [o for o in probe.opset_import if o.domain in ("", "ai.onnx")]
     for _ in range(rounds):
         g = GraphIndex(probe)
@@ -139,35 +137,10 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
                 ins = [value(n) if n else None for n in node.input]
                 if any(n and v is None for n, v in zip(node.input, ins)):
                     continue
-                if _folds_too_large(node.op_type, ins):
+                evaluated = _evaluate(node, ins, opset)
+                if evaluated is None:
                     continue
-                try:
-                    one = helper.make_model(
-                        helper.make_graph(
-                            [node],
-                            "fold",
-                            [
-                                helper.make_tensor_value_info(
-                                    n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape
-                                )
-                                for n, v in zip(node.input, ins)
-                                if n and v is not None
-                            ],
-                            [
-                                helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
-                                for o in node.output
-                            ],
-                        ),
-                        opset_imports=opset,
-                    )
-                    results = ReferenceEvaluator(one).run(
-                        None, {n: v for n, v in zip(node.input, ins) if n}
-                    )
-                except Exception:
-                    continue
-                outs = [np.asarray(o) for o in results]
-                if any(o.size > _SHAPE_VALUE_SIZE for o in outs):
-                    continue
+                outs = evaluated
             folded[i] = outs
             for o, v in zip(node.output, outs):
                 values[o] = v
@@ -186,6 +159,44 @@ def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
         del probe.graph.value_info[:]
         probe = _infer(probe)
     return probe
+
+
+def _evaluate(
+    node: onnx.NodeProto, ins: list[np.ndarray | None], opset: list[onnx.OperatorSetIdProto]
+) -> list[np.ndarray] | None:
+    """The outputs of the shape op ``node`` on the values ``ins`` of its inputs (the
+    reference evaluator), or None when they could be large (:func:`_folds_too_large`), the
+    evaluation fails or an output is over ``_SHAPE_VALUE_SIZE`` elements."""
+    from onnx.reference import ReferenceEvaluator
+
+    if _folds_too_large(node.op_type, ins):
+        return None
+    try:
+        one = helper.make_model(
+            helper.make_graph(
+                [node],
+                "fold",
+                [
+                    helper.make_tensor_value_info(
+                        n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape
+                    )
+                    for n, v in zip(node.input, ins)
+                    if n and v is not None
+                ],
+                [
+                    helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                    for o in node.output
+                ],
+            ),
+            opset_imports=opset,
+        )
+        results = ReferenceEvaluator(one).run(None, {n: v for n, v in zip(node.input, ins) if n})
+    except Exception:
+        return None
+    outs = [np.asarray(o) for o in results]
+    if any(o.size > _SHAPE_VALUE_SIZE for o in outs):
+        return None
+    return outs
 
 
 def _folds_too_large(op_type: str, ins: list[np.ndarray | None]) -> bool:
