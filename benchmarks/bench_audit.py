@@ -287,7 +287,7 @@ def torch_pass_factory(pair: Pair, array: np.ndarray, batch: int, threads: int |
         from pytorch_grad_cam import GradCAM
     except (ImportError, SystemExit) as exc:
         return f"torch and grad-cam not importable ({exc}); see benchmarks/README.md"
-    from onnx_sp2ps.graph import analyse_model, load_model
+    from onnx_sp2ps.model import analyse_model, load_model
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     device = "cuda" if PROVIDER == "cuda" and torch.cuda.is_available() else "cpu"

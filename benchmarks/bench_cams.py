@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from onnx_sp2ps.cams import METHODS, make_cam  # noqa: E402
 from onnx_sp2ps.cams.base import normalise_maps, upsample_bilinear  # noqa: E402
-from onnx_sp2ps.graph import prepare_model  # noqa: E402
+from onnx_sp2ps.model import prepare_model  # noqa: E402
 from onnx_sp2ps.runtime import ModelRunner  # noqa: E402
 
 BATCH = 16

@@ -43,7 +43,7 @@ from bench_cams import BATCH, cam_fn  # noqa: E402
 
 from onnx_sp2ps.cams import make_cam  # noqa: E402
 from onnx_sp2ps.cams.base import normalise_maps, upsample_bilinear  # noqa: E402
-from onnx_sp2ps.graph import prepare_model  # noqa: E402
+from onnx_sp2ps.model import prepare_model  # noqa: E402
 from onnx_sp2ps.runtime import ModelRunner  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Exact gradients of a classifier head, built as an ONNX graph (no autograd at run time).
 
-:func:`build_head_gradient` takes the head model that :func:`onnx_sp2ps.graph.extract_head`
+:func:`build_head_gradient` takes the head model that :func:`onnx_sp2ps.model.extract_head`
 cuts out (feature map -> logits) and returns a model with inputs
 
 * the feature map ``A`` (same name, type and layout as in the head), and
@@ -9,16 +9,15 @@ cuts out (feature map -> logits) and returns a model with inputs
 and outputs ``logits`` and ``gradient`` = dy_target / dA, the shape of ``A``.  One run
 gives the exact per-position gradients that Grad-CAM's relatives need.
 
-The backward pass is written op by op (reverse-mode differentiation) for the ops
-classifier heads use: GlobalAveragePool, GlobalMaxPool, AveragePool and MaxPool (when
-they reduce to 1x1 or tile without overlap), ReduceMean/ReduceSum/ReduceMax, Flatten,
-Reshape, Squeeze, Unsqueeze, Transpose, Identity, Dropout, Gemm, MatMul, Add, Sub, Mul,
-Div, Pow (constant exponent), Neg, Exp, Sqrt, BatchNormalization, LayerNormalization,
-Relu, LeakyRelu, Clip, HardSigmoid, HardSwish, Sigmoid, Tanh, Erf, Gelu, Softmax, LogSoftmax,
-Gather (opset 16+), Conv with 1x1 kernels, Concat, and QuantizeLinear/DequantizeLinear
-straight-through (QOperator ops are differentiated in their QDQ form, :func:`qdq_form`).
-Weights may be initializers or Constant nodes (or computed from them).  For any other op,
-:class:`UnsupportedHead` says which, and the caller falls back to finite differences.
+The backward pass is written op by op (reverse-mode differentiation): one
+``_Builder._bw_<op>`` rule per op that classifier heads use, and :data:`GRADIENT_OPS`
+is the list those rules make.  Some rules take only some forms of their op (pools that
+reduce to 1x1 or tile without overlap, Conv with 1x1 kernels, Pow of a constant
+exponent, Gather from opset 16); QuantizeLinear/DequantizeLinear are straight-through,
+and QOperator ops are differentiated in their QDQ form
+(:func:`onnx_sp2ps.model.qdq_form`).  Weights may be initializers or Constant nodes (or
+computed from them).  For any other op or form, :class:`UnsupportedHead` says which,
+and the caller falls back to finite differences.
 No onnxruntime here.
 """
 
@@ -31,9 +30,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from onnx_sp2ps.graph import check_model, constant_value
+from onnx_sp2ps.model.compressed import UnsupportedQuantizedOp, qdq_form
+from onnx_sp2ps.model.index import _attr, constant_value
+from onnx_sp2ps.model.load import check_model
 
-__all__ = ["UnsupportedHead", "HeadGradient", "build_head_gradient", "fuse_gradient", "qdq_form"]
+__all__ = ["UnsupportedHead", "HeadGradient", "build_head_gradient", "GRADIENT_OPS"]
 
 TARGET = "sp2ps_target"
 LOGITS_OUT = "sp2ps_logits"
@@ -63,13 +64,6 @@ class HeadGradient:
     gradient: str = GRADIENT_OUT
     target_used: str = TARGET_USED
     note: str | None = None
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 class _Builder:
@@ -119,12 +113,10 @@ class _Builder:
         self.count += 1
         return f"sp2ps_bw/{hint}_{self.count}"
 
-    def op(
-        self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs
-    ) -> str | list[str]:
-        outs = [self.name(hint or op_type) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
-        return outs[0] if n_out == 1 else outs
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        out = self.name(hint or op_type)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        return out
 
     def const(self, value, hint: str = "c", dtype=np.float32) -> str:
         name = self.name(hint)
@@ -255,9 +247,9 @@ class _Builder:
             outs = [o for o in node.output if o in self.grads]
             if not outs or not any(i in self.active for i in node.input):
                 continue
-            rule = getattr(self, f"_bw_{node.op_type}", None)
-            if rule is None or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in GRADIENT_OPS or node.domain not in ("", "ai.onnx"):
                 raise UnsupportedHead(f"no gradient rule for {node.op_type}")
+            rule = getattr(self, f"_bw_{node.op_type}")
             dy = self.grad(node.output[0])
             if dy is None:
                 continue
@@ -311,7 +303,7 @@ class _Builder:
     _bw_Dropout = _pass
 
     def _bw_Cast(self, node, dy):
-        # Between float types (the head is float32 throughout: graph.float32_head) the
+        # Between float types (the head is float32 throughout: model.edit.float32_head) the
         # gradient passes unchanged; a cast to an integer type has none.
         if _attr(node, "to") in (
             onnx.TensorProto.FLOAT,
@@ -454,7 +446,9 @@ class _Builder:
     def _tile_up(self, node, t: str) -> str:
         """Repeat each pooled value over its window and pad the remainder with zeros."""
         kernel = list(_attr(node, "kernel_shape"))
-        channels = self.static_shape(node.input[0])[1]
+        shape = self.static_shape(node.input[0])
+        assert shape is not None  # (a "tiled" _pool_form has a known shape)
+        channels = shape[1]
         ones = self.const(np.ones([channels, 1] + kernel), "ones")
         up = self.op("ConvTranspose", [t, ones], "tile", strides=kernel, group=channels)
         # Pad to x's size (floor mode leaves a remainder that gets no gradient).
@@ -892,6 +886,10 @@ class _Builder:
         )
 
 
+#: The ops with a gradient rule: the ``_bw_<op>`` methods of :class:`_Builder`.
+GRADIENT_OPS = frozenset(name[len("_bw_") :] for name in vars(_Builder) if name.startswith("_bw_"))
+
+
 def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:
     """The gradient model of ``head`` (see the module docstring).
 
@@ -902,144 +900,8 @@ def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:
     """
     if head.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise UnsupportedHead("feature map not float32")
-    return _Builder(qdq_form(head)).build()
-
-
-# --------------------------------------------------------------------------- QOperator heads
-
-
-def qdq_form(head: onnx.ModelProto) -> onnx.ModelProto:
-    """``head`` with its QOperator ops (QLinearConv, QLinearMatMul, QGemm,
-    QLinearGlobalAveragePool, QLinearAdd, QLinearMul) written as DequantizeLinear -> float
-    op -> QuantizeLinear, the form the backward rules know (same values: the QDQ form is
-    what onnxruntime fuses back into those ops).  Other ops are kept."""
-    if not any(n.op_type in _QOPERATOR for n in head.graph.node):
-        return head
-    out = copy.deepcopy(head)
-    nodes: list[onnx.NodeProto] = []
-    counter = iter(range(1 << 30))
-
-    def add(op_type, inputs, output=None, **attrs):
-        name = output or f"sp2ps_qdq/{op_type}_{next(counter)}"
-        nodes.append(helper.make_node(op_type, inputs, [name], **attrs))
-        return name
-
-    for node in out.graph.node:
-        rule = _QOPERATOR.get(node.op_type)
-        if rule is None:
-            nodes.append(node)
-        else:
-            rule(node, add)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in out.opset_import):
-        raise UnsupportedHead("QOperator head with opset < 13")
-    return out
-
-
-def _dq(add, x, scale, zp, **attrs):
-    return add("DequantizeLinear", [x, scale, zp] if zp else [x, scale], **attrs)
-
-
-def _requantize(add, node, y, at):
-    """Quantize the float ``y`` to the node's output (scale, zero point at ``at``)."""
-    ins = node.input
-    if len(ins) > at and ins[at]:
-        zp = [ins[at + 1]] if len(ins) > at + 1 and ins[at + 1] else []
-        add("QuantizeLinear", [y, ins[at], *zp], node.output[0])
-    else:
-        add("Identity", [y], node.output[0])
-
-
-def _float_bias(add, bias, *scales, alpha=1.0):
-    scale = add("Mul", list(scales[:2])) if len(scales) == 2 else scales[0]
-    if alpha != 1.0:
-        scale = add(
-            "Mul",
-            [
-                scale,
-                add("Constant", [], value=numpy_helper.from_array(np.asarray(alpha, np.float32))),
-            ],
-        )
-    return add("Mul", [add("Cast", [bias], to=onnx.TensorProto.FLOAT), scale])
-
-
-def _q_conv(node, add):
-    i = node.input
-    x, w = _dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5], axis=0)
-    ins = [x, w] + ([_float_bias(add, i[8], i[1], i[4])] if len(i) > 8 and i[8] else [])
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    _requantize(add, node, add("Conv", ins, **attrs), 6)
-
-
-def _q_matmul(node, add):
-    i = node.input
-    _requantize(
-        add, node, add("MatMul", [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]), 6
-    )
-
-
-def _q_gemm(node, add):
-    i = node.input
-    alpha = float(_attr(node, "alpha", 1.0))
-    ins = [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]
-    if len(i) > 6 and i[6]:
-        ins.append(_float_bias(add, i[6], i[1], i[4], alpha=alpha))
-    y = add(
-        "Gemm",
-        ins,
-        alpha=alpha,
-        transA=int(_attr(node, "transA", 0)),
-        transB=int(_attr(node, "transB", 0)),
-    )
-    _requantize(add, node, y, 7)
-
-
-def _q_global_average_pool(node, add):
-    if int(_attr(node, "channels_last", 0)):
-        raise UnsupportedHead("QLinearGlobalAveragePool with channels_last")
-    i = node.input
-    _requantize(add, node, add("GlobalAveragePool", [_dq(add, i[0], i[1], i[2])]), 3)
-
-
-def _q_binary(op_type):
-    def rule(node, add):
-        i = node.input
-        _requantize(
-            add, node, add(op_type, [_dq(add, i[0], i[1], i[2]), _dq(add, i[3], i[4], i[5])]), 6
-        )
-
-    return rule
-
-
-_QOPERATOR = {
-    "QLinearConv": _q_conv,
-    "QLinearMatMul": _q_matmul,
-    "QGemm": _q_gemm,
-    "QLinearGlobalAveragePool": _q_global_average_pool,
-    "QLinearAdd": _q_binary("Add"),
-    "QLinearMul": _q_binary("Mul"),
-}
-
-
-def fuse_gradient(model: onnx.ModelProto, grad: HeadGradient) -> onnx.ModelProto:
-    """``model`` (with the feature map and logits as outputs) plus the backward graph of
-    its head: one run gives activations, logits and gradients.  The head's forward nodes
-    are already in ``model`` under the same names, so only the backward part is added,
-    with the ``target`` input and the gradient outputs."""
-    fused = copy.deepcopy(model)
-    g = fused.graph
-    existing = {o for n in g.node for o in n.output}
-    names = {i.name for i in g.initializer}
-    g.node.extend(
-        copy.deepcopy(n) for n in grad.model.graph.node if not any(o in existing for o in n.output)
-    )
-    g.initializer.extend(
-        copy.deepcopy(t) for t in grad.model.graph.initializer if t.name not in names
-    )
-    g.input.append(copy.deepcopy(next(i for i in grad.model.graph.input if i.name == grad.target)))
-    outputs = {o.name: o for o in grad.model.graph.output}
-    for name in (grad.gradient, grad.target_used):
-        g.output.append(copy.deepcopy(outputs[name]))
-    check_model(fused)
-    return fused
+    try:
+        head = qdq_form(head)
+    except UnsupportedQuantizedOp as exc:
+        raise UnsupportedHead(str(exc)) from None
+    return _Builder(head).build()

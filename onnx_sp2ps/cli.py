@@ -855,7 +855,7 @@ def inspect(
 ) -> int:
     """Show what was detected in MODEL: input, layout, feature map, logits, head ops, and
     the execution providers available."""
-    from onnx_sp2ps.graph import prepare_model
+    from onnx_sp2ps.model import prepare_model
     from onnx_sp2ps.runtime import ModelRunner, available_providers
 
     opts = ModelOverrides.from_params(params).model

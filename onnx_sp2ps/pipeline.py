@@ -26,7 +26,7 @@ from onnx_sp2ps.errors import DataError, InputError, MismatchError, NonFiniteErr
 from onnx_sp2ps.files import human_bytes, memory_budget, show
 from onnx_sp2ps.gate import GateCriteria, apply_gate
 from onnx_sp2ps.gate import finite_or_none as _num
-from onnx_sp2ps.graph import ModelSpec, PreparedModel, prepare_model
+from onnx_sp2ps.model import ModelSpec, PreparedModel, prepare_model
 from onnx_sp2ps.records import (
     CandidateColumns,
     ModelColumns,

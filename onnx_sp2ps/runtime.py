@@ -1,6 +1,6 @@
 """ONNX Runtime sessions: provider choice, the edited model and its head.
 
-No graph edits here (that is :mod:`onnx_sp2ps.graph`).  Nothing is printed: the one
+No graph edits here (that is :mod:`onnx_sp2ps.model.edit`).  Nothing is printed: the one
 line about a CUDA fallback is returned in :attr:`ProviderChoice.note` for the CLI.
 
 Activations are handed out in NCHW whatever the model's feature layout, so that the CAM
@@ -22,9 +22,10 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient, fuse_gradient
+from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient
 from onnx_sp2ps.errors import DataError, ModelError, UsageError
-from onnx_sp2ps.graph import PreparedModel, is_too_large, split_large_weights
+from onnx_sp2ps.model.edit import PreparedModel, fuse_gradient
+from onnx_sp2ps.model.load import is_too_large, split_large_weights
 
 __all__ = [
     "PROVIDERS",
@@ -308,11 +309,13 @@ class DeviceInputs:
     between the runs that share it (the audit makes a new array for each batch).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._host: np.ndarray | None = None
-        self._values: dict[tuple, object] = {}
+        self._values: dict[tuple[object, ...], object] = {}
 
-    def get(self, host: np.ndarray, key: tuple, upload: Callable[[], object]):
+    def get(
+        self, host: np.ndarray, key: tuple[object, ...], upload: Callable[[], object]
+    ) -> object:
         """The device value for ``key`` (rows and dtype) of ``host``, made by
         ``upload()`` the first time it is asked for."""
         if host is not self._host:
@@ -329,7 +332,7 @@ class ModelRunner:
     Parameters
     ----------
     prepared
-        From :func:`onnx_sp2ps.graph.prepare_model`.
+        From :func:`onnx_sp2ps.model.prepare_model`.
     provider, threads
         See :func:`create_session`.
     device_inputs
@@ -354,7 +357,7 @@ class ModelRunner:
         self._input_dtype = _np_dtype(spec.input.dtype)
         self._outputs = [spec.feature_map.name, spec.logits.name]
         self._nhwc = spec.feature_layout == "NHWC"
-        self._head_dtype = np.dtype(np.float32)  # graph.float32_head: all head maths in fp32
+        self._head_dtype = np.dtype(np.float32)  # model.float32_head: all head maths in fp32
         self.batch_limit = spec.fixed_batch
         self.head_batch_limit: int | None = None
         self._head_checked = False
@@ -436,16 +439,16 @@ class ModelRunner:
         self, inputs: np.ndarray, targets: np.ndarray | None, uploads: DeviceInputs | None
     ) -> tuple[np.ndarray, np.ndarray]:
         fused = self._fused is not None and targets is not None
-        names = self._outputs + (
-            [self._grad[0].gradient, self._grad[0].target_used] if fused else []
-        )
-        session = self._fused if fused else self.session
+        # (a fused session is only made with the exact gradient it contains: _grad is set)
+        grad = self._grad[0] if fused and self._grad is not None else None
+        names = self._outputs + ([grad.gradient, grad.target_used] if grad is not None else [])
+        session = self._fused if fused and self._fused is not None else self.session
         on_device = _device(session.get_providers()) == "cuda"
 
         def run(images, *rest, span):
             feed = {self._input: self._image_input(images, span, on_device, uploads)}
-            if fused:
-                feed[self._grad[0].target] = np.asarray(rest[0][span], dtype=np.int64)
+            if grad is not None:
+                feed[grad.target] = np.asarray(rest[0][span], dtype=np.int64)
             return _run(session, names, feed)
 
         rows = [inputs, np.asarray(targets)] if fused else [inputs]

@@ -79,7 +79,7 @@ except ImportError as exc:  # pragma: no cover
         "&& pip install ttach tqdm opencv-python-headless matplotlib scikit-learn scipy"
     )
 
-from onnx_sp2ps.graph import analyse_model, load_model  # noqa: E402  (feature map name only)
+from onnx_sp2ps.model import analyse_model, load_model  # noqa: E402  (feature map name only)
 
 try:
     from importlib.metadata import version as _dist_version

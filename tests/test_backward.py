@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient
-from onnx_sp2ps.graph import extract_head, prepare_model
+from onnx_sp2ps.model import extract_head, prepare_model
 from onnx_sp2ps.runtime import ModelRunner, create_session
 
 from onnx_builders import all_variants, build_cnn

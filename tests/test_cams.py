@@ -11,7 +11,7 @@ from onnx_sp2ps.cams import EigenCAM, GradCAM, get_method
 from onnx_sp2ps.cams.base import bilinear_matrix, normalise_maps, relu, upsample_bilinear
 from onnx_sp2ps.cams.gradcam import REL_EPS, channel_gradient_sums
 from onnx_sp2ps.errors import UsageError
-from onnx_sp2ps.graph import prepare_model
+from onnx_sp2ps.model import prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 
 from onnx_builders import build_cnn

@@ -11,7 +11,7 @@ import pytest
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from onnx_sp2ps import audit
-from onnx_sp2ps.graph import load_model, prepare_model
+from onnx_sp2ps.model import load_model, prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 
 from onnx_builders import build_cnn

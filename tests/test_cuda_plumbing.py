@@ -15,8 +15,8 @@ import onnxruntime
 import pytest
 
 from onnx_sp2ps import runtime
-from onnx_sp2ps.backward import build_head_gradient, fuse_gradient
-from onnx_sp2ps.graph import prepare_model
+from onnx_sp2ps.backward import build_head_gradient
+from onnx_sp2ps.model import fuse_gradient, prepare_model
 from onnx_sp2ps.pipeline import AuditSettings, audit
 from onnx_sp2ps.runtime import CPU, CUDA, DeviceInputs, ModelRunner
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from onnx_sp2ps import Preprocess, audit
 from onnx_sp2ps.errors import DataError
-from onnx_sp2ps.graph import analyse_model
+from onnx_sp2ps.model import analyse_model
 
 from onnx_builders import build_caffe2_cnn, build_cnn, with_input_dtype
 

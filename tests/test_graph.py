@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnx_sp2ps.errors import DetectionError, ModelError
-from onnx_sp2ps.graph import analyse_model, load_model, prepare_model
+from onnx_sp2ps.model import analyse_model, load_model, prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 
 from onnx_builders import all_variants, build_cnn, run_model

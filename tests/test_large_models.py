@@ -1,7 +1,7 @@
 """Models whose weights live in external data files, and models over protobuf's 2 GB limit.
 
 A real 2 GB model is too big for the test suite; the over-limit path is exercised by
-lowering ``graph.PROTOBUF_LIMIT`` so that the sample models take it.
+lowering ``model.load.PROTOBUF_LIMIT`` so that the sample models take it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_sp2ps import audit, graph, runtime
+from onnx_sp2ps import audit, runtime
 from onnx_sp2ps.errors import ModelError
+from onnx_sp2ps.model import load
 
 from conftest import point_external_data, run_cli, save_with_external_data, sha256
 
@@ -66,14 +67,14 @@ def test_external_data_outside_the_models_folder_is_refused(samples, tmp_path, w
         location = "link.bin"
     point_external_data(path, location)
     with pytest.raises(ModelError, match="outside the model's folder"):
-        graph.load_model(path)
+        load.load_model(path)
 
 
 def test_missing_external_data_file_is_named(samples, tmp_path):
     path = save_with_external_data(samples / "gap_original.onnx", tmp_path / "exported")
     (path.parent / "weights.bin").unlink()
     with pytest.raises(ModelError, match="weights.bin.*not found"):
-        graph.load_model(path)
+        load.load_model(path)
 
 
 def test_cli_refuses_external_data_outside_the_folder_with_exit_3(
@@ -97,10 +98,10 @@ def test_cli_refuses_external_data_outside_the_folder_with_exit_3(
 def over_the_limit(monkeypatch):
     """Treat every model as over the 2 GB limit and every weight above 1 KB as large;
     records the weights that were held outside the serialized models."""
-    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 1)
-    monkeypatch.setattr(graph, "LARGE_TENSOR_BYTES", 1024)
+    monkeypatch.setattr(load, "PROTOBUF_LIMIT", 1)
+    monkeypatch.setattr(load, "LARGE_TENSOR_BYTES", 1024)
     held: list[str] = []
-    split = graph.split_large_weights
+    split = load.split_large_weights
 
     def spy(model):
         light, weights = split(model)
@@ -115,7 +116,7 @@ def test_models_over_the_protobuf_limit_give_the_same_audit(samples, images, ove
     large = audit(samples / "fc_original.onnx", [samples / "fc_l1_60_ft.onnx"], images)
     assert "head.1.weight" in over_the_limit  # the 512 KB classifier weight was held aside
     over_the_limit.clear()
-    graph.PROTOBUF_LIMIT = 2**31 - 1  # restored by monkeypatch after the test
+    load.PROTOBUF_LIMIT = 2**31 - 1  # restored by monkeypatch after the test
     normal = audit(samples / "fc_original.onnx", [samples / "fc_l1_60_ft.onnx"], images)
     assert not over_the_limit
     np.testing.assert_allclose(_scores(large), _scores(normal), rtol=0, atol=1e-6)
@@ -125,4 +126,4 @@ def test_the_checker_still_refuses_a_broken_model_over_the_limit(samples, over_t
     model = onnx.load(str(samples / "gap_original.onnx"))
     model.graph.node[0].input[0] = "no_such_tensor"
     with pytest.raises(Exception, match="no_such_tensor"):
-        graph.check_model(model)
+        load.check_model(model)

@@ -1,9 +1,9 @@
-"""The package's imports run one way (docs: README "Development"): no module imports a
-module of a higher layer, none imports the package root, and the root only re-exports.
+"""The package's imports run one way (docs/architecture.md, "Layers"): no module imports
+a module of a higher layer, none imports the package root, and the root only re-exports.
 
 Layers, lowest first (a module may import its own layer and those below):
-errors, files, _version -> graph, backward -> runtime -> cams -> similarity, targets,
-data, gate -> pipeline -> report -> cli, __main__.
+errors, files, _version -> model, backward -> runtime -> cams -> similarity, targets,
+data, gate, records -> pipeline -> report -> cli, __main__.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "onnx_sp2ps"
 LAYERS = [
     {"errors", "files", "_version"},
-    {"graph", "backward"},
+    {"model", "backward"},
     {"runtime"},
     {"cams"},
     {"similarity", "targets", "data", "gate", "records"},

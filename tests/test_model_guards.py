@@ -480,7 +480,7 @@ def test_batch_that_cannot_fit_is_refused_before_the_run(name, tmp_path, capsys,
 
 def test_max_memory_setting_bounds_the_model_and_the_batch():
     from onnx_sp2ps.errors import InputError, ModelError
-    from onnx_sp2ps.graph import prepare_model
+    from onnx_sp2ps.model import prepare_model
     from onnx_sp2ps.pipeline import AuditSettings, audit
 
     with pytest.raises(
@@ -524,7 +524,11 @@ def test_memory_budget_is_half_the_available_memory_unless_given(monkeypatch):
 
 @pytest.mark.parametrize(
     "where",
-    ["onnx.load_model_from_string", "onnx_sp2ps.graph._infer", "onnxruntime.InferenceSession"],
+    [
+        "onnx.load_model_from_string",
+        "onnx_sp2ps.model.shapes._infer",
+        "onnxruntime.InferenceSession",
+    ],
 )
 def test_memory_error_while_loading_or_preparing_is_a_model_error(where, capsys, monkeypatch):
     def exhausted(*args, **kwargs):
@@ -540,7 +544,7 @@ def test_memory_error_while_loading_or_preparing_is_a_model_error(where, capsys,
 def test_shape_folding_never_builds_a_large_constant_of_shape():
     """Shape(image)[2:4] * 125 -> ConstantOfShape: 8000x8000 float32 (256 MB) if evaluated.
     Shape folding (detection only) skips it: the peak of traced allocations stays small."""
-    from onnx_sp2ps.graph import prepare_model
+    from onnx_sp2ps.model import prepare_model
 
     m = _gap()
     m.graph.initializer.extend(

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from onnx_sp2ps import audit, compute_cams
 from onnx_sp2ps.backward import STRAIGHT_THROUGH
-from onnx_sp2ps.graph import count_parameters, prepare_model
+from onnx_sp2ps.model import count_parameters, prepare_model
 from onnx_sp2ps.pipeline import AuditSettings
 from onnx_sp2ps.runtime import ModelRunner
 

@@ -21,7 +21,7 @@ from scipy import ndimage
 from onnx_sp2ps.cams.base import position_gradients
 from onnx_sp2ps.cams.gradcam import channel_gradient_sums
 from onnx_sp2ps.errors import UsageError
-from onnx_sp2ps.graph import analyse_model, prepare_model
+from onnx_sp2ps.model import analyse_model, prepare_model
 from onnx_sp2ps.pipeline import compute_cams
 from onnx_sp2ps.runtime import ModelRunner
 

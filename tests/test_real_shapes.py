@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_sp2ps.graph import analyse_model, prepare_model
+from onnx_sp2ps.model import analyse_model, prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 
 RNG = np.random.default_rng(3)

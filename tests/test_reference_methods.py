@@ -23,7 +23,7 @@ import pytest
 
 from onnx_sp2ps.cams import make_cam
 from onnx_sp2ps.data import InputSpec, Preprocess, open_images
-from onnx_sp2ps.graph import prepare_model
+from onnx_sp2ps.model import prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 
 from conftest import FIXTURES

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_sp2ps.errors import ModelError, UsageError
-from onnx_sp2ps.graph import prepare_model
+from onnx_sp2ps.model import prepare_model
 from onnx_sp2ps.pipeline import compute_cams
 from onnx_sp2ps.runtime import (
     CPU,

@@ -16,7 +16,7 @@ import onnx_sp2ps.similarity as similarity
 from onnx_sp2ps import audit
 from onnx_sp2ps.data import InputSpec, open_images
 from onnx_sp2ps.errors import UsageError
-from onnx_sp2ps.graph import prepare_model
+from onnx_sp2ps.model import prepare_model
 from onnx_sp2ps.pipeline import AuditSettings
 from onnx_sp2ps.similarity import score_pairs, ssim
 

@@ -7,7 +7,7 @@ import onnx
 
 from onnx_sp2ps.cams.base import BaseCAM
 from onnx_sp2ps.errors import ModelError
-from onnx_sp2ps.graph import constant_value
+from onnx_sp2ps.model import constant_value
 
 __all__ = ["ClassicCAM", "linear_classifier_weights"]
 

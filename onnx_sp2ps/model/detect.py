@@ -1,0 +1,649 @@
+"""Detection: the image input and its layout, the logits behind the graph output and
+the feature map that feeds the head, found on the graph index and described as a
+:class:`ModelSpec`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_sp2ps.errors import DetectionError
+from onnx_sp2ps.model.index import (
+    Dim,
+    GraphIndex,
+    TensorInfo,
+    _attr,
+    _numel,
+    _outer_names,
+    _shape_of,
+    constant_value,
+)
+from onnx_sp2ps.model.shapes import _infer, _with_static_input
+
+__all__ = ["ModelSpec", "analyse_model", "FINAL_ACTIVATIONS", "PASS_THROUGH_OPS"]
+
+# The rules:
+#
+# * image input: the single graph input that is not an initializer (or the one named);
+# * logits: walking back from the graph output through Identity / Reshape / Flatten /
+#   Squeeze / Unsqueeze / Cast (fp16 models with fp32 outputs) / QuantizeLinear /
+#   DequantizeLinear (int8 QDQ models), the input of a final Softmax / LogSoftmax /
+#   Sigmoid (or QLinearSoftmax / QLinearSigmoid) when there is one, else the graph
+#   output itself; int8 feature maps and logits of QOperator models are read through
+#   DequantizeLinear nodes added to the in-memory copy
+#   (:func:`onnx_sp2ps.model.compressed._float_views`);
+# * feature map: walking back from the logits along the data path (never into
+#   weights), the first tensor met whose spatial extent is greater than 1, i.e. the last
+#   one on the way forward: the input of the GlobalAveragePool / ReduceMean /
+#   AveragePool / Flatten / Reshape that starts the head.  When that tensor is the
+#   output of a 1x1 Conv classifier (as many output channels as classes, SqueezeNet
+#   style), the feature map is that Conv's input instead, so that the map explains the
+#   trunk and not the class scores.
+#
+# Layouts of 4-D tensors are propagated forward from the input: ONNX Conv and pooling
+# produce NCHW; Transposes with the NHWC<->NCHW permutations switch; other ops keep the
+# layout of their data input.  This is how tf2onnx graphs (NHWC, Transposes around every
+# Conv, ReduceMean over axes [1, 2]) are read correctly.
+
+#: Ops read through when looking for the logits behind the graph output.
+PASS_THROUGH_OPS = (
+    "Identity",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Dropout",
+    "Cast",
+    "QuantizeLinear",
+    "DequantizeLinear",
+)
+#: Ops whose input is taken as the logits when a model ends in one.
+FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+#: Quantized (QOperator, com.microsoft) final activations and the float op each stands for.
+_QUANTIZED_ACTIVATIONS = {"QLinearSoftmax": "Softmax", "QLinearSigmoid": "Sigmoid"}
+#: Element-wise ops skipped when looking behind the feature map for a 1x1 Conv classifier.
+_ELEMENTWISE_OPS = (
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Sigmoid",
+    "Identity",
+    "Dropout",
+    "BatchNormalization",
+    "Transpose",
+)
+#: Ops whose output is NCHW whatever the layout of their input (ONNX semantics).
+_NCHW_PRODUCERS = (
+    "Conv",
+    "ConvTranspose",
+    "ConvInteger",
+    "QLinearConv",
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+    "QLinearGlobalAveragePool",
+    "InstanceNormalization",
+    "LRN",
+)
+_TO_NCHW = [0, 3, 1, 2]
+_TO_NHWC = [0, 2, 3, 1]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What was found in a model: input, layouts, feature map, logits and head."""
+
+    input: TensorInfo
+    layout: str
+    feature_map: TensorInfo
+    feature_layout: str
+    logits: TensorInfo
+    activation: str | None
+    num_classes: int | None
+    head_ops: tuple[str, ...]
+    opset: int
+    ir_version: int
+    producer: str
+    detected: dict[str, bool] = field(default_factory=dict)
+    #: Bytes per input image of the largest tensor shape inference found at the size
+    #: detection probed (None when none has a static shape): for memory estimates
+    #: (:func:`onnx_sp2ps.pipeline.check_batch_memory`); not reported.
+    largest_activation: int | None = None
+
+    @property
+    def input_size(self) -> tuple[int | None, int | None]:
+        """(H, W) of the image input, None where symbolic."""
+        return _spatial(self.input.shape, self.layout)
+
+    @property
+    def input_channels(self) -> int | None:
+        shape = self.input.shape
+        if shape is None or len(shape) != 4:
+            return None
+        dim = shape[1] if self.layout == "NCHW" else shape[3]
+        return dim if isinstance(dim, int) else None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        shape = self.input.shape
+        if shape and isinstance(shape[0], int) and shape[0] > 0:
+            return shape[0]
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": {**self.input.to_dict(), "layout": self.layout},
+            "feature_map": {**self.feature_map.to_dict(), "layout": self.feature_layout},
+            "logits": {
+                **self.logits.to_dict(),
+                "activation": self.activation,
+                "num_classes": self.num_classes,
+            },
+            "head": {"ops": list(self.head_ops)},
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "producer": self.producer,
+            "detected": dict(self.detected),
+        }
+
+
+def _spatial(shape: tuple[Dim, ...] | None, layout: str) -> tuple[int | None, int | None]:
+    if shape is None or len(shape) != 4:
+        return (None, None)
+    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+    return (h if isinstance(h, int) else None, w if isinstance(w, int) else None)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+def _find_input(g: GraphIndex, input_name: str | None) -> str:
+    if input_name is not None:
+        if input_name not in g.inputs:
+            raise DetectionError(
+                f"input {input_name!r} not found; the model's inputs are: " + ", ".join(g.inputs)
+            )
+        return input_name
+    if not g.inputs:
+        raise DetectionError("the model has no input that is not a weight")
+    if len(g.inputs) > 1:
+        raise DetectionError(
+            "the model has several inputs ("
+            + ", ".join(g.inputs)
+            + "): name the image input with --input-name"
+        )
+    return g.inputs[0]
+
+
+def _input_layout(g: GraphIndex, name: str, shape: tuple[Dim, ...] | None) -> str:
+    if shape is None or len(shape) != 4:
+        rank = "unknown" if shape is None else len(shape)
+        raise DetectionError(
+            f"input {name!r} has rank {rank}; an image input (N,C,H,W) or (N,H,W,C) "
+            "is needed (use --input-name to choose another input)"
+        )
+    first = [n.op_type for n in g.consumers.get(name, [])]
+    for node in g.consumers.get(name, []):
+        if node.op_type == "Transpose" and list(_attr(node, "perm", [])) == _TO_NCHW:
+            return "NHWC"
+    if any(op in ("Conv", "ConvInteger", "MaxPool", "AveragePool") for op in first):
+        return "NCHW"
+
+    def chan(d: Dim) -> bool:
+        return isinstance(d, int) and d in (1, 3, 4)
+
+    if chan(shape[3]) and not chan(shape[1]):
+        return "NHWC"
+    return "NCHW"
+
+
+def _propagate_layouts(g: GraphIndex, input_name: str, layout: str) -> dict[str, str]:
+    """Layout ('NCHW'/'NHWC') of every 4-D activation reachable from the input."""
+    layouts = {input_name: layout}
+    for node in g.model.graph.node:  # graph nodes are topologically sorted
+        data = [i for i in node.input if i in layouts]
+        if not data:
+            continue
+        src = layouts[data[0]]
+        if node.op_type in _NCHW_PRODUCERS:
+            out = "NCHW"
+        elif node.op_type == "Transpose":
+            perm = list(_attr(node, "perm", []))
+            if perm == _TO_NCHW:
+                out = "NCHW"
+            elif perm == _TO_NHWC:
+                out = "NHWC"
+            else:
+                out = src
+        else:
+            out = src
+        for o in node.output:
+            if o:
+                layouts[o] = out
+    return layouts
+
+
+def _find_logits(g: GraphIndex, logits_name: str | None) -> tuple[str, str | None]:
+    if logits_name is not None:
+        if logits_name not in g.tensor_names():
+            raise DetectionError(
+                f"logits tensor {logits_name!r} not found in the model; graph outputs: "
+                + ", ".join(g.outputs)
+            )
+        consumers = g.consumers.get(logits_name, [])
+        act = next((c.op_type for c in consumers if c.op_type in FINAL_ACTIVATIONS), None)
+        act = act or next(
+            (
+                _QUANTIZED_ACTIVATIONS[c.op_type]
+                for c in consumers
+                if c.op_type in _QUANTIZED_ACTIVATIONS
+            ),
+            None,
+        )
+        return logits_name, act
+    if not g.outputs:
+        raise DetectionError("the model has no outputs")
+    out = g.outputs[0]
+    if len(g.outputs) > 1:
+        # Prefer the first output whose chain ends in a classifier activation.
+        for cand in g.outputs:
+            name, act = _walk_to_logits(g, cand)
+            if act is not None:
+                return name, act
+        out = _classifier_outputs(g)[0]
+    return _walk_to_logits(g, out)
+
+
+def _classifier_outputs(g: GraphIndex) -> list[str]:
+    """Outputs that can be logits, best first: one vector per image (not a feature map)
+    and computed from no other output (models that also return their features or
+    embeddings, before or after the logits); else all outputs in graph order."""
+
+    def vector(name: str) -> bool:
+        shape = g.info(name).shape
+        return shape is None or len([d for d in shape[1:] if d != 1]) <= 1
+
+    upstream: set[str] = set()
+    for o in g.outputs:
+        upstream |= g.ancestors(o) - {o}
+    vectors = [o for o in g.outputs if vector(o)]
+    return [o for o in vectors if o not in upstream] or vectors or list(g.outputs)
+
+
+def _walk_to_logits(g: GraphIndex, name: str) -> tuple[str, str | None]:
+    current = name
+    seen = set()
+    while current not in seen:
+        seen.add(current)
+        node = g.producer.get(current)
+        if node is None:
+            break
+        if node.op_type in FINAL_ACTIVATIONS:
+            return node.input[0], node.op_type
+        if node.op_type in _QUANTIZED_ACTIVATIONS:
+            return node.input[0], _QUANTIZED_ACTIVATIONS[node.op_type]
+        if node.op_type in PASS_THROUGH_OPS:
+            current = node.input[0]
+            continue
+        break
+    return name, None
+
+
+def _is_spatial(shape: tuple[Dim, ...] | None, layout: str) -> bool:
+    if shape is None or len(shape) != 4:
+        return False
+    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+    hv = h if isinstance(h, int) else 2  # unknown spatial dims count as > 1
+    wv = w if isinstance(w, int) else 2
+    return hv * wv > 1
+
+
+def _find_feature_map(
+    g: GraphIndex, probe: GraphIndex, logits: str, layouts: dict[str, str], num_classes: int | None
+) -> str:
+    found: list[str] = []
+    queue = deque([logits])
+    visited = set()
+    while queue:
+        name = queue.popleft()
+        if name in visited:
+            continue
+        visited.add(name)
+        layout = layouts.get(name)
+        if layout is not None and name != logits and _is_spatial(probe.info(name).shape, layout):
+            found.append(name)
+            continue
+        node = g.producer.get(name)
+        if node is None:
+            continue
+        queue.extend(g.data_inputs(node))
+    if not found:
+        raise DetectionError(
+            f"no feature map found: no tensor with spatial extent > 1 feeds the logits "
+            f"{logits!r}; name one with --feature-layer"
+        )
+    if len(set(found)) > 1:
+        raise DetectionError(
+            "several tensors feed the head ("
+            + ", ".join(sorted(set(found)))
+            + "): choose one with --feature-layer"
+        )
+    feature = found[0]
+    return _behind_classifier_conv(g, feature, num_classes)
+
+
+def _behind_classifier_conv(g: GraphIndex, feature: str, num_classes: int | None) -> str:
+    """Step behind a 1x1 Conv classifier (out channels == classes) ending the trunk."""
+    if not num_classes:
+        return feature
+    current = feature
+    for _ in range(8):
+        node = g.producer.get(current)
+        if node is None:
+            return feature
+        if node.op_type in _ELEMENTWISE_OPS:
+            data = g.data_inputs(node)
+            if len(data) != 1:
+                return feature
+            current = data[0]
+            continue
+        if node.op_type == "Conv" and len(node.input) >= 2:
+            weight = constant_value(g.model.graph, node.input[1], g.producer)
+            group = _attr(node, "group", 1)
+            if (
+                weight is not None
+                and weight.ndim == 4
+                and weight.shape[2:] == (1, 1)
+                and weight.shape[0] == num_classes
+                and group == 1
+            ):
+                trunk: str = node.input[0]
+                return trunk
+        return feature
+    return feature
+
+
+def _head_nodes(
+    g: GraphIndex, feature: str, logits: str, image_input: str | None = None
+) -> list[onnx.NodeProto]:
+    """Nodes computing ``logits`` from ``feature``, in graph order; raises if the head
+    needs any other activation of the model (a skip connection around the feature map).
+    Graph inputs other than ``image_input`` are allowed (the caller decides)."""
+    needed: set[int] = set()
+    index = {id(n): i for i, n in enumerate(g.model.graph.node)}
+    stack = [logits]
+    seen = set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name == feature or name == "":
+            continue
+        seen.add(name)
+        if name in g.initializers:
+            continue
+        node = g.producer.get(name)
+        if node is None and name in g.inputs and name != image_input:
+            continue
+        if node is None:
+            raise DetectionError(
+                f"the head from {feature!r} to {logits!r} also reads the model input "
+                f"{name!r}; choose a feature map that everything after it depends on "
+                "(--feature-layer)"
+            )
+        outside = not g.is_constant(name) and feature not in g.ancestors(name, feature)
+        if outside and not _batch_size_only(g, name):
+            raise DetectionError(
+                f"the head from {feature!r} to {logits!r} also reads {name!r}, which "
+                "does not come from the feature map; choose a later --feature-layer"
+            )
+        needed.add(index[id(node)])
+        if outside and node.op_type == "Shape":
+            continue  # the batch size: read from the feature map in the head (_extract_head)
+        stack.extend(i for i in node.input if i)
+        for attr in node.attribute:  # names used inside subgraphs (If/Loop)
+            if attr.type == onnx.AttributeProto.GRAPH:
+                stack.extend(_outer_names(attr.g))
+    return [g.model.graph.node[i] for i in sorted(needed)]
+
+
+def _batch_size_only(g: GraphIndex, name: str) -> bool:
+    """True when ``name`` is computed from constants and the batch size of activations
+    only (``Shape(x, start=0, end=1)`` or ``Gather(Shape(x), 0)``), as the dynamo exporter's
+    heads read it from the image input: the feature map has the same batch size."""
+    node = g.producer.get(name)
+    if g.is_constant(name):
+        return True
+    if node is None:
+        return False
+    if node.op_type == "Shape":
+        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        if start == 0 and end == 1:
+            return True
+        users = g.consumers.get(name, [])
+        return bool(users) and all(
+            u.op_type == "Gather"
+            and u.input[0] == name
+            and _attr(u, "axis", 0) == 0
+            and (lambda v: v is not None and v.size == 1 and int(v.reshape(-1)[0]) == 0)(
+                constant_value(g.model.graph, u.input[1], g.producer)
+            )
+            for u in users
+        )
+    return all(_batch_size_only(g, i) for i in node.input if i)
+
+
+def analyse_model(
+    model: onnx.ModelProto,
+    *,
+    input_name: str | None = None,
+    feature_layer: str | None = None,
+    logits: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> ModelSpec:
+    """Find the image input, its layout, the feature map and the logits of ``model``.
+
+    Parameters
+    ----------
+    model
+        The classifier; it is not modified.
+    input_name, feature_layer, logits
+        Tensor names overriding detection.
+    size
+        (H, W) used to infer intermediate shapes when the input size is symbolic.
+
+    Raises
+    ------
+    DetectionError
+        When something cannot be determined; the message lists the choices.
+    """
+    return _analyse(
+        model,
+        GraphIndex(_infer(model)),
+        input_name=input_name,
+        feature_layer=feature_layer,
+        logits=logits,
+        size=size,
+    )
+
+
+def _analyse(
+    model: onnx.ModelProto,
+    g: GraphIndex,
+    *,
+    input_name: str | None,
+    feature_layer: str | None,
+    logits: str | None,
+    size: tuple[int, int] | None,
+) -> ModelSpec:
+    """:func:`analyse_model` on the index ``g`` of the shape-inferred ``model``."""
+    name = _find_input(g, input_name)
+    in_info = g.info(name)
+    layout = _input_layout(g, name, in_info.shape)
+    probe = GraphIndex(
+        _with_static_input(model, name, layout, size),
+        real_size=None not in _spatial(in_info.shape, layout),
+    )
+    layouts = _propagate_layouts(g, name, layout)
+
+    logits_name, activation = _find_logits(g, logits)
+    logits_info = _best_info(g, probe, logits_name)
+    if logits_info.shape is None:  # e.g. made by a com.microsoft op shape inference skips
+        logits_info = _shape_from_output(g, logits_info)
+    num_classes = _num_classes(logits_info.shape)
+    if (
+        logits_name in layouts
+        and _is_spatial(probe.info(logits_name).shape, layouts[logits_name])
+        and logits is None
+    ):
+        raise DetectionError(
+            f"the output {logits_name!r} has spatial extent (shape "
+            f"{list(probe.info(logits_name).shape or ())}): this is not an image classifier; "
+            "name the logits with --logits"
+        )
+
+    if feature_layer is not None:
+        if feature_layer not in g.tensor_names():
+            spatial = _spatial_candidates(g, probe, layouts, logits_name)
+            raise DetectionError(
+                f"feature map {feature_layer!r} not found; tensors with spatial extent "
+                "on the way to the logits, last first: " + ", ".join(spatial[:12])
+            )
+        feature = feature_layer
+    else:
+        feature = _find_feature_map(g, probe, logits_name, layouts, num_classes)
+    if feature not in layouts:
+        raise DetectionError(f"feature map {feature!r} does not depend on the input {name!r}")
+    if logits_name not in g.descendants(feature):
+        raise DetectionError(
+            f"the logits {logits_name!r} do not depend on the feature map {feature!r}"
+        )
+    f_info = _best_info(g, probe, feature)
+    f_layout = layouts[feature]
+    if f_info.shape is not None and len(f_info.shape) != 4:
+        raise DetectionError(
+            f"feature map {feature!r} has shape {list(f_info.shape)}; a 4-D "
+            "(N,C,H,W) or (N,H,W,C) tensor is needed"
+        )
+    head = _head_nodes(g, feature, logits_name, name)
+    producer = " ".join(x for x in (model.producer_name, model.producer_version) if x)
+    return ModelSpec(
+        input=in_info,
+        layout=layout,
+        feature_map=f_info,
+        feature_layout=f_layout,
+        logits=logits_info,
+        activation=activation,
+        num_classes=num_classes,
+        head_ops=tuple(n.op_type for n in head if n.op_type != "Constant"),
+        opset=_opset(model),
+        ir_version=int(model.ir_version),
+        producer=producer,
+        detected={
+            "input": input_name is None,
+            "feature_map": feature_layer is None,
+            "logits": logits is None,
+        },
+        largest_activation=_largest_activation(probe),
+    )
+
+
+def _largest_activation(probe: GraphIndex) -> int | None:
+    """Bytes per batch row of the largest tensor with a static shape in the probe's
+    inference (computed tensors only: weights are counted by :func:`check_tensor_sizes`)."""
+    largest = None
+    for name, vi in probe.infos.items():
+        if name in probe.initializers:
+            continue
+        shape = _shape_of(vi.type)
+        dims = [d for d in shape or () if isinstance(d, int) and d >= 0]
+        if not shape or len(dims) != len(shape):
+            continue
+        try:
+            item = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).itemsize
+        except Exception:
+            item = 4
+        nbytes = _numel(dims[1:]) * item
+        largest = nbytes if largest is None else max(largest, nbytes)
+    return largest
+
+
+def _shape_from_output(g: GraphIndex, info: TensorInfo) -> TensorInfo:
+    """``info`` with the shape of the graph output it leads to through ops that keep
+    shapes (a final activation, Quantize/DequantizeLinear, Identity, Cast)."""
+    keep = (
+        FINAL_ACTIVATIONS
+        + tuple(_QUANTIZED_ACTIVATIONS)
+        + ("QuantizeLinear", "DequantizeLinear", "Identity", "Cast")
+    )
+    current = info.name
+    for _ in range(8):
+        if current in g.outputs:
+            out = g.info(current)
+            return TensorInfo(info.name, info.dtype, out.shape)
+        nxt = [n for n in g.consumers.get(current, []) if n.op_type in keep]
+        if len(nxt) != 1:
+            break
+        current = nxt[0].output[0]
+    return info
+
+
+def _num_classes(shape: tuple[Dim, ...] | None) -> int | None:
+    if not shape:
+        return None
+    rest = [d for d in shape[1:] if isinstance(d, int)]
+    if len(rest) == len(shape) - 1:
+        return int(np.prod(rest)) if rest else 1
+    return None
+
+
+def _best_info(g: GraphIndex, probe: GraphIndex, name: str) -> TensorInfo:
+    """Declared info, with dims the symbolic-input inference left unknown filled from the
+    probe inference where they do not depend on the input size (channels, classes)."""
+    info = g.info(name)
+    pinfo = probe.info(name)
+    if info.shape is None and pinfo.shape is not None:
+        # Keep only what does not depend on the probe: batch and spatial become None.
+        info = TensorInfo(name, pinfo.dtype, tuple([None] + list(pinfo.shape[1:])))
+    elif (
+        info.shape is not None
+        and pinfo.shape is not None
+        and probe.real_size
+        and len(info.shape) == len(pinfo.shape)
+        and None in info.shape[1:]
+    ):
+        # The model's own input size (not a probe size): the probe's dims are the real ones.
+        info = TensorInfo(
+            name,
+            info.dtype,
+            info.shape[:1]
+            + tuple(p if d is None else d for d, p in zip(info.shape[1:], pinfo.shape[1:])),
+        )
+    if info.dtype == "undefined" and pinfo.dtype != "undefined":
+        info = TensorInfo(name, pinfo.dtype, info.shape)
+    return info
+
+
+def _spatial_candidates(
+    g: GraphIndex, probe: GraphIndex, layouts: dict[str, str], logits: str
+) -> list[str]:
+    ancestors = g.ancestors(logits)
+    names = []
+    for node in reversed(g.model.graph.node):
+        for o in node.output:
+            if o in ancestors and o in layouts and _is_spatial(probe.info(o).shape, layouts[o]):
+                names.append(o)
+    return names

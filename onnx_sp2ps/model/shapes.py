@@ -1,0 +1,225 @@
+"""Shape inference for detection: ONNX shape inference that never raises, a probe copy
+of the model with a concrete input size, and the folding of the shape arithmetic that
+ONNX shape inference does not propagate, so that the feature map's and the logits'
+shapes are known.  The model that runs is never changed here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from onnx_sp2ps.model.index import GraphIndex, _attr, _numel, constant_value
+from onnx_sp2ps.model.load import _weightless
+
+__all__ = ["PROBE_SIZE"]
+
+#: Size used for symbolic height and width while shapes are inferred for detection.
+PROBE_SIZE = 224
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that never raises: on failure the model is returned as it is.
+    Inferred on a copy without the large weights' data (:func:`_weightless`), which is
+    also how models over the 2 GB limit are inferred."""
+    try:
+        inferred = shape_inference.infer_shapes(
+            _weightless(model), check_type=False, strict_mode=False, data_prop=True
+        )
+    except Exception:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
+    return out
+
+
+def _with_static_input(
+    model: onnx.ModelProto, input_name: str, layout: str, size: tuple[int, int] | None
+) -> onnx.ModelProto:
+    """A copy whose image input has concrete dims (batch 1, probe H/W) for inference;
+    without the data of its large weights (:func:`_weightless`), which shapes never need."""
+    probe = _weightless(model)
+    del probe.graph.value_info[:]
+    h, w = size if size else (PROBE_SIZE, PROBE_SIZE)
+    for inp in probe.graph.input:
+        if inp.name != input_name:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) != 4:
+            break
+        spatial = (2, 3) if layout == "NCHW" else (1, 2)
+        chan = 1 if layout == "NCHW" else 3
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            value = 1 if i == 0 else 3 if i == chan else (h if i == spatial[0] else w)
+            d.Clear()
+            d.dim_value = value
+    return _fold_shapes(_infer(probe))  # (_infer returns a copy, edited in place there)
+
+
+#: Ops of shape arithmetic (x.view(n, g, c // g, h, w) and the like) that the probe
+#: evaluates where ONNX shape inference stops (it does not propagate Div, for one).
+_SHAPE_OPS = (
+    "Shape",
+    "Size",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Cast",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Slice",
+    "Floor",
+    "Ceil",
+    "Identity",
+    "Reshape",
+    "Equal",
+    "Where",
+    "Max",
+    "Min",
+    "Neg",
+    "Abs",
+    "Range",
+    "Expand",
+    "ConstantOfShape",
+)
+#: Largest tensor (elements) taken for a shape value.
+_SHAPE_VALUE_SIZE = 64
+
+
+def _fold_shapes(probe: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
+    """The shape-inferred ``probe`` (static input) with its shape arithmetic evaluated
+    into Constant nodes and shapes inferred again, until nothing more folds: shapes that
+    ``x.view(...)`` of computed sizes hide from ONNX shape inference (ShuffleNet's channel
+    shuffle) become known.  Only for detection; the model that runs is never changed."""
+    opset = [o for o in probe.opset_import if o.domain in ("", "ai.onnx")]
+    for _ in range(rounds):
+        g = GraphIndex(probe)
+        values: dict[str, np.ndarray | None] = {}
+
+        def value(name: str) -> np.ndarray | None:
+            if name not in values:
+                v = None
+                if name in g.initializers or (
+                    name in g.producer and g.producer[name].op_type == "Constant"
+                ):
+                    try:  # (the probe's large weights have no data: never shape values)
+                        v = constant_value(probe.graph, name, g.producer)
+                    except Exception:
+                        v = None
+                values[name] = v if v is not None and v.size <= _SHAPE_VALUE_SIZE else None
+            return values[name]
+
+        folded: dict[int, list[np.ndarray]] = {}
+        for i, node in enumerate(probe.graph.node):
+            if (
+                node.op_type not in _SHAPE_OPS
+                or node.domain not in ("", "ai.onnx")
+                or len(node.output) != 1
+            ):
+                continue
+            if node.op_type == "Shape":
+                shape = g.info(node.input[0]).shape
+                if shape is None or not all(isinstance(d, int) for d in shape):
+                    continue
+                start, end = _attr(node, "start", 0), _attr(node, "end", None)
+                outs: list[np.ndarray] = [np.asarray(shape, np.int64)[start:end]]
+            else:
+                ins = [value(n) if n else None for n in node.input]
+                if any(n and v is None for n, v in zip(node.input, ins)):
+                    continue
+                evaluated = _evaluate(node, ins, opset)
+                if evaluated is None:
+                    continue
+                outs = evaluated
+            folded[i] = outs
+            for o, v in zip(node.output, outs):
+                values[o] = v
+        if not any(probe.graph.node[i].op_type in ("Shape", "Size") for i in folded):
+            return probe  # (constants alone: shape inference already propagates those)
+        for i, (v,) in folded.items():
+            node = probe.graph.node[i]
+            node.CopyFrom(
+                helper.make_node(
+                    "Constant",
+                    [],
+                    [node.output[0]],
+                    value=numpy_helper.from_array(v, node.output[0]),
+                )
+            )
+        del probe.graph.value_info[:]
+        probe = _infer(probe)
+    return probe
+
+
+def _evaluate(
+    node: onnx.NodeProto, ins: list[np.ndarray | None], opset: list[onnx.OperatorSetIdProto]
+) -> list[np.ndarray] | None:
+    """The outputs of the shape op ``node`` on the values ``ins`` of its inputs (the
+    reference evaluator), or None when they could be large (:func:`_folds_too_large`), the
+    evaluation fails or an output is over ``_SHAPE_VALUE_SIZE`` elements."""
+    from onnx.reference import ReferenceEvaluator
+
+    if _folds_too_large(node.op_type, ins):
+        return None
+    try:
+        one = helper.make_model(
+            helper.make_graph(
+                [node],
+                "fold",
+                [
+                    helper.make_tensor_value_info(
+                        n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape
+                    )
+                    for n, v in zip(node.input, ins)
+                    if n and v is not None
+                ],
+                [
+                    helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                    for o in node.output
+                ],
+            ),
+            opset_imports=opset,
+        )
+        results = ReferenceEvaluator(one).run(None, {n: v for n, v in zip(node.input, ins) if n})
+    except Exception:
+        return None
+    outs = [np.asarray(o) for o in results]
+    if any(o.size > _SHAPE_VALUE_SIZE for o in outs):
+        return None
+    return outs
+
+
+def _folds_too_large(op_type: str, ins: list[np.ndarray | None]) -> bool:
+    """True when a shape op's output would be over ``_SHAPE_VALUE_SIZE`` elements, told
+    from its (small) inputs before it is evaluated: ConstantOfShape, Expand and Range
+    make outputs of any size from a few numbers (a hostile model's [100000, 100000])."""
+
+    def arg(i: int) -> np.ndarray:
+        v = ins[i]
+        if v is None:
+            raise ValueError(f"input {i} has no value")  # (caught below: not folded)
+        return v
+
+    try:
+        if op_type == "ConstantOfShape":
+            size = _numel(max(int(d), 0) for d in arg(0).reshape(-1))
+        elif op_type == "Expand":
+            size = _numel(max(int(d), 0) for d in arg(1).reshape(-1)) * max(arg(0).size, 1)
+        elif op_type == "Range":
+            start, limit, delta = (float(arg(i).reshape(-1)[0]) for i in range(3))
+            size = 0 if delta == 0 else max(int(np.ceil((limit - start) / delta)), 0)
+        else:
+            return False
+    except Exception:
+        return True  # (not understood: not folded)
+    return size > _SHAPE_VALUE_SIZE
