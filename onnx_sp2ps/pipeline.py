@@ -857,25 +857,41 @@ def _worst_rows(worst: WorstImages, positions: np.ndarray) -> WorstImages:
     return WorstImages(worst.limit, rows, worst.scores, worst.original_maps, worst.candidate_maps)
 
 
-def open_audit_models(
+def _prepare_all(
     original: str | Path | PreparedModel,
     candidates: Sequence[str | Path | PreparedModel],
-    *,
     preprocess: Preprocess,
     settings: AuditSettings,
     original_options: ModelOptions,
     candidate_options: ModelOptions,
-    keep_maps: bool = False,
-    worst: int = 0,
-) -> AuditModels:
-    """Prepare the original and the candidates (detection, head gradients), check that
-    each candidate fits the original, and open their sessions."""
+) -> tuple[PreparedModel, list[PreparedModel]]:
+    """The original and the candidates prepared (detection, head gradients), each
+    candidate checked against the original; no session is opened."""
     orig_prep = _prepare(original, original_options, preprocess, settings.max_memory)
     cand_preps = [
         _prepare(c, candidate_options, preprocess, settings.max_memory) for c in candidates
     ]
     for cp in cand_preps:
         _check_compatible(orig_prep.spec, cp.spec, Path(cp.path).name if cp.path else "model")
+    return orig_prep, cand_preps
+
+
+def open_audit_models(
+    original: str | Path | PreparedModel,
+    candidates: Sequence[str | Path | PreparedModel],
+    *,
+    preprocess: Preprocess = Preprocess(),
+    settings: AuditSettings = AuditSettings(),
+    original_options: ModelOptions = ModelOptions(),
+    candidate_options: ModelOptions = ModelOptions(),
+    keep_maps: bool = False,
+    worst: int = 0,
+) -> AuditModels:
+    """Prepare the original and the candidates (detection, head gradients), check that
+    each candidate fits the original, and open their sessions."""
+    orig_prep, cand_preps = _prepare_all(
+        original, candidates, preprocess, settings, original_options, candidate_options
+    )
     shared = DeviceInputs()  # on CUDA, each batch crosses to the GPU once for all models
     return AuditModels(
         original=_Explainer(orig_prep, settings, shared),
@@ -937,26 +953,21 @@ def audit(
         raise UsageError("give at least one candidate model")
     if settings.target not in ("original", "label", "own"):
         raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
-    models = open_audit_models(
-        original,
-        candidates,
-        preprocess=preprocess,
-        settings=settings,
-        original_options=original_options,
-        candidate_options=candidate_options,
-        keep_maps=keep_maps,
-        worst=worst,
+    orig_prep, cand_preps = _prepare_all(
+        original, candidates, preprocess, settings, original_options, candidate_options
     )
-    orig_spec = models.original.prepared.spec
     image_set = _open(
-        images, orig_spec, preprocess, class_names, settings.strict, settings.max_memory
+        images, orig_prep.spec, preprocess, class_names, settings.strict, settings.max_memory
     )
-    check_batch_memory(
-        [orig_spec] + [c.prepared.spec for c in models.candidates],
+    check_batch_memory(  # before any session is opened or any batch allocated
+        [orig_prep.spec] + [cp.spec for cp in cand_preps],
         image_set.preprocess.size,
         settings.batch_size,
         image_set.preprocess.channels,
         settings.max_memory,
+    )
+    models = open_audit_models(
+        orig_prep, cand_preps, settings=settings, keep_maps=keep_maps, worst=worst
     )
 
     def mapped() -> Iterator[Records]:
