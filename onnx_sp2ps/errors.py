@@ -3,7 +3,7 @@
 The library raises these; only :mod:`onnx_sp2ps.cli` turns them into messages and
 exit codes.  Every message is one line that says what is wrong and what to do.
 
-Exit codes used by the CLI (see DESIGN.md):
+Exit codes used by the CLI (README, "Refused, with one line on stderr"):
 
 * :class:`InputError` and subclasses -> 3 (the input is not usable)
 * :class:`UsageError` -> 2 (the call itself is wrong)

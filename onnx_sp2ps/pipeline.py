@@ -1,11 +1,14 @@
-"""Orchestration (DESIGN.md's ``audit.py``): models and images in, a result object out.
-Never prints.  Named ``pipeline`` so that ``from onnx_sp2ps import audit`` can be the
-function without shadowing a module.
+"""One audit, as map, merge and summarise (docs/architecture.md, "One audit"): models and
+images in, a result object out.  Never prints.  Named ``pipeline`` so that ``from
+onnx_sp2ps import audit`` can be the function without shadowing a module.
 
-:func:`audit` streams the images in batches through the original and every candidate,
-computes both CAMs per image for the same target class, scores each pair
-(:mod:`onnx_sp2ps.similarity`) and returns an :class:`AuditResult`.  :func:`compute_cams`
-does the first half for a single model.
+:func:`score_batch` (map) runs one batch through the original and every candidate,
+computes both CAMs per image for the same target class and scores each pair
+(:mod:`onnx_sp2ps.similarity`) into :class:`onnx_sp2ps.records.Records`;
+:func:`onnx_sp2ps.records.merge` joins records; :func:`summarise` computes every aggregate
+of the merged records into an :class:`AuditResult`.  :func:`audit` is map over the
+batches, merge, summarise.  :func:`compute_cams` does the first half of the map for a
+single model.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 r"""Similarity of two stacks of class activation maps: the Sp2PS score.
 
 Every function here is pure and works on a whole batch at once.  Maps are
-``(N, H, W)`` arrays of floats in ``[0, 1]`` (CAM images, see DESIGN.md);
+``(N, H, W)`` arrays of floats in ``[0, 1]`` (CAM images, see README, "The score");
 pair ``i`` is ``maps_a[i]`` (the original model) against ``maps_b[i]`` (the
 candidate).  Everything is computed in float64.
 
@@ -603,7 +603,7 @@ def score_pairs(maps_a: RealArray, maps_b: RealArray, *, workers: int | None = N
 
 @dataclass(frozen=True)
 class ScoreSummary:
-    """Data-set aggregates of :class:`PairScores` (DESIGN.md, "The score").
+    """Data-set aggregates of :class:`PairScores` (README, "The score").
 
     Attributes
     ----------

@@ -1,4 +1,4 @@
-"""Which class each map explains (DESIGN.md, "Target class")."""
+"""Which class each map explains (README, "Commands": ``--target``)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ What is drawn
       (``onnx_builders._GraphWriter``); weights as initializers or Constant nodes;
       opset 13, 14, 17 or 18.
 
-Expected detection (DESIGN.md: the feature map is the last tensor with spatial extent > 1
+Expected detection (README, "Detection": the feature map is the last tensor with spatial extent > 1
 on the path to the logits; the logits are the input of a final Softmax): the last trunk
 activation, or for NHWC models with a head that needs NCHW (pooling and 1x1 conv heads)
 the output of the Transpose in front of it; for ``conv1x1_gap`` the input of the

@@ -22,7 +22,7 @@ def _size(built):
 
 
 def _expected_logits(built, kw):
-    # DESIGN/issue rule: the input of a final activation, else the graph output itself.
+    # README "Detection" rule: the input of a final activation, else the graph output itself.
     return built.logits if built.activation else built.output_name
 
 

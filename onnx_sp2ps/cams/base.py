@@ -2,7 +2,7 @@
 
 A method turns activations ``(N, C, h, w)`` (NCHW, float32, as
 :class:`onnx_sp2ps.runtime.ModelRunner` hands them out) and target classes ``(N,)`` into
-raw maps ``(N, h, w)``.  The pipeline after that (DESIGN.md, step 5) is explicit and the
+raw maps ``(N, h, w)``.  The pipeline after that (README, "The score") is explicit and the
 same for every method: ``M = normalise(upsample_bilinear(ReLU(R), (H, W)))``.
 """
 
