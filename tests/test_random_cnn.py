@@ -4,7 +4,7 @@ For each seed: detection finds the drawn feature map and logits; the activations
 and head gradients onnx-sp2ps computes equal the numpy forward pass and the analytic
 gradient; and the Grad-CAM maps of ``compute_cams`` equal
 ``normalise(zoom(relu(sum_k mean(dy_c/dA_k) A_k)))`` computed in numpy/scipy (README,
-"CAM without autograd" and "The score"). Heads with an op without a backward rule
+"CAM methods" and "The score"). Heads with an op without a backward rule
 (Abs; Softplus and Atan, smooth and curved, in the heads asked for by ``SMOOTH_CASES``) must
 take the documented finite-difference path and still agree, to ``FD_RTOL``.
 """
