@@ -24,6 +24,7 @@ import onnx
 
 from onnx_sp2ps.backward import UnsupportedHead, build_head_gradient
 from onnx_sp2ps.errors import DataError, ModelError, UsageError
+from onnx_sp2ps.model.detect import linear_classifier_weights
 from onnx_sp2ps.model.edit import PreparedModel, fuse_gradient
 from onnx_sp2ps.model.load import is_too_large, split_large_weights
 
@@ -399,6 +400,16 @@ class ModelRunner:
                 self.gradient_path, self.gradient_note = "exact", grad.note
             except ModelError as exc:
                 self.gradient_note = str(exc)
+
+    @property
+    def layout(self) -> str:
+        """The model input's layout, ``"NCHW"`` or ``"NHWC"``."""
+        return self.prepared.spec.layout
+
+    def classifier_weights(self) -> np.ndarray:
+        """The ``(K, C)`` weights of the linear layer after global average pooling
+        (classic CAM's weights); :class:`ModelError` for any other head."""
+        return linear_classifier_weights(self.prepared.head_model)
 
     def _create(self, model, what: str):
         """A session on the device the first session got."""

@@ -75,3 +75,19 @@ def test_the_package_root_only_re_exports():
 
     for name in onnx_sp2ps.__all__:
         assert getattr(onnx_sp2ps, name) is not None
+
+
+def test_cam_methods_see_only_what_the_runner_hands_out():
+    """CAM methods work on activations, logits and the runner's public methods: none
+    imports the model layer or reads the runner's prepared model."""
+    reaching = []
+    for path in sorted((PACKAGE / "cams").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                ("onnx_sp2ps.model", "onnx_sp2ps.backward")
+            ):
+                reaching.append(f"{path.name} imports {node.module}")
+            if isinstance(node, ast.Attribute) and node.attr == "prepared":
+                reaching.append(f"{path.name}:{node.lineno} reads .prepared")
+    assert reaching == []

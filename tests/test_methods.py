@@ -13,9 +13,8 @@ from onnx import numpy_helper
 from scipy import ndimage
 
 from onnx_sp2ps.cams import METHODS, make_cam
-from onnx_sp2ps.cams.cam import linear_classifier_weights
 from onnx_sp2ps.errors import ModelError, UsageError
-from onnx_sp2ps.model import prepare_model
+from onnx_sp2ps.model import linear_classifier_weights, prepare_model
 from onnx_sp2ps.runtime import ModelRunner, create_session
 
 from onnx_builders import build_cnn

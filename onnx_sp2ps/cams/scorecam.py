@@ -40,7 +40,7 @@ class ScoreCAM(BaseCAM):
         if inputs is None:
             raise UsageError("Score-CAM needs the model inputs")
         n, c, h, w = activations.shape
-        nhwc = self.runner.prepared.spec.layout == "NHWC"
+        nhwc = self.runner.layout == "NHWC"
         height, width = inputs.shape[1:3] if nhwc else inputs.shape[2:4]
         wy = _aligned_matrix(height, h)
         wx = _aligned_matrix(width, w)

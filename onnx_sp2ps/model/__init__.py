@@ -6,7 +6,12 @@ and nothing here imports onnxruntime (running models is :mod:`onnx_sp2ps.runtime
 """
 
 from onnx_sp2ps.model.compressed import qdq_form
-from onnx_sp2ps.model.detect import FINAL_ACTIVATIONS, ModelSpec, analyse_model
+from onnx_sp2ps.model.detect import (
+    FINAL_ACTIVATIONS,
+    ModelSpec,
+    analyse_model,
+    linear_classifier_weights,
+)
 from onnx_sp2ps.model.edit import (
     PreparedModel,
     extract_head,
@@ -31,6 +36,7 @@ __all__ = [
     "load_model",
     "check_tensor_sizes",
     "analyse_model",
+    "linear_classifier_weights",
     "prepare_model",
     "extract_head",
     "constant_value",

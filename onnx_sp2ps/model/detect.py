@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+from numpy.typing import NDArray
 from onnx import helper
 
-from onnx_sp2ps.errors import DetectionError
+from onnx_sp2ps.errors import DetectionError, ModelError
 from onnx_sp2ps.model.index import (
     Dim,
     GraphIndex,
@@ -647,3 +648,44 @@ def _spatial_candidates(
             if o in ancestors and o in layouts and _is_spatial(probe.info(o).shape, layouts[o]):
                 names.append(o)
     return names
+
+
+# --------------------------------------------------------------------------- classic CAM
+
+_CAM_POOLS = ("GlobalAveragePool", "ReduceMean", "AveragePool")
+_CAM_SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout")
+
+
+def linear_classifier_weights(head: onnx.ModelProto) -> NDArray[np.float64]:
+    """The weights ``(K, C)`` of the linear layer after global average pooling.
+
+    Raises
+    ------
+    ModelError
+        When the head is not global average pooling, shape ops, then one Gemm or MatMul
+        (+ Add): classic CAM is defined for that form only.
+    """
+    ops = [n for n in head.graph.node if n.op_type != "Constant"]
+    kinds = [n.op_type for n in ops]
+    wrong = ModelError(
+        "classic CAM needs a head of global average pooling and one linear "
+        f"layer; this head is {' -> '.join(kinds)}: use --method gradcam"
+    )
+    if not kinds or kinds[0] not in _CAM_POOLS:
+        raise wrong
+    rest = [n for n in ops[1:] if n.op_type not in _CAM_SHAPE_OPS]
+    if not rest or rest[0].op_type not in ("Gemm", "MatMul"):
+        raise wrong
+    if len(rest) > 2 or (len(rest) == 2 and rest[1].op_type != "Add"):
+        raise wrong
+    lin = rest[0]
+    w = constant_value(head.graph, lin.input[1])
+    if w is None or w.ndim != 2:
+        raise wrong
+    if lin.op_type == "Gemm":
+        trans_b = _attr(lin, "transB", 0)
+        alpha = float(_attr(lin, "alpha", 1.0))
+        weights: NDArray[np.float64] = (w if trans_b else w.T).astype(np.float64) * alpha
+        return weights
+    transposed: NDArray[np.float64] = w.T.astype(np.float64)
+    return transposed
