@@ -28,8 +28,9 @@ from onnx_sp2ps.targets import AUDIT_TARGETS
 
 if TYPE_CHECKING:
     from onnx_sp2ps.data import Preprocess
-    from onnx_sp2ps.gate import GateCriteria
-    from onnx_sp2ps.pipeline import ModelOptions
+    from onnx_sp2ps.gate import GateCheck, GateCriteria
+    from onnx_sp2ps.pipeline import AuditResult, ModelOptions
+    from onnx_sp2ps.report import ReportSet
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 #: Upper bounds of numeric options (each says what is allowed in its error).
@@ -1074,18 +1075,7 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
     import onnx_sp2ps.pipeline as audit_module
     from onnx_sp2ps.gate import apply_gate
     from onnx_sp2ps.pipeline import audit_to_dict
-    from onnx_sp2ps.report import (
-        ReportSet,
-        append_text,
-        check_target,
-        format_table,
-        html_report,
-        junit_xml,
-        samples_csv,
-        summary_markdown,
-        write_atomic,
-        write_json,
-    )
+    from onnx_sp2ps.report import ReportSet, check_target, format_table
 
     console = CommonOptions.from_params(params).console
     output = AuditOutput.from_params(params)
@@ -1148,28 +1138,12 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
         # The gate is checked once; the table, the files and the exit code show it.
         checks = apply_gate(report, criteria) if criteria.any() else []
         if files is not None:
-            overlays = files.path("overlays") if output.overlays == "worst" else None
-            page = html_report(
-                report,
-                _worst_images(result, report, folders, overlays),
-                class_names=result.images.class_names,
-            )
-            table = samples_csv(report).encode("utf-8")
-            write_atomic(files.path("samples.csv"), lambda h: h.write(table))
-            write_atomic(files.path("report.html"), lambda h: h.write(page.encode("utf-8")))
-            if output.save_maps:
-                _save_maps(files.path("maps"), result, folders)
-            write_json(files.path("report.json"), report)
-            files.commit()
+            _write_report_set(files, result, report, folders, output)
             console.info(f"report written to {files.out / 'report.json'}")  # _err escapes
     finally:
         if files is not None:
             files.discard()
-    if output.junit is not None:
-        text = junit_xml(report, checks).encode("utf-8")
-        write_atomic(output.junit, lambda h: h.write(text), option="--junit")
-    if output.summary_md is not None:
-        append_text(output.summary_md, summary_markdown(report, checks), option="--summary-md")
+    _write_gate_files(output, report, checks)
     if output.fmt == "json":
         click.echo(json.dumps(report, indent=2, allow_nan=False))
     else:
@@ -1177,6 +1151,43 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
     if not criteria.any():
         return EXIT_OK
     return _gate(checks, to_stderr=output.fmt == "json")
+
+
+def _write_report_set(
+    files: ReportSet,
+    result: AuditResult,
+    report: dict[str, Any],
+    folders: list[str],
+    output: AuditOutput,
+) -> None:
+    """report.json, samples.csv, report.html (with the worst images' overlays) and the
+    saved maps, into the staged report set, which is then swapped in."""
+    from onnx_sp2ps.report import html_report, samples_csv, write_atomic, write_json
+
+    overlays = files.path("overlays") if output.overlays == "worst" else None
+    page = html_report(
+        report,
+        _worst_images(result, report, folders, overlays),
+        class_names=result.images.class_names,
+    )
+    table = samples_csv(report).encode("utf-8")
+    write_atomic(files.path("samples.csv"), lambda h: h.write(table))
+    write_atomic(files.path("report.html"), lambda h: h.write(page.encode("utf-8")))
+    if output.save_maps:
+        _save_maps(files.path("maps"), result, folders)
+    write_json(files.path("report.json"), report)
+    files.commit()
+
+
+def _write_gate_files(output: AuditOutput, report: dict[str, Any], checks: list[GateCheck]) -> None:
+    """--junit (replaced whole) and --summary-md (appended to)."""
+    from onnx_sp2ps.report import append_text, junit_xml, summary_markdown, write_atomic
+
+    if output.junit is not None:
+        text = junit_xml(report, checks).encode("utf-8")
+        write_atomic(output.junit, lambda h: h.write(text), option="--junit")
+    if output.summary_md is not None:
+        append_text(output.summary_md, summary_markdown(report, checks), option="--summary-md")
 
 
 class _OverlayStreamer:
