@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Any, Callable, Iterator, Sequence, Union
 
@@ -41,7 +41,7 @@ from onnx_sp2ps.records import (
 )
 from onnx_sp2ps.runtime import DeviceInputs, ModelRunner
 from onnx_sp2ps.similarity import PairScores, ScoreSummary, score_pairs, summarise_scores
-from onnx_sp2ps.targets import select_targets, top1
+from onnx_sp2ps.targets import AUDIT_TARGETS, select_targets, top1
 
 __all__ = [
     "ModelOptions",
@@ -61,6 +61,9 @@ __all__ = [
     "open_audit_models",
     "score_batch",
     "summarise",
+    "audit_records",
+    "shard_range",
+    "map_range",
     "Records",
     "merge",
     "SCHEMA_VERSION",
@@ -620,10 +623,12 @@ def _nothing_read(image_set: ImageSet, what: str) -> DataError:
     )
 
 
-def _batches(image_set: ImageSet, batch_size: int) -> Iterator[Batch]:
+def _batches(
+    image_set: ImageSet, batch_size: int, start: int = 0, stop: int | None = None
+) -> Iterator[Batch]:
     if batch_size < 1:
         raise UsageError("--batch-size must be 1 or more")
-    yield from image_set.iter_batches(batch_size)
+    yield from image_set.iter_batches(batch_size, start, stop)
 
 
 # --------------------------------------------------------------------------- API
@@ -799,6 +804,7 @@ def summarise(records: Records, context: AuditContext) -> AuditResult:
     NonFiniteError
         Every image of some candidate gave non-finite logits or maps.
     """
+    context.images.add_failures(records.failures)  # (found by whichever part read them)
     if not len(records):
         raise _nothing_read(context.images, "audit")
     labels = records.labels
@@ -905,6 +911,62 @@ def open_audit_models(
     )
 
 
+def audit_records(
+    original: str | Path | PreparedModel,
+    candidates: Sequence[str | Path | PreparedModel],
+    images: ImageSource,
+    *,
+    preprocess: Preprocess = Preprocess(),
+    settings: AuditSettings = AuditSettings(),
+    original_options: ModelOptions = ModelOptions(),
+    candidate_options: ModelOptions = ModelOptions(),
+    class_names: ClassNames = None,
+    keep_maps: bool = False,
+    worst: int = 0,
+    on_maps: MapsCallback | None = None,
+    progress: Progress | None = None,
+    shard: tuple[int, int] | None = None,
+) -> tuple[Records, AuditContext]:
+    """The records of an audit (of all its images, or of shard ``(K, N)``:
+    :func:`shard_range`) and its context: :func:`audit` before :func:`summarise`.
+    Parameters and errors as :func:`audit`'s."""
+    if not candidates:
+        raise UsageError("give at least one candidate model")
+    if settings.target not in AUDIT_TARGETS:
+        raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
+    orig_prep, cand_preps = _prepare_all(
+        original, candidates, preprocess, settings, original_options, candidate_options
+    )
+    image_set = _open(
+        images, orig_prep.spec, preprocess, class_names, settings.strict, settings.max_memory
+    )
+    check_batch_memory(  # before any session is opened or any batch allocated
+        [orig_prep.spec] + [cp.spec for cp in cand_preps],
+        image_set.preprocess.size,
+        settings.batch_size,
+        image_set.preprocess.channels,
+        settings.max_memory,
+    )
+    models = open_audit_models(
+        orig_prep, cand_preps, settings=settings, keep_maps=keep_maps, worst=worst
+    )
+    start, stop = (
+        (0, len(image_set))
+        if shard is None
+        else shard_range(len(image_set), settings.batch_size, shard)
+    )
+    records = map_range(models, image_set, start, stop, on_maps, progress)
+    context = AuditContext(
+        settings=settings,
+        images=image_set,
+        original=models.original.info,
+        candidates=tuple(c.info for c in models.candidates),
+        provider_note=models.original.runner.provider.note,
+        versions=versions(),
+    )
+    return records, context
+
+
 def audit(
     original: str | Path | PreparedModel,
     candidates: Sequence[str | Path | PreparedModel],
@@ -952,44 +1014,57 @@ def audit(
     InputError
         (and subclasses) when a model or the images are not usable.
     """
-    if not candidates:
-        raise UsageError("give at least one candidate model")
-    if settings.target not in ("original", "label", "own"):
-        raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
-    orig_prep, cand_preps = _prepare_all(
-        original, candidates, preprocess, settings, original_options, candidate_options
+    records, context = audit_records(
+        original,
+        candidates,
+        images,
+        preprocess=preprocess,
+        settings=settings,
+        original_options=original_options,
+        candidate_options=candidate_options,
+        class_names=class_names,
+        keep_maps=keep_maps,
+        worst=worst,
+        on_maps=on_maps,
+        progress=progress,
     )
-    image_set = _open(
-        images, orig_prep.spec, preprocess, class_names, settings.strict, settings.max_memory
-    )
-    check_batch_memory(  # before any session is opened or any batch allocated
-        [orig_prep.spec] + [cp.spec for cp in cand_preps],
-        image_set.preprocess.size,
-        settings.batch_size,
-        image_set.preprocess.channels,
-        settings.max_memory,
-    )
-    models = open_audit_models(
-        orig_prep, cand_preps, settings=settings, keep_maps=keep_maps, worst=worst
-    )
+    return summarise(records, context)
+
+
+def shard_range(total: int, batch_size: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """Positions ``[start, stop)`` of shard ``(K, N)`` (K from 1 to N) of ``total``
+    images: the whole pass's batches split into N contiguous runs, so that every image
+    is scored in the same batch as in one pass (README, "At scale")."""
+    k, n = shard
+    if not (isinstance(k, int) and isinstance(n, int) and 1 <= k <= n):
+        raise UsageError(f"shard K/N needs 1 <= K <= N; got {k}/{n}")
+    batches = -(-total // batch_size)
+    first, last = (k - 1) * batches // n, k * batches // n
+    return min(first * batch_size, total), min(last * batch_size, total)
+
+
+def map_range(
+    models: AuditModels,
+    image_set: ImageSet,
+    start: int,
+    stop: int,
+    on_maps: MapsCallback | None = None,
+    progress: Progress | None = None,
+) -> Records:
+    """Map each batch of the positions ``[start, stop)`` to records and merge them,
+    with the images of the range that could not be decoded."""
 
     def mapped() -> Iterator[Records]:
         done = 0
-        for batch in _batches(image_set, settings.batch_size):
+        for batch in _batches(image_set, models.settings.batch_size, start, stop):
             yield score_batch(models, batch, image_set, on_maps)
             done += len(batch.indices)
             if progress:
-                progress(done, len(image_set))
+                progress(done, stop - start)
 
-    records = merge_stream(mapped())
-    if records is None:
-        raise _nothing_read(image_set, "audit")
-    context = AuditContext(
-        settings=settings,
-        images=image_set,
-        original=models.original.info,
-        candidates=tuple(c.info for c in models.candidates),
-        provider_note=models.original.runner.provider.note,
-        versions=versions(),
-    )
-    return summarise(records, context)
+    merged = merge_stream(mapped())
+    if merged is None:
+        merged = Records.empty(
+            len(models.candidates), models.worst, labels=image_set.labels is not None
+        )
+    return replace(merged, failures=image_set.failures_between(start, stop))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import IO, Any, Iterable, Sequence
 
 import numpy as np
@@ -164,9 +164,31 @@ class Records:
     labels: NDArray[np.int64] | None  # (N,) -1 unknown; None: the image set has none
     original: ModelColumns
     candidates: tuple[CandidateColumns, ...]
+    #: Positions (in the part's range) of the images that could not be decoded -> reason.
+    failures: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.positions)
+
+    @staticmethod
+    def empty(candidates: int, worst: int, labels: bool) -> Records:
+        """Records of no image (a part whose images were all unreadable); merging adds
+        nothing but its :attr:`failures`."""
+        none = np.zeros(0, np.int64)
+        columns = ModelColumns(none, none, np.zeros(0, np.float32))
+        flags = np.zeros(0, bool)
+        real = np.zeros(0)
+        scores = PairScores(real, real, real, flags, flags, flags)
+        worst_none = WorstImages(worst, none, np.zeros(0))
+        return Records(
+            positions=none,
+            paths=[],
+            labels=none if labels else None,
+            original=columns,
+            candidates=tuple(
+                CandidateColumns(columns, scores, worst_none) for _ in range(candidates)
+            ),
+        )
 
     # ------------------------------------------------------------------ binary form
 
@@ -216,6 +238,9 @@ class Records:
         }
         if self.labels is not None:
             out["labels"] = self.labels
+        failed = sorted(self.failures)
+        out["failures.positions"] = np.array(failed, np.int64)
+        out["failures.reasons"] = np.array([self.failures[i] for i in failed], dtype=str)
         _put_columns(out, "original", self.original)
         for j, cand in enumerate(self.candidates):
             key = f"candidate{j}"
@@ -330,7 +355,14 @@ def _from_arrays(arrays: dict[str, Array]) -> Records:
                 raise DataError(f"records file's {key!r} worst maps differ in shape")
         worst = WorstImages(limit, w_pos, r.get(f"{key}.worst.scores", _FLOAT, 1, k), om, cm)
         candidates.append(CandidateColumns(columns(key), scores, worst))
-    return Records(positions, paths, labels, original, tuple(candidates))
+    failed = r.get("failures.positions", _INT, 1, None)
+    reasons = r.get("failures.reasons", ("str",), 1, len(failed))
+    if len(failed) and (failed.min() < 0 or np.isin(failed, positions).any()):
+        raise DataError("records file's undecodable images overlap its rows")
+    failures = {int(i): str(reason) for i, reason in zip(failed, reasons)}
+    if len(failures) != len(failed):
+        raise DataError("records file lists an undecodable image twice")
+    return Records(positions, paths, labels, original, tuple(candidates), failures)
 
 
 # --------------------------------------------------------------------------- merge
@@ -355,18 +387,22 @@ def merge(parts: Sequence[Records]) -> Records:
         problem = _incompatible(first, p)
         if problem:
             raise MismatchError(f"records to merge are from different audits: {problem}")
+    positions = np.concatenate([p.positions for p in parts])
+    failed = np.array([i for p in parts for i in p.failures], np.int64)
+    seen = np.sort(np.concatenate([positions, failed]))
+    repeated = seen[1:][seen[1:] == seen[:-1]]
+    if len(repeated):
+        raise MismatchError(
+            f"records to merge share image position {int(repeated[0])}: "
+            "each image may be read in one part only"
+        )
+    failures = dict(sorted(f for p in parts for f in p.failures.items()))
     full = [p for p in parts if len(p)]
     if len(full) <= 1:  # (the empty parts add no row and no worst image)
-        return full[0] if full else first
+        return replace(full[0] if full else first, failures=failures)
     positions = np.concatenate([p.positions for p in full])
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
-    repeated = np.flatnonzero(positions[1:] == positions[:-1])
-    if len(repeated):
-        raise MismatchError(
-            f"records to merge share image position {int(positions[repeated[0]])}: "
-            "each image may be scored in one part only"
-        )
     paths = [p for part in full for p in part.paths]
     labels = None if first.labels is None else _cat([p.labels for p in full], order)
     return Records(
@@ -387,6 +423,7 @@ def merge(parts: Sequence[Records]) -> Records:
             )
             for cands in zip(*(p.candidates for p in full))
         ),
+        failures=failures,
     )
 
 

@@ -328,3 +328,60 @@ def test_a_records_file_round_trips_through_disk(sample_audit, tmp_path):
     with open(path, "rb") as f:
         assert_same(Records.from_npz(f), merged)
     assert isinstance(merged.original.maps, ModelMaps)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@given(st.integers(0, 500), st.integers(1, 40), st.integers(1, 12))
+def test_shards_cover_the_set_in_contiguous_batch_aligned_runs(total, batch, n):
+    from onnx_sp2ps.pipeline import shard_range
+
+    ranges = [shard_range(total, batch, (k, n)) for k in range(1, n + 1)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    for (_, a1), (b0, _) in zip(ranges, ranges[1:]):
+        assert a1 == b0
+    for start, stop in ranges:
+        assert start <= stop and start % batch == 0
+        assert stop == total or stop % batch == 0
+
+
+def test_shard_numbers_out_of_range_are_usage_errors():
+    from onnx_sp2ps.errors import UsageError
+    from onnx_sp2ps.pipeline import shard_range
+
+    for bad in [(0, 3), (4, 3), (1, 0)]:
+        with pytest.raises(UsageError, match="1 <= K <= N"):
+            shard_range(10, 2, bad)
+
+
+def test_shards_merged_in_any_order_equal_the_whole_audit(samples, tmp_path):
+    """Three shards of a folder with an unreadable image: merged in any order, their
+    records (undecodable images included) and report equal one pass's."""
+    import shutil
+
+    from onnx_sp2ps.pipeline import audit_records
+
+    images = tmp_path / "images"
+    shutil.copytree(samples / "images", images)
+    (images / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    models = [samples / "gap_original.onnx", [samples / "gap_l1_60.onnx"]]
+    settings = AuditSettings(batch_size=8)
+    whole, context = audit_records(*models, images, settings=settings, worst=4)
+    assert len(whole.failures) == 1
+    shards = [
+        audit_records(*models, images, settings=settings, worst=4, shard=(k, 3))[0]
+        for k in (1, 2, 3)
+    ]
+    assert sum(len(s) for s in shards) == len(whole)
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        assert_same(merge([shards[i] for i in order]), whole)
+    merged = merge(shards[::-1])
+    assert merged.failures == whole.failures
+    broken = next(iter(whole.failures))
+    other = next(k for k, s in zip((1, 2, 3), shards) if broken not in s.failures)
+    fresh = audit_records(*models, images, settings=settings, worst=4, shard=(other, 3))[1]
+    assert fresh.images.skipped == []  # a part that never read the broken image
+    report = summarise(merged, fresh).to_dict()
+    assert report["images"]["skipped"] == summarise(whole, context).to_dict()["images"]["skipped"]
+    assert json.dumps(report) == json.dumps(summarise(whole, context).to_dict())

@@ -240,7 +240,22 @@ class ImageSet:
             (self.paths[i], reason) for i, reason in sorted(self._failures.items())
         ] + self._unlisted
 
-    def iter_batches(self, batch_size: int) -> Iterator[Batch]:
+    def failures_between(self, start: int, stop: int) -> dict[int, str]:
+        """Position -> reason of the images in ``[start, stop)`` that could not be
+        decoded (complete once those positions have been read)."""
+        return {i: r for i, r in self._failures.items() if start <= i < stop}
+
+    def add_failures(self, failures: dict[int, str]) -> None:
+        """Record images found undecodable elsewhere (by another process reading the
+        same set), so that :attr:`skipped` lists them."""
+        for i, reason in failures.items():
+            if not 0 <= int(i) < len(self):
+                raise DataError(f"image position {i} is outside this set of {len(self)}")
+            self._failures[int(i)] = str(reason)
+
+    def iter_batches(
+        self, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[Batch]:
         """Yield the images as float32 batches, in order.
 
         Folder images are decoded by a pool of 2 threads; the next batch is decoded while
@@ -254,6 +269,10 @@ class ImageSet:
         ----------
         batch_size : int
             Images per batch, at least 1.
+        start, stop : int
+            Read only the positions ``[start, stop)`` (default: all); batches start at
+            ``start``, so with ``start`` a multiple of ``batch_size`` they are the
+            batches of a whole pass that fall in the range.
 
         Yields
         ------
@@ -268,13 +287,16 @@ class ImageSet:
         """
         if not _is_int(batch_size) or batch_size < 1:
             raise UsageError(f"batch size must be a positive integer; got {batch_size!r}")
+        end = len(self) if stop is None else min(int(stop), len(self))
+        if not _is_int(start) or start < 0:
+            raise UsageError(f"start must be a non-negative integer; got {start!r}")
         if self.kind == "array":
-            return self._iter_array(int(batch_size))
-        return self._iter_folder(int(batch_size))
+            return self._iter_array(int(batch_size), int(start), end)
+        return self._iter_folder(int(batch_size), int(start), end)
 
-    def _iter_array(self, batch_size: int) -> Iterator[Batch]:
-        for start in range(0, len(self), batch_size):
-            stop = min(start + batch_size, len(self))
+    def _iter_array(self, batch_size: int, first: int, end: int) -> Iterator[Batch]:
+        for start in range(first, end, batch_size):
+            stop = min(start + batch_size, end)
             _release_rows(self._array, start)  # the caller is done with earlier batches
             yield Batch(
                 indices=np.arange(start, stop, dtype=np.int64),
@@ -303,15 +325,15 @@ class ImageSet:
         except _DecodeFailure as exc:
             return None, str(exc)
 
-    def _iter_folder(self, batch_size: int) -> Iterator[Batch]:
+    def _iter_folder(self, batch_size: int, begin: int, end: int) -> Iterator[Batch]:
         pool = ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="sp2ps-decode")
-        starts = iter(range(0, len(self), batch_size))
+        starts = iter(range(begin, end, batch_size))
         pending: list[Future] = []
 
         def submit(start: int | None) -> list[Future]:
             if start is None:
                 return []
-            stop = min(start + batch_size, len(self))
+            stop = min(start + batch_size, end)
             return [pool.submit(self._load, i) for i in range(start, stop)]
 
         try:
