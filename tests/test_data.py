@@ -714,3 +714,38 @@ def test_npy_has_no_labels_and_says_so(tmp_path):
     images = open_images(tmp_path / "x.npy", spec=spec(), class_names=["a"])
     assert images.labels is None and images.label_source.startswith("none")
     assert images.class_names == ["a"]
+
+
+def test_fingerprint_tells_changed_image_sets_apart(tmp_path):
+    """Same files -> same fingerprint; a file added, grown or touched, other labels or
+    another array -> another."""
+    import os
+    import shutil
+
+    from onnx_sp2ps.data import InputSpec, open_images
+
+    from conftest import SAMPLES
+
+    spec = InputSpec(layout="NCHW", channels=3, height=64, width=64)
+    folder = tmp_path / "imgs"
+    shutil.copytree(SAMPLES / "images", folder)
+
+    def fp(path=folder, **kw):
+        return open_images(path, spec=spec, **kw).fingerprint()
+
+    first = fp()
+    assert fp() == first
+    one = sorted(folder.rglob("*.png"))[0]
+    os.utime(one, ns=(one.stat().st_atime_ns, one.stat().st_mtime_ns + 10**9))
+    touched = fp()
+    assert touched != first
+    with open(one, "ab") as f:
+        f.write(b"\0")
+    assert fp() != touched
+    assert fp(class_names=["a", "b", "c", "d", "e"]) != fp()
+    arr = tmp_path / "x.npy"
+    np.save(arr, np.zeros((3, 3, 64, 64), np.float32))
+    a = fp(arr)
+    assert fp(arr) == a
+    np.save(arr, np.zeros((4, 3, 64, 64), np.float32))
+    assert fp(arr) != a

@@ -12,6 +12,7 @@ nothing is printed.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import mmap
 import operator
@@ -203,6 +204,7 @@ class ImageSet:
         files: list[Path] | None = None,
         array: np.ndarray | None = None,
         unlisted: Sequence[tuple[str, str]] = (),
+        origin: Path | None = None,
     ) -> None:
         self.source = source
         self.kind = kind
@@ -217,6 +219,7 @@ class ImageSet:
         self._array = array
         self._failures: dict[int, str] = {}
         self._unlisted = list(unlisted)
+        self._origin = origin  # the array file, for fingerprint()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -239,6 +242,35 @@ class ImageSet:
         return [
             (self.paths[i], reason) for i, reason in sorted(self._failures.items())
         ] + self._unlisted
+
+    def fingerprint(self) -> str:
+        """A sha256 (hex) of what the set reads, for telling whether two runs read the
+        same images: the kind, each image's name, size and modification time (an array
+        file's size, time and shape), the labels and the class names.  Cheap (one stat
+        per file, no reading): a file rewritten with the same size and time, or a copy
+        with other times, is not told apart (README, "At scale")."""
+        digest = hashlib.sha256()
+
+        def add(*parts: object) -> None:
+            digest.update(repr(parts).encode("utf-8", "backslashreplace") + b"\0")
+
+        add(self.kind, len(self))
+        if self._files is not None:
+            for name, path in zip(self.paths, self._files):
+                try:
+                    st = os.stat(path)
+                    add(name, st.st_size, st.st_mtime_ns)
+                except OSError as exc:
+                    add(name, "unreadable", exc.errno)
+        if self._origin is not None:
+            st = os.stat(self._origin)
+            add(self._origin.name, st.st_size, st.st_mtime_ns)
+        if self._array is not None:
+            add(tuple(self._array.shape), str(self._array.dtype))
+        add(None if self.labels is None else hashlib.sha256(self.labels.tobytes()).hexdigest())
+        add(self.class_names)
+        add(self._unlisted)
+        return digest.hexdigest()
 
     def failures_between(self, start: int, stop: int) -> dict[int, str]:
         """Position -> reason of the images in ``[start, stop)`` that could not be
@@ -987,4 +1019,5 @@ def _open_array(
         spec=spec,
         strict=strict,
         array=inputs,
+        origin=path,
     )
