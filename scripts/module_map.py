@@ -37,6 +37,16 @@ def sources(rev: str | None) -> dict[str, str]:
     }
 
 
+def job(text: str) -> str:
+    """The first sentence of a module's docstring."""
+    doc = ast.get_docstring(ast.parse(text)) or ""
+    first = " ".join(doc.split("\n\n")[0].split())
+    first = first.split(". ")[0].rstrip(".")
+    if len(first) > 110:
+        first = first[:110].rsplit(" ", 1)[0].rstrip(",:;") + " …"
+    return first.replace("|", "\\|")
+
+
 def functions(path: str, text: str) -> list[tuple[int, str]]:
     out = []
     for node in ast.walk(ast.parse(text)):
@@ -67,10 +77,10 @@ def main() -> None:
     parser.add_argument("--imports", action="store_true", help="also print the import graph")
     args = parser.parse_args()
     src = sources(args.rev)
-    print("| module | lines |\n|---|---:|")
+    print("| module | lines | job |\n|---|---:|---|")
     for path, text in src.items():
-        print(f"| `{path}` | {len(text.splitlines())} |")
-    print(f"| total | {sum(len(t.splitlines()) for t in src.values())} |")
+        print(f"| `{path}` | {len(text.splitlines())} | {job(text)} |")
+    print(f"| total | {sum(len(t.splitlines()) for t in src.values())} | |")
     print(f"\nLongest functions ({args.longest}):\n")
     longest = sorted((f for p, t in src.items() for f in functions(p, t)), reverse=True)
     for lines, name in longest[: args.longest]:
