@@ -24,7 +24,7 @@ import json
 import os
 import stat
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -294,16 +294,30 @@ def _identity_problem(data: object) -> str | None:
 
 
 #: What two shards of one audit agree on, by what a difference means.
-_AGREEMENT = (
-    ("tool versions", lambda d: (d["version"], d["versions"])),
-    ("splits (N)", lambda d: d["shard"]["count"]),
-    ("models", lambda d: [(m["path"], m["sha256"]) for m in d["models"]]),
+_AGREEMENT: tuple[tuple[str, Callable[[dict[str, Any]], object]], ...] = (
+    ("tool versions", lambda d: {"version": d["version"], **d["versions"]}),
+    ("splits (N)", lambda d: {"N": d["shard"]["count"]}),
+    (
+        "models",
+        lambda d: {f"model {i}": [m["path"], m["sha256"]] for i, m in enumerate(d["models"])},
+    ),
     (
         "settings",
-        lambda d: (d["settings"], d["options"], d["preprocess"], d["report"]),
+        lambda d: {
+            **d["settings"],
+            "options": d["options"],
+            "preprocess": d["preprocess"],
+            **d["report"],
+        },
     ),
     ("image sets", lambda d: d["images"]),
-    ("model setups", lambda d: ([m["info"] for m in d["models"]], d["provider_note"])),
+    (
+        "model setups",
+        lambda d: {
+            "models": [m["info"] for m in d["models"]],
+            "provider_note": d["provider_note"],
+        },
+    ),
 )
 
 
