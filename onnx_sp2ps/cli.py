@@ -906,7 +906,8 @@ def setting_sources(ctx: click.Context) -> dict:
     }
     out = {}
     for p in ctx.command.params:
-        if isinstance(p, click.Option) and p.name not in ("quiet", "debug", "config"):
+        # --shard is no setting of the result: a merged report names its shards itself
+        if isinstance(p, click.Option) and p.name not in ("quiet", "debug", "config", "shard"):
             long = max(p.opts, key=len).lstrip("-")
             out[long] = names.get(ctx.get_parameter_source(p.name), "default")
     return out
