@@ -274,8 +274,17 @@ def _identity_problem(data: object) -> str | None:
     ):
         if not isinstance(images.get(key), kinds):
             return f"'images.{key}' is missing or of the wrong type"
-    if not isinstance(report.get("worst"), int) or not isinstance(report.get("save_maps"), bool):
-        return "'report' does not say the worst images kept and whether maps were saved"
+    worst = report.get("worst")
+    if not (isinstance(worst, int) and 0 <= worst <= 1000) or not isinstance(
+        report.get("save_maps"), bool
+    ):
+        return "'report' does not say the worst images kept (0 to 1000) and whether maps were saved"
+    spec = images["spec"]
+    if not isinstance(spec.get("layout"), str) or not all(
+        spec.get(k) is None or (isinstance(spec.get(k), int) and spec[k] > 0)
+        for k in ("channels", "height", "width", "batch")
+    ):
+        return "'images.spec' is not a model input (layout, channels, height, width, batch)"
     if report.get("overlays") not in ("worst", "all", "none"):
         return "'report.overlays' is not worst, all or none"
     if not isinstance(records.get("sha256"), str) or not isinstance(records.get("bytes"), int):
@@ -610,7 +619,10 @@ def merged_context(
     except (KeyError, TypeError) as exc:
         raise DataError(f"the shards' settings cannot be read back ({exc})") from None
     settings = replace(settings, threshold=threshold, max_memory=max_memory)
-    models = [_model_info(m) for m in identity["models"]]
+    try:
+        models = [_model_info(m) for m in identity["models"]]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"the shards' model descriptions cannot be read back ({exc})") from None
     return AuditContext(
         settings=settings,
         images=image_set,

@@ -296,6 +296,17 @@ def test_damaged_files_are_refused(capsys, work):
     garbage = _copy(work, 3, 2, "garbage")
     (garbage / "shard.json").write_text("{not json")
     _refused(capsys, work, [s[3, 1], garbage, s[3, 3]], "not valid JSON")
+    for key, value in (
+        ("models", [{"path": 1}]),
+        ("shard", {"index": 5, "count": 3, "start": 0, "stop": 0, "rows": 0}),
+        ("report", {"worst": -1, "save_maps": False, "overlays": "worst"}),
+        ("settings", "gradcam"),
+    ):
+        edited = _copy(work, 3, 2, f"edited_{key}")
+        identity = json.loads((edited / "shard.json").read_text())
+        identity[key] = value
+        (edited / "shard.json").write_text(json.dumps(identity))
+        _refused(capsys, work, [s[3, 1], edited, s[3, 3]], "not a shard identity", key)
 
 
 def test_special_files_in_a_shard_folder_are_refused(capsys, work):
