@@ -659,6 +659,91 @@ class CamOutput(_OptionGroup):
         }
 
 
+def _parse_shard_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from onnx_sp2ps.shards import parse_shard
+
+    try:
+        return parse_shard(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class ShardOptions(_OptionGroup):
+    """``audit --shard K/N``: score one shard of the images (README, "At scale")."""
+
+    shard: tuple[int, int] | None
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "shard": click.option(
+                "--shard",
+                callback=_parse_shard_option,
+                metavar="K/N",
+                help="Score only shard K of N (K from 1 to N) and write its records and "
+                "identity to --out, for `onnx-sp2ps merge`; gates belong to the merge.",
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class MergeOutput(_OptionGroup):
+    """What ``merge`` writes: audit's report options (--worst and --overlays default to
+    the shards'), plus where the images are and the memory budget."""
+
+    out: Path
+    fmt: str
+    junit: Path | None
+    summary_md: Path | None
+    worst: int | None
+    overlays: str | None
+    force: bool
+    images: Path | None
+    max_memory: int | None
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        audit = AuditOutput.declared()
+        return {
+            "out": click.option(
+                "--out",
+                required=True,
+                type=click.Path(),
+                callback=_out_path,
+                help="Folder for the merged report set (what audit --out writes).",
+            ),
+            "fmt": audit["fmt"],
+            "junit": audit["junit"],
+            "summary_md": audit["summary_md"],
+            "worst": click.option(
+                "--worst",
+                type=click.IntRange(0, MAX_WORST),
+                metavar="N",
+                help="Show the N lowest-scoring images per candidate (default: as many as "
+                "the shards kept; at most that).",
+            ),
+            "overlays": click.option(
+                "--overlays",
+                type=click.Choice(OVERLAY_MODES),
+                help="PNG overlays for the worst N or all images (default: the shards' "
+                "--overlays; all needs shards run with --overlays all or --save-maps).",
+            ),
+            "force": audit["force"],
+            "images": click.option(
+                "--images",
+                type=_PATH,
+                help="Where the shards' images are, when not at the path the shards read "
+                "(checked against their fingerprint).",
+            ),
+            "max_memory": _MAX_MEMORY_OPTION,
+        }
+
+
 def _no_params_left(params: dict[str, Any]) -> None:
     """Every option of a command belongs to a group that took its value."""
     if params:
@@ -821,7 +906,8 @@ def setting_sources(ctx: click.Context) -> dict:
     }
     out = {}
     for p in ctx.command.params:
-        if isinstance(p, click.Option) and p.name not in ("quiet", "debug", "config"):
+        # --shard is no setting of the result: a merged report names its shards itself
+        if isinstance(p, click.Option) and p.name not in ("quiet", "debug", "config", "shard"):
             long = max(p.opts, key=len).lstrip("-")
             out[long] = names.get(ctx.get_parameter_source(p.name), "default")
     return out
@@ -1065,6 +1151,7 @@ def _report_skipped(console: _Console, image_set) -> None:
 @AuditOutput.options("junit", "summary_md", "save_maps", "worst", "overlays")
 @CamOptions.options(audit=True)
 @AuditOutput.options("force")
+@ShardOptions.options()
 @PreprocessOptions.options()
 @ImageOptions.options("class_names", "strict")
 @ModelOverrides.options(candidates=True)
@@ -1085,7 +1172,12 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
     criteria = GateOptions.from_params(params).criteria()
     preprocess = PreprocessOptions.from_params(params).preprocess()
     models = ModelOverrides.from_params(params, candidates=True)
+    shard = ShardOptions.from_params(params).shard
     _no_params_left(params)
+    if shard is not None:
+        return _audit_shard(
+            original, candidates, shard, console, output, data, runtime, cams, preprocess, models
+        )
     if output.junit is not None:
         check_target(output.junit, option="--junit", force=output.force)
     if output.summary_md is not None:
@@ -1294,6 +1386,236 @@ def gate(report: Path, **params: Any) -> int:
             "--min-agreement, --max-accuracy-drop)"
         )
     return _gate(check_report(load_report(report), criteria))
+
+
+# --------------------------------------------------------------------------- shards
+
+#: Options of audit that belong to the merge of shards (a usage error with --shard when
+#: given on the command line; ignored there when they come from a config file).
+_GATE_PARAMS = (
+    "fail_under",
+    "fail_under_p5",
+    "min_agreement",
+    "max_accuracy_drop",
+    "junit",
+    "summary_md",
+)
+
+
+def _audit_shard(
+    original: Path,
+    candidates: tuple[Path, ...],
+    shard: tuple[int, int],
+    console: _Console,
+    output: AuditOutput,
+    data: ImageOptions,
+    runtime: RuntimeOptions,
+    cams: CamOptions,
+    preprocess: Preprocess,
+    models: ModelOverrides,
+) -> int:
+    """``audit --shard K/N --out DIR``: score shard K of N and write its records and
+    identity into DIR as one set (onnx_sp2ps.shards)."""
+    from dataclasses import asdict
+
+    from click.core import ParameterSource
+
+    import onnx_sp2ps.pipeline as audit_module
+    from onnx_sp2ps.files import show
+    from onnx_sp2ps.report import ReportSet
+    from onnx_sp2ps.shards import SHARD_SET, shard_identity, write_shard
+
+    ctx = click.get_current_context()
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    for name in _GATE_PARAMS:
+        if ctx.params.get(name) is not None and ctx.get_parameter_source(name) in given:
+            option = "--" + name.replace("_", "-")
+            raise click.UsageError(
+                f"{option} with --shard: gates belong to the merge (onnx-sp2ps merge "
+                f"SHARD_DIR... --out DIR {option} ...)"
+            )
+    if output.out is None:
+        raise click.UsageError("--shard needs --out (the folder for the shard's records)")
+    k, n = shard
+    settings = audit_module.AuditSettings(
+        method=cams.method,
+        target=cams.target,
+        batch_size=runtime.batch_size,
+        provider=runtime.provider,
+        threads=runtime.threads,
+        threshold=None,
+        strict=data.strict,
+        scorecam_channels=cams.scorecam_channels,
+        max_memory=runtime.max_memory,
+    )
+    _check_out_not_in_images(output.out, data.images)
+    files = ReportSet(output.out, SHARD_SET, force=output.force)
+    try:
+        update, close = console.progress(f"shard {k}/{n}")
+        try:
+            records, context = audit_module.audit_records(
+                original,
+                list(candidates),
+                data.images,
+                preprocess=preprocess,
+                settings=settings,
+                original_options=models.model,
+                candidate_options=models.candidates,
+                class_names=data.class_names,
+                # the merge draws every overlay from kept maps
+                keep_maps=output.save_maps or output.overlays == "all",
+                worst=output.worst,
+                progress=update,
+                shard=shard,
+            )
+        finally:
+            close()
+        console.info(f"preprocess: {context.images.preprocess.describe()}")
+        _provider_note(console, context.original)
+        identity = shard_identity(
+            records,
+            context,
+            shard=shard,
+            models=[str(original), *map(str, candidates)],
+            images=str(data.images),
+            preprocess=preprocess,
+            options={"original": asdict(models.model), "candidates": asdict(models.candidates)},
+            worst=output.worst,
+            save_maps=output.save_maps,
+            overlays=output.overlays,
+            setting_sources=setting_sources(ctx),
+        )
+        write_shard(files, records, identity)
+    finally:
+        files.discard()
+    start, stop = identity["shard"]["start"], identity["shard"]["stop"]
+    summary = {
+        "shard": f"{k}/{n}",
+        "positions": [start, stop],
+        "scored": len(records),
+        "unreadable": len(records.failures),
+        "out": show(files.out),
+    }
+    if output.fmt == "json":
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"shard {k}/{n}: images {start} to {stop - 1 if stop > start else start} "
+            f"({len(records)} scored, {len(records.failures)} unreadable) written to "
+            f"{summary['out']}; merge all {n} with onnx-sp2ps merge"
+        )
+    return EXIT_OK
+
+
+def _merged_sources(recorded: dict[str, str], ctx: click.Context) -> dict[str, str]:
+    """setting_sources of a merged report: the shards' (as audit's), with the merge's
+    own options where the merge set them (--worst, --overlays and --images left at
+    their defaults are the shards')."""
+    out = dict(recorded)
+    mine = setting_sources(ctx)
+    for key, source in mine.items():
+        if key in out and not (source == "default" and key in ("worst", "overlays", "images")):
+            out[key] = source
+    return out
+
+
+@cli.command()
+@click.argument("shards", nargs=-1, required=True, type=_PATH)
+@MergeOutput.options("out", "fmt")
+@GateOptions.options()
+@MergeOutput.options("junit", "summary_md", "worst", "overlays", "force", "images", "max_memory")
+@CommonOptions.options()
+def merge(shards: tuple[Path, ...], **params: Any) -> int:
+    """Merge the SHARDS of one audit (folders written by audit --shard K/N --out) into
+    the report set one audit of all the images writes; gate it."""
+    from onnx_sp2ps.files import show
+    from onnx_sp2ps.gate import apply_gate
+    from onnx_sp2ps.pipeline import SCHEMA_VERSION, audit_to_dict, summarise
+    from onnx_sp2ps.report import ReportSet, check_target, format_table
+    from onnx_sp2ps.shards import merge_shards, merged_context, read_shards, reopen_images
+
+    console = CommonOptions.from_params(params).console
+    merged = MergeOutput.from_params(params)
+    criteria = GateOptions.from_params(params).criteria()
+    _no_params_left(params)
+    found = read_shards(shards)
+    identity = found[0].identity
+    kept = identity["report"]
+    worst = kept["worst"] if merged.worst is None else merged.worst
+    if worst > kept["worst"]:
+        raise click.UsageError(
+            f"--worst {worst} is more than the shards kept ({kept['worst']}): re-run the "
+            f"shards with --worst {worst} or more"
+        )
+    overlays = merged.overlays or kept["overlays"]
+    if overlays == "all" and not (kept["save_maps"] or kept["overlays"] == "all"):
+        raise click.UsageError(
+            "--overlays all needs every map, which the shards did not keep: re-run the "
+            "shards with --overlays all (or --save-maps)"
+        )
+    output = AuditOutput(
+        out=merged.out,
+        fmt=merged.fmt,
+        junit=merged.junit,
+        summary_md=merged.summary_md,
+        save_maps=kept["save_maps"],
+        worst=worst,
+        overlays=overlays,
+        force=merged.force,
+    )
+    if output.junit is not None:
+        check_target(output.junit, option="--junit", force=output.force)
+    if output.summary_md is not None:
+        check_target(output.summary_md, option="--summary-md", force=True)
+    image_set = reopen_images(identity, images=merged.images, max_memory=merged.max_memory)
+    _check_out_not_in_images(merged.out, merged.images or Path(identity["images"]["path"]))
+    folders = _model_folders([m["path"] for m in identity["models"]])
+    files = ReportSet(merged.out, AUDIT_SET, force=merged.force)
+    try:
+        records = merge_shards(found, max_memory=merged.max_memory, worst=worst)
+        context = merged_context(
+            identity, image_set, threshold=criteria.fail_under, max_memory=merged.max_memory
+        )
+        result = summarise(records, context)
+        console.info(f"preprocess: {result.images.preprocess.describe()}")
+        _provider_note(console, result.original)
+        _report_skipped(console, result.images)
+        report = audit_to_dict(result, schema_version=SCHEMA_VERSION)
+        report["setting_sources"] = _merged_sources(
+            identity["setting_sources"], click.get_current_context()
+        )
+        report["shards"] = {"count": len(found), "folders": [show(s.folder) for s in found]}
+        checks = apply_gate(report, criteria) if criteria.any() else []
+        if overlays == "all":
+            _overlays_from_maps(_OverlayStreamer(files.path("overlays"), folders), result)
+        _write_report_set(files, result, report, folders, output)
+        console.info(f"report written to {files.out / 'report.json'}")
+    finally:
+        files.discard()
+    _write_gate_files(output, report, checks)
+    if output.fmt == "json":
+        click.echo(json.dumps(report, indent=2, allow_nan=False))
+    else:
+        click.echo(format_table(report))
+    if not criteria.any():
+        return EXIT_OK
+    return _gate(checks, to_stderr=output.fmt == "json")
+
+
+def _overlays_from_maps(streamer: _OverlayStreamer, result: AuditResult, rows: int = 64) -> None:
+    """Every image's overlays from the maps the records kept, as audit streams them."""
+    original = result.original_maps
+    candidates = [c.maps for c in result.candidates]
+    if original is None or any(m is None for m in candidates):
+        raise UsageError("--overlays all needs every map: re-run the shards with --overlays all")
+    for start in range(0, len(result.indices), rows):
+        part = slice(start, start + rows)
+        streamer(
+            result.images,
+            result.indices[part],
+            original.maps[part],
+            [m.maps[part] for m in candidates if m is not None],
+        )
 
 
 # --------------------------------------------------------------------------- entry point

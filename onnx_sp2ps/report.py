@@ -200,7 +200,11 @@ def written_by_us(path: Path) -> bool:
             if name.endswith(".npz"):
                 with zipfile.ZipFile(handle) as archive:
                     keys = set(archive.namelist())
-                return {"paths.npy", "targets.npy", "raw.npy", "maps.npy"} <= keys
+                return {"paths.npy", "targets.npy", "raw.npy", "maps.npy"} <= keys or {
+                    "format.npy",
+                    "positions.npy",
+                    "paths.npy",
+                } <= keys  # a maps file, or a shard's records.npz
             head = handle.read(_SCAN_BYTES)
     except (OSError, NotRegularFile, zipfile.BadZipFile, ValueError):
         return False
