@@ -2,6 +2,7 @@
 functions, for the working tree or for a git revision (docs/architecture.md's tables).
 
     python scripts/module_map.py [--rev REV] [--longest N] [--imports]
+    python scripts/module_map.py --docs     # refresh docs/architecture.md's module map
 """
 
 from __future__ import annotations
@@ -75,12 +76,21 @@ def main() -> None:
     parser.add_argument("--rev", help="a git revision (default: the working tree)")
     parser.add_argument("--longest", type=int, default=10, help="longest functions shown")
     parser.add_argument("--imports", action="store_true", help="also print the import graph")
+    parser.add_argument(
+        "--docs", action="store_true", help="rewrite the module map ending docs/architecture.md"
+    )
     args = parser.parse_args()
     src = sources(args.rev)
-    print("| module | lines | job |\n|---|---:|---|")
+    table = "| module | lines | job |\n|---|---:|---|\n"
     for path, text in src.items():
-        print(f"| `{path}` | {len(text.splitlines())} | {job(text)} |")
-    print(f"| total | {sum(len(t.splitlines()) for t in src.values())} | |")
+        table += f"| `{path}` | {len(text.splitlines())} | {job(text)} |\n"
+    table += f"| total | {sum(len(t.splitlines()) for t in src.values())} | |\n"
+    if args.docs:
+        page = ROOT / "docs" / "architecture.md"
+        text = page.read_text(encoding="utf-8")
+        page.write_text(text[: text.index("| module | lines | job |")] + table, encoding="utf-8")
+        return
+    print(table, end="")
     print(f"\nLongest functions ({args.longest}):\n")
     longest = sorted((f for p, t in src.items() for f in functions(p, t)), reverse=True)
     for lines, name in longest[: args.longest]:
