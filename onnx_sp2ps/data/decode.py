@@ -5,8 +5,9 @@ those plugins), an image whose header claims more than :data:`MAX_IMAGE_PIXELS` 
 or whose preprocessing would make that many, is refused before decoding (Pillow's own
 bomb warning is made an error), only the first frame of a multi-frame file is read, and
 the colour mode is converted (EXIF orientation, alpha dropped, 16-bit and float greys
-scaled to 8 bits). A file that cannot be used raises :class:`_DecodeFailure`, whose
-message is the one-line reason; nothing is printed.
+scaled to 8 bits). With fast decoding a JPEG may be decoded at 1/2, 1/4 or 1/8 scale
+(Pillow's draft mode), after the same guards. A file that cannot be used raises
+:class:`_DecodeFailure`, whose message is the one-line reason; nothing is printed.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from onnx_sp2ps.files import NotRegularFile, open_regular, show
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS"]
+__all__ = ["DRAFTED", "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "MPO")
@@ -35,6 +36,12 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _PLAIN_MODES = ("1", "L", "LA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV", "LAB")
+#: Formats decoded at reduced scale by fast decoding (libjpeg's DCT scaling).
+_DRAFT_FORMATS = ("JPEG", "MPO")
+#: EXIF orientations that swap width and height (transpose, rotations by 90 degrees).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+#: Key of ``Image.info`` recording a reduced-scale decode (``preprocess.DRAFTED``).
+DRAFTED = "onnx_sp2ps.drafted"
 # Image.open runs Pillow's decompression-bomb check, which may warn; the warning is
 # turned into an error under this lock so that it never reaches stderr.
 _OPEN_LOCK = threading.Lock()
@@ -100,8 +107,43 @@ def _bomb_reason(pillow: str) -> str:
     return "refused before decoding (decompression-bomb guard): " + show(pillow.rstrip("."))
 
 
+def _draft(
+    image: Image.Image, request: Callable[[tuple[int, int]], tuple[int, int] | None]
+) -> tuple[tuple[int, int], tuple[float, float, float, float]] | None:
+    """Set up a JPEG to decode at reduced scale, before it is loaded: ``request`` gets the
+    image's (W, H) as it is once its EXIF orientation is applied and returns the size to
+    pass to ``Image.draft``, or None. Returns that full (W, H) and the box of the decoded
+    (and oriented) image that the full image covers, or None when the image is decoded at
+    full size: other formats, progressive or multi-tile files Pillow cannot draft, and
+    re-oriented images whose reduced size is not exact (libjpeg then adds a partial
+    pixel on the right or bottom edge, which the orientation may move)."""
+    if image.format not in _DRAFT_FORMATS or image.mode not in ("RGB", "L", "CMYK"):
+        return None
+    width, height = image.size
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    swapped = orientation in _SWAPPING_ORIENTATIONS
+    oriented = (height, width) if swapped else (width, height)
+    wanted = request(oriented)
+    if wanted is None:
+        return None
+    if swapped:
+        wanted = (wanted[1], wanted[0])
+    scale = min(width // wanted[0], height // wanted[1])
+    if orientation not in (None, 1) and (width % scale or height % scale):
+        return None
+    drafted = image.draft(image.mode, wanted)
+    if drafted is None or image.size == (width, height):
+        return None
+    _, (_, _, box_w, box_h) = drafted
+    box = (0.0, 0.0, box_h, box_w) if swapped else (0.0, 0.0, box_w, box_h)
+    return oriented, box
+
+
 def _open_image(
-    path: Path, channels: int, check_size: Callable[[tuple[int, int]], object]
+    path: Path,
+    channels: int,
+    check_size: Callable[[tuple[int, int]], object],
+    draft: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None,
 ) -> Image.Image:
     """Open, size-check, decode and convert one file (see :func:`_to_model_mode`).
 
@@ -109,6 +151,10 @@ def _open_image(
     decoding; it raises :class:`_DecodeFailure` to refuse an image whose preprocessing
     would make one too large (the caller passes the resize plan of
     :mod:`onnx_sp2ps.data.preprocess`).
+
+    ``draft`` (fast decoding), called after ``check_size``, lets a JPEG be decoded at
+    reduced scale (see :func:`_draft`); the returned image then records its full size
+    and the box its pixels cover under ``info[DRAFTED]``, for the resize.
 
     Any failure is a :class:`_DecodeFailure` with a one-line reason: a file that is not a
     regular file is refused before it is opened; an image is refused before decoding when
@@ -132,8 +178,12 @@ def _open_image(
                         f"{MAX_IMAGE_PIXELS}"
                     )
                 check_size(image.size)
+                drafted = None if draft is None else _draft(image, draft)
                 image.load()
-                return _to_model_mode(image, channels)
+                converted = _to_model_mode(image, channels)
+                if drafted is not None:
+                    converted.info[DRAFTED] = drafted
+                return converted
     except _DecodeFailure:
         raise
     except MemoryError:

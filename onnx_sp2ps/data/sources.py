@@ -36,6 +36,7 @@ from onnx_sp2ps.data.preprocess import (
     Preprocess,
     ResolvedPreprocess,
     _as_rgb,
+    _draft_request,
     _is_int,
     _resize_plan,
     _values,
@@ -66,11 +67,25 @@ MAX_CLASS_NAMES_BYTES = 16 * 1024 * 1024
 
 _NPZ_INPUT_KEYS = ("images", "inputs", "x")
 _NPZ_LABEL_KEYS = ("labels", "y")
-_DECODE_WORKERS = 2
+#: Most threads that decode images: each holds one decoded image (up to
+#: MAX_IMAGE_PIXELS pixels) at a time, so this bounds the decoding's memory.
+_MAX_DECODE_WORKERS = 8
 _INTEGER_NAME = re.compile(r"[0-9]+")
 
 
 # --------------------------------------------------------------------------- image set
+
+
+def _decode_workers() -> int:
+    """Threads that decode images: one per CPU this process may run on (its affinity
+    mask, which cgroup-confined containers and ``taskset`` set), at most
+    :data:`_MAX_DECODE_WORKERS`. Pillow releases the interpreter while it decodes and
+    resizes, so they run alongside ONNX Runtime's own threads."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_DECODE_WORKERS))
 
 
 def _release_rows(array: np.ndarray | None, stop: int) -> None:
@@ -348,7 +363,10 @@ class ImageSet:
         assert self._files is not None
         pre = self.preprocess
         return _open_image(
-            self._files[index], pre.channels, functools.partial(_resize_plan, pre=pre)
+            self._files[index],
+            pre.channels,
+            functools.partial(_resize_plan, pre=pre),
+            functools.partial(_draft_request, pre=pre) if pre.fast_decode else None,
         )
 
     def _load(self, index: int) -> tuple[np.ndarray | None, str | None]:
@@ -358,7 +376,7 @@ class ImageSet:
             return None, str(exc)
 
     def _iter_folder(self, batch_size: int, begin: int, end: int) -> Iterator[Batch]:
-        pool = ThreadPoolExecutor(max_workers=_DECODE_WORKERS, thread_name_prefix="sp2ps-decode")
+        pool = ThreadPoolExecutor(max_workers=_decode_workers(), thread_name_prefix="sp2ps-decode")
         starts = iter(range(begin, end, batch_size))
         pending: list[Future] = []
 
