@@ -7,15 +7,17 @@ when SIGINT (130), SIGTERM (143) or SIGHUP (129) ends the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, TypeVar
 
 import click
 
@@ -578,6 +580,7 @@ class AuditOutput(_OptionGroup):
     worst: int
     overlays: str
     force: bool
+    original_cache: Path | None
 
     @classmethod
     def declared(cls) -> dict[str, Decorator]:
@@ -587,6 +590,14 @@ class AuditOutput(_OptionGroup):
                 type=click.Path(),
                 callback=_out_path,
                 help="Folder for report.json (and maps).",
+            ),
+            "original_cache": click.option(
+                "--original-cache",
+                type=click.Path(path_type=Path),
+                metavar="DIR",
+                help="Keep the original's results in DIR (made if missing) and reuse them "
+                "when the original, images and settings are the same: later audits run "
+                "only the candidates.",
             ),
             "fmt": _FORMAT_OPTION,
             "junit": click.option(
@@ -809,6 +820,31 @@ def _setting_value(key, value, param: click.Option, source: str):
     )
 
 
+#: Options that change no result, left out of report.json's ``setting_sources`` (a run
+#: with --original-cache writes the same report as one without).
+_NOT_SETTINGS = ("quiet", "debug", "config", "original_cache")
+
+
+@contextlib.contextmanager
+def _cache_notes() -> Iterator[None]:
+    """Print the original cache's notes (:class:`onnx_sp2ps.cache.CacheNote`) as one
+    ``note:`` line each; other warnings are shown as before."""
+    from onnx_sp2ps.cache import CacheNote
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CacheNote)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, CacheNote):
+                _err(f"note: {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def setting_sources(ctx: click.Context) -> dict:
     """Where each setting of the running command came from (for the report)."""
     from click.core import ParameterSource
@@ -821,7 +857,7 @@ def setting_sources(ctx: click.Context) -> dict:
     }
     out = {}
     for p in ctx.command.params:
-        if isinstance(p, click.Option) and p.name not in ("quiet", "debug", "config"):
+        if isinstance(p, click.Option) and p.name not in _NOT_SETTINGS:
             long = max(p.opts, key=len).lstrip("-")
             out[long] = names.get(ctx.get_parameter_source(p.name), "default")
     return out
@@ -1064,7 +1100,7 @@ def _report_skipped(console: _Console, image_set) -> None:
 @GateOptions.options()
 @AuditOutput.options("junit", "summary_md", "save_maps", "worst", "overlays")
 @CamOptions.options(audit=True)
-@AuditOutput.options("force")
+@AuditOutput.options("force", "original_cache")
 @PreprocessOptions.options()
 @ImageOptions.options("class_names", "strict")
 @ModelOverrides.options(candidates=True)
@@ -1100,6 +1136,7 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
         strict=data.strict,
         scorecam_channels=cams.scorecam_channels,
         max_memory=runtime.max_memory,
+        original_cache=None if output.original_cache is None else str(output.original_cache),
     )
     folders = _model_folders([str(original), *map(str, candidates)])
     files = None
@@ -1114,20 +1151,21 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
             else None
         )
         try:
-            result = audit_module.audit(
-                original,
-                list(candidates),
-                data.images,
-                preprocess=preprocess,
-                settings=settings,
-                original_options=models.model,
-                candidate_options=models.candidates,
-                class_names=data.class_names,
-                keep_maps=output.save_maps,
-                worst=output.worst if files is not None else 0,
-                on_maps=streamer,
-                progress=update,
-            )
+            with _cache_notes():
+                result = audit_module.audit(
+                    original,
+                    list(candidates),
+                    data.images,
+                    preprocess=preprocess,
+                    settings=settings,
+                    original_options=models.model,
+                    candidate_options=models.candidates,
+                    class_names=data.class_names,
+                    keep_maps=output.save_maps,
+                    worst=output.worst if files is not None else 0,
+                    on_maps=streamer,
+                    progress=update,
+                )
         finally:
             close()
         console.info(f"preprocess: {result.images.preprocess.describe()}")
