@@ -1139,6 +1139,10 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
         original_cache=None if output.original_cache is None else str(output.original_cache),
     )
     folders = _model_folders([str(original), *map(str, candidates)])
+    if output.original_cache is not None:
+        from onnx_sp2ps.cache import check_folder
+
+        check_folder(output.original_cache)  # exit 3 before --out is touched
     files = None
     if output.out is not None:
         _check_out_not_in_images(output.out, data.images)
