@@ -175,7 +175,8 @@ class OriginalCache:
         path = folder / self._name(positions)
         n = len(positions)
         h, w = raw_shape
-        limit = n * (16 + 4 * (classes or 4096) + 4 * (h or 512) * (w or 512)) + _SLACK
+        # (sizes the model leaves symbolic are bounded generously: 64Ki classes, 512x512)
+        limit = n * (16 + 4 * (classes or 1 << 16) + 8 * (h or 512) * (w or 512)) + _SLACK
         try:
             data = _read_entry(path, limit)
         except FileNotFoundError:
