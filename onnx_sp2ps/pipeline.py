@@ -480,11 +480,6 @@ class _Explainer:
         return self._cam
 
     @property
-    def opened(self) -> bool:
-        """Whether the model's session has been opened."""
-        return self._runner is not None
-
-    @property
     def runner(self) -> ModelRunner:
         return self._open()
 
