@@ -7,15 +7,17 @@ when SIGINT (130), SIGTERM (143) or SIGHUP (129) ends the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, TypeVar
 
 import click
 
@@ -29,7 +31,7 @@ from onnx_sp2ps.targets import AUDIT_TARGETS
 if TYPE_CHECKING:
     from onnx_sp2ps.data import Preprocess
     from onnx_sp2ps.gate import GateCheck, GateCriteria
-    from onnx_sp2ps.pipeline import AuditResult, ModelOptions
+    from onnx_sp2ps.pipeline import AuditResult, AuditSettings, ModelOptions
     from onnx_sp2ps.report import ReportSet
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -586,6 +588,7 @@ class AuditOutput(_OptionGroup):
     worst: int
     overlays: str
     force: bool
+    original_cache: Path | None
 
     @classmethod
     def declared(cls) -> dict[str, Decorator]:
@@ -595,6 +598,14 @@ class AuditOutput(_OptionGroup):
                 type=click.Path(),
                 callback=_out_path,
                 help="Folder for report.json (and maps).",
+            ),
+            "original_cache": click.option(
+                "--original-cache",
+                type=click.Path(path_type=Path),
+                metavar="DIR",
+                help="Keep the original's results in DIR (made if missing) and reuse them "
+                "when the original, images and settings are the same: later audits run "
+                "only the candidates.",
             ),
             "fmt": _FORMAT_OPTION,
             "junit": click.option(
@@ -902,6 +913,32 @@ def _setting_value(key, value, param: click.Option, source: str):
     )
 
 
+#: Options that change no result, left out of report.json's ``setting_sources`` (a run
+#: with --original-cache writes the same report as one without; a merged report names its
+#: shards itself).
+_NOT_SETTINGS = ("quiet", "debug", "config", "original_cache", "shard")
+
+
+@contextlib.contextmanager
+def _cache_notes() -> Iterator[None]:
+    """Print the original cache's notes (:class:`onnx_sp2ps.cache.CacheNote`) as one
+    ``note:`` line each; other warnings are shown as before."""
+    from onnx_sp2ps.cache import CacheNote
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CacheNote)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, CacheNote):
+                _err(f"note: {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def setting_sources(ctx: click.Context) -> dict:
     """Where each setting of the running command came from (for the report)."""
     from click.core import ParameterSource
@@ -914,8 +951,7 @@ def setting_sources(ctx: click.Context) -> dict:
     }
     out = {}
     for p in ctx.command.params:
-        # --shard is no setting of the result: a merged report names its shards itself
-        if isinstance(p, click.Option) and p.name not in ("quiet", "debug", "config", "shard"):
+        if isinstance(p, click.Option) and p.name not in _NOT_SETTINGS:
             long = max(p.opts, key=len).lstrip("-")
             out[long] = names.get(ctx.get_parameter_source(p.name), "default")
     return out
@@ -1158,7 +1194,7 @@ def _report_skipped(console: _Console, image_set) -> None:
 @GateOptions.options()
 @AuditOutput.options("junit", "summary_md", "save_maps", "worst", "overlays")
 @CamOptions.options(audit=True)
-@AuditOutput.options("force")
+@AuditOutput.options("force", "original_cache")
 @ShardOptions.options()
 @PreprocessOptions.options()
 @ImageOptions.options("class_names", "strict")
@@ -1190,17 +1226,7 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
         check_target(output.junit, option="--junit", force=output.force)
     if output.summary_md is not None:
         check_target(output.summary_md, option="--summary-md", force=True)
-    settings = audit_module.AuditSettings(
-        method=cams.method,
-        target=cams.target,
-        batch_size=runtime.batch_size,
-        provider=runtime.provider,
-        threads=runtime.threads,
-        threshold=criteria.fail_under,
-        strict=data.strict,
-        scorecam_channels=cams.scorecam_channels,
-        max_memory=runtime.max_memory,
-    )
+    settings = _audit_settings(cams, runtime, data, output, threshold=criteria.fail_under)
     folders = _model_folders([str(original), *map(str, candidates)])
     files = None
     if output.out is not None:
@@ -1214,20 +1240,21 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
             else None
         )
         try:
-            result = audit_module.audit(
-                original,
-                list(candidates),
-                data.images,
-                preprocess=preprocess,
-                settings=settings,
-                original_options=models.model,
-                candidate_options=models.candidates,
-                class_names=data.class_names,
-                keep_maps=output.save_maps,
-                worst=output.worst if files is not None else 0,
-                on_maps=streamer,
-                progress=update,
-            )
+            with _cache_notes():
+                result = audit_module.audit(
+                    original,
+                    list(candidates),
+                    data.images,
+                    preprocess=preprocess,
+                    settings=settings,
+                    original_options=models.model,
+                    candidate_options=models.candidates,
+                    class_names=data.class_names,
+                    keep_maps=output.save_maps,
+                    worst=output.worst if files is not None else 0,
+                    on_maps=streamer,
+                    progress=update,
+                )
         finally:
             close()
         console.info(f"preprocess: {result.images.preprocess.describe()}")
@@ -1410,6 +1437,36 @@ _GATE_PARAMS = (
 )
 
 
+def _audit_settings(
+    cams: CamOptions,
+    runtime: RuntimeOptions,
+    data: ImageOptions,
+    output: AuditOutput,
+    *,
+    threshold: float | None,
+) -> AuditSettings:
+    """The settings of an audit or a shard; a bad --original-cache folder is exit 3 here,
+    before --out is touched."""
+    from onnx_sp2ps.pipeline import AuditSettings
+
+    if output.original_cache is not None:
+        from onnx_sp2ps.cache import check_folder
+
+        check_folder(output.original_cache)
+    return AuditSettings(
+        method=cams.method,
+        target=cams.target,
+        batch_size=runtime.batch_size,
+        provider=runtime.provider,
+        threads=runtime.threads,
+        threshold=threshold,
+        strict=data.strict,
+        scorecam_channels=cams.scorecam_channels,
+        max_memory=runtime.max_memory,
+        original_cache=None if output.original_cache is None else str(output.original_cache),
+    )
+
+
 def _audit_shard(
     original: Path,
     candidates: tuple[Path, ...],
@@ -1445,37 +1502,28 @@ def _audit_shard(
     if output.out is None:
         raise click.UsageError("--shard needs --out (the folder for the shard's records)")
     k, n = shard
-    settings = audit_module.AuditSettings(
-        method=cams.method,
-        target=cams.target,
-        batch_size=runtime.batch_size,
-        provider=runtime.provider,
-        threads=runtime.threads,
-        threshold=None,
-        strict=data.strict,
-        scorecam_channels=cams.scorecam_channels,
-        max_memory=runtime.max_memory,
-    )
+    settings = _audit_settings(cams, runtime, data, output, threshold=None)
     _check_out_not_in_images(output.out, data.images)
     files = ReportSet(output.out, SHARD_SET, force=output.force)
     try:
         update, close = console.progress(f"shard {k}/{n}")
         try:
-            records, context = audit_module.audit_records(
-                original,
-                list(candidates),
-                data.images,
-                preprocess=preprocess,
-                settings=settings,
-                original_options=models.model,
-                candidate_options=models.candidates,
-                class_names=data.class_names,
-                # the merge draws every overlay from kept maps
-                keep_maps=output.save_maps or output.overlays == "all",
-                worst=output.worst,
-                progress=update,
-                shard=shard,
-            )
+            with _cache_notes():
+                records, context = audit_module.audit_records(
+                    original,
+                    list(candidates),
+                    data.images,
+                    preprocess=preprocess,
+                    settings=settings,
+                    original_options=models.model,
+                    candidate_options=models.candidates,
+                    class_names=data.class_names,
+                    # the merge draws every overlay from kept maps
+                    keep_maps=output.save_maps or output.overlays == "all",
+                    worst=output.worst,
+                    progress=update,
+                    shard=shard,
+                )
         finally:
             close()
         console.info(f"preprocess: {context.images.preprocess.describe()}")
@@ -1570,6 +1618,7 @@ def merge(shards: tuple[Path, ...], **params: Any) -> int:
         worst=worst,
         overlays=overlays,
         force=merged.force,
+        original_cache=None,  # (the merge runs no model)
     )
     if output.junit is not None:
         check_target(output.junit, option="--junit", force=output.force)

@@ -13,6 +13,7 @@ single model.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from dataclasses import dataclass, field, replace
@@ -22,11 +23,19 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import numpy as np
 
 from onnx_sp2ps._version import __version__
+from onnx_sp2ps.cache import CACHE_FORMAT, OriginalBatch, OriginalCache, check_folder
 from onnx_sp2ps.cams import make_cam
-from onnx_sp2ps.cams.base import normalise_maps, softmax, upsample_bilinear
+from onnx_sp2ps.cams.base import BaseCAM, normalise_maps, softmax, upsample_bilinear
 from onnx_sp2ps.data import Batch, ImageSet, InputSpec, Preprocess, open_images
-from onnx_sp2ps.errors import DataError, InputError, MismatchError, NonFiniteError, UsageError
-from onnx_sp2ps.files import human_bytes, memory_budget, show
+from onnx_sp2ps.errors import (
+    DataError,
+    InputError,
+    MismatchError,
+    ModelError,
+    NonFiniteError,
+    UsageError,
+)
+from onnx_sp2ps.files import NotRegularFile, human_bytes, memory_budget, open_regular, show
 from onnx_sp2ps.gate import GateCriteria, apply_gate
 from onnx_sp2ps.gate import finite_or_none as _num
 from onnx_sp2ps.model import ModelSpec, PreparedModel, prepare_model
@@ -107,6 +116,10 @@ class AuditSettings:
     #: maps; None: half the memory available (:func:`onnx_sp2ps.files.memory_budget`).
     #: Not in :meth:`to_dict`: it depends on the machine and changes no result.
     max_memory: int | None = None
+    #: Folder of the original's cached results (``--original-cache``; README,
+    #: "Commands"): every process that opens audit models with these settings (a shard,
+    #: a Ray worker) reads and writes it.  Not in :meth:`to_dict`: it changes no result.
+    original_cache: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -424,41 +437,98 @@ def _check_compatible(original: ModelSpec, candidate: ModelSpec, name: str) -> N
 
 
 class _Explainer:
-    """One model's runner and CAM method."""
+    """One model's runner and CAM method.
+
+    With ``lazy`` the session is opened on first use (an original whose results all come
+    from the original cache is never opened); until then :attr:`info` is the one
+    :meth:`describe_cached` gave, from a cache entry."""
 
     def __init__(
         self,
         prepared: PreparedModel,
         settings: AuditSettings,
         device_inputs: DeviceInputs | None = None,
+        *,
+        lazy: bool = False,
     ):
         self.prepared = prepared
-        self.runner = ModelRunner(
-            prepared,
-            provider=settings.provider,
-            threads=settings.threads,
-            device_inputs=device_inputs,
+        self._settings = settings
+        self._device_inputs = device_inputs
+        self._runner: ModelRunner | None = None
+        self._cached_info: ModelInfo | None = None
+        if not lazy:
+            self._open()
+
+    def _open(self) -> ModelRunner:
+        if self._runner is None:
+            settings = self._settings
+            runner = ModelRunner(
+                self.prepared,
+                provider=settings.provider,
+                threads=settings.threads,
+                device_inputs=self._device_inputs,
+            )
+            self._cam = make_cam(
+                settings.method, runner, scorecam_channels=settings.scorecam_channels
+            )
+            self._runner = runner
+        return self._runner
+
+    @property
+    def cam(self) -> BaseCAM:
+        self._open()
+        return self._cam
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self._open()
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._runner is None and self._cached_info is not None:
+            return self._cached_info
+        runner = self._open()
+        return self._describe(
+            runner.provider.providers,
+            runner.provider.note,
+            runner.gradient_path,
+            runner.gradient_note,
         )
-        self.cam = make_cam(
-            settings.method, self.runner, scorecam_channels=settings.scorecam_channels
-        )
-        self.info = ModelInfo(
+
+    def _describe(
+        self,
+        providers: tuple[str, ...],
+        provider_note: str | None,
+        gradient: str,
+        gradient_note: str | None,
+    ) -> ModelInfo:
+        prepared = self.prepared
+        return ModelInfo(
             path=prepared.path,
             spec=prepared.spec,
             size_bytes=prepared.size_bytes,
             parameters=prepared.parameters,
-            providers=self.runner.provider.providers,
-            provider_note=self.runner.provider.note,
-            gradient=self.runner.gradient_path,
-            gradient_note=self.runner.gradient_note,
+            providers=providers,
+            provider_note=provider_note,
+            gradient=gradient,
+            gradient_note=gradient_note,
         )
+
+    def describe_cached(self, entry: OriginalBatch) -> None:
+        """Take the session's description (providers, gradient path) from a cache entry
+        while the session is not open."""
+        if self._cached_info is None:
+            self._cached_info = self._describe(
+                entry.providers, entry.provider_note, entry.gradient, entry.gradient_note
+            )
 
     def run(self, inputs: np.ndarray, targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Activations and logits; with the gradients in the same run when the method
         uses them (``targets`` -1 = each image's top-1, resolved in the graph)."""
+        runner = self._open()
         if targets is None or not self.cam.uses_gradients:
-            return self.runner.run(inputs)
-        return self.runner.run(inputs, targets=targets)
+            return runner.run(inputs)
+        return runner.run(inputs, targets=targets)
 
     def maps(
         self,
@@ -471,8 +541,13 @@ class _Explainer:
         raw = self.cam(activations, targets, inputs)
         bad = ~np.isfinite(logits).all(axis=1)
         raw[bad] = np.nan
-        images, flat = normalise_maps(upsample_bilinear(raw, size))
-        return raw, images, flat
+        return (raw, *_cam_images(raw, size))
+
+
+def _cam_images(raw: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The CAM images (upsampled, normalised) and flat flags of raw maps: the one way
+    they are made, so that maps from cached raw maps are the same bits."""
+    return normalise_maps(upsample_bilinear(raw, size))
 
 
 def _target_hint(
@@ -716,6 +791,8 @@ class AuditModels:
     settings: AuditSettings
     keep_maps: bool = False
     worst: int = 0
+    #: The original's cached results (``settings.original_cache``), or None.
+    original_cache: OriginalCache | None = None
 
 
 @dataclass(frozen=True)
@@ -749,11 +826,7 @@ def score_batch(
     paths = [images.paths[i] for i in positions]
     labels = _labels_at(images, positions)
     orig = models.original
-    o_acts, o_logits = orig.run(batch.inputs, _target_hint(settings.target, labels, None, n))
-    o_targets = select_targets(
-        settings.target, logits=o_logits, labels=labels, reference_logits=o_logits
-    )
-    o_raw, o_maps, o_flat = orig.maps(o_acts, o_targets, o_logits, size, batch.inputs)
+    o_targets, o_logits, o_raw, o_maps, o_flat = _original_batch(models, batch, images, labels)
 
     def columns(
         model: _Explainer,
@@ -791,6 +864,121 @@ def score_batch(
     if on_maps is not None:
         on_maps(images, batch.indices, o_maps, batch_maps)
     return Records(positions, paths, labels, original, tuple(candidates))
+
+
+def _original_batch(
+    models: AuditModels, batch: Batch, images: ImageSet, labels: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The original's targets, logits, raw maps, CAM images and flat flags for a batch:
+    from the original cache when it holds the batch (the CAM images made from the raw
+    maps as a run makes them), else from a run (then stored in the cache)."""
+    orig, cache = models.original, models.original_cache
+    settings, size = models.settings, images.preprocess.size
+    positions = batch.indices.astype(np.int64, copy=False)
+    spec = orig.prepared.spec
+    if cache is not None:
+        entry = cache.load(
+            images, positions, classes=spec.num_classes or None, raw_shape=_feature_size(spec)
+        )
+        if entry is not None:
+            orig.describe_cached(entry)
+            return (entry.targets, entry.logits, entry.raw, *_cam_images(entry.raw, size))
+    n = len(positions)
+    acts, logits = orig.run(batch.inputs, _target_hint(settings.target, labels, None, n))
+    targets = select_targets(settings.target, logits=logits, labels=labels, reference_logits=logits)
+    raw, maps, flat = orig.maps(acts, targets, logits, size, batch.inputs)
+    if cache is not None:
+        info = orig.info
+        cache.store(
+            images,
+            OriginalBatch(
+                positions=positions,
+                targets=targets,
+                logits=logits,
+                raw=raw,
+                providers=info.providers,
+                provider_note=info.provider_note,
+                gradient=info.gradient,
+                gradient_note=info.gradient_note,
+            ),
+        )
+    return targets, logits, raw, maps, flat
+
+
+def _feature_size(spec: ModelSpec) -> tuple[int | None, int | None]:
+    """The feature map's static height and width (None where symbolic)."""
+    shape = spec.feature_map.shape
+    if shape is None or len(shape) != 4:
+        return (None, None)
+    h, w = (shape[2], shape[3]) if spec.feature_layout == "NCHW" else (shape[1], shape[2])
+    return (
+        h if isinstance(h, int) and h > 0 else None,
+        w if isinstance(w, int) and w > 0 else None,
+    )
+
+
+def original_cache_fields(prepared: PreparedModel, settings: AuditSettings) -> dict[str, Any]:
+    """The original cache's key fields that do not depend on the image set (README,
+    "Commands", --original-cache): the original's bytes and what detection made of
+    them, every setting that changes its results, the versions and the machine."""
+    import onnxruntime
+
+    return {
+        "format": CACHE_FORMAT,
+        "original": {
+            "sha256": _model_digest(prepared),
+            "spec": prepared.spec.to_dict(),
+        },
+        "settings": {
+            "method": settings.method,
+            "scorecam_channels": settings.scorecam_channels,
+            "target": settings.target,
+            "batch_size": settings.batch_size,
+            "provider": settings.provider,
+            "threads": settings.threads,
+        },
+        "versions": {k: v for k, v in versions().items() if k != "python"},
+        "machine": {
+            "arch": platform.machine(),
+            "cpu": _cpu_flags(),
+            "cpus": os.cpu_count(),
+            "providers": list(onnxruntime.get_available_providers()),
+        },
+    }
+
+
+def _model_digest(prepared: PreparedModel) -> str:
+    """sha256 of the original: its file's bytes and every weight it runs with (external
+    data files included), or of the prepared model when it has no file."""
+    digest = hashlib.sha256()
+    if prepared.path is not None:
+        try:
+            with open_regular(prepared.path) as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        except (OSError, NotRegularFile) as exc:
+            raise ModelError(
+                f"cannot read model {show(prepared.path)} again for --original-cache: {exc}"
+            ) from None
+    for tensor in prepared.audit_model.graph.initializer:
+        digest.update(hashlib.sha256(tensor.SerializeToString()).digest())
+    if prepared.path is None:
+        graph = prepared.audit_model.graph
+        for node in graph.node:
+            digest.update(node.SerializeToString())
+    return digest.hexdigest()
+
+
+def _cpu_flags() -> str:
+    """sha256 of the CPU's instruction-set flags (ONNX Runtime picks kernels by them)."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            for line in f:
+                if line.startswith((b"flags", b"Features")):
+                    return hashlib.sha256(line).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def summarise(records: Records, context: AuditContext) -> AuditResult:
@@ -897,17 +1085,23 @@ def open_audit_models(
     worst: int = 0,
 ) -> AuditModels:
     """Prepare the original and the candidates (detection, head gradients), check that
-    each candidate fits the original, and open their sessions."""
+    each candidate fits the original, and open their sessions.  With
+    ``settings.original_cache`` the original's session is opened only when a batch is
+    not in the cache."""
     orig_prep, cand_preps = _prepare_all(
         original, candidates, preprocess, settings, original_options, candidate_options
     )
+    cache = None
+    if settings.original_cache is not None:
+        cache = OriginalCache(settings.original_cache, original_cache_fields(orig_prep, settings))
     shared = DeviceInputs()  # on CUDA, each batch crosses to the GPU once for all models
     return AuditModels(
-        original=_Explainer(orig_prep, settings, shared),
+        original=_Explainer(orig_prep, settings, shared, lazy=cache is not None),
         candidates=tuple(_Explainer(cp, settings, shared) for cp in cand_preps),
         settings=settings,
         keep_maps=keep_maps,
         worst=worst,
+        original_cache=cache,
     )
 
 
@@ -934,6 +1128,8 @@ def audit_records(
         raise UsageError("give at least one candidate model")
     if settings.target not in AUDIT_TARGETS:
         raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
+    if settings.original_cache is not None:
+        check_folder(settings.original_cache)  # before the models are read
     orig_prep, cand_preps = _prepare_all(
         original, candidates, preprocess, settings, original_options, candidate_options
     )
@@ -961,7 +1157,7 @@ def audit_records(
         images=image_set,
         original=models.original.info,
         candidates=tuple(c.info for c in models.candidates),
-        provider_note=models.original.runner.provider.note,
+        provider_note=models.original.info.provider_note,
         versions=versions(),
     )
     return records, context
