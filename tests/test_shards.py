@@ -414,3 +414,35 @@ def test_every_overlay_from_shards_that_kept_every_map(capsys, samples, tmp_path
     folders = [work["shards"][3, k] for k in (1, 2, 3)]
     code, _, err = run_cli(capsys, "merge", *folders, "--out", tmp_path / "x", "--overlays", "all")
     assert code == 2 and "re-run the shards with --overlays all" in err
+
+
+def test_shards_fill_and_use_the_original_cache(capsys, work, samples, tmp_path, monkeypatch):
+    """--original-cache with --shard: the shards store the original's results, a second
+    round of shards never opens the original's session, and the merge is unchanged."""
+    import onnx_sp2ps.pipeline as pipeline
+
+    cache = tmp_path / "cache"
+    base = [*models(samples), "--images", samples / "images", *COMMON]
+    for k in (1, 2, 3):
+        args = [*base, "--out", tmp_path / f"cold{k}", "--shard", f"{k}/3"]
+        code, _, err = run_cli(capsys, "audit", *args, "--original-cache", cache)
+        assert code == 0, err
+    assert len(list(cache.rglob("*.npz"))) == 7  # one entry per batch, over three shards
+
+    opened = []
+
+    class Counting(pipeline.ModelRunner):
+        def __init__(self, prepared, *args, **kwargs):
+            opened.append(Path(prepared.path).name)
+            super().__init__(prepared, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "ModelRunner", Counting)
+    for k in (1, 2, 3):
+        args = [*base, "--out", tmp_path / f"warm{k}", "--shard", f"{k}/3"]
+        code, _, err = run_cli(capsys, "audit", *args, "--original-cache", cache)
+        assert code == 0, err
+    assert opened and "gap_original.onnx" not in opened  # candidates' runners only
+    code, stdout, err, out = _merge(
+        capsys, work, [tmp_path / f"warm{k}" for k in (3, 1, 2)], "merged_cached"
+    )
+    _assert_same_as_one_audit(work, code, stdout, out, "merged_cached")
