@@ -84,6 +84,8 @@ MAX_BATCHES_PER_TASK = 8
 #: Versions that must agree between the driver and every worker (the report names the
 #: driver's; a worker with another onnxruntime could give other numbers).
 SAME_VERSIONS = ("onnx_sp2ps", "onnx", "onnxruntime", "numpy")
+#: The workers' concurrency group for calls that must not wait for a map (pid).
+CONTROL = "control"
 #: Prefix of the workers' actor names (then the run's id and the worker's number).
 ACTOR_PREFIX = "onnx-sp2ps-worker"
 
@@ -233,7 +235,8 @@ class AuditWorker:
         self._opened: tuple[AuditModels, ImageSet] | _Failure | None = None
 
     def pid(self) -> int:
-        """The worker's process id (tests kill it)."""
+        """The worker's process id (tests kill it); call it in the :data:`CONTROL`
+        concurrency group to have it while the worker maps a range."""
         return os.getpid()
 
     def _open(self, models: list[Any]) -> tuple[AuditModels, ImageSet] | _Failure:
@@ -503,7 +506,8 @@ def audit_records(
         )
         ranges = task_ranges(len(image_set), settings.batch_size, workers)
         run = uuid.uuid4().hex[:12]
-        actor = ray.remote(AuditWorker)
+        # (pid answers at once, beside a running map: maps run one at a time)
+        actor = ray.remote(concurrency_groups={CONTROL: 1})(AuditWorker)
         actors = [
             actor.options(name=f"{ACTOR_PREFIX}-{run}-{i}", **options.actor_options()).remote(job)
             for i in range(workers)
