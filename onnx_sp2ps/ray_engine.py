@@ -81,6 +81,10 @@ IN_FLIGHT = 2
 TASKS_PER_WORKER = 4
 #: ... and at most this many batches per range (progress moves, a retry redoes little).
 MAX_BATCHES_PER_TASK = 8
+#: Seconds to wait for a --ray-address to answer before it is refused.
+CONNECT_S = 5.0
+#: Seconds the driver waits for a range at a time (it handles signals in between).
+WAIT_S = 0.25
 #: Versions that must agree between the driver and every worker (the report names the
 #: driver's; a worker with another onnxruntime could give other numbers).
 SAME_VERSIONS = ("onnx_sp2ps", "onnx", "onnxruntime", "numpy")
@@ -337,6 +341,28 @@ def _shared_path(images: ImageSource) -> str:
     return os.path.abspath(os.fspath(images))
 
 
+def _check_reachable(address: str) -> None:
+    """Refuse at once a ``host:port`` (or ``ray://host:port``) where nothing answers:
+    Ray itself would retry for minutes, printing warnings."""
+    import re
+    import socket
+
+    found = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d+)", address.strip())
+    if found is None:
+        return  # ("auto", or a form Ray knows and this check does not)
+    host, port = found.group(1), int(found.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_S):
+            pass
+    except (OSError, ValueError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise InputError(
+            f"cannot join the Ray cluster at {address}: nothing answers there ({reason}): "
+            "start it with `ray start --head` and pass the address it prints, or leave "
+            "--ray-address out for a local instance"
+        ) from None
+
+
 @contextlib.contextmanager
 def _connected(ray: Any, options: RayOptions) -> Iterator[None]:
     """Ray ready to use: the caller's connection, the cluster at ``options.address``, or
@@ -345,6 +371,8 @@ def _connected(ray: Any, options: RayOptions) -> Iterator[None]:
         yield
         return
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if options.address is not None:
+        _check_reachable(options.address)
     try:
         if options.address is not None:
             ray.init(address=options.address, **quiet)
@@ -353,7 +381,11 @@ def _connected(ray: Any, options: RayOptions) -> Iterator[None]:
             if options.workers is not None:
                 cpus = max(cpus, math.ceil(options.workers * options.cpus_per_worker))
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            ray.shutdown()  # (what a start cut short by a signal or an error had started)
+        if not isinstance(exc, (ConnectionError, RuntimeError, ValueError, TimeoutError)):
+            raise
         where = (
             f"join the Ray cluster at {options.address}"
             if options.address is not None
@@ -370,9 +402,18 @@ def _connected(ray: Any, options: RayOptions) -> Iterator[None]:
         ray.shutdown()
 
 
-def _worker_count(ray: Any, options: RayOptions, tasks: int) -> int:
+def _get_all(ray: Any, refs: list[Any]) -> list[Any]:
+    """``ray.get(refs)``, waiting in slices (signals are handled in between)."""
+    while True:
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=WAIT_S)
+        if len(done) == len(refs):
+            return list(ray.get(refs))
+
+
+def _worker_count(ray: Any, options: RayOptions, batches: int) -> int:
     """How many workers: ``options.workers``, else what the cluster's resources allow;
-    never more than there are ranges. A cluster too small for the request is refused
+    never more than there are batches (:func:`task_ranges` then makes at least one
+    range per worker). A cluster too small for the request is refused
     (its actors would wait forever)."""
     resources = ray.cluster_resources()
     cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
@@ -382,7 +423,7 @@ def _worker_count(ray: Any, options: RayOptions, tasks: int) -> int:
         n = max(1, int(cpus // options.cpus_per_worker + 1e-9))
         if options.gpus_per_worker > 0:
             n = min(n, int(gpus // options.gpus_per_worker + 1e-9))
-    n = max(1, min(n, tasks))
+    n = max(1, min(n, batches))
     for kind, have, each in (
         ("CPU", cpus, options.cpus_per_worker),
         ("GPU", gpus, options.gpus_per_worker),
@@ -501,9 +542,7 @@ def audit_records(
     )
     driver_versions = versions()
     with _connected(ray, options):
-        workers = _worker_count(
-            ray, options, len(task_ranges(len(image_set), settings.batch_size, 1))
-        )
+        workers = _worker_count(ray, options, -(-len(image_set) // settings.batch_size))
         ranges = task_ranges(len(image_set), settings.batch_size, workers)
         run = uuid.uuid4().hex[:12]
         # (pid answers at once, beside a running map: maps run one at a time)
@@ -518,7 +557,7 @@ def audit_records(
             answers = [a.ready.remote(models) for a in actors]
             dispatch = _Dispatcher(ray, actors, models, ranges)  # (queued behind ready)
             try:
-                ready = _check_ready(ray.get(answers), driver_versions)
+                ready = _check_ready(_get_all(ray, answers), driver_versions)
             except ray.exceptions.RayError as exc:
                 raise _lost_worker(exc) from None
             parts = dispatch.results(len(image_set), progress)
@@ -566,7 +605,9 @@ class _Dispatcher:
         after each (``done``: the positions of the ranges finished)."""
         ray, done = self._ray, 0
         while self._pending:
-            finished, _ = ray.wait(list(self._pending), num_returns=1)
+            finished: list[Any] = []
+            while not finished:  # (in slices, so that a signal is handled within one)
+                finished, _ = ray.wait(list(self._pending), num_returns=1, timeout=WAIT_S)
             k, (start, stop) = self._pending.pop(finished[0])
             try:
                 answer = ray.get(finished[0])

@@ -303,6 +303,25 @@ def test_the_cli_joins_a_running_cluster_by_address(samples, cluster, tmp_path):
     assert reports["ray"] == reports["local"]
 
 
+def test_an_address_where_no_cluster_answers_is_refused_at_once(capsys, samples):
+    ray.shutdown()  # (the module's instance is started again by the next test using it)
+    start = time.monotonic()
+    code, _, stderr = run_cli(
+        capsys,
+        "audit",
+        *_models(samples)[:2],
+        "--images",
+        samples / "images",
+        "--engine",
+        "ray",
+        "--ray-address",
+        "127.0.0.1:1",
+    )
+    assert code == 3 and stderr.strip().count("\n") == 0
+    assert "cannot join the Ray cluster at 127.0.0.1:1" in stderr
+    assert time.monotonic() - start < 15 and not ray.is_initialized()
+
+
 def test_a_local_instance_is_started_and_shut_down_when_none_runs(capsys, samples):
     """Without --ray-address, and with no Ray connection in the process, the engine
     starts its own local instance and shuts it down after; the CLI's start-up and a
