@@ -142,6 +142,10 @@ class RayOptions:
 
 def import_ray() -> Any:
     """The ``ray`` module, or an :class:`InputError` saying how to install it."""
+    # Ray's native crash handler would print a stack dump on SIGTERM and SIGINT too: the
+    # run's one line about the signal (and the supervisor) is what reports those. (Read
+    # when Ray is first imported; inherited by the processes of a local instance.)
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         return importlib.import_module("ray")
     except ImportError:
@@ -364,6 +368,24 @@ def _check_reachable(address: str) -> None:
 
 
 @contextlib.contextmanager
+def _own_sigterm() -> Iterator[None]:
+    """Keep the process's SIGTERM handler: ``ray.init`` replaces it with one that exits
+    at once, which would skip the CLI's clean-up and its line about the signal."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
 def _connected(ray: Any, options: RayOptions) -> Iterator[None]:
     """Ray ready to use: the caller's connection, the cluster at ``options.address``, or
     a local instance for this audit (shut down after)."""
@@ -374,13 +396,14 @@ def _connected(ray: Any, options: RayOptions) -> Iterator[None]:
     if options.address is not None:
         _check_reachable(options.address)
     try:
-        if options.address is not None:
-            ray.init(address=options.address, **quiet)
-        else:
-            cpus = os.cpu_count() or 1
-            if options.workers is not None:
-                cpus = max(cpus, math.ceil(options.workers * options.cpus_per_worker))
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+        with _own_sigterm():
+            if options.address is not None:
+                ray.init(address=options.address, **quiet)
+            else:
+                cpus = os.cpu_count() or 1
+                if options.workers is not None:
+                    cpus = max(cpus, math.ceil(options.workers * options.cpus_per_worker))
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             ray.shutdown()  # (what a start cut short by a signal or an error had started)
