@@ -40,6 +40,8 @@ MAX_THREADS, MAX_BATCH, MAX_WORST, MAX_SCORECAM_CHANNELS = 256, 4096, 1000, 4096
 #: Choices of --format, and of audit's --overlays (the worst N images, all, none).
 FORMATS = ("text", "json")
 OVERLAY_MODES = ("worst", "all", "none")
+#: Choices of audit's --engine, and the upper bound of --workers and per-worker resources.
+ENGINES, MAX_WORKERS = ("local", "ray"), 4096
 
 
 #: Paths are checked by the library, which says what is wrong in one line (click's own
@@ -454,6 +456,93 @@ class RuntimeOptions(_OptionGroup):
                 help=f"Images per batch, 1 to {MAX_BATCH}.",
             ),
         }
+
+
+@dataclass(frozen=True)
+class EngineOptions(_OptionGroup):
+    """Where ``audit`` runs its batches: --engine local (this process) or ray (Ray
+    actors: README "Ray"), with --ray-address, --workers, --cpus-per-worker and
+    --gpus-per-worker (Ray only)."""
+
+    engine: str
+    ray_address: str | None
+    workers: int | None
+    cpus_per_worker: float | None
+    gpus_per_worker: float | None
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        return {
+            "engine": click.option(
+                "--engine",
+                type=click.Choice(ENGINES),
+                default="local",
+                show_default=True,
+                help="Run the batches in this process, or on Ray workers "
+                "(pip install 'onnx-sp2ps[ray]').",
+            ),
+            "ray_address": click.option(
+                "--ray-address",
+                metavar="ADDRESS",
+                help="With --engine ray: join this running cluster (default: start a local "
+                "Ray instance for the audit).",
+            ),
+            "workers": click.option(
+                "--workers",
+                type=click.IntRange(1, MAX_WORKERS),
+                metavar="N",
+                help=f"With --engine ray: worker actors, 1 to {MAX_WORKERS} (default: as "
+                "many as the CPUs, or GPUs, allow).",
+            ),
+            "cpus_per_worker": click.option(
+                "--cpus-per-worker",
+                type=click.FloatRange(0, MAX_WORKERS, min_open=True),
+                metavar="X",
+                help="With --engine ray: Ray CPUs per worker, over 0 (default 1); also its "
+                "onnxruntime threads (rounded up) unless --threads is given.",
+            ),
+            "gpus_per_worker": click.option(
+                "--gpus-per-worker",
+                type=click.FloatRange(0, MAX_WORKERS),
+                metavar="X",
+                help="With --engine ray: Ray GPUs per worker (1: one worker per GPU, run "
+                "with CUDA; default 0).",
+            ),
+        }
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> EngineOptions:
+        group = super().from_params(params)
+        given = [
+            f"--{f.name.replace('_', '-')}"
+            for f in fields(cls)
+            if f.name != "engine" and getattr(group, f.name) is not None
+        ]
+        if group.engine == "local" and given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise click.UsageError(f"{', '.join(given)} {verb} --engine ray")
+        return group
+
+    def audit_function(self, provider: str) -> Callable[..., AuditResult]:
+        """``pipeline.audit``, or its Ray twin with these options (same arguments)."""
+        if self.engine == "local":
+            from onnx_sp2ps.pipeline import audit as local_audit
+
+            return local_audit
+        import functools
+
+        from onnx_sp2ps.ray_engine import RayOptions
+        from onnx_sp2ps.ray_engine import audit as ray_audit
+
+        if self.gpus_per_worker and provider == "cpu":
+            raise click.UsageError("--gpus-per-worker needs --provider auto or cuda, not cpu")
+        options = RayOptions(
+            address=self.ray_address,
+            workers=self.workers,
+            cpus_per_worker=1.0 if self.cpus_per_worker is None else self.cpus_per_worker,
+            gpus_per_worker=self.gpus_per_worker or 0.0,
+        )
+        return functools.partial(ray_audit, options=options)
 
 
 @dataclass(frozen=True)
@@ -1200,6 +1289,7 @@ def _report_skipped(console: _Console, image_set) -> None:
 @ImageOptions.options("class_names", "strict")
 @ModelOverrides.options(candidates=True)
 @RuntimeOptions.options()
+@EngineOptions.options()
 @CommonOptions.options()
 def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
     """Score CANDIDATES against ORIGINAL: Sp2PS of their CAMs on the images."""
@@ -1217,11 +1307,18 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
     preprocess = PreprocessOptions.from_params(params).preprocess()
     models = ModelOverrides.from_params(params, candidates=True)
     shard = ShardOptions.from_params(params).shard
+    engine = EngineOptions.from_params(params)
     _no_params_left(params)
     if shard is not None:
+        if engine.engine != "local":
+            raise click.UsageError(
+                "--shard runs one shard in this process: start each shard as its own job, "
+                "or run the whole audit with --engine ray and no --shard"
+            )
         return _audit_shard(
             original, candidates, shard, console, output, data, runtime, cams, preprocess, models
         )
+    run_audit = engine.audit_function(runtime.provider)
     if output.junit is not None:
         check_target(output.junit, option="--junit", force=output.force)
     if output.summary_md is not None:
@@ -1241,7 +1338,7 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
         )
         try:
             with _cache_notes():
-                result = audit_module.audit(
+                result = run_audit(
                     original,
                     list(candidates),
                     data.images,
