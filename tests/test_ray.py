@@ -364,3 +364,42 @@ def test_a_local_instance_is_started_and_shut_down_when_none_runs(samples):
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-c", check], env=env, check=True, capture_output=True)
+
+
+def test_ray_workers_fill_and_use_the_original_cache(capsys, samples, tmp_path, cluster):
+    """--original-cache with --engine ray: the workers store the original's results on
+    the shared cache folder; a second Ray audit reads them, and both write what one
+    process without the cache writes."""
+    cache = tmp_path / "cache"
+    common = [*_models(samples), "--images", samples / "images", "--batch-size", "8"]
+    reports = []
+    for name, extra in (
+        ("plain", ()),
+        ("cold", (*RAY, "--original-cache", cache)),
+        ("warm", (*RAY, "--original-cache", cache)),
+    ):
+        code, _, err = run_cli(capsys, "audit", *common, "--out", tmp_path / name, *extra)
+        assert code == 0, err
+        reports.append(_without_engine(json.loads((tmp_path / name / "report.json").read_text())))
+        if name == "cold":
+            entries = sorted(cache.rglob("*.npz"))
+            assert len(entries) == 7  # 50 images in batches of 8, written by the workers
+            stamps = [p.stat().st_mtime_ns for p in entries]
+    assert [p.stat().st_mtime_ns for p in sorted(cache.rglob("*.npz"))] == stamps  # reused
+    assert reports[0] == reports[1] == reports[2]
+
+
+def test_shard_with_the_ray_engine_is_a_usage_error(capsys, samples, tmp_path):
+    code, _, err = run_cli(
+        capsys,
+        "audit",
+        *_models(samples)[:2],
+        "--images",
+        samples / "images",
+        "--out",
+        tmp_path / "s",
+        "--shard",
+        "1/2",
+        *RAY,
+    )
+    assert code == 2 and "start each shard as its own job" in err
