@@ -31,14 +31,13 @@ from onnx_sp2ps.errors import (
     DataError,
     InputError,
     MismatchError,
-    ModelError,
     NonFiniteError,
     UsageError,
 )
-from onnx_sp2ps.files import NotRegularFile, human_bytes, memory_budget, open_regular, show
+from onnx_sp2ps.files import human_bytes, memory_budget, show
 from onnx_sp2ps.gate import GateCriteria, apply_gate
 from onnx_sp2ps.gate import finite_or_none as _num
-from onnx_sp2ps.model import ModelSpec, PreparedModel, prepare_model
+from onnx_sp2ps.model import ModelSpec, PreparedModel, model_digest, prepare_model
 from onnx_sp2ps.records import (
     CandidateColumns,
     ModelColumns,
@@ -926,7 +925,7 @@ def original_cache_fields(prepared: PreparedModel, settings: AuditSettings) -> d
     return {
         "format": CACHE_FORMAT,
         "original": {
-            "sha256": _model_digest(prepared),
+            "sha256": model_digest(prepared.path, prepared.audit_model),
             "spec": prepared.spec.to_dict(),
         },
         "settings": {
@@ -945,28 +944,6 @@ def original_cache_fields(prepared: PreparedModel, settings: AuditSettings) -> d
             "providers": list(onnxruntime.get_available_providers()),
         },
     }
-
-
-def _model_digest(prepared: PreparedModel) -> str:
-    """sha256 of the original: its file's bytes and every weight it runs with (external
-    data files included), or of the prepared model when it has no file."""
-    digest = hashlib.sha256()
-    if prepared.path is not None:
-        try:
-            with open_regular(prepared.path) as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
-        except (OSError, NotRegularFile) as exc:
-            raise ModelError(
-                f"cannot read model {show(prepared.path)} again for --original-cache: {exc}"
-            ) from None
-    for tensor in prepared.audit_model.graph.initializer:
-        digest.update(hashlib.sha256(tensor.SerializeToString()).digest())
-    if prepared.path is None:
-        graph = prepared.audit_model.graph
-        for node in graph.node:
-            digest.update(node.SerializeToString())
-    return digest.hexdigest()
 
 
 def _cpu_flags() -> str:

@@ -41,7 +41,7 @@ from onnx_sp2ps.files import (
     read_bounded,
     show,
 )
-from onnx_sp2ps.model import ModelSpec
+from onnx_sp2ps.model import ModelSpec, load_model, model_digest
 from onnx_sp2ps.pipeline import AuditContext, AuditSettings, ModelInfo, shard_range
 from onnx_sp2ps.records import Records, WorstImages, merge_stream
 from onnx_sp2ps.report import ReportSet, write_atomic
@@ -124,6 +124,7 @@ def shard_identity(
     --images path as given; ``options``: the detection overrides."""
     k, n = shard
     image_set = context.images
+    max_memory = context.settings.max_memory
     start, stop = shard_range(len(image_set), context.settings.batch_size, shard)
     infos = [context.original, *context.candidates]
     return {
@@ -153,7 +154,7 @@ def shard_identity(
         "models": [
             {
                 "path": path,
-                "sha256": file_sha256(path, "model"),
+                "sha256": model_digest(path, load_model(path, max_memory=max_memory)),
                 "info": info.to_dict(),
                 "provider_note": info.provider_note,
             }

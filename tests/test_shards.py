@@ -446,3 +446,25 @@ def test_shards_fill_and_use_the_original_cache(capsys, work, samples, tmp_path,
         capsys, work, [tmp_path / f"warm{k}" for k in (3, 1, 2)], "merged_cached"
     )
     _assert_same_as_one_audit(work, code, stdout, out, "merged_cached")
+
+
+def test_shards_of_models_differing_only_in_external_weights_are_refused(capsys, samples, tmp_path):
+    """The shards' model digest covers weights in external data files: the same .onnx
+    file with other weights beside it is another model."""
+    from conftest import save_with_external_data
+
+    model = save_with_external_data(samples / "gap_l1_30.onnx", tmp_path / "ext")
+    base = [samples / "gap_original.onnx", model, "--images", samples / "images", *COMMON]
+    code, _, err = run_cli(capsys, "audit", *base, "--out", tmp_path / "s1", "--shard", "1/2")
+    assert code == 0, err
+    onnx_bytes = model.read_bytes()
+    blob = bytearray((tmp_path / "ext" / "weights.bin").read_bytes())
+    blob[:64] = bytes(64)  # other weights, same .onnx file
+    (tmp_path / "ext" / "weights.bin").write_bytes(bytes(blob))
+    assert model.read_bytes() == onnx_bytes
+    code, _, err = run_cli(capsys, "audit", *base, "--out", tmp_path / "s2", "--shard", "2/2")
+    assert code == 0, err
+    code, _, err = run_cli(
+        capsys, "merge", tmp_path / "s1", tmp_path / "s2", "--out", tmp_path / "m"
+    )
+    assert code == 3 and "different models" in err, err

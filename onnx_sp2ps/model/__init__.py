@@ -26,6 +26,7 @@ from onnx_sp2ps.model.load import (
     count_parameters,
     is_too_large,
     load_model,
+    model_digest,
     split_large_weights,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "ModelSpec",
     "PreparedModel",
     "load_model",
+    "model_digest",
     "check_tensor_sizes",
     "analyse_model",
     "linear_classifier_weights",

@@ -8,6 +8,7 @@ copy).  Everything works on in-memory copies; the user's file is only ever read.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -19,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_sp2ps.errors import ModelError
-from onnx_sp2ps.files import human_bytes, memory_budget
+from onnx_sp2ps.files import NotRegularFile, human_bytes, memory_budget, open_regular, show
 from onnx_sp2ps.model.index import _numel, _outer_names, _walk_graphs
 
 __all__ = [
@@ -39,6 +40,33 @@ __all__ = [
 PROTOBUF_LIMIT = 2**31 - 1
 #: Initializers at least this large are the ones held aside for models over the limit.
 LARGE_TENSOR_BYTES = 1 << 20
+
+
+def model_digest(path: str | os.PathLike[str] | None, model: onnx.ModelProto) -> str:
+    """A sha256 (hex) of a model as it runs: its file's bytes (when it has one) and every
+    initializer with its data, so weights in external data files count too; a model
+    without a file adds its nodes.  Names a model in shard identities and in the
+    original cache's key.
+
+    Raises
+    ------
+    ModelError
+        The file cannot be read again.
+    """
+    digest = hashlib.sha256()
+    if path is not None:
+        try:
+            with open_regular(path) as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        except (OSError, NotRegularFile) as exc:
+            raise ModelError(f"cannot read model {show(path)} again: {exc}") from None
+    for tensor in model.graph.initializer:
+        digest.update(hashlib.sha256(tensor.SerializeToString()).digest())
+    if path is None:
+        for node in model.graph.node:
+            digest.update(node.SerializeToString())
+    return digest.hexdigest()
 
 
 def load_model(path: str | Path, *, max_memory: int | None = None) -> onnx.ModelProto:
