@@ -130,3 +130,27 @@ def test_logits_are_found_among_several_outputs(extra, first):
     spec = analyse_model(model)
     assert spec.logits.name == built.logits
     assert spec.feature_map.name == built.feature_map
+
+
+def test_an_mlp_on_flattened_pixels_has_no_feature_map():
+    """A graph input is never the feature map: an MLP on the flattened image (a spatial
+    input, nothing spatial computed) is refused with what is missing."""
+    rng = np.random.default_rng(0)
+    weights = onnx.numpy_helper.from_array(rng.standard_normal((3 * 32 * 32, 10), np.float32), "W")
+    shape = onnx.numpy_helper.from_array(np.array([-1, 3 * 32 * 32], np.int64), "shape")
+    nodes = [
+        helper.make_node("Reshape", ["image", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [weights, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(DetectionError, match="no convolutional feature map or token grid"):
+        analyse_model(model)
+    spec = analyse_model(model, feature_layer="image")  # named by hand, it is taken
+    assert spec.feature_map.name == "image"

@@ -325,18 +325,27 @@ def _find_feature_map(
         if name in visited:
             continue
         visited.add(name)
+        node = g.producer.get(name)
+        if node is None:  # a graph input (the image itself) is never the feature map
+            continue
         layout = layouts.get(name)
         if layout is not None and name != logits and _is_spatial(probe.info(name).shape, layout):
             found.append(name)
             continue
-        node = g.producer.get(name)
-        if node is None:
-            continue
         queue.extend(g.data_inputs(node))
     if not found:
+        custom = _custom_op(g, visited)
+        if custom is not None:
+            raise DetectionError(
+                f"no feature map found: op {custom.op_type} of domain {custom.domain!r} before "
+                "the logits is unknown to shape inference, so no tensor's size is known: "
+                "export the model with standard ONNX ops (or name the feature map with "
+                "--feature-layer)"
+            )
         raise DetectionError(
-            f"no feature map found: no tensor with spatial extent > 1 feeds the logits "
-            f"{logits!r}; name one with --feature-layer"
+            "no feature map found: no convolutional feature map or token grid before the "
+            f"logits {logits!r} (no tensor with spatial extent > 1 is computed between the "
+            "input and the logits); name one with --feature-layer"
         )
     if len(set(found)) > 1:
         raise DetectionError(
@@ -346,6 +355,21 @@ def _find_feature_map(
         )
     feature = found[0]
     return _behind_classifier_conv(g, feature, num_classes)
+
+
+#: Domains whose ops ONNX shape inference and onnxruntime know.
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+def _custom_op(g: GraphIndex, tensors: set[str]) -> onnx.NodeProto | None:
+    """The first node making one of ``tensors`` whose op is of a domain neither standard
+    nor defined by the model's own functions."""
+    local = {f.domain for f in g.model.functions}
+    for name in sorted(tensors):
+        node = g.producer.get(name)
+        if node is not None and node.domain not in _STANDARD_DOMAINS and node.domain not in local:
+            return node
+    return None
 
 
 def _behind_classifier_conv(g: GraphIndex, feature: str, num_classes: int | None) -> str:
