@@ -1074,9 +1074,9 @@ def inspect(
     model: Path, fmt: str, size: tuple[int, int] | None, max_memory: int | None, **params: Any
 ) -> int:
     """Show what was detected in MODEL: input, layout, feature map, logits, head ops, and
-    the execution providers available."""
+    the execution providers that can run here (and why the others cannot)."""
     from onnx_sp2ps.model import prepare_model
-    from onnx_sp2ps.runtime import ModelRunner, available_providers
+    from onnx_sp2ps.runtime import ModelRunner, provider_status
 
     opts = ModelOverrides.from_params(params).model
     CommonOptions.from_params(params)
@@ -1097,8 +1097,10 @@ def inspect(
         "size_bytes": prepared.size_bytes,
         "parameters": prepared.parameters,
         **prepared.spec.to_dict(),
-        "providers": available_providers(),
     }
+    status = provider_status()
+    data["providers"] = [p for p, reason in status.items() if reason is None]
+    data["providers_unavailable"] = {p: r for p, r in status.items() if r is not None}
     data["head"]["gradient"] = runner.gradient_path
     data["head"]["gradient_reason"] = runner.gradient_note
     if fmt == "json":
@@ -1119,6 +1121,10 @@ def inspect(
         f"gradient     {runner.gradient_path}"
         + (f" ({runner.gradient_note})" if runner.gradient_note else ""),
         f"providers    {', '.join(data['providers'])}",
+    ]
+    lines += [
+        f"             {p}: unavailable ({reason})"
+        for p, reason in data["providers_unavailable"].items()
     ]
     click.echo("\n".join(lines))
     return EXIT_OK

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -56,6 +58,67 @@ def _ort():
 def available_providers() -> list[str]:
     """Execution providers this onnxruntime build offers (not all may be usable)."""
     return list(_ort().get_available_providers())
+
+
+#: The shared library each GPU provider of an onnxruntime build loads on first use.
+_PROVIDER_LIBRARIES = {
+    CUDA: "libonnxruntime_providers_cuda.so",
+    "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",
+}
+
+
+def provider_status() -> dict[str, str | None]:
+    """Each execution provider this onnxruntime build offers -> None when a session can
+    be created on it here, else why not (onnxruntime offers CUDA and TensorRT in its GPU
+    build even where their libraries are missing, and then falls back to the CPU)."""
+    import io
+
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8
+    ).SerializeToString()
+    ort = _ort()
+    status: dict[str, str | None] = {}
+    for provider in available_providers():
+        if provider == CPU:
+            status[provider] = None
+            continue
+        printed = io.StringIO()  # onnxruntime prints its fallback to stdout
+        try:
+            with _quiet_ort(), contextlib.redirect_stdout(printed), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (its own warning for unknown names)
+                used = ort.InferenceSession(model, providers=[provider]).get_providers()
+        except Exception as exc:  # any failure to create it is the reason
+            status[provider] = _one_line(str(exc))
+            continue
+        status[provider] = None if used and used[0] == provider else _load_reason(provider)
+    return status
+
+
+def _load_reason(provider: str) -> str:
+    """Why ``provider`` fell back to the CPU: the loader's message for its library."""
+    import ctypes
+
+    library = _PROVIDER_LIBRARIES.get(provider)
+    if library is not None:
+        path = Path(_ort().__file__).parent / "capi" / library
+        try:
+            ctypes.CDLL(str(path))
+        except OSError as exc:
+            return _one_line(str(exc).replace(str(path.parent) + "/", ""))
+    return "onnxruntime could not create a session on it and fell back to the CPU"
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 @dataclass(frozen=True)

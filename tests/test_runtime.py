@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -168,3 +170,43 @@ def test_a_fixed_batch_above_one_takes_padded_batches(tmp_path, method):
         )
     np.testing.assert_allclose(maps["fixed"].logits, maps["free"].logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(maps["fixed"].maps, maps["free"].maps, rtol=1e-4, atol=1e-5)
+
+
+def test_provider_status_says_which_providers_can_run_here_and_why_not(monkeypatch):
+    """Every provider onnxruntime offers is either usable (a session on it really runs on
+    it) or unavailable with a one-line reason; the CPU is always usable; a provider that
+    cannot be created (here a made-up one) is unavailable."""
+    import onnxruntime as ort
+
+    from onnx_sp2ps import runtime
+
+    status = runtime.provider_status()
+    assert list(status) == ort.get_available_providers()
+    assert status[runtime.CPU] is None
+    for provider, reason in status.items():
+        assert reason is None or (reason.strip() and "\n" not in reason), (provider, reason)
+    offered = ort.get_available_providers()
+    monkeypatch.setattr(
+        runtime, "available_providers", lambda: ["MadeUpExecutionProvider", *offered]
+    )
+    status = runtime.provider_status()
+    assert status["MadeUpExecutionProvider"]
+
+
+def test_inspect_lists_unavailable_providers_with_their_reason(capsys, samples, monkeypatch):
+    from onnx_sp2ps import runtime
+
+    from conftest import run_cli
+
+    reason = "libcudart.so.12: cannot open"
+    monkeypatch.setattr(
+        runtime, "provider_status", lambda: {"CUDAExecutionProvider": reason, runtime.CPU: None}
+    )
+    code, out, _ = run_cli(capsys, "inspect", samples / "gap_original.onnx", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["providers"] == [runtime.CPU]
+    assert data["providers_unavailable"] == {
+        "CUDAExecutionProvider": "libcudart.so.12: cannot open"
+    }
+    code, out, _ = run_cli(capsys, "inspect", samples / "gap_original.onnx")
+    assert "CUDAExecutionProvider: unavailable (libcudart.so.12: cannot open)" in out
