@@ -471,10 +471,28 @@ class _Builder:
         if self._pool_form(node) == "global":
             self.add_grad(x, self._max_back(x, node.output[0], dy))
             return
+        # The gradient goes to the first maximum of each window (row-major), as autograd
+        # routes it; every tied maximum (a window of ReLU zeros) would multiply it.
         ys = self._tile_up(node, node.output[0])
         dys = self._tile_up(node, dy)
-        mask = self.op(
+        is_max = self.op(
             "Cast", [self.op("Equal", [x, ys], "is_max")], "mask", to=onnx.TensorProto.FLOAT
+        )
+        kernel = list(_attr(node, "kernel_shape"))
+        shape = self.static_shape(x)
+        assert shape is not None  # (a "tiled" _pool_form has a known shape)
+        offsets = np.meshgrid(*(np.arange(n) % k for n, k in zip(shape[2:], kernel)), indexing="ij")
+        rank = np.ravel_multi_index(tuple(offsets), kernel)  # position within its window
+        earlier = self.const((np.prod(kernel) - rank)[None, None], "first_rank")  # K..1
+        score = self.op("Mul", [is_max, earlier], "max_score")
+        best = self.op(
+            "MaxPool", [score], "max_first", kernel_shape=kernel, strides=_attr(node, "strides")
+        )
+        first = self.op("Equal", [score, self._tile_up(node, best)], "is_first")
+        mask = self.op(
+            "Mul",
+            [is_max, self.op("Cast", [first], "first", to=onnx.TensorProto.FLOAT)],
+            "first_max",
         )
         self.add_grad(x, self.op("Mul", [dys, mask], "maxpool_bw"))
 

@@ -431,3 +431,30 @@ def test_broadcasts_over_symbolic_sizes_are_summed_at_run_time():
         for i, t in enumerate([0, 2]):
             ref = fd_gradient(head, a[i], t)
             np.testing.assert_allclose(g[i], ref, atol=tolerance(ref, y))
+
+
+@pytest.mark.parametrize("kernel", [(2, 2), (3, 3), (1, 2)])
+def test_maxpool_routes_the_gradient_to_the_first_maximum_of_each_window(kernel):
+    """Ties (a window of ReLU zeros in the feature map, equal values) take the gradient
+    at their first maximum in row-major order, as autograd does, not at every tied one."""
+    middle = dict(
+        nodes=[node("MaxPool", ["A"], kernel_shape=list(kernel), strides=list(kernel))],
+        out="m",
+    )
+    head = make_head(middle)
+    a = np.maximum(np.round(RNG.normal(size=(3, C, H, W)), 1), 0).astype(np.float32)
+    targets = np.array([0, 2, 1], np.int64)
+    _, got = exact_gradient(head, a, targets)
+    w = numpy_helper.to_array(next(t for t in head.graph.initializer if t.name == "fc_w"))
+    kh, kw = kernel
+    oh, ow = H // kh, W // kw
+    want = np.zeros_like(a)
+    for i, c in enumerate(targets):
+        for k in range(C):
+            for y in range(oh):
+                for x in range(ow):
+                    window = a[i, k, y * kh : (y + 1) * kh, x * kw : (x + 1) * kw]
+                    dy, dx = np.unravel_index(np.argmax(window), kernel)  # the first maximum
+                    want[i, k, y * kh + dy, x * kw + dx] = w[c, k] / (oh * ow)
+    assert (a == 0).mean() > 0.3  # the case that matters: many tied zeros
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
