@@ -154,3 +154,48 @@ def test_an_mlp_on_flattened_pixels_has_no_feature_map():
         analyse_model(model)
     spec = analyse_model(model, feature_layer="image")  # named by hand, it is taken
     assert spec.feature_map.name == "image"
+
+
+def test_the_map_is_taken_before_local_pooling_that_ends_the_trunk():
+    """PP-OCR's classifiers end Conv -> HardSwish -> MaxPool 2x2 -> GlobalAveragePool ->
+    Reshape -> MatMul: the feature map is the HardSwish output (8x8, not the pooled 4x4),
+    the MaxPool joins the head, and the head's gradient is exact: autograd's, which
+    routes each window's gradient to its first maximum."""
+    rng = np.random.default_rng(0)
+    conv_w = onnx.numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3), np.float32), "cw")
+    fc_w = onnx.numpy_helper.from_array(rng.standard_normal((6, 5), np.float32), "fw")
+    shape = onnx.numpy_helper.from_array(np.array([-1, 6], np.int64), "shape")
+    nodes = [
+        helper.make_node("Conv", ["image", "cw"], ["conv"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("HardSwish", ["conv"], ["act"]),
+        helper.make_node("MaxPool", ["act"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["pooled"], ["gap"]),
+        helper.make_node("Reshape", ["gap", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fw"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ppocr_like",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 5])],
+        [conv_w, fc_w, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    spec = analyse_model(model)
+    assert spec.feature_map.name == "act" and list(spec.feature_map.shape[2:]) == [8, 8]
+    assert spec.head_ops[0] == "MaxPool"
+    runner = ModelRunner(prepare_model(model), provider="cpu")
+    assert runner.gradient_path == "exact"
+    acts, logits = runner.run(rng.random((2, 3, 16, 16), np.float32) - 0.5)
+    targets = np.argmax(logits, axis=1)
+    _, grads = runner.head_gradients(acts, targets)
+    w = onnx.numpy_helper.to_array(fc_w)
+    want = np.zeros_like(acts)
+    for i, c in enumerate(targets):
+        for k, y, x in np.ndindex(6, 4, 4):
+            window = acts[i, k, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2]
+            dy, dx = np.unravel_index(np.argmax(window), (2, 2))
+            want[i, k, 2 * y + dy, 2 * x + dx] = w[k, c] / 16
+    assert (acts == 0).any()  # HardSwish zeros: tied windows
+    np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-7)

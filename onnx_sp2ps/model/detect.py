@@ -353,8 +353,32 @@ def _find_feature_map(
             + ", ".join(sorted(set(found)))
             + "): choose one with --feature-layer"
         )
-    feature = found[0]
+    feature = _behind_pooling(g, probe, found[0], layouts)
     return _behind_classifier_conv(g, feature, num_classes)
+
+
+#: Pooling that keeps a spatial extent: the map is taken before it, at the higher
+#: resolution, and the pooling becomes part of the head (README, "Detection").
+_LOCAL_POOLS = ("MaxPool", "AveragePool")
+
+
+def _behind_pooling(g: GraphIndex, probe: GraphIndex, feature: str, layouts: dict[str, str]) -> str:
+    """Step behind local pooling between the last convolution's output and the head
+    (PP-OCR's classifiers: HardSwish -> MaxPool 2x2 -> GlobalAveragePool; VGG's last
+    MaxPool before its classifier)."""
+    current = feature
+    for _ in range(4):
+        node = g.producer.get(current)
+        if node is None or node.op_type not in _LOCAL_POOLS:
+            return current
+        data = g.data_inputs(node)
+        if len(data) != 1 or data[0] not in g.producer:
+            return current
+        layout = layouts.get(data[0])
+        if layout is None or not _is_spatial(probe.info(data[0]).shape, layout):
+            return current
+        current = data[0]
+    return current
 
 
 #: Domains whose ops ONNX shape inference and onnxruntime know.
