@@ -179,8 +179,12 @@ class _Builder:
         xs, ys = self.static_shape(x), self.static_shape(y)
         if xs is not None and ys is not None and xs == ys and None not in xs:
             return grad
-        if xs is None or ys is None or len(xs) > len(ys):
-            raise UnsupportedHead(f"broadcast of {x!r} with unknown shapes")
+        if xs is None or ys is None:
+            # (a rank unknown before running: a Reshape to a computed target, as
+            # paddle2onnx writes Shape -> Slice -> Concat -> Reshape)
+            return self._unbroadcast_dynamic(grad, x, y, None)
+        if len(xs) > len(ys):
+            raise UnsupportedHead(f"broadcast of {x!r} into a tensor of lower rank")
         if (
             len(xs) == len(ys)
             and xs[1:] == ys[1:]
@@ -202,13 +206,30 @@ class _Builder:
             out = self.op("Reshape", [out, self.shape(x)], "unb")
         return out
 
-    def _unbroadcast_dynamic(self, grad: str, x: str, y: str, lead: int) -> str:
+    def _unbroadcast_dynamic(self, grad: str, x: str, y: str, lead: int | None) -> str:
         """:meth:`unbroadcast` for symbolic dims (a batch N, or an input of any size): the
-        axes to sum are found at run time (where x's dim is 1 and y's is not)."""
+        axes to sum are found at run time (where x's dim is 1 and y's is not); with
+        ``lead`` None the ranks too (x's shape is padded with ones to y's rank)."""
         if self.opset < 13:
             raise UnsupportedHead(f"broadcast of {x!r} with symbolic shapes (opset < 13)")
         x_shape = self.shape(x)
-        if lead:
+        if lead is None:
+            missing = self.op(
+                "Sub",
+                [
+                    self.op("Shape", [self.shape(y)], "rank_y"),
+                    self.op("Shape", [x_shape], "rank_x"),
+                ],
+                "lead",
+            )
+            ones = self.op(
+                "ConstantOfShape",
+                [missing],
+                "lead_ones",
+                value=numpy_helper.from_array(np.array([1], np.int64)),
+            )
+            x_shape = self.op("Concat", [ones, x_shape], "xpad", axis=0)
+        elif lead:
             x_shape = self.op(
                 "Concat", [self.const([1] * lead, "ones", np.int64), x_shape], "xpad", axis=0
             )

@@ -199,3 +199,91 @@ def test_the_map_is_taken_before_local_pooling_that_ends_the_trunk():
             want[i, k, 2 * y + dy, 2 * x + dx] = w[k, c] / 16
     assert (acts == 0).any()  # HardSwish zeros: tied windows
     np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_reshape_to_a_computed_target_keeps_exact_gradients():
+    """paddle2onnx writes the head's Reshape target at run time (Shape -> Slice -> Concat
+    -> Reshape -> MatMul -> Add): the ranks after it are unknown before running, and the
+    bias's broadcast is summed at run time; the gradient is exact and right."""
+    rng = np.random.default_rng(0)
+    fc_w = rng.standard_normal((6, 5)).astype(np.float32)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3), np.float32), "cw"),
+        onnx.numpy_helper.from_array(fc_w, "fw"),
+        onnx.numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "fb"),
+        onnx.numpy_helper.from_array(np.array([0], np.int64), "st"),
+        onnx.numpy_helper.from_array(np.array([1], np.int64), "en"),
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "m1"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "cw"], ["conv"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["conv"], ["act"]),
+        helper.make_node("GlobalAveragePool", ["act"], ["gap"]),
+        helper.make_node("Shape", ["gap"], ["shp"]),
+        helper.make_node("Slice", ["shp", "st", "en"], ["n"]),
+        helper.make_node("Concat", ["n", "m1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["gap", "target"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fw"], ["mm"]),
+        helper.make_node("Add", ["mm", "fb"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle_like",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    runner = ModelRunner(prepare_model(model), provider="cpu")
+    assert runner.gradient_path == "exact", runner.gradient_note
+    acts, logits = runner.run(rng.random((3, 3, 16, 16), np.float32))
+    targets = np.array([0, 4, 2])
+    got_logits, grads = runner.head_gradients(acts, targets)
+    np.testing.assert_allclose(got_logits, logits, rtol=1e-6)
+    want = np.broadcast_to(fc_w.T[targets][:, :, None, None] / 64, acts.shape)
+    np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-8)
+
+
+def test_a_broadcast_after_a_computed_reshape_is_summed_at_run_time():
+    """After a Reshape to a computed target no rank is known: a tensor broadcast against
+    a constant ([N, 1, 6] * [1, 4, 6]) gets its gradient summed over the broadcast axis
+    found at run time."""
+    rng = np.random.default_rng(0)
+    fc_w = rng.standard_normal((6, 5)).astype(np.float32)
+    c = rng.standard_normal((1, 4, 6)).astype(np.float32)
+    ints = {"st": [0], "en": [1], "m1": [-1], "ax": [1]}
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3), np.float32), "cw"),
+        onnx.numpy_helper.from_array(fc_w, "fw"),
+        onnx.numpy_helper.from_array(c, "c"),
+    ] + [onnx.numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()]
+    nodes = [
+        helper.make_node("Conv", ["image", "cw"], ["conv"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["conv"], ["act"]),
+        helper.make_node("GlobalAveragePool", ["act"], ["gap"]),
+        helper.make_node("Shape", ["gap"], ["shp"]),
+        helper.make_node("Slice", ["shp", "st", "en"], ["n"]),
+        helper.make_node("Concat", ["n", "m1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["gap", "target"], ["flat"]),
+        helper.make_node("Unsqueeze", ["flat", "ax"], ["u"]),
+        helper.make_node("Mul", ["u", "c"], ["b"]),
+        helper.make_node("ReduceSum", ["b", "ax"], ["s"], keepdims=0),
+        helper.make_node("MatMul", ["s", "fw"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "computed_broadcast",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    runner = ModelRunner(prepare_model(model), provider="cpu")
+    assert runner.gradient_path == "exact", runner.gradient_note
+    acts, _ = runner.run(rng.random((3, 3, 16, 16), np.float32))
+    targets = np.array([0, 4, 2])
+    _, grads = runner.head_gradients(acts, targets)
+    per_channel = c[0].sum(axis=0)[:, None] * fc_w  # d logit / d gap, (6, 5)
+    want = np.broadcast_to(per_channel.T[targets][:, :, None, None] / 64, acts.shape)
+    np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-8)
