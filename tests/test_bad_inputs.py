@@ -566,14 +566,22 @@ def no_run(monkeypatch):
 def _lock_for_root(monkeypatch, name: str) -> None:
     """Root can read a file of mode 000: make reading ``name`` fail as it would for
     anyone else."""
-    real = Path.read_bytes
+    import onnx_sp2ps.model.load as load
+
+    real, real_open = Path.read_bytes, load.open_regular
 
     def read_bytes(self):
         if self.name == name:
             raise PermissionError(13, "Permission denied", str(self))
         return real(self)
 
+    def open_regular(path):
+        if Path(path).name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path)
+
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(load, "open_regular", open_regular)
 
 
 _CHECKED_BEFORE_THE_RUN = {

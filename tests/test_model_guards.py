@@ -655,3 +655,31 @@ def test_unreadable_model_exits_3_for_another_user(open_tmp):
         )
         and err.count("\n") == 1
     )
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_without_blocking(tmp_path, monkeypatch):
+    """The model file is checked (a regular file of some size), then opened: a FIFO put
+    in its place between the two must not hang the read (nobody writes to it)."""
+    import onnx_sp2ps.model.load as load
+    from onnx_sp2ps.errors import ModelError
+
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    size = (SAMPLES / "gap_original.onnx").stat()
+    monkeypatch.setattr(load, "_regular_file", lambda p: size)  # the check saw a file
+    with pytest.raises(ModelError, match="changed into a FIFO"):
+        load.load_model(fifo)
+
+
+def test_a_model_file_that_grows_while_being_read_is_refused(tmp_path, monkeypatch):
+    import onnx_sp2ps.model.load as load
+    from onnx_sp2ps.errors import ModelError
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes((SAMPLES / "gap_original.onnx").read_bytes())
+    seen = model.stat()
+    with open(model, "ab") as f:
+        f.write(b"\0" * 100)  # written on after the size was checked
+    monkeypatch.setattr(load, "_regular_file", lambda p: seen)
+    with pytest.raises(ModelError, match="grew while being read"):
+        load.load_model(model)

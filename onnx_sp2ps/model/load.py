@@ -107,12 +107,21 @@ def _load_model(p: Path, budget: int) -> onnx.ModelProto:
             "if the machine has the memory, or use one that has"
         )
     try:
-        data = p.read_bytes()
+        # Opened without blocking and checked again once open (a FIFO swapped in after
+        # the check cannot hang the read); at most the size seen at the check is read.
+        with open_regular(p) as handle:
+            data = handle.read(st.st_size + 1)
+    except NotRegularFile as exc:
+        raise ModelError(f"model file {p} changed into {exc} while being opened: refused") from None
     except OSError as exc:
         raise ModelError(
             f"cannot read model {p}: {exc.strerror or exc}: check the file's "
             "permissions (read access is all onnx-sp2ps needs)"
         ) from exc
+    if len(data) > st.st_size:
+        raise ModelError(
+            f"model file {p} grew while being read: refused; wait until it is written whole"
+        )
     if not data:
         raise ModelError(f"model file {p} is empty: export the model again")
     try:
