@@ -134,8 +134,10 @@ def write_atomic(
 
 
 def append_text(path: str | Path, text: str, *, option: str) -> Path:
-    """Append ``text`` to a regular file (created when missing), never truncating it:
-    CI step-summary files are shared by every step of a job. One write call."""
+    """Append ``text`` to a regular file (created when missing), never truncating what
+    was there: CI step-summary files are shared by every step of a job. A write that
+    fails part-way (a full disk) or is interrupted is cut back off, so the file holds
+    the whole summary or none of it."""
     p = Path(path)
     if os.path.lexists(p):
         check_regular(p, f"{option} file", error=ReportError)
@@ -147,11 +149,18 @@ def append_text(path: str | Path, text: str, *, option: str) -> Path:
             0o666,
         )
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise ReportError(f"{option} {show(p)} is not a regular file: refused")
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            except BaseException:
+                if len(view) < len(data):  # part of it was written: cut it back off
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, st.st_size)
+                raise
         finally:
             os.close(fd)
     except OSError as exc:

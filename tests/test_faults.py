@@ -9,6 +9,7 @@ byte for byte the previous run's set or a complete new one (outputs are determin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -752,3 +753,23 @@ def test_config_values_of_the_wrong_type_are_usage_errors(text, phrase, capsys, 
     config.write_text(text + "\n")
     code, _, err = run_cli(capsys, *_audit(small, tmp_path / "out", "--config", config))
     assert code == 2 and len(err.splitlines()) == 1 and phrase in err, err
+
+
+def test_a_summary_cut_short_by_a_full_disk_is_taken_back_off(capsys, small, tiny_disk):
+    """--summary-md on a disk with room for part of the summary: exit 3 with one line,
+    and the file holds what it held before, not half a summary."""
+    summary = tiny_disk / "step-summary.md"
+    summary.write_text("## an earlier step's summary\n" + "x" * (4096 - 80) + "\n")
+    filler = tiny_disk / "filler"
+    free = os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize
+    filler.write_bytes(b"\0" * free)  # the disk is full to the block
+    with open(filler, "ab") as f:  # (tmpfs may leave part of a page: fill that too)
+        with contextlib.suppress(OSError):
+            f.write(b"\0" * 65536)
+    before = summary.read_bytes()
+    images = ("--images", small["images"], "--batch-size", "2", "-q")
+    args = ("audit", small["orig"], small["cand"], *images, "--summary-md", summary)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 3, err
+    assert len(err.splitlines()) == 1 and "no space left" in err
+    assert summary.read_bytes() == before
