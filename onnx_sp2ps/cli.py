@@ -1825,6 +1825,23 @@ def _run(args: list[str], debug: bool) -> int | None:
         return cli.main(args=args, prog_name="onnx-sp2ps", standalone_mode=False)
     except Interrupted as exc:
         return _interrupted(exc.signum)
+    except (Exception, KeyboardInterrupt):
+        from onnx_sp2ps.files import signal_received
+
+        signum = signal_received()
+        if signum is None:
+            return _error(args, debug)
+        # A signal came first: what failed after it (an import it cut short, which
+        # onnxruntime cannot then repeat) is the interruption's doing.
+        return _interrupted(signum)
+
+
+def _error(args: list[str], debug: bool) -> int:
+    """The exit code and the one line of the exception being handled."""
+    try:
+        raise
+    except Interrupted as exc:
+        return _interrupted(exc.signum)
     except (KeyboardInterrupt, click.exceptions.Abort):
         return _interrupted(signal.SIGINT)
     except click.UsageError as exc:  # one line, like every other error

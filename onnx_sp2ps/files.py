@@ -302,6 +302,7 @@ SUPERVISOR_FD = "ONNX_SP2PS_SUPERVISOR_FD"
 _held: list[int] = []
 _depth = 0
 _interrupted = False
+_signal: int | None = None  # the signal this run was interrupted by
 _temporaries: dict[str, Callable[[], None]] = {}
 
 
@@ -337,21 +338,27 @@ def interrupt(signum: int) -> None:
     """What the signal handlers call: raise :class:`Interrupted` now, or when the current
     :func:`uninterruptible` block ends; later signals of the same run are ignored (the
     first one's clean-up must not be cut short)."""
-    global _interrupted
+    global _interrupted, _signal
     if _interrupted:
         return
     if _depth:
         _held.append(signum)
         return
-    _interrupted = True
+    _interrupted, _signal = True, signum
     raise Interrupted(signum)
+
+
+def signal_received() -> int | None:
+    """The signal this run was interrupted by, if one was: whatever fails after it
+    (an import it cut short, a file half written) is the interruption's doing."""
+    return _signal
 
 
 @contextmanager
 def uninterruptible() -> Iterator[None]:
     """Hold signals (delivered through :func:`interrupt`) until the block ends; the
     supervisor waits for it too."""
-    global _depth, _interrupted
+    global _depth, _interrupted, _signal
     _depth += 1
     if _depth == 1:
         _tell_supervisor(b"[")
@@ -364,7 +371,7 @@ def uninterruptible() -> Iterator[None]:
             if _held and not _interrupted:
                 signum = _held[0]
                 _held.clear()
-                _interrupted = True
+                _interrupted, _signal = True, signum
                 raise Interrupted(signum)
 
 
@@ -378,8 +385,8 @@ def install_signal_handlers() -> Callable[[], None]:
     calls this: a library leaves the host's signals alone."""
     import signal
 
-    global _interrupted
-    _interrupted = False
+    global _interrupted, _signal
+    _interrupted, _signal = False, None
     _held.clear()
     previous = {}
     for name in SIGNALS:

@@ -773,3 +773,25 @@ def test_a_summary_cut_short_by_a_full_disk_is_taken_back_off(capsys, small, tin
     assert code == 3, err
     assert len(err.splitlines()) == 1 and "no space left" in err
     assert summary.read_bytes() == before
+
+
+def test_an_error_after_a_signal_is_the_signal_s_doing(capsys, small, monkeypatch):
+    """A signal that lands inside an import (onnxruntime's cannot be repeated after one
+    is cut short: "generic_type ... is already registered") leaves an ImportError behind:
+    the run ends as interrupted (128 + the signal, one line), not as an internal error."""
+    import onnx_sp2ps.files as files
+    import onnx_sp2ps.pipeline as pipeline
+
+    def audit(*args, **kwargs):
+        try:
+            files.interrupt(signal.SIGTERM)  # the handler, raising inside the import
+        except files.Interrupted:
+            pass  # (swallowed by the import machinery, as onnxruntime's was)
+        raise ImportError('generic_type: type "GraphOptimizationLevel" is already registered!')
+
+    monkeypatch.setattr(pipeline, "audit", audit)
+    code, _, err = run_cli(
+        capsys, "audit", small["orig"], small["cand"], "--images", small["images"]
+    )
+    assert code == 128 + signal.SIGTERM, err
+    assert len(err.splitlines()) == 1 and err.startswith("interrupted ("), err
