@@ -70,6 +70,7 @@ __all__ = [
     "score_batch",
     "summarise",
     "audit_records",
+    "prepare_audit",
     "shard_range",
     "map_range",
     "Records",
@@ -1082,6 +1083,43 @@ def open_audit_models(
     )
 
 
+def prepare_audit(
+    original: str | Path | PreparedModel,
+    candidates: Sequence[str | Path | PreparedModel],
+    images: ImageSource,
+    *,
+    preprocess: Preprocess,
+    settings: AuditSettings,
+    original_options: ModelOptions,
+    candidate_options: ModelOptions,
+    class_names: ClassNames,
+) -> tuple[PreparedModel, list[PreparedModel], ImageSet]:
+    """Everything an audit does before any session is opened or any batch allocated,
+    wherever its batches then run: the call checked, the models prepared and checked
+    against each other, the images opened and one batch checked against the memory
+    budget."""
+    if not candidates:
+        raise UsageError("give at least one candidate model")
+    if settings.target not in AUDIT_TARGETS:
+        raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
+    if settings.original_cache is not None:
+        check_folder(settings.original_cache)  # before the models are read
+    orig_prep, cand_preps = _prepare_all(
+        original, candidates, preprocess, settings, original_options, candidate_options
+    )
+    image_set = _open(
+        images, orig_prep.spec, preprocess, class_names, settings.strict, settings.max_memory
+    )
+    check_batch_memory(
+        [orig_prep.spec] + [cp.spec for cp in cand_preps],
+        image_set.preprocess.size,
+        settings.batch_size,
+        image_set.preprocess.channels,
+        settings.max_memory,
+    )
+    return orig_prep, cand_preps, image_set
+
+
 def audit_records(
     original: str | Path | PreparedModel,
     candidates: Sequence[str | Path | PreparedModel],
@@ -1101,24 +1139,15 @@ def audit_records(
     """The records of an audit (of all its images, or of shard ``(K, N)``:
     :func:`shard_range`) and its context: :func:`audit` before :func:`summarise`.
     Parameters and errors as :func:`audit`'s."""
-    if not candidates:
-        raise UsageError("give at least one candidate model")
-    if settings.target not in AUDIT_TARGETS:
-        raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
-    if settings.original_cache is not None:
-        check_folder(settings.original_cache)  # before the models are read
-    orig_prep, cand_preps = _prepare_all(
-        original, candidates, preprocess, settings, original_options, candidate_options
-    )
-    image_set = _open(
-        images, orig_prep.spec, preprocess, class_names, settings.strict, settings.max_memory
-    )
-    check_batch_memory(  # before any session is opened or any batch allocated
-        [orig_prep.spec] + [cp.spec for cp in cand_preps],
-        image_set.preprocess.size,
-        settings.batch_size,
-        image_set.preprocess.channels,
-        settings.max_memory,
+    orig_prep, cand_preps, image_set = prepare_audit(
+        original,
+        candidates,
+        images,
+        preprocess=preprocess,
+        settings=settings,
+        original_options=original_options,
+        candidate_options=candidate_options,
+        class_names=class_names,
     )
     models = open_audit_models(
         orig_prep, cand_preps, settings=settings, keep_maps=keep_maps, worst=worst

@@ -1,7 +1,7 @@
 """An audit's batches run on Ray (README, "Ray"): ``onnx-sp2ps audit --engine ray``.
 
 The driver (this process) prepares the models once (detection, edits, head gradients:
-:func:`onnx_sp2ps.pipeline._prepare_all`), opens the image set, and puts the prepared
+:func:`onnx_sp2ps.pipeline.prepare_audit`), opens the image set, and puts the prepared
 models into Ray's object store once (``ray.put``).  Each worker is a Ray actor
 (:class:`AuditWorker`) that takes them from the store, opens their sessions, opens the
 image set from the same path (shared storage) and checks that it reads the same files
@@ -49,16 +49,14 @@ from onnx_sp2ps.pipeline import (
     ModelInfo,
     ModelOptions,
     Progress,
-    _prepare_all,
-    check_batch_memory,
     input_spec,
     map_range,
     open_audit_models,
+    prepare_audit,
     summarise,
     versions,
 )
 from onnx_sp2ps.records import Records, merge_stream
-from onnx_sp2ps.targets import AUDIT_TARGETS
 
 __all__ = [
     "INSTALL_HINT",
@@ -524,29 +522,16 @@ def audit_records(
         A worker died more than :data:`MAX_RESTARTS` times.
     """
     ray = import_ray()
-    if not candidates:
-        raise UsageError("give at least one candidate model")
-    if settings.target not in AUDIT_TARGETS:
-        raise UsageError(f"--target for audits is original, label or own, not {settings.target!r}")
     shared = _shared_path(images)
-    orig_prep, cand_preps = _prepare_all(
-        original, candidates, preprocess, settings, original_options, candidate_options
-    )
-    assert not isinstance(images, ImageSet)  # (_shared_path refused it)
-    image_set = open_images(
+    orig_prep, cand_preps, image_set = prepare_audit(
+        original,
+        candidates,
         images,  # as given, so that the report names the source as one process does
-        spec=input_spec(orig_prep.spec, preprocess.layout),
         preprocess=preprocess,
+        settings=settings,
+        original_options=original_options,
+        candidate_options=candidate_options,
         class_names=class_names,
-        strict=settings.strict,
-        max_memory=settings.max_memory,
-    )
-    check_batch_memory(
-        [orig_prep.spec] + [cp.spec for cp in cand_preps],
-        image_set.preprocess.size,
-        settings.batch_size,
-        image_set.preprocess.channels,
-        settings.max_memory,
     )
     for prep in [orig_prep, *cand_preps]:
         if is_too_large(prep.audit_model):
