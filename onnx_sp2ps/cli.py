@@ -25,7 +25,7 @@ from onnx_sp2ps._version import __version__
 from onnx_sp2ps.cams import METHODS
 from onnx_sp2ps.data import LAYOUTS, PRESETS
 from onnx_sp2ps.errors import InputError, Interrupted, Sp2psError, UsageError
-from onnx_sp2ps.runtime import PROVIDERS
+from onnx_sp2ps.providers import PROVIDERS
 from onnx_sp2ps.targets import AUDIT_TARGETS
 
 if TYPE_CHECKING:

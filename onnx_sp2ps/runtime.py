@@ -29,6 +29,7 @@ from onnx_sp2ps.errors import DataError, ModelError, UsageError
 from onnx_sp2ps.model.detect import linear_classifier_weights
 from onnx_sp2ps.model.edit import PreparedModel, fuse_gradient
 from onnx_sp2ps.model.load import is_too_large, split_large_weights
+from onnx_sp2ps.providers import CPU, CUDA, PROVIDERS
 
 __all__ = [
     "PROVIDERS",
@@ -40,9 +41,6 @@ __all__ = [
     "ModelRunner",
 ]
 
-PROVIDERS = ("auto", "cpu", "cuda")
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 #: The GPU the CUDA provider runs on (its default; no option selects another).
 CUDA_DEVICE_ID = 0
 #: Bytes of perturbed feature maps sent to the head in one run.

@@ -2,7 +2,7 @@
 a module of a higher layer, none imports the package root, and the root only re-exports.
 
 Layers, lowest first (a module may import its own layer and those below):
-errors, files, _version -> model, backward -> runtime -> cams -> similarity, targets,
+errors, files, _version, providers -> model, backward -> runtime -> cams -> similarity, targets,
 data, gate, records, cache -> pipeline -> ray_engine -> report, shards -> cli, __main__.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "onnx_sp2ps"
 LAYERS = [
-    {"errors", "files", "_version"},
+    {"errors", "files", "_version", "providers"},
     {"model", "backward"},
     {"runtime"},
     {"cams"},
