@@ -5,6 +5,8 @@ cuts out (feature map -> logits) and returns a model with inputs
 
 * the feature map ``A`` (same name, type and layout as in the head), and
 * ``target`` (N,) int64: the class to explain per image, or -1 for the image's top-1,
+* the head's other inputs, if any (activations it reads besides the feature map, held
+  constant: the gradient is taken with respect to ``A`` alone),
 
 and outputs ``logits`` and ``gradient`` = dy_target / dA, the shape of ``A``.  One run
 gives the exact per-position gradients that Grad-CAM's relatives need.
@@ -64,6 +66,8 @@ class HeadGradient:
     gradient: str = GRADIENT_OUT
     target_used: str = TARGET_USED
     note: str | None = None
+    #: Inputs besides the feature map, held constant (the head's side inputs).
+    side_inputs: tuple[str, ...] = ()
 
 
 class _Builder:
@@ -283,6 +287,7 @@ class _Builder:
         nodes.append(helper.make_node("Identity", [grad], [GRADIENT_OUT]))
         nodes.append(helper.make_node("Identity", [target], [TARGET_USED]))
         f_in = copy.deepcopy(g.input[0])
+        side_in = [copy.deepcopy(i) for i in g.input[1:]]
         t_in = helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, ["N"])
         logits_vi = copy.deepcopy(g.output[0])
         logits_vi.name = LOGITS_OUT
@@ -296,7 +301,7 @@ class _Builder:
         graph = helper.make_graph(
             nodes,
             "head_gradient",
-            [f_in, t_in],
+            [f_in, *side_in, t_in],
             outputs,
             initializer=[copy.deepcopy(t) for t in g.initializer] + self.inits,
         )
@@ -309,7 +314,10 @@ class _Builder:
         check_model(model)
         quantized = any(n.op_type == "QuantizeLinear" and n.input[0] in self.active for n in g.node)
         return HeadGradient(
-            model=model, feature=self.feature, note=STRAIGHT_THROUGH if quantized else None
+            model=model,
+            feature=self.feature,
+            note=STRAIGHT_THROUGH if quantized else None,
+            side_inputs=tuple(i.name for i in side_in),
         )
 
     def data(self, node) -> list[int]:

@@ -358,11 +358,21 @@ class PreprocessOptions(_OptionGroup):
         )
 
 
+def _token_grid(text: str | None) -> tuple[int, int] | None:
+    """--token-grid HxW as (h, w)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--token-grid {text!r}: give the patch grid as HxW, e.g. 14x14")
+    return int(parts[0]), int(parts[1])
+
+
 @dataclass(frozen=True)
 class ModelOverrides(_OptionGroup):
     """--input-name/--feature-layer/--logits, for the model (or the original) and, in
     audits, their --candidate-* twins for the candidates (each defaulting to the
-    original's)."""
+    original's); --prefix-tokens/--token-grid for token models, the same for all."""
 
     model: ModelOptions
     candidates: ModelOptions
@@ -394,23 +404,39 @@ class ModelOverrides(_OptionGroup):
             "candidate_logits": click.option(
                 "--candidate-logits", metavar="NAME", help="Like --logits, for the candidates."
             ),
+            "prefix_tokens": click.option(
+                "--prefix-tokens",
+                type=click.IntRange(0, 4096),
+                metavar="N",
+                help="Token models: class/distillation/register tokens before the patch "
+                "tokens, overriding detection.",
+            ),
+            "token_grid": click.option(
+                "--token-grid",
+                metavar="HxW",
+                help="Token models: the patch-token grid, e.g. 14x14, overriding detection.",
+            ),
         }
 
     @classmethod
     def options(cls, *names: str, candidates: bool = False) -> Decorator:
         """The model's options, and with ``candidates`` the candidates' twins."""
         if not names and not candidates:
-            names = ("input_name", "feature_layer", "logits")
+            names = ("input_name", "feature_layer", "logits", "prefix_tokens", "token_grid")
         return super().options(*names)
 
     @classmethod
     def from_params(cls, params: dict[str, Any], *, candidates: bool = False) -> ModelOverrides:
         from onnx_sp2ps.pipeline import ModelOptions
 
+        prefix_tokens = params.pop("prefix_tokens")
+        token_grid = _token_grid(params.pop("token_grid"))
         model = ModelOptions(
             input_name=params.pop("input_name"),
             feature_layer=params.pop("feature_layer"),
             logits=params.pop("logits"),
+            prefix_tokens=prefix_tokens,
+            token_grid=token_grid,
         )
         if not candidates:
             return cls(model=model, candidates=model)
@@ -418,6 +444,8 @@ class ModelOverrides(_OptionGroup):
             input_name=params.pop("candidate_input_name") or model.input_name,
             feature_layer=params.pop("candidate_feature_layer") or model.feature_layer,
             logits=params.pop("candidate_logits") or model.logits,
+            prefix_tokens=prefix_tokens,
+            token_grid=token_grid,
         )
         return cls(model=model, candidates=twins)
 
@@ -1088,6 +1116,8 @@ def inspect(
         logits=opts.logits,
         size=size,
         max_memory=max_memory,
+        prefix_tokens=opts.prefix_tokens,
+        token_grid=opts.token_grid,
     )
     runner = ModelRunner(prepared, provider="cpu")
     from onnx_sp2ps.files import show
@@ -1115,6 +1145,19 @@ def inspect(
         f"{spec.input.dtype}",
         f"feature map  {spec.feature_map.name}  {_shape(spec.feature_map.shape)}  "
         f"{spec.feature_layout}",
+        *(
+            [
+                f"token grid   {spec.tokens.prefix} prefix tokens + "
+                f"{spec.tokens.grid[0]}x{spec.tokens.grid[1]} patch tokens  ({spec.tokens.rule})"
+            ]
+            if spec.tokens is not None
+            else []
+        ),
+        *(
+            [f"side inputs  {', '.join(spec.side_inputs)}  (held constant in the head)"]
+            if spec.side_inputs
+            else []
+        ),
         f"logits       {spec.logits.name}  {_shape(spec.logits.shape)}"
         + (f"  (read before {spec.activation})" if spec.activation else ""),
         f"head         {' -> '.join(spec.head_ops) or '(none)'}",

@@ -93,11 +93,14 @@ ClassNames = Union[str, "os.PathLike[str]", list[str], None]
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """Detection overrides for one model (tensor names)."""
+    """Detection overrides for one model: tensor names, and for token models the prefix
+    token count and the (h, w) patch grid."""
 
     input_name: str | None = None
     feature_layer: str | None = None
     logits: str | None = None
+    prefix_tokens: int | None = None
+    token_grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -605,6 +608,8 @@ def _prepare(
         logits=options.logits,
         size=preprocess.size,
         max_memory=max_memory,
+        prefix_tokens=options.prefix_tokens,
+        token_grid=options.token_grid,
     )
 
 
@@ -878,7 +883,7 @@ def _original_batch(
     spec = orig.prepared.spec
     if cache is not None:
         entry = cache.load(
-            images, positions, classes=spec.num_classes or None, raw_shape=_feature_size(spec)
+            images, positions, classes=spec.num_classes or None, raw_shape=spec.feature_size
         )
         if entry is not None:
             orig.describe_cached(entry)
@@ -903,18 +908,6 @@ def _original_batch(
             ),
         )
     return targets, logits, raw, maps, flat
-
-
-def _feature_size(spec: ModelSpec) -> tuple[int | None, int | None]:
-    """The feature map's static height and width (None where symbolic)."""
-    shape = spec.feature_map.shape
-    if shape is None or len(shape) != 4:
-        return (None, None)
-    h, w = (shape[2], shape[3]) if spec.feature_layout == "NCHW" else (shape[1], shape[2])
-    return (
-        h if isinstance(h, int) and h > 0 else None,
-        w if isinstance(w, int) and w > 0 else None,
-    )
 
 
 def original_cache_fields(prepared: PreparedModel, settings: AuditSettings) -> dict[str, Any]:

@@ -417,8 +417,17 @@ class ModelRunner:
         self._threads = threads
         self._input = spec.input.name
         self._input_dtype = _np_dtype(spec.input.dtype)
-        self._outputs = [spec.feature_map.name, spec.logits.name]
+        self._outputs = [spec.feature_map.name, spec.logits.name, *spec.side_inputs]
         self._nhwc = spec.feature_layout == "NHWC"
+        self._tokens = spec.tokens
+        self._side_dtypes = [
+            np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+            for i in prepared.head_model.graph.input[1:]
+        ]
+        #: What the head needs per image besides the map, from the latest run(): the
+        #: prefix tokens (N, P, D) of token models and the side inputs (see
+        #: :meth:`run_head`); None when the head needs nothing else.
+        self._context: list[np.ndarray] | None = None
         self._head_dtype = np.dtype(np.float32)  # model.float32_head: all head maths in fp32
         self.batch_limit = spec.fixed_batch
         self.head_batch_limit: int | None = None
@@ -470,6 +479,12 @@ class ModelRunner:
     def classifier_weights(self) -> np.ndarray:
         """The ``(K, C)`` weights of the linear layer after global average pooling
         (classic CAM's weights); :class:`ModelError` for any other head."""
+        if self._tokens is not None:
+            raise ModelError(
+                "classic CAM is defined for a convolutional feature map followed by global "
+                "average pooling and one linear layer; this model's feature map is a token "
+                "grid (a transformer): use --method gradcam"
+            )
         return linear_classifier_weights(self.prepared.head_model)
 
     def _create(self, model, what: str):
@@ -490,7 +505,7 @@ class ModelRunner:
         """The head (feature map -> logits), made on first use."""
         if self._head_session is None:
             self._head_session = self._create(self.prepared.head_model, f"head of {self._name}")
-            self._head_input = self._head_session.get_inputs()[0].name
+            self._head_inputs = [i.name for i in self._head_session.get_inputs()]
             self._head_output = self._head_session.get_outputs()[0].name
         return self._head_session
 
@@ -501,14 +516,20 @@ class ModelRunner:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Activations (N, C, h, w) float32 and logits (N, K) float32 for a batch.
 
+        For token models the activations are the patch tokens (N, T, D) viewed as their
+        grid (N, D, h, w), prefix tokens dropped; the head runs later put them back.
         With ``targets`` (N,) int64 (-1: each image's top-1) and an exact head gradient,
         the same run also computes d logit_target / dA; :meth:`head_gradients` then
         returns it for these activations without another run.
         """
-        return self._run_model(inputs, targets, self._uploads)
+        return self._run_model(inputs, targets, self._uploads, keep=True)
 
     def _run_model(
-        self, inputs: np.ndarray, targets: np.ndarray | None, uploads: DeviceInputs | None
+        self,
+        inputs: np.ndarray,
+        targets: np.ndarray | None,
+        uploads: DeviceInputs | None,
+        keep: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         fused = self._fused is not None and targets is not None
         # (a fused session is only made with the exact gradient it contains: _grad is set)
@@ -525,14 +546,32 @@ class ModelRunner:
 
         rows = [inputs, np.asarray(targets)] if fused else [inputs]
         parts = _in_batches(self.batch_limit, rows, run, len(names))
-        activations = self._to_nchw(_as_float32(parts[0]))
+        raw = _as_float32(parts[0])
+        activations = self._to_nchw(raw)
         out = _as_float32(parts[1])
         logits = out.reshape(len(out), -1)
+        if not keep:
+            return activations, logits
+        self._context = self._head_context(raw, parts[2 : len(self._outputs)])
         self._cache = None
         if fused:
-            grads = self._to_nchw(_as_float32(parts[2]))
-            self._cache = (activations, parts[3], logits, grads)
+            grads = self._to_nchw(_as_float32(parts[-2]))
+            self._cache = (activations, parts[-1], logits, grads)
         return activations, logits
+
+    def _head_context(self, raw: np.ndarray, side: list[np.ndarray]) -> list[np.ndarray] | None:
+        """The prefix tokens and side inputs of a batch (see ``_context``), checked to
+        hold one row per image."""
+        context = [] if self._tokens is None else [raw[:, : self._tokens.prefix]]
+        for name, value, dtype in zip(self.prepared.spec.side_inputs, side, self._side_dtypes):
+            if value.ndim == 0 or len(value) != len(raw):
+                raise ModelError(
+                    f"the head of {self._name} also reads {name!r} of shape "
+                    f"{list(value.shape)}, which is not one row per image: choose another "
+                    "layer with --feature-layer"
+                )
+            context.append(np.ascontiguousarray(value, dtype=dtype))
+        return context if side or (self._tokens is not None and self._tokens.prefix) else None
 
     def _image_input(
         self, inputs: np.ndarray, span: slice, on_device: bool, uploads: DeviceInputs | None
@@ -558,43 +597,86 @@ class ModelRunner:
         return images.astype(self._input_dtype, copy=False)
 
     def _to_nchw(self, a: np.ndarray) -> np.ndarray:
+        """Feature maps (or their gradients) as the model makes them, in NCHW: tokens
+        (N, T, D) become their patch grid (N, D, h, w)."""
+        if self._tokens is not None:
+            h, w = self._tokens.grid
+            patches = a[:, self._tokens.prefix :]
+            return np.ascontiguousarray(
+                patches.reshape(len(a), h, w, a.shape[-1]).transpose(0, 3, 1, 2)
+            )
         return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if self._nhwc else a
 
-    def _to_head_layout(self, a: np.ndarray) -> np.ndarray:
-        """NCHW maps in the layout and dtype the head takes."""
-        a = a.transpose(0, 2, 3, 1) if self._nhwc else a
-        return np.ascontiguousarray(a, dtype=self._head_dtype)
+    def _head_feed(self, a: np.ndarray, rows: np.ndarray | None) -> list[np.ndarray]:
+        """The head's inputs for NCHW maps ``a`` of the images ``rows`` of the latest
+        run: the maps in the layout and dtype the head takes (tokens, with the images'
+        prefix tokens in front), then the images' side inputs."""
+        if self._tokens is not None:
+            a = a.reshape(a.shape[0], a.shape[1], -1).transpose(0, 2, 1)
+        elif self._nhwc:
+            a = a.transpose(0, 2, 3, 1)
+        a = np.ascontiguousarray(a, dtype=self._head_dtype)
+        if self._context is None or rows is None:
+            return [a]
+        context = [c[rows] for c in self._context]
+        if self._tokens is not None and self._tokens.prefix:
+            a = np.concatenate([context.pop(0).astype(self._head_dtype), a], axis=1)
+        return [a, *context]
 
-    def _check_head_batch(self, activations: np.ndarray) -> None:
+    def _rows(self, count: int, rows: np.ndarray | int | None) -> np.ndarray | None:
+        """The images of the latest run that ``count`` maps belong to (None when the head
+        needs nothing per image): ``rows`` as given (one index for all), else the whole
+        latest batch, which must then have ``count`` images."""
+        if self._context is None:
+            return None
+        if rows is None:
+            if len(self._context[0]) != count:
+                raise UsageError(
+                    f"the head of {self._name} reads per-image activations besides the map: "
+                    "say which images the maps belong to (rows=)"
+                )
+            return np.arange(count)
+        return np.broadcast_to(np.asarray(rows, dtype=np.int64), (count,))
+
+    def _check_head_batch(self, activations: np.ndarray, rows: np.ndarray | None) -> None:
         """Find, on first use, how many maps the head takes in one run (some exports
         hard-code the batch): sets ``head_batch_limit``."""
         if not self._head_checked:
-            self._probe_head_batch(activations)
+            self._probe_head_batch(activations, rows)
 
     def run_inputs(self, inputs: np.ndarray) -> np.ndarray:
         """Logits (N, K) only, for full-model runs on masked inputs (used once: they do
-        not replace the batch shared through ``device_inputs``)."""
+        not replace the batch shared through ``device_inputs``, nor the latest run's
+        per-image head inputs)."""
         return self._run_model(inputs, None, None)[1]
 
     # -- head ----------------------------------------------------------------------
 
-    def run_head(self, activations: np.ndarray) -> np.ndarray:
-        """Logits (M, K) float32 of the head for feature maps (M, C, h, w) in NCHW."""
+    def run_head(self, activations: np.ndarray, rows: np.ndarray | int | None = None) -> np.ndarray:
+        """Logits (M, K) float32 of the head for feature maps (M, C, h, w) in NCHW.
+
+        ``rows``: the image of the latest :meth:`run` each map belongs to (one index for
+        all maps, or (M,)), for heads that read more than the map (the prefix tokens and
+        residual stream of a transformer); by default the maps are that batch's own."""
         if len(activations) == 0:
             return np.zeros((0, 0), np.float32)
-        self._check_head_batch(activations)
+        index = self._rows(len(activations), rows)
+        self._check_head_batch(activations, index)
+        arrays = [activations] if index is None else [activations, index]
         (y,) = _in_batches(
-            self.head_batch_limit, [activations], lambda a, span: [self._head(a[span])], 1
+            self.head_batch_limit,
+            arrays,
+            lambda a, *r, span: [self._head(a[span], r[0][span] if r else None)],
+            1,
         )
         return _as_float32(y).reshape(len(activations), -1)
 
-    def _head(self, activations: np.ndarray) -> np.ndarray:
+    def _head(self, activations: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
         session = self.head_session
-        return _run(
-            session, [self._head_output], {self._head_input: self._to_head_layout(activations)}
-        )[0]
+        feed = dict(zip(self._head_inputs, self._head_feed(activations, rows)))
+        return _run(session, [self._head_output], feed)[0]
 
-    def _probe_head_batch(self, activations: np.ndarray) -> None:
+    def _probe_head_batch(self, activations: np.ndarray, rows: np.ndarray | None) -> None:
         """Find whether the head takes batches > 1 (some exports hard-code batch 1)."""
         self._head_checked = True
         if len(activations) < 2:
@@ -604,7 +686,10 @@ class ModelRunner:
         for limit in (None, self.batch_limit, 1):
             size = 2 if limit is None else limit
             try:
-                y = self._head(_padded(activations[:size], size))
+                y = self._head(
+                    _padded(activations[:size], size),
+                    None if rows is None else _padded(rows[:size], size),
+                )
                 if len(y) == size:
                     self.head_batch_limit = limit
                     return
@@ -634,19 +719,17 @@ class ModelRunner:
         if session is None:
             session = self._create(grad.model, f"head gradient of {self._name}")
             self._grad = (grad, session)
-        self._check_head_batch(activations)
+        index = self._rows(len(activations), None)
+        self._check_head_batch(activations, index)
+        names = [grad.feature, *grad.side_inputs]
 
-        def run(a, t, span):
-            return _run(
-                session,
-                [grad.logits, grad.gradient],
-                {
-                    grad.feature: self._to_head_layout(a[span]),
-                    grad.target: np.asarray(t[span], dtype=np.int64),
-                },
-            )
+        def run(a, t, *r, span):
+            feed = dict(zip(names, self._head_feed(a[span], r[0][span] if r else None)))
+            feed[grad.target] = np.asarray(t[span], dtype=np.int64)
+            return _run(session, [grad.logits, grad.gradient], feed)
 
-        y, g = _in_batches(self.head_batch_limit, [activations, np.asarray(targets)], run, 2)
+        arrays = [activations, np.asarray(targets)] + ([] if index is None else [index])
+        y, g = _in_batches(self.head_batch_limit, arrays, run, 2)
         y = _as_float32(y)
         return y.reshape(len(y), -1), self._to_nchw(_as_float32(g))
 
@@ -656,12 +739,17 @@ class ModelRunner:
         return max(1, HEAD_CHUNK_BYTES // max(per_item, 1))
 
     def map_head(
-        self, make: Callable[[int, int], np.ndarray], total: int, per_item_shape: tuple[int, ...]
+        self,
+        make: Callable[[int, int], np.ndarray],
+        total: int,
+        per_item_shape: tuple[int, ...],
+        row: int | None = None,
     ) -> np.ndarray:
         """Run the head on ``total`` maps made chunk by chunk by ``make(start, stop)``,
-        so that memory stays bounded; returns the logits (total, K)."""
+        so that memory stays bounded; returns the logits (total, K).  ``row``: the image
+        of the latest :meth:`run` the maps are perturbations of (see :meth:`run_head`)."""
         step = self.head_chunk(per_item_shape)
-        outs = [self.run_head(make(s, min(s + step, total))) for s in range(0, total, step)]
+        outs = [self.run_head(make(s, min(s + step, total)), row) for s in range(0, total, step)]
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 

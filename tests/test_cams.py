@@ -104,7 +104,7 @@ class _KinkHead:
         self.session = create_session(model, provider="cpu")[0]
         self.runs = 0
 
-    def map_head(self, make, total, shape):
+    def map_head(self, make, total, shape, row=None):
         self.runs += total
         return self.session.run(None, {"a": make(0, total)})[0]
 
@@ -158,7 +158,9 @@ def test_head_runs_are_chunked(monkeypatch):
     whole = channel_gradient_sums(runner, acts, targets)
     calls = []
     original = runner.run_head
-    monkeypatch.setattr(runner, "run_head", lambda a: calls.append(len(a)) or original(a))
+    monkeypatch.setattr(
+        runner, "run_head", lambda a, rows=None: calls.append(len(a)) or original(a, rows)
+    )
     per_map = acts[0].nbytes
     monkeypatch.setattr(runtime, "HEAD_CHUNK_BYTES", per_map * 5)
     chunked = channel_gradient_sums(runner, acts, targets)

@@ -40,7 +40,7 @@ class AblationCAM(BaseCAM):
                 out[np.nonzero(ablate)[0], rows[ablate] - 1] = value
                 return out
 
-            y = self.runner.map_head(make, c + 1, a.shape)[:, int(targets[i])].astype(np.float64)
+            y = self.runner.map_head(make, c + 1, a.shape, i)[:, int(targets[i])].astype(np.float64)
             with np.errstate(divide="ignore", invalid="ignore"):
                 weights[i] = (y[0] - y[1:]) / y[0]
         return weights

@@ -202,7 +202,7 @@ def position_gradients(
     out = np.zeros(activations.shape, dtype=np.float64)
     for i, a in enumerate(activations):
         out[i] = directional_slopes(
-            runner, a, int(targets[i]), a.size, move, rel_eps=rel_eps
+            runner, a, int(targets[i]), a.size, move, rel_eps=rel_eps, row=i
         ).reshape(a.shape)
     return out
 
@@ -216,11 +216,13 @@ def directional_slopes(
     *,
     rel_eps: float = REL_EPS,
     refinements: int = 3,
+    row: int | None = None,
 ) -> np.ndarray:
     r"""Slopes :math:`y'(0)` of the target logit :math:`y(t) = y_c(A + t V_r)` along
     ``count`` directions :math:`V_r`, ``(count,)``, by finite differences.
 
-    ``a`` (C, h, w) is one image's map; ``move(maps, dirs, steps)`` adds ``steps[m]`` times
+    ``a`` (C, h, w) is one image's map (image ``row`` of the runner's latest run, see
+    ``runner.run_head``); ``move(maps, dirs, steps)`` adds ``steps[m]`` times
     direction ``dirs[m]`` to ``maps[m]`` in place (a whole channel for Grad-CAM's channel
     sums, one position for per-position gradients).
 
@@ -255,7 +257,7 @@ def directional_slopes(
     a 10 times smaller step then removes more error than its noise adds.  Head runs per
     image: :math:`5 + 2\,count`, plus 2 per bent direction, plus 2 to 4 per refinement.
     """
-    y0, noise = _base_and_noise(runner, a, target)
+    y0, noise = _base_and_noise(runner, a, target, row)
     slopes = np.full(count, np.nan)
     if not (np.isfinite(y0) and np.isfinite(noise)):
         return slopes
@@ -265,7 +267,7 @@ def directional_slopes(
     scale = everywhere = None
     for _ in range(refinements + 1):
         h = float(step)
-        yp, ym = _pair(runner, a, target, dirs, step, move)
+        yp, ym = _pair(runner, a, target, dirs, step, move, row)
         slopes[dirs] = (yp - ym) / (2.0 * h)
         if scale is None:
             scale = float(np.nanmax(np.abs(slopes), initial=0.0))
@@ -275,7 +277,7 @@ def directional_slopes(
         run = np.ones_like(curved) if everywhere else curved
         if not run.any():
             break
-        half = _pair(runner, a, target, dirs[run], step / np.float32(2), move)
+        half = _pair(runner, a, target, dirs[run], step / np.float32(2), move, row)
         estimate, side, clean, jump = _extrapolate(
             y0, yp[run], ym[run], *half, h, noise, KINK_RTOL * scale
         )
@@ -312,19 +314,25 @@ def _extrapolate(y0, yp, ym, yp2, ym2, h, noise, tol):
     return estimate, side, straight_left | straight_right, jump
 
 
-def _base_and_noise(runner, a: np.ndarray, target: int) -> tuple[float, float]:
+def _base_and_noise(runner, a: np.ndarray, target: int, row: int | None) -> tuple[float, float]:
     """The target logit at ``a`` and its float32 noise (see :func:`directional_slopes`)."""
     rng = np.random.default_rng(0)  # fixed: the same maps on every run
     away = np.where(rng.random((NOISE_PROBES,) + a.shape) < 0.5, -np.inf, np.inf)
     maps = np.concatenate([a[None], np.nextafter(a[None], away.astype(np.float32))])
-    y = runner.map_head(lambda start, stop: maps[start:stop], len(maps), a.shape)
+    y = runner.map_head(lambda start, stop: maps[start:stop], len(maps), a.shape, row)
     y = y[:, target].astype(np.float64)
     floor = 4.0 * np.finfo(np.float32).eps * abs(y[0])
     return float(y[0]), max(float(np.abs(y[1:] - y[0]).max()), floor)
 
 
 def _pair(
-    runner, a: np.ndarray, target: int, dirs: np.ndarray, step: np.float32, move
+    runner,
+    a: np.ndarray,
+    target: int,
+    dirs: np.ndarray,
+    step: np.float32,
+    move,
+    row: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The target logit at ``a`` + ``step`` and ``a`` - ``step`` along each direction of
     ``dirs``, ``(len(dirs),)`` each; chunked by ``runner.map_head``."""
@@ -336,5 +344,5 @@ def _pair(
         move(maps, dirs[rows % k], np.where(rows < k, step, -step).astype(np.float32))
         return maps
 
-    y = runner.map_head(make, 2 * k, a.shape)[:, target].astype(np.float64)
+    y = runner.map_head(make, 2 * k, a.shape, row)[:, target].astype(np.float64)
     return y[:k], y[k:]

@@ -43,7 +43,14 @@ def channel_gradient_sums(
     sums = np.zeros(activations.shape[:2], dtype=np.float64)
     for i, a in enumerate(activations):
         sums[i] = directional_slopes(
-            runner, a, int(targets[i]), len(a), move, rel_eps=rel_eps, refinements=refinements
+            runner,
+            a,
+            int(targets[i]),
+            len(a),
+            move,
+            rel_eps=rel_eps,
+            refinements=refinements,
+            row=i,
         )
     return sums
 

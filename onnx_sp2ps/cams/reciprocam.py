@@ -36,6 +36,6 @@ class ReciproCAM(BaseCAM):
                 mosaic[np.arange(stop - start), :, cells] = flat[:, cells].T
                 return mosaic.reshape(stop - start, c, h, w)
 
-            logits = self.runner.map_head(make, h * w, a.shape)
+            logits = self.runner.map_head(make, h * w, a.shape, i)
             out[i] = softmax(logits, axis=1)[:, int(targets[i])]
         return out.reshape(n, h, w).astype(np.float32)

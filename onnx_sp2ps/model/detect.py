@@ -27,7 +27,14 @@ from onnx_sp2ps.model.index import (
 )
 from onnx_sp2ps.model.shapes import _infer, _with_static_input
 
-__all__ = ["ModelSpec", "analyse_model", "FINAL_ACTIVATIONS", "PASS_THROUGH_OPS"]
+__all__ = [
+    "ModelSpec",
+    "TokenGrid",
+    "analyse_model",
+    "FINAL_ACTIVATIONS",
+    "PASS_THROUGH_OPS",
+    "MAX_PREFIX_TOKENS",
+]
 
 # The rules:
 #
@@ -46,6 +53,14 @@ __all__ = ["ModelSpec", "analyse_model", "FINAL_ACTIVATIONS", "PASS_THROUGH_OPS"
 #   output of a 1x1 Conv classifier (as many output channels as classes, SqueezeNet
 #   style), the feature map is that Conv's input instead, so that the map explains the
 #   trunk and not the class scores.
+#
+# * token models: when the walk back from the logits meets tokens (N, T, D) first (a
+#   rank-3 tensor that is not a flattened spatial map), the model is a transformer and its
+#   feature map is a token grid (:func:`_token_feature`): for heads that read the class
+#   token, the input of the last block's attention (its norm1 output); for heads that pool
+#   the tokens, the last block's output.  The first P of the T tokens are prefix tokens
+#   (class, distillation, registers), the other T - P the h x w patch grid, row-major.
+#   Attention-shaped tensors (N, heads, T, d) are never feature maps.
 #
 # Layouts of 4-D tensors are propagated forward from the input: ONNX Conv and pooling
 # produce NCHW; Transposes with the NHWC<->NCHW permutations switch; other ops keep the
@@ -101,6 +116,34 @@ _TO_NCHW = [0, 3, 1, 2]
 _TO_NHWC = [0, 2, 3, 1]
 
 
+#: Most prefix tokens (class, distillation, register tokens) a token grid is taken to have.
+MAX_PREFIX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The feature map of a token model: tokens (N, T, D) whose first ``prefix`` are class,
+    distillation or register tokens and whose other T - ``prefix`` are the patch tokens of
+    an ``grid`` = (h, w) grid, row-major.  ``rule`` says how the layer was chosen."""
+
+    prefix: int
+    grid: tuple[int, int]
+    width: int
+    rule: str
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "grid": list(self.grid),
+            "width": self.width,
+            "rule": self.rule,
+        }
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What was found in a model: input, layouts, feature map, logits and head."""
@@ -121,6 +164,20 @@ class ModelSpec:
     #: detection probed (None when none has a static shape): for memory estimates
     #: (:func:`onnx_sp2ps.pipeline.check_batch_memory`); not reported.
     largest_activation: int | None = None
+    #: The token grid when the feature map is tokens (N, T, D) (``feature_layout`` "NTD").
+    tokens: TokenGrid | None = None
+    #: Activations the head reads besides the feature map (the residual stream around a
+    #: transformer block): captured in the same run and fed to the head as constants.
+    side_inputs: tuple[str, ...] = ()
+
+    @property
+    def feature_size(self) -> tuple[int | None, int | None]:
+        """(h, w) of the feature map (the token grid's for token models), None where
+        symbolic."""
+        if self.tokens is not None:
+            return self.tokens.grid
+        h, w = _spatial(self.feature_map.shape, self.feature_layout)
+        return (h if h and h > 0 else None, w if w and w > 0 else None)
 
     @property
     def input_size(self) -> tuple[int | None, int | None]:
@@ -143,15 +200,21 @@ class ModelSpec:
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        feature: dict[str, Any] = {**self.feature_map.to_dict(), "layout": self.feature_layout}
+        head: dict[str, Any] = {"ops": list(self.head_ops)}
+        if self.tokens is not None:
+            feature["tokens"] = self.tokens.to_dict()
+        if self.side_inputs:
+            head["side_inputs"] = list(self.side_inputs)
         return {
             "input": {**self.input.to_dict(), "layout": self.layout},
-            "feature_map": {**self.feature_map.to_dict(), "layout": self.feature_layout},
+            "feature_map": feature,
             "logits": {
                 **self.logits.to_dict(),
                 "activation": self.activation,
                 "num_classes": self.num_classes,
             },
-            "head": {"ops": list(self.head_ops)},
+            "head": head,
             "opset": self.opset,
             "ir_version": self.ir_version,
             "producer": self.producer,
@@ -316,8 +379,10 @@ def _is_spatial(shape: tuple[Dim, ...] | None, layout: str) -> bool:
 
 def _find_feature_map(
     g: GraphIndex, probe: GraphIndex, logits: str, layouts: dict[str, str], num_classes: int | None
-) -> str:
+) -> tuple[str, bool]:
+    """The feature map, and whether it is tokens (N, T, D) rather than a spatial map."""
     found: list[str] = []
+    tokens: list[str] = []
     queue = deque([logits])
     visited = set()
     while queue:
@@ -329,10 +394,22 @@ def _find_feature_map(
         if node is None:  # a graph input (the image itself) is never the feature map
             continue
         layout = layouts.get(name)
-        if layout is not None and name != logits and _is_spatial(probe.info(name).shape, layout):
-            found.append(name)
-            continue
+        if name != logits:
+            shape = probe.info(name).shape
+            if (
+                layout is not None
+                and _is_spatial(shape, layout)
+                and not _attention_shaped(g, probe, name)
+            ):
+                found.append(name)
+                continue
+            if _is_token_tensor(g, probe, name):
+                tokens.append(name)
+                continue
         queue.extend(g.data_inputs(node))
+    if tokens and not found and len(set(tokens)) == 1:
+        return tokens[0], True
+    found += tokens
     if not found:
         custom = _custom_op(g, visited)
         if custom is not None:
@@ -354,7 +431,280 @@ def _find_feature_map(
             + "): choose one with --feature-layer"
         )
     feature = _behind_pooling(g, probe, found[0], layouts)
-    return _behind_classifier_conv(g, feature, num_classes)
+    return _behind_classifier_conv(g, feature, num_classes), False
+
+
+#: Ops that only move values: a rank-3 tensor reached from a spatial map through them alone
+#: is that map flattened (a CNN head), not tokens.
+_VIEW_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast")
+
+
+def _is_token_tensor(g: GraphIndex, probe: GraphIndex, name: str) -> bool:
+    """Tokens (N, T, D), T > 1 and D > 1 static, that are not a spatial map flattened and
+    hold the patch tokens of a grid found before them (:func:`_grid_before`)."""
+    shape = probe.info(name).shape
+    if shape is None or len(shape) != 3:
+        return False
+    t, d = shape[1], shape[2]
+    if not (isinstance(t, int) and isinstance(d, int) and t > 1 and d > 1):
+        return False
+    if _grid_before(g, probe, name, t, None) is None:
+        return False
+    current = name
+    for _ in range(8):
+        node = g.producer.get(current)
+        if node is None or node.op_type not in _VIEW_OPS:
+            return True
+        data = g.data_inputs(node)
+        if len(data) != 1:
+            return True
+        current = data[0]
+        prev = probe.info(current).shape
+        if prev is not None and len(prev) == 4:
+            return False
+    return True
+
+
+#: Ops between tokens and the attention tensors made from them (heads split off, scores,
+#: weights).
+_ATTENTION_OPS = (
+    "Reshape",
+    "Transpose",
+    "Split",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Gather",
+    "MatMul",
+    "Softmax",
+    "Mul",
+    "Div",
+    "Add",
+    "Where",
+    "Cast",
+)
+
+
+def _attention_shaped(g: GraphIndex, probe: GraphIndex, name: str) -> bool:
+    """True for a 4-D tensor (N, heads, T, d) or (N, heads, T, T) made from tokens
+    (N, T, D) a few ops before: attention internals are never feature maps."""
+    shape = probe.info(name).shape
+    if shape is None or len(shape) != 4:
+        return False
+    frontier, seen = [name], set()
+    for _ in range(6):
+        nxt = []
+        for t in frontier:
+            node = g.producer.get(t)
+            if node is None or node.op_type not in _ATTENTION_OPS:
+                continue
+            for i in g.data_inputs(node):
+                if i in seen:
+                    continue
+                seen.add(i)
+                prev = probe.info(i).shape
+                if prev is not None and len(prev) == 3 and prev[1] in (shape[2], shape[3]):
+                    return True
+                nxt.append(i)
+        frontier = nxt
+    return False
+
+
+def _node_order(g: GraphIndex) -> dict[str, int]:
+    """Position in the graph of the node making each tensor."""
+    return {o: i for i, n in enumerate(g.model.graph.node) for o in n.output}
+
+
+def _token_dims(probe: GraphIndex, name: str) -> tuple[int, int] | None:
+    shape = probe.info(name).shape
+    if shape is None or len(shape) != 3:
+        return None
+    t, d = shape[1], shape[2]
+    return (t, d) if isinstance(t, int) and isinstance(d, int) else None
+
+
+def _pools_tokens(g: GraphIndex, probe: GraphIndex, tokens: str, logits: str) -> bool:
+    """True when the head reduces over the token axis (mean pooling), False when it reads
+    single tokens (the class token)."""
+    between = g.descendants(tokens) & (g.ancestors(logits) | {logits})
+    for node in g.model.graph.node:
+        if not node.output or node.output[0] not in between:
+            continue
+        if node.op_type in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2"):
+            shape = probe.info(node.input[0]).shape
+            axes = _attr(node, "axes", None)
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                value = constant_value(g.model.graph, node.input[1], g.producer)
+                axes = None if value is None else [int(v) for v in value.reshape(-1)]
+            if shape is not None and len(shape) == 3 and axes is not None:
+                if any(int(a) % 3 == 1 for a in axes):
+                    return True
+        if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
+            return True
+    return False
+
+
+def _before_token_slice(g: GraphIndex, probe: GraphIndex, name: str) -> str:
+    """The full tokens when ``name`` is a Slice of them along the token axis (the patch
+    tokens ``x[:, P:]`` a pooled head averages)."""
+    node = g.producer.get(name)
+    dims = _token_dims(probe, name)
+    if node is None or node.op_type != "Slice" or dims is None:
+        return name
+    source: str = node.input[0]
+    before = _token_dims(probe, source)
+    if before is None or before[1] != dims[1] or before[0] < dims[0]:
+        return name
+    if g.is_constant(source) or not _is_token_tensor(g, probe, source):
+        return name
+    return source
+
+
+def _layer_norm_input(g: GraphIndex, name: str) -> str | None:
+    """The input of the LayerNormalization (or its decomposition: ReduceMean, Sub, Pow,
+    Add, Sqrt, Div, Mul, Add) that makes ``name``; None when no layer norm makes it."""
+    node = g.producer.get(name)
+    if node is None:
+        return None
+    if node.op_type == "LayerNormalization":
+        first: str = node.input[0]
+        return first
+    current = node
+    for _ in range(3):  # the affine part: Mul by gamma, Add beta (either may be absent)
+        if current.op_type not in ("Add", "Mul"):
+            break
+        data = g.data_inputs(current)
+        if len(data) != 1 or data[0] not in g.producer:
+            return None
+        current = g.producer[data[0]]
+    if current.op_type != "Div" or current.input[0] not in g.producer:
+        return None
+    sub = g.producer[current.input[0]]
+    if sub.op_type != "Sub":
+        return None
+    mean = g.producer.get(sub.input[1])
+    if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
+        return None
+    x: str = sub.input[0]
+    return x
+
+
+def _last_attention_input(g: GraphIndex, probe: GraphIndex, tokens: str) -> str | None:
+    """The input of the last attention before ``tokens``: the latest tensor shaped like
+    ``tokens`` from which both the queries and the keys of the last Softmax are made (the
+    last block's norm1 output in a pre-norm ViT; the block input where there is no norm)."""
+    dims = _token_dims(probe, tokens)
+    order = _node_order(g)
+    ancestors = g.ancestors(tokens)
+    softmax = [
+        n
+        for n in g.model.graph.node
+        if n.op_type == "Softmax" and n.output and n.output[0] in ancestors
+    ]
+    if dims is None or not softmax:
+        return None
+    queue, seen = deque(g.data_inputs(softmax[-1])), set()
+    while queue:
+        name = queue.popleft()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = g.producer.get(name)
+        if node is None:
+            continue
+        data = g.data_inputs(node)
+        if node.op_type == "MatMul" and len(data) == 2:
+            common = g.ancestors(data[0]) & g.ancestors(data[1])
+            shaped = [t for t in common if t in order and _token_dims(probe, t) == dims]
+            return max(shaped, key=order.__getitem__) if shaped else None
+        queue.extend(data)
+    return None
+
+
+def _token_feature(g: GraphIndex, probe: GraphIndex, tokens: str, logits: str) -> tuple[str, str]:
+    """The default layer of a token model whose head reads ``tokens`` (the README's rule,
+    "Detection"), and the rule's name."""
+    if _pools_tokens(g, probe, tokens, logits):
+        tokens = _before_token_slice(g, probe, tokens)
+        before_norm = _layer_norm_input(g, tokens)
+        if before_norm is not None and _token_dims(probe, before_norm) == _token_dims(
+            probe, tokens
+        ):
+            return before_norm, "pooled head: the last block's output"
+        return tokens, "pooled head: the last block's output"
+    layer = _last_attention_input(g, probe, tokens)
+    if layer is None:
+        raise DetectionError(
+            f"the head reads single tokens of {tokens!r} (a class token), but no attention "
+            "before it was found to take the map at its input: name the layer with "
+            "--feature-layer"
+        )
+    return layer, "class-token head: the input of the last block's attention"
+
+
+def _grid_before(
+    g: GraphIndex, probe: GraphIndex, name: str, tokens: int, prefix: int | None
+) -> tuple[int, int] | None:
+    """The (h, w) of the latest 4-D map before ``name`` (the patch embedding's output, or
+    a downsampled view of the tokens) whose h * w patch tokens leave ``prefix`` tokens
+    (when given), else at most :data:`MAX_PREFIX_TOKENS`, of the ``tokens``."""
+
+    def fits(h: Dim, w: Dim) -> bool:
+        if not (isinstance(h, int) and isinstance(w, int) and h > 1 and w > 1):
+            return False
+        rest = tokens - h * w
+        return rest == prefix if prefix is not None else 0 <= rest <= MAX_PREFIX_TOKENS
+
+    order = _node_order(g)
+    for cand in sorted(g.ancestors(name) & set(order), key=order.__getitem__, reverse=True):
+        shape = probe.info(cand).shape
+        if shape is None or len(shape) != 4 or _attention_shaped(g, probe, cand):
+            continue
+        for h, w in ((shape[2], shape[3]), (shape[1], shape[2])):
+            if fits(h, w):
+                return (int(h), int(w))  # type: ignore[arg-type]
+    return None
+
+
+def _token_grid(
+    g: GraphIndex,
+    probe: GraphIndex,
+    name: str,
+    rule: str,
+    prefix: int | None,
+    grid: tuple[int, int] | None,
+) -> TokenGrid:
+    """The token grid of ``name`` (N, T, D): ``grid`` and ``prefix`` when given, else the
+    grid of the latest 4-D map before it (the patch embedding's output, or a downsampled
+    view) that leaves at most :data:`MAX_PREFIX_TOKENS` tokens, else a square grid."""
+    dims = _token_dims(probe, name)
+    if dims is None:
+        raise DetectionError(
+            f"the token count of {name!r} is unknown: give the grid with --token-grid HxW "
+            "and --prefix-tokens N"
+        )
+    t, d = dims
+
+    if grid is None:
+        grid = _grid_before(g, probe, name, t, prefix)
+    if grid is None:
+        starts = [prefix] if prefix is not None else range(MAX_PREFIX_TOKENS + 1)
+        side = [(p, int(round((t - p) ** 0.5))) for p in starts if t - p > 1]
+        square = [(p, s) for p, s in side if s * s == t - p and s > 1]
+        if not square:
+            raise DetectionError(
+                f"no patch grid found for the {t} tokens of {name!r}: give it with "
+                "--token-grid HxW (and --prefix-tokens N)"
+            )
+        grid = (square[0][1], square[0][1])
+    h, w = grid
+    p = t - h * w if prefix is None else prefix
+    if p < 0 or p + h * w != t:
+        raise DetectionError(
+            f"{name!r} has {t} tokens, which is not {p} prefix tokens and a {h}x{w} grid: "
+            "check --token-grid and --prefix-tokens"
+        )
+    return TokenGrid(prefix=p, grid=(h, w), width=d, rule=rule)
 
 
 #: Pooling that keeps a spatial extent: the map is taken before it, at the higher
@@ -429,11 +779,15 @@ def _behind_classifier_conv(g: GraphIndex, feature: str, num_classes: int | None
 
 def _head_nodes(
     g: GraphIndex, feature: str, logits: str, image_input: str | None = None
-) -> list[onnx.NodeProto]:
-    """Nodes computing ``logits`` from ``feature``, in graph order; raises if the head
-    needs any other activation of the model (a skip connection around the feature map).
-    Graph inputs other than ``image_input`` are allowed (the caller decides)."""
+) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Nodes computing ``logits`` from ``feature``, in graph order, and the side inputs:
+    activations the head reads that do not come from the feature map (the residual stream
+    around a transformer block, a skip connection around the map).  Side inputs are held
+    constant, as autograd holds them for a target layer: the model's run captures them
+    and the head takes them as inputs.  Graph inputs other than ``image_input`` are allowed
+    (the caller decides); the image input itself is refused."""
     needed: set[int] = set()
+    side: list[str] = []
     index = {id(n): i for i, n in enumerate(g.model.graph.node)}
     stack = [logits]
     seen = set()
@@ -455,10 +809,8 @@ def _head_nodes(
             )
         outside = not g.is_constant(name) and feature not in g.ancestors(name, feature)
         if outside and not _batch_size_only(g, name):
-            raise DetectionError(
-                f"the head from {feature!r} to {logits!r} also reads {name!r}, which "
-                "does not come from the feature map; choose a later --feature-layer"
-            )
+            side.append(name)
+            continue
         needed.add(index[id(node)])
         if outside and node.op_type == "Shape":
             continue  # the batch size: read from the feature map in the head (_extract_head)
@@ -466,7 +818,9 @@ def _head_nodes(
         for attr in node.attribute:  # names used inside subgraphs (If/Loop)
             if attr.type == onnx.AttributeProto.GRAPH:
                 stack.extend(_outer_names(attr.g))
-    return [g.model.graph.node[i] for i in sorted(needed)]
+    order = _node_order(g)
+    side.sort(key=lambda t: order.get(t, -1))
+    return [g.model.graph.node[i] for i in sorted(needed)], side
 
 
 def _batch_size_only(g: GraphIndex, name: str) -> bool:
@@ -502,6 +856,8 @@ def analyse_model(
     feature_layer: str | None = None,
     logits: str | None = None,
     size: tuple[int, int] | None = None,
+    prefix_tokens: int | None = None,
+    token_grid: tuple[int, int] | None = None,
 ) -> ModelSpec:
     """Find the image input, its layout, the feature map and the logits of ``model``.
 
@@ -513,6 +869,9 @@ def analyse_model(
         Tensor names overriding detection.
     size
         (H, W) used to infer intermediate shapes when the input size is symbolic.
+    prefix_tokens, token_grid
+        For token models: the number of prefix tokens and the (h, w) patch grid,
+        overriding detection.
 
     Raises
     ------
@@ -526,6 +885,8 @@ def analyse_model(
         feature_layer=feature_layer,
         logits=logits,
         size=size,
+        prefix_tokens=prefix_tokens,
+        token_grid=token_grid,
     )
 
 
@@ -537,6 +898,8 @@ def _analyse(
     feature_layer: str | None,
     logits: str | None,
     size: tuple[int, int] | None,
+    prefix_tokens: int | None = None,
+    token_grid: tuple[int, int] | None = None,
 ) -> ModelSpec:
     """:func:`analyse_model` on the index ``g`` of the shape-inferred ``model``."""
     name = _find_input(g, input_name)
@@ -564,16 +927,28 @@ def _analyse(
             "name the logits with --logits"
         )
 
+    tokens: TokenGrid | None = None
     if feature_layer is not None:
         if feature_layer not in g.tensor_names():
             spatial = _spatial_candidates(g, probe, layouts, logits_name)
             raise DetectionError(
-                f"feature map {feature_layer!r} not found; tensors with spatial extent "
+                f"feature map {feature_layer!r} not found; spatial maps and token tensors "
                 "on the way to the logits, last first: " + ", ".join(spatial[:12])
             )
         feature = feature_layer
+        if _token_dims(probe, feature) is not None or token_grid or prefix_tokens is not None:
+            tokens = _token_grid(g, probe, feature, "--feature-layer", prefix_tokens, token_grid)
     else:
-        feature = _find_feature_map(g, probe, logits_name, layouts, num_classes)
+        feature, is_tokens = _find_feature_map(g, probe, logits_name, layouts, num_classes)
+        if is_tokens:
+            feature, rule = _token_feature(g, probe, feature, logits_name)
+            tokens = _token_grid(g, probe, feature, rule, prefix_tokens, token_grid)
+        elif token_grid or prefix_tokens is not None:
+            raise DetectionError(
+                f"--token-grid/--prefix-tokens given, but the feature map {feature!r} is a "
+                "spatial map, not tokens: drop them, or name a token tensor with "
+                "--feature-layer"
+            )
     if feature not in layouts:
         raise DetectionError(f"feature map {feature!r} does not depend on the input {name!r}")
     if logits_name not in g.descendants(feature):
@@ -581,13 +956,13 @@ def _analyse(
             f"the logits {logits_name!r} do not depend on the feature map {feature!r}"
         )
     f_info = _best_info(g, probe, feature)
-    f_layout = layouts[feature]
-    if f_info.shape is not None and len(f_info.shape) != 4:
+    f_layout = "NTD" if tokens is not None else layouts[feature]
+    if tokens is None and f_info.shape is not None and len(f_info.shape) != 4:
         raise DetectionError(
             f"feature map {feature!r} has shape {list(f_info.shape)}; a 4-D "
-            "(N,C,H,W) or (N,H,W,C) tensor is needed"
+            "(N,C,H,W) or (N,H,W,C) tensor or tokens (N,T,D) are needed"
         )
-    head = _head_nodes(g, feature, logits_name, name)
+    head, side = _head_nodes(g, feature, logits_name, name)
     producer = " ".join(x for x in (model.producer_name, model.producer_version) if x)
     return ModelSpec(
         input=in_info,
@@ -607,6 +982,8 @@ def _analyse(
             "logits": logits is None,
         },
         largest_activation=_largest_activation(probe),
+        tokens=tokens,
+        side_inputs=tuple(side),
     )
 
 
@@ -693,7 +1070,10 @@ def _spatial_candidates(
     names = []
     for node in reversed(g.model.graph.node):
         for o in node.output:
-            if o in ancestors and o in layouts and _is_spatial(probe.info(o).shape, layouts[o]):
+            if o not in ancestors:
+                continue
+            spatial = o in layouts and _is_spatial(probe.info(o).shape, layouts[o])
+            if (spatial and not _attention_shaped(g, probe, o)) or _is_token_tensor(g, probe, o):
                 names.append(o)
     return names
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,15 +88,20 @@ def extract_head(model: onnx.ModelProto, feature: str, logits: str) -> onnx.Mode
 
     Initializers and Constant nodes it needs are copied; the batch dimension of the
     feature input and the logits output is symbolic (``N``) so that perturbed maps can be
-    run in batches.
+    run in batches.  The head's first input is the feature map; activations it also reads
+    (side inputs, see :func:`onnx_sp2ps.model.detect._head_nodes`) follow as inputs.
     """
     return _extract_head(model, GraphIndex(_infer(model)), feature, logits)
 
 
 def _extract_head(
-    model: onnx.ModelProto, g: GraphIndex, feature: str, logits: str
+    model: onnx.ModelProto,
+    g: GraphIndex,
+    feature: str,
+    logits: str,
 ) -> onnx.ModelProto:
-    nodes = [copy.deepcopy(n) for n in _head_nodes(g, feature, logits)]
+    found, side = _head_nodes(g, feature, logits)
+    nodes = [copy.deepcopy(n) for n in found]
     made = {feature} | {o for n in nodes for o in n.output}
     for n in nodes:  # the batch size of another activation (_batch_size_only)
         if n.op_type == "Shape" and n.input[0] not in made:
@@ -110,10 +115,11 @@ def _extract_head(
     sparse = [copy.deepcopy(t) for t in model.graph.sparse_initializer if t.values.name in used]
     f_vi = _value_info(g, g, feature, batch="N")
     l_vi = _value_info(g, g, logits, batch="N")
+    side_vi = [_value_info(g, g, name, batch="N") for name in side]
     head_graph = helper.make_graph(
         nodes,
         "head",
-        [f_vi],
+        [f_vi, *side_vi],
         [l_vi],
         initializer=inits,
         sparse_initializer=sparse,
@@ -172,12 +178,16 @@ def prepare_model(
     logits: str | None = None,
     size: tuple[int, int] | None = None,
     max_memory: int | None = None,
+    prefix_tokens: int | None = None,
+    token_grid: tuple[int, int] | None = None,
 ) -> PreparedModel:
     """Load (if a path), analyse and edit a model: everything needed to run it.
 
-    ``max_memory``: the memory budget in bytes (None: :func:`memory_budget`'s default);
-    a model whose tensors declare more is refused before anything is allocated.  Running
-    out of memory anyway is a :class:`ModelError`, never a crash."""
+    ``prefix_tokens``, ``token_grid``: token-grid overrides for transformers (see
+    :func:`onnx_sp2ps.model.analyse_model`).  ``max_memory``: the memory budget in bytes
+    (None: :func:`memory_budget`'s default); a model whose tensors declare more is refused
+    before anything is allocated.  Running out of memory anyway is a
+    :class:`ModelError`, never a crash."""
     where = "model" if isinstance(source, onnx.ModelProto) else str(source)
     try:
         return _prepare_model(
@@ -187,6 +197,8 @@ def prepare_model(
             logits=logits,
             size=size,
             budget=memory_budget(max_memory),
+            prefix_tokens=prefix_tokens,
+            token_grid=token_grid,
         )
     except MemoryError as exc:
         raise _out_of_memory(where, "preparing") from exc
@@ -200,13 +212,22 @@ def _prepare_model(
     logits: str | None,
     size: tuple[int, int] | None,
     budget: int,
+    prefix_tokens: int | None = None,
+    token_grid: tuple[int, int] | None = None,
 ) -> PreparedModel:
     model, path, size_bytes = _read(source, budget)
     parameters = count_parameters(model)
     model = _densified(model)
     g = GraphIndex(_infer(model))  # shape inference once, for detection and both edits
     spec = _analyse(
-        model, g, input_name=input_name, feature_layer=feature_layer, logits=logits, size=size
+        model,
+        g,
+        input_name=input_name,
+        feature_layer=feature_layer,
+        logits=logits,
+        size=size,
+        prefix_tokens=prefix_tokens,
+        token_grid=token_grid,
     )
     if _is_quantized(g, spec.feature_map) or _is_quantized(g, spec.logits):
         model, spec = _float_views(model, g, spec)
@@ -215,8 +236,12 @@ def _prepare_model(
     for info in (spec.feature_map, spec.logits):  # shapes found by the probe only
         if g.info(info.name).shape is None and info.shape is not None:
             g.infos[info.name] = _value_info(g, g, info.name, shape=info.shape)
-    audit_model = _add_outputs(model, g, [spec.feature_map.name, spec.logits.name])
     head = float32_head(_extract_head(model, g, spec.feature_map.name, spec.logits.name))
+    # The side inputs of the head as cut (after _float_views, on the float tensors).
+    spec = replace(spec, side_inputs=tuple(i.name for i in head.graph.input[1:]))
+    audit_model = _add_outputs(
+        model, g, [spec.feature_map.name, spec.logits.name, *spec.side_inputs]
+    )
     _check(audit_model, "model with added outputs")
     _check(head, "head subgraph")
     return PreparedModel(
