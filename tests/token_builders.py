@@ -50,7 +50,8 @@ class _G:
         return f"/{hint}_{self.count}_output_0"
 
     def param(self, hint: str, value: np.ndarray) -> str:
-        name = f"{hint}.{len(self.inits)}"
+        taken = {t.name for t in self.inits}
+        name = hint if hint not in taken else f"{hint}.{len(self.inits)}"
         self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
         return name
 

@@ -599,7 +599,7 @@ def _last_attention_input(g: GraphIndex, probe: GraphIndex, tokens: str) -> str 
     softmax = [
         n
         for n in g.model.graph.node
-        if n.op_type == "Softmax" and n.output and n.output[0] in ancestors
+        if n.op_type in ("Softmax", "QLinearSoftmax") and n.output and n.output[0] in ancestors
     ]
     if dims is None or not softmax:
         return None
@@ -613,7 +613,7 @@ def _last_attention_input(g: GraphIndex, probe: GraphIndex, tokens: str) -> str 
         if node is None:
             continue
         data = g.data_inputs(node)
-        if node.op_type == "MatMul" and len(data) == 2:
+        if node.op_type in ("MatMul", "QLinearMatMul", "MatMulInteger") and len(data) == 2:
             common = g.ancestors(data[0]) & g.ancestors(data[1])
             shaped = [t for t in common if t in order and _token_dims(probe, t) == dims]
             return max(shaped, key=order.__getitem__) if shaped else None

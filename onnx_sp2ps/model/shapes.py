@@ -22,11 +22,23 @@ PROBE_SIZE = 224
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that never raises: on failure the model is returned as it is.
     Inferred on a copy without the large weights' data (:func:`_weightless`), which is
-    also how models over the 2 GB limit are inferred."""
+    also how models over the 2 GB limit are inferred.  ONNX shape inference stops at the
+    com.microsoft QOperator ops (QLinearAdd, QLinearSoftmax, ...) that onnxruntime's
+    quantize_static writes; their shapes are filled in (:func:`_quantized_op_shape`)
+    and inference runs again, so the shapes after them are known too."""
     try:
+        light = _weightless(model)
         inferred = shape_inference.infer_shapes(
-            _weightless(model), check_type=False, strict_mode=False, data_prop=True
+            light, check_type=False, strict_mode=False, data_prop=True
         )
+        for _ in range(16):
+            filled = _fill_quantized_ops(inferred)
+            if not filled:
+                break
+            light.graph.value_info.extend(filled)
+            inferred = shape_inference.infer_shapes(
+                light, check_type=False, strict_mode=False, data_prop=True
+            )
     except Exception:
         return model
     out = onnx.ModelProto()
@@ -36,6 +48,81 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.output[:]
     out.graph.output.extend(inferred.graph.output)
     return out
+
+
+def _dims(vi: onnx.ValueInfoProto | None) -> list[int | str] | None:
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return None
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in vi.type.tensor_type.shape.dim
+    ]
+
+
+def _broadcast(a: list[int | str], b: list[int | str]) -> list[int | str]:
+    rank = max(len(a), len(b))
+    one: list[int | str] = [1]
+    a, b = one * (rank - len(a)) + a, one * (rank - len(b)) + b
+    return [y if x == 1 else x for x, y in zip(a, b)]
+
+
+def _quantized_op_shape(
+    node: onnx.NodeProto, shape: dict[str, list[int | str] | None]
+) -> tuple[list[int | str], str] | None:
+    """(shape, zero-point input) of the output of a com.microsoft QOperator op whose
+    input shapes are known; None for other ops or unknown inputs."""
+    ins = list(node.input)
+    op = node.op_type
+    if op in ("QLinearAdd", "QLinearMul") and len(ins) >= 8:
+        a, b = shape.get(ins[0]), shape.get(ins[3])
+        return None if a is None or b is None else (_broadcast(a, b), ins[7])
+    if op in ("QLinearSoftmax", "QLinearSigmoid", "QLinearLeakyRelu") and len(ins) >= 5:
+        x = shape.get(ins[0])
+        return None if x is None else (list(x), ins[4])
+    if op == "QLinearGlobalAveragePool" and len(ins) >= 5:
+        x = shape.get(ins[0])
+        if x is None or len(x) < 3:
+            return None
+        if _attr(node, "channels_last", 0):
+            return [x[0]] + [1] * (len(x) - 2) + [x[-1]], ins[4]
+        return list(x[:2]) + [1] * (len(x) - 2), ins[4]
+    if op == "QLinearConcat" and len(ins) >= 5:
+        parts = [shape.get(ins[i]) for i in range(2, len(ins), 3)]
+        if any(p is None for p in parts):
+            return None
+        known = [p for p in parts if p is not None]
+        axis = int(_attr(node, "axis", 0)) % len(known[0])
+        out = list(known[0])
+        sizes = [p[axis] for p in known]
+        out[axis] = sum(sizes) if all(isinstance(v, int) for v in sizes) else "?"  # type: ignore[arg-type]
+        return out, ins[1]
+    return None
+
+
+def _fill_quantized_ops(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Value infos for the outputs of QOperator ops that shape inference left without a
+    shape, where :func:`_quantized_op_shape` knows them."""
+    g = model.graph
+    infos = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    inits = {t.name: t for t in g.initializer}
+    shape: dict[str, list[int | str] | None] = {n: _dims(vi) for n, vi in infos.items()}
+    for t in g.initializer:
+        shape[t.name] = list(t.dims)
+    filled = []
+    for node in g.node:
+        if node.domain != "com.microsoft" or not node.output or _dims(infos.get(node.output[0])):
+            continue
+        found = _quantized_op_shape(node, shape)
+        if found is None:
+            continue
+        dims, zero_point = found
+        elem = inits[zero_point].data_type if zero_point in inits else onnx.TensorProto.UINT8
+        vi = helper.make_tensor_value_info(
+            node.output[0], elem, [None if d == "?" else d for d in dims]
+        )
+        filled.append(vi)
+        shape[node.output[0]] = dims
+    return filled
 
 
 def _with_static_input(
