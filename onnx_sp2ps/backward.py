@@ -979,10 +979,6 @@ class _Builder:
             self.op("Neg", [self.op("Mul", [dy, self.op("Mul", [y, y])])], "recip_bw"),
         )
 
-    def _bw_Abs(self, node, dy):
-        x = node.input[0]
-        self.add_grad(x, self.op("Mul", [dy, self.op("Sign", [x])], "abs_bw"))
-
     def _bw_Sqrt(self, node, dy):
         self.add_grad(
             node.input[0],

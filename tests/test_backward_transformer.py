@@ -166,7 +166,7 @@ def check(model, a, targets=(0, 2, -1), batched=True, rtol=1e-4):
 
 
 def separated(shape, seed=1, low=-2.0, high=2.0):
-    """Random values >= 0.01 apart and away from 0 (no kinks of Abs, Max, Where within
+    """Random values >= 0.01 apart and away from 0 (no kinks of Relu, Max, Where within
     the finite-difference step)."""
     rng = np.random.default_rng(seed)
     n = int(np.prod(shape))
@@ -337,6 +337,24 @@ CASES = {
         ["N", "T", 4],
         11,
     ),
+    "constant_nodes_constant_of_shape_and_range": (
+        [
+            helper.make_node("Constant", [], ["two"], value=f32("v", 2.0)),
+            helper.make_node("Constant", [], ["ax"], value_ints=[1]),
+            node("Shape", ["A"], "shp"),
+            node("ConstantOfShape", ["shp"], "twos", value=f32("v2", [2.0])),
+            node("Gather", ["shp", "last"], "width"),
+            node("Range", ["zero", "width", "step"], "pos"),  # 0, 1, 2, 3
+            node("Cast", ["pos"], "posf", to=FLOAT),
+            node("Mul", ["A", "posf"], "ap"),
+            node("Mul", ["ap", "twos"], "at"),
+            node("Pow", ["at", "two"], "sq"),
+            node("Slice", ["sq", "zero1", "two_i", "ax"]),
+        ],
+        [i64("last", 2), i64("zero", 0), i64("step", 1), i64("zero1", [0]), i64("two_i", [2])],
+        ["N", 3, 4],
+        13,
+    ),
     "where_constant_and_computed_condition": (
         [
             node("Tanh", ["A"], "t"),
@@ -353,12 +371,12 @@ CASES = {
         ["N", 3, 4],
         13,
     ),
-    "reciprocal_abs_neg_max_min_sum": (
+    "reciprocal_neg_max_min_sum": (
         [
             node("Mul", ["A", "A"], "sq"),
             node("Add", ["sq", "one"], "sq1"),
             node("Reciprocal", ["sq1"], "r"),
-            node("Abs", ["A"], "ab"),
+            node("Relu", ["A"], "ab"),
             node("Neg", ["A"], "ng"),
             node("Tanh", ["A"], "t"),
             node("Max", ["A", "t"], "mx"),  # ties only at 0
