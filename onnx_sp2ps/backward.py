@@ -15,8 +15,16 @@ The backward pass is written op by op (reverse-mode differentiation): one
 ``_Builder._bw_<op>`` rule per op that classifier heads use, and :data:`GRADIENT_OPS`
 is the list those rules make.  Some rules take only some forms of their op (pools that
 reduce to 1x1 or tile without overlap, Conv with 1x1 kernels, Pow of a constant
-exponent, Gather from opset 16); QuantizeLinear/DequantizeLinear are straight-through,
-and QOperator ops are differentiated in their QDQ form
+exponent, Gather of repeated or computed indices from opset 16 (a scalar index or
+constant distinct ones from opset 11), Slice with constant axes); the ops of a
+vision-transformer block (MatMul of two computed tensors with batch broadcasting,
+Split, Slice, Concat, Expand, Tile, Where, Softmax of every opset, LayerNormalization
+or its decomposition, Gelu) have rules for the forms the exporters write.  Rules that
+need a tensor's rank refuse it when shape inference could not find it (before opset
+13, onnx does not follow a shape through Shape -> Slice -> Concat -> Reshape).
+Shapes, sizes, comparisons and indices have no gradient (:data:`_NO_GRADIENT`): the
+ops that read them take them as constants.  QuantizeLinear/DequantizeLinear are
+straight-through, and QOperator ops are differentiated in their QDQ form
 (:func:`onnx_sp2ps.model.qdq_form`).  Weights may be initializers or Constant nodes (or
 computed from them).  For any other op or form, :class:`UnsupportedHead` says which,
 and the caller falls back to finite differences.
@@ -51,6 +59,39 @@ STRAIGHT_THROUGH = (
 )
 
 
+#: Ops whose outputs have no gradient: sizes and shapes, comparisons, masks and indices
+#: (piecewise constant).  Their outputs are not "active", so the ops that read them (the
+#: starts of a Slice, the condition of a Where, a Reshape's target) take them as constants.
+_NO_GRADIENT = frozenset(
+    {
+        "Shape",
+        "Size",
+        "ConstantOfShape",
+        "Range",
+        "EyeLike",
+        "Equal",
+        "Greater",
+        "GreaterOrEqual",
+        "Less",
+        "LessOrEqual",
+        "Not",
+        "And",
+        "Or",
+        "Xor",
+        "IsNaN",
+        "IsInf",
+        "Sign",
+        "ArgMax",
+        "ArgMin",
+        "NonZero",
+    }
+)
+
+#: Ops with several outputs whose rule also runs when its first output has no gradient
+#: (the rule reads the gradients of every output itself).
+_MULTI_OUTPUT = frozenset({"Split", "LayerNormalization"})
+
+
 class UnsupportedHead(Exception):
     """The head contains an op (or an op form) with no backward rule here."""
 
@@ -68,6 +109,13 @@ class HeadGradient:
     note: str | None = None
     #: Inputs besides the feature map, held constant (the head's side inputs).
     side_inputs: tuple[str, ...] = ()
+
+
+def _broadcast_dims(a: tuple, b: tuple) -> tuple:
+    """numpy broadcasting of two static shapes (None: a size known only at run time)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return tuple(y if x == 1 or (x is None and y != 1) else x for x, y in zip(a, b))
 
 
 class _Builder:
@@ -152,11 +200,25 @@ class _Builder:
         sizes read from it have none."""
         active = {self.feature}
         for node in self.head.graph.node:
-            if node.op_type in ("Shape", "Size"):
+            if node.op_type in _NO_GRADIENT:
                 continue
             if any(i in active for i in node.input):
                 active.update(o for o in node.output if o)
         return active
+
+    def with_shape(self, tensor: str, shape: tuple | None) -> str:
+        """Record the static shape of a tensor of the backward graph (for :meth:`unbroadcast`)."""
+        self.shapes[tensor] = shape
+        return tensor
+
+    def unsqueeze(self, tensor: str, axes: list[int], hint: str = "unsq") -> str:
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [tensor, self.const(axes, "axes", np.int64)], hint)
+        return self.op("Unsqueeze", [tensor], hint, axes=axes)
+
+    def zeros_like(self, tensor: str) -> str:
+        """float32 zeros of ``tensor``'s shape (known at run time)."""
+        return self.op("ConstantOfShape", [self.shape(tensor)], "zeros")
 
     def add_grad(self, tensor: str, grad: str) -> None:
         if tensor and tensor in self.active:
@@ -189,16 +251,12 @@ class _Builder:
             return self._unbroadcast_dynamic(grad, x, y, None)
         if len(xs) > len(ys):
             raise UnsupportedHead(f"broadcast of {x!r} into a tensor of lower rank")
-        if (
-            len(xs) == len(ys)
-            and xs[1:] == ys[1:]
-            and None not in xs[1:]
-            and xs[0] in (None, ys[0])
-        ):
-            return grad  # equal but for a symbolic batch
-        if None in xs or None in ys:
-            return self._unbroadcast_dynamic(grad, x, y, len(ys) - len(xs))
         lead = len(ys) - len(xs)
+        # Summed: y's leading dims and x's dims of 1 (a no-op where y's is 1 too, so y's
+        # sizes need not be known); a symbolic dim of x is found out at run time, but for
+        # a symbolic batch (x's first dim, same rank), taken as y's.
+        if any(d is None and not (i == 0 and lead == 0) for i, d in enumerate(xs)):
+            return self._unbroadcast_dynamic(grad, x, y, lead)
         axes = list(range(lead))
         for i, d in enumerate(xs):
             if d == 1 and ys[lead + i] != 1:
@@ -276,7 +334,7 @@ class _Builder:
                 raise UnsupportedHead(f"no gradient rule for {node.op_type}")
             rule = getattr(self, f"_bw_{node.op_type}")
             dy = self.grad(node.output[0])
-            if dy is None:
+            if dy is None and node.op_type not in _MULTI_OUTPUT:
                 continue
             rule(node, dy)
         grad = self.grad(self.feature)
@@ -364,26 +422,127 @@ class _Builder:
         )
 
     def _bw_Concat(self, node, dy):
-        axis = _attr(node, "axis")
-        start = 0
+        # Sizes along the axis from the static shapes, else read at run time.
+        axis = int(_attr(node, "axis"))
+        begin = 0
         for x in node.input:
             shape = self.static_shape(x)
-            if shape is None or axis >= len(shape) or shape[axis] is None:
-                raise UnsupportedHead("Concat of inputs with unknown sizes")
-            size = shape[axis]
+            size = None
+            if shape is not None and -len(shape) <= axis < len(shape):
+                size = shape[axis]
+            if size is None:
+                size = self.op(
+                    "Gather", [self.shape(x), self.const([axis], "ax", np.int64)], "concat_size"
+                )
+            if isinstance(begin, int) and isinstance(size, int):
+                end = begin + size
+            else:
+                end = self.op("Add", [self._ints(begin), self._ints(size)], "concat_end")
             if x in self.active:
                 part = self.op(
                     "Slice",
-                    [
-                        dy,
-                        self.const([start], "s", np.int64),
-                        self.const([start + size], "e", np.int64),
-                        self.const([axis], "a", np.int64),
-                    ],
+                    [dy, self._ints(begin), self._ints(end), self.const([axis], "a", np.int64)],
                     "unconcat",
                 )
                 self.add_grad(x, part)
-            start += size
+            begin = end
+
+    def _ints(self, value: int | str) -> str:
+        """A 1-D int64 tensor of one value: a constant for an int, else the tensor."""
+        return self.const([value], "i", np.int64) if isinstance(value, int) else value
+
+    def _bw_Split(self, node, dy):
+        # The gradients of the parts concatenated back; zeros for parts that have none
+        # (whatever gave their sizes: the split attribute or input, or num_outputs).
+        axis = int(_attr(node, "axis", 0))
+        parts = [self.grad(o) or self.zeros_like(o) for o in node.output]
+        self.add_grad(node.input[0], self.op("Concat", parts, "unsplit", axis=axis))
+
+    def _bw_Slice(self, node, dy):
+        # Undone one axis at a time: the positions a Slice of the same starts, ends and
+        # steps picks out of Range(0, size) (the op's own clamping, negative steps
+        # included), and dy scattered at them into zeros.
+        x = node.input[0]
+        starts, ends, axes_in, steps = (list(node.input) + ["", ""])[1:5]
+        xs = self.static_shape(x)
+        if xs is None:
+            raise UnsupportedHead("Slice of unknown rank")
+        rank = len(xs)
+        if axes_in:
+            value = self.constant_value(axes_in)
+            if value is None:
+                raise UnsupportedHead("Slice with computed axes")
+            axes = [int(a) % rank for a in value.reshape(-1)]
+        else:
+            count = self.static_shape(starts)
+            if count is None or len(count) != 1 or count[0] is None:
+                raise UnsupportedHead("Slice with starts of unknown length and no axes")
+            axes = list(range(count[0]))
+        grad = dy
+        for k, axis in enumerate(axes):
+            size = self.op(
+                "Gather", [self.shape(x), self.const(axis, "ax", np.int64)], "slice_size"
+            )
+            positions = self.op(
+                "Range",
+                [self.const(0, "zero", np.int64), size, self.const(1, "one", np.int64)],
+                "positions",
+            )
+            bounds = [self._element(t, k) for t in (starts, ends)]
+            bounds.append(self.const([0], "a0", np.int64))
+            if steps:
+                bounds.append(self._element(steps, k))
+            picked = self.op("Slice", [positions] + bounds, "picked")
+            along = self.const([1] * axis + [-1] + [1] * (rank - axis - 1), "along", np.int64)
+            index = self.op(
+                "Expand", [self.op("Reshape", [picked, along]), self.shape(grad)], "slice_index"
+            )
+            full = self.op(
+                "Where",
+                [
+                    self.const(np.arange(rank) == axis, "axis_mask", np.bool_),
+                    self.shape(x),
+                    self.shape(grad),
+                ],
+                "slice_full",
+            )
+            zeros = self.op("ConstantOfShape", [full], "zeros")
+            grad = self.op("ScatterElements", [zeros, index, grad], "unslice", axis=axis)
+        self.add_grad(x, grad)
+
+    def _element(self, tensor: str, k: int) -> str:
+        """Element k of a 1-D integer tensor, as a 1-D int64 tensor of one value."""
+        value = self.constant_value(tensor)
+        if value is not None:
+            return self.const([int(value.reshape(-1)[k])], "i", np.int64)
+        picked = self.op(
+            "Slice",
+            [tensor, self.const([k], "k", np.int64), self.const([k + 1], "k1", np.int64)],
+            "elem",
+        )
+        return self.op("Cast", [picked], "elem64", to=onnx.TensorProto.INT64)
+
+    def _bw_Expand(self, node, dy):
+        x = node.input[0]
+        self.add_grad(x, self.unbroadcast(dy, x, node.output[0]))
+
+    def _bw_Tile(self, node, dy):
+        # dy seen as (r0, d0, r1, d1, ...) and summed over the repeats.
+        x, repeats = node.input
+        xs = self.static_shape(x)
+        if xs is None:
+            raise UnsupportedHead("Tile of unknown rank")
+        rank = len(xs)
+        reps = self.op("Cast", [repeats], "reps", to=onnx.TensorProto.INT64)
+        pairs = self.op(
+            "Concat",
+            [self.unsqueeze(reps, [1]), self.unsqueeze(self.shape(x), [1])],
+            "tile_pairs",
+            axis=1,
+        )
+        split = self.op("Reshape", [pairs, self.const([-1], "flat", np.int64)], "tile_shape")
+        g = self.op("Reshape", [dy, split], "tile_split")
+        self.add_grad(x, self.reduce_sum(g, list(range(0, 2 * rank, 2)), keepdims=0))
 
     # -- rules: pooling and reductions -------------------------------------------------
 
@@ -528,37 +687,71 @@ class _Builder:
     # -- rules: linear algebra ----------------------------------------------------------
 
     def _bw_Gemm(self, node, dy):
+        # Y = alpha op(A) op(B) + beta C; any of A, B, C may be computed.
         a, b = node.input[0], node.input[1]
         alpha = float(_attr(node, "alpha", 1.0))
         trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+        if a in self.active:  # d op(A) = alpha dY op(B)^T
+            if trans_a:
+                da = self.op("Gemm", [b, dy], "gemm_bw", alpha=alpha, transA=trans_b, transB=1)
+            else:
+                da = self.op("Gemm", [dy, b], "gemm_bw", alpha=alpha, transB=1 - trans_b)
+            self.add_grad(a, da)
+        if b in self.active:  # d op(B) = alpha op(A)^T dY
+            if trans_b:
+                db = self.op("Gemm", [dy, a], "gemm_bw", alpha=alpha, transA=1, transB=trans_a)
+            else:
+                db = self.op("Gemm", [a, dy], "gemm_bw", alpha=alpha, transA=1 - trans_a)
+            self.add_grad(b, db)
         if len(node.input) > 2 and node.input[2] in self.active:
-            raise UnsupportedHead("Gemm with a computed bias")
-        if b in self.active:
-            raise UnsupportedHead("Gemm with computed weights")
-        # d op(A) = alpha * dY @ op(B)^T
-        da = self.op("Gemm", [dy, b], "gemm_bw", alpha=alpha, transB=0 if trans_b else 1)
-        if trans_a:
-            da = self.op("Transpose", [da], "gemm_bwT", perm=[1, 0])
-        self.add_grad(a, da)
+            c, beta = node.input[2], float(_attr(node, "beta", 1.0))
+            dc = dy if beta == 1.0 else self.op("Mul", [dy, self.const(beta)], "gemm_beta")
+            self.add_grad(c, self.unbroadcast(dc, c, node.output[0]))
+
+    def _swap_last(self, tensor: str, rank: int) -> str:
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        return self.op("Transpose", [tensor], "mT", perm=perm)
 
     def _bw_MatMul(self, node, dy):
+        # numpy matmul: dA = dY @ B^T, dB = A^T @ dY, each summed over the batch dims it
+        # was broadcast along; 1-D operands promoted as numpy does, a (K,) -> (1, K) and
+        # b (K,) -> (K, 1), and the result's missing dims put back in dY.
         a, b = node.input
-        if b in self.active and a in self.active:
-            raise UnsupportedHead("MatMul of two computed tensors")
+        sa, sb = self.static_shape(a), self.static_shape(b)
+        if sa is None and sb == (sb and sb[:2]) and b not in self.active:
+            # data of unknown rank times a constant of rank 1 or 2: no batch dims of the
+            # constant to sum over, and the same formula holds for any rank of the data.
+            bp, dyp = b, dy
+            if len(sb) == 1:
+                bp, dyp = self.unsqueeze(b, [1]), self.unsqueeze(dy, [-1])
+            self.add_grad(a, self.op("MatMul", [dyp, self._swap_last(bp, 2)], "matmul_bw"))
+            return
+        if not sa or not sb:
+            raise UnsupportedHead("MatMul of unknown rank or of scalars")
+        ap, bp, dyp = a, b, dy
+        if len(sb) == 1:
+            sb = sb + (1,)
+            bp = self.with_shape(self.unsqueeze(b, [1]), sb)
+            dyp = self.unsqueeze(dyp, [-1])
+        if len(sa) == 1:
+            sa = (1,) + sa
+            ap = self.with_shape(self.unsqueeze(a, [0]), sa)
+            dyp = self.unsqueeze(dyp, [-2])
+        batch = _broadcast_dims(sa[:-2], sb[:-2])
         if a in self.active:
-            bs = self.static_shape(b)
-            if bs is None or len(bs) != 2:
-                raise UnsupportedHead("MatMul with weights that are not 2-D")
-            self.add_grad(
-                a, self.op("MatMul", [dy, self.op("Transpose", [b], perm=[1, 0])], "matmul_bw")
-            )
-        else:
-            as_ = self.static_shape(a)
-            if as_ is None or len(as_) != 2:
-                raise UnsupportedHead("MatMul with weights that are not 2-D")
-            self.add_grad(
-                b, self.op("MatMul", [self.op("Transpose", [a], perm=[1, 0]), dy], "matmul_bw")
-            )
+            da = self.op("MatMul", [dyp, self._swap_last(bp, len(sb))], "matmul_bw")
+            if len(sb) > 2:
+                da = self.unbroadcast(self.with_shape(da, batch + sa[-2:]), ap, da)
+            if ap != a:
+                da = self.op("Reshape", [da, self.shape(a)], "matmul_bw1")
+            self.add_grad(a, da)
+        if b in self.active:
+            db = self.op("MatMul", [self._swap_last(ap, len(sa)), dyp], "matmul_bw")
+            if len(sa) > 2:
+                db = self.unbroadcast(self.with_shape(db, batch + sb[-2:]), bp, db)
+            if bp != b:
+                db = self.op("Reshape", [db, self.shape(b)], "matmul_bw1")
+            self.add_grad(b, db)
 
     def _bw_Add(self, node, dy):
         for i in self.data(node):
@@ -585,6 +778,38 @@ class _Builder:
         if b in self.active:  # d(a/b)/db = -y / b
             g = self.op("Neg", [self.op("Div", [self.op("Mul", [dy, y]), b])], "div_bw")
             self.add_grad(b, self.unbroadcast(g, b, y))
+
+    def _bw_Sum(self, node, dy):
+        for x in node.input:
+            if x in self.active:
+                self.add_grad(x, self.unbroadcast(dy, x, node.output[0]))
+
+    def _bw_Where(self, node, dy):
+        # The condition has no gradient (a mask: piecewise constant).
+        cond, a, b = node.input
+        y, zero = node.output[0], self.const(0.0)
+        if a in self.active:
+            self.add_grad(a, self.unbroadcast(self._where(cond, dy, zero), a, y))
+        if b in self.active:
+            self.add_grad(b, self.unbroadcast(self._where(cond, zero, dy), b, y))
+
+    def _extremum_back(self, node, dy):
+        # dy goes to the inputs equal to the result, shared among tied ones (as torch's
+        # maximum/minimum halves it between two tied inputs).
+        y = node.output[0]
+        masks = [
+            self.op("Cast", [self.op("Equal", [x, y])], "is_ext", to=onnx.TensorProto.FLOAT)
+            for x in node.input
+        ]
+        count = masks[0] if len(masks) == 1 else self.op("Sum", masks, "ties")
+        share = self.op("Div", [dy, count], "ext_share")
+        for x, mask in zip(node.input, masks):
+            if x in self.active:
+                g = self.op("Mul", [share, mask], "ext_bw")
+                self.add_grad(x, self.unbroadcast(g, x, y))
+
+    _bw_Max = _extremum_back
+    _bw_Min = _extremum_back
 
     def _bw_BatchNormalization(self, node, dy):
         x, scale, _, _, var = node.input[:5]
@@ -755,6 +980,13 @@ class _Builder:
     def _bw_Neg(self, node, dy):
         self.add_grad(node.input[0], self.op("Neg", [dy], "neg_bw"))
 
+    def _bw_Reciprocal(self, node, dy):
+        y = node.output[0]
+        self.add_grad(
+            node.input[0],
+            self.op("Neg", [self.op("Mul", [dy, self.op("Mul", [y, y])])], "recip_bw"),
+        )
+
     def _bw_Sqrt(self, node, dy):
         self.add_grad(
             node.input[0],
@@ -836,28 +1068,34 @@ class _Builder:
             slope = self.op("Add", [cdf, self.op("Mul", [x, pdf])])
         self.add_grad(x, self.op("Mul", [dy, slope], "gelu_bw"))
 
-    def _softmax_axis(self, node) -> int:
-        default = -1 if self.opset >= 13 else 1
-        axis = int(_attr(node, "axis", default))
-        rank = len(self.static_shape(node.input[0]) or ())
-        if self.opset < 13 and not (rank == 2 and axis in (1, -1)):
-            raise UnsupportedHead(f"{node.op_type} with opset < 13 on a tensor not 2-D")
-        return axis
+    def _softmax_2d(self, node, dy) -> tuple[str, str, int, bool]:
+        """(dy, y, axis, coerced): opset < 13 computes softmax on the input coerced to 2-D
+        at ``axis`` (rows: the dims before it), so the backward works on the same rows
+        (Flatten at the axis) and reshapes back."""
+        y = node.output[0]
+        if self.opset >= 13:
+            return dy, y, int(_attr(node, "axis", -1)), False
+        axis = int(_attr(node, "axis", 1))
+        flat_dy = self.op("Flatten", [dy], "sm_dy2", axis=axis)
+        return flat_dy, self.op("Flatten", [y], "sm_y2", axis=axis), 1, True
 
     def _bw_Softmax(self, node, dy):
         # dx = y (dy - sum(dy y)) along the axis.
-        y, axis = node.output[0], self._softmax_axis(node)
+        dy, y, axis, coerced = self._softmax_2d(node, dy)
         inner = self.reduce_sum(self.op("Mul", [dy, y]), [axis], keepdims=1)
-        self.add_grad(node.input[0], self.op("Mul", [y, self.op("Sub", [dy, inner])], "softmax_bw"))
+        dx = self.op("Mul", [y, self.op("Sub", [dy, inner])], "softmax_bw")
+        if coerced:
+            dx = self.op("Reshape", [dx, self.shape(node.input[0])], "softmax_bw_nd")
+        self.add_grad(node.input[0], dx)
 
     def _bw_LogSoftmax(self, node, dy):
         # dx = dy - softmax(x) sum(dy) along the axis.
-        y, axis = node.output[0], self._softmax_axis(node)
+        dy, y, axis, coerced = self._softmax_2d(node, dy)
         total = self.reduce_sum(dy, [axis], keepdims=1)
-        self.add_grad(
-            node.input[0],
-            self.op("Sub", [dy, self.op("Mul", [self.op("Exp", [y]), total])], "logsoftmax_bw"),
-        )
+        dx = self.op("Sub", [dy, self.op("Mul", [self.op("Exp", [y]), total])], "logsoftmax_bw")
+        if coerced:
+            dx = self.op("Reshape", [dx, self.shape(node.input[0])], "logsoftmax_bw_nd")
+        self.add_grad(node.input[0], dx)
 
     def reduce_mean(self, tensor: str, axes: list[int]) -> str:
         if self.opset >= 18:
@@ -867,13 +1105,11 @@ class _Builder:
         return self.op("ReduceMean", [tensor], "rmean", axes=axes, keepdims=1)
 
     def _bw_LayerNormalization(self, node, dy):
-        # y = xhat scale + bias, xhat = (x - mean) / sqrt(var + eps) over axes axis..-1:
-        # dx = (g - mean(g) - xhat mean(g xhat)) / sqrt(var + eps), g = dy scale.
+        # y = xhat scale + bias, xhat = (x - mean) r, r = 1 / sqrt(var + eps) over the
+        # axes axis..-1 (n elements): dx = (g - mean(g) - xhat mean(g xhat)) r, g = dy
+        # scale; the optional outputs mean and r add dmean / n - dr r^3 (x - mean) / n.
         x, scale = node.input[0], node.input[1]
-        if any(t in self.active for t in node.input[1:] if t):
-            raise UnsupportedHead("LayerNormalization with computed scale or bias")
-        if any(o for o in node.output[1:]):
-            raise UnsupportedHead("LayerNormalization with mean or inverse std outputs used")
+        bias = node.input[2] if len(node.input) > 2 else ""
         rank = len(self.static_shape(x) or ())
         if not rank:
             raise UnsupportedHead("LayerNormalization of unknown rank")
@@ -886,28 +1122,64 @@ class _Builder:
             "Reciprocal", [self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])], "ln_inv_std"
         )
         xhat = self.op("Mul", [centred, inv_std], "ln_xhat")
-        g = self.op("Mul", [dy, scale], "ln_g")
-        inner = self.op(
-            "Add",
+        y = node.output[0]
+        parts = []
+        if dy is not None:
+            g = self.op("Mul", [dy, scale], "ln_g")
+            inner = self.op(
+                "Add",
+                [
+                    self.reduce_mean(g, axes),
+                    self.op("Mul", [xhat, self.reduce_mean(self.op("Mul", [g, xhat]), axes)]),
+                ],
+            )
+            parts.append(self.op("Mul", [self.op("Sub", [g, inner]), inv_std], "ln_bw"))
+            if scale in self.active:
+                self.add_grad(scale, self.unbroadcast(self.op("Mul", [dy, xhat]), scale, y))
+            if bias and bias in self.active:
+                self.add_grad(bias, self.unbroadcast(dy, bias, y))
+        d_mean = self.grad(node.output[1]) if len(node.output) > 1 and node.output[1] else None
+        d_r = self.grad(node.output[2]) if len(node.output) > 2 and node.output[2] else None
+        if d_mean is not None or d_r is not None:
+            terms = []
+            if d_mean is not None:
+                terms.append(self.op("Expand", [d_mean, self.shape(x)], "ln_dmean"))
+            if d_r is not None:
+                r3 = self.op("Mul", [inv_std, self.op("Mul", [inv_std, inv_std])])
+                terms.append(self.op("Neg", [self.op("Mul", [self.op("Mul", [d_r, r3]), centred])]))
+            total = terms[0] if len(terms) == 1 else self.op("Add", terms)
+            parts.append(self.op("Mul", [total, self._inverse_count(var, x)], "ln_stats_bw"))
+        if parts:
+            self.add_grad(x, parts[0] if len(parts) == 1 else self.op("Add", parts))
+
+    def _inverse_count(self, reduced: str, x: str) -> str:
+        """1 / n, n = the number of elements of x per element of ``reduced``."""
+        return self.op(
+            "Div",
             [
-                self.reduce_mean(g, axes),
-                self.op("Mul", [xhat, self.reduce_mean(self.op("Mul", [g, xhat]), axes)]),
+                self.op("Cast", [self.op("Size", [reduced])], to=onnx.TensorProto.FLOAT),
+                self.op("Cast", [self.op("Size", [x])], to=onnx.TensorProto.FLOAT),
             ],
+            "inv_count",
         )
-        self.add_grad(x, self.op("Mul", [self.op("Sub", [g, inner]), inv_std], "ln_bw"))
 
     def _bw_Gather(self, node, dy):
         # y = x[..., idx, ...] along axis: scatter-add dy back into zeros shaped like x.
         x, idx = node.input
         if idx in self.active:
             raise UnsupportedHead("Gather with computed indices from the feature map")
-        if self.opset < 16:
-            raise UnsupportedHead("Gather with opset < 16 (no ScatterND reduction)")
         xs, ids = self.static_shape(x), self.static_shape(idx)
         if xs is None or ids is None:
             raise UnsupportedHead("Gather of unknown rank")
         rank, q = len(xs), len(ids)
         axis = int(_attr(node, "axis", 0)) % rank
+        # Repeated indices need ScatterND's reduction (opset 16); a scalar index (the
+        # class token, x[:, 0]) or constant distinct ones do without.
+        reduction = {"reduction": "add"} if self.opset >= 16 else {}
+        if not reduction and not self._distinct(idx, xs[axis]):
+            raise UnsupportedHead(
+                "Gather of repeated or computed indices with opset < 16 (no ScatterND reduction)"
+            )
         to_front = [axis] + [i for i in range(rank) if i != axis]
         # dy dims: x's before axis, idx's, x's after axis -> idx's first.
         dy_perm = (
@@ -922,15 +1194,29 @@ class _Builder:
             self.op("Add", [index, size]),
             index,
         )
-        index = self.op("Unsqueeze", [index, self.const([-1], "last", np.int64)], "gather_i")
+        index = self.unsqueeze(index, [-1], "gather_i")
         zeros = self.op("ConstantOfShape", [self.shape(xt)], "gather_zeros")
-        scattered = self.op("ScatterND", [zeros, index, dyt], "gather_bw", reduction="add")
+        scattered = self.op("ScatterND", [zeros, index, dyt], "gather_bw", **reduction)
         self.add_grad(
             x,
             self.op(
                 "Transpose", [scattered], "gather_back", perm=[int(i) for i in np.argsort(to_front)]
             ),
         )
+
+    def _distinct(self, idx: str, size: int | None) -> bool:
+        """Whether the indices ``idx`` into a dim of ``size`` are known to be distinct."""
+        if self.static_shape(idx) == ():
+            return True
+        value = self.constant_value(idx)
+        if value is None:
+            return False
+        value = value.astype(np.int64).reshape(-1)
+        if size is not None:
+            value = np.where(value < 0, value + size, value)
+        elif (value < 0).any() and (value >= 0).any():
+            return False
+        return len(np.unique(value)) == len(value)
 
 
 #: The ops with a gradient rule: the ``_bw_<op>`` methods of :class:`_Builder`.
