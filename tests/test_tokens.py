@@ -252,3 +252,26 @@ def test_cli_inspects_and_audits_a_token_model(compressed, samples, tmp_path, ca
     code, out, err = run_cli(capsys, "inspect", original, "--token-grid", "4by4")
     assert code == 2
     assert "--token-grid '4by4'" in err
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_token_heads_get_exact_gradients_with_side_inputs_held_constant(name):
+    runner = ModelRunner(prepare_model(build_vit(**VARIANTS[name]).model), provider="cpu")
+    assert runner.gradient_path == "exact", runner.gradient_note
+    inputs = _images(3)
+    acts, logits = runner.run(inputs, targets=np.full(3, -1))  # fused with the forward run
+    targets = logits.argmax(axis=1)
+    _, fused = runner.head_gradients(acts, targets)
+    runner.run(inputs)  # the separate head-gradient graph, fed the side inputs
+    _, separate = runner.head_gradients(acts, targets)
+    np.testing.assert_allclose(fused, separate, rtol=1e-5, atol=1e-7)
+    # Central differences of the head with the side inputs of image 1 held as they are
+    # (float32: within 2 % of the largest slope; tests/test_backward_transformer.py
+    # checks the rules themselves against float64 differences to 1e-4).
+    a, eps = acts[1], np.float32(1e-2)
+    steps = np.eye(a.size, dtype=np.float32).reshape((a.size,) + a.shape) * eps
+    up = runner.run_head(a[None] + steps, 1)[:, targets[1]]
+    down = runner.run_head(a[None] - steps, 1)[:, targets[1]]
+    numeric = ((up.astype(np.float64) - down) / (2 * eps)).reshape(a.shape)
+    scale = np.abs(numeric).max()
+    np.testing.assert_allclose(fused[1], numeric, atol=2e-2 * scale)
