@@ -450,19 +450,25 @@ def _is_token_tensor(g: GraphIndex, probe: GraphIndex, name: str) -> bool:
         return False
     if _grid_before(g, probe, name, t, None) is None:
         return False
-    current = name
+    current: str | None = name
     for _ in range(8):
-        node = g.producer.get(current)
-        if node is None or node.op_type not in _VIEW_OPS:
+        current = _only_input(g, current, _VIEW_OPS) if current else None
+        if current is None:
             return True
-        data = g.data_inputs(node)
-        if len(data) != 1:
-            return True
-        current = data[0]
         prev = probe.info(current).shape
         if prev is not None and len(prev) == 4:
             return False
     return True
+
+
+def _only_input(g: GraphIndex, name: str, ops: tuple[str, ...]) -> str | None:
+    """The one data input of the node making ``name`` when its op is one of ``ops``;
+    None otherwise (a graph input, another op, several data inputs)."""
+    node = g.producer.get(name)
+    if node is None or node.op_type not in ops:
+        return None
+    data = g.data_inputs(node)
+    return data[0] if len(data) == 1 else None
 
 
 #: Ops between tokens and the attention tensors made from them (heads split off, scores,
@@ -718,16 +724,13 @@ def _behind_pooling(g: GraphIndex, probe: GraphIndex, feature: str, layouts: dic
     MaxPool before its classifier)."""
     current = feature
     for _ in range(4):
-        node = g.producer.get(current)
-        if node is None or node.op_type not in _LOCAL_POOLS:
+        before = _only_input(g, current, _LOCAL_POOLS)
+        if before is None or before not in g.producer:
             return current
-        data = g.data_inputs(node)
-        if len(data) != 1 or data[0] not in g.producer:
+        layout = layouts.get(before)
+        if layout is None or not _is_spatial(probe.info(before).shape, layout):
             return current
-        layout = layouts.get(data[0])
-        if layout is None or not _is_spatial(probe.info(data[0]).shape, layout):
-            return current
-        current = data[0]
+        current = before
     return current
 
 
@@ -756,10 +759,10 @@ def _behind_classifier_conv(g: GraphIndex, feature: str, num_classes: int | None
         if node is None:
             return feature
         if node.op_type in _ELEMENTWISE_OPS:
-            data = g.data_inputs(node)
-            if len(data) != 1:
+            before = _only_input(g, current, _ELEMENTWISE_OPS)
+            if before is None:
                 return feature
-            current = data[0]
+            current = before
             continue
         if node.op_type == "Conv" and len(node.input) >= 2:
             weight = constant_value(g.model.graph, node.input[1], g.producer)
