@@ -1,6 +1,21 @@
-"""Stand-in for ``torchvision.transforms.functional``: ``resize`` only (bilinear)."""
+"""Stand-in for ``torchvision.transforms.functional``: ``resize`` (bilinear) for
+pytorch-grad-cam, and the ``InterpolationMode`` enum that timm imports at import time."""
+
+from enum import Enum
 
 import torch
+
+
+class InterpolationMode(Enum):
+    """Same members and values as torchvision's."""
+
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
 
 
 def resize(img, size, *args, **kwargs):
