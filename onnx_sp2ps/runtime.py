@@ -562,7 +562,8 @@ class ModelRunner:
     def _head_context(self, raw: np.ndarray, side: list[np.ndarray]) -> list[np.ndarray] | None:
         """The prefix tokens and side inputs of a batch (see ``_context``), checked to
         hold one row per image."""
-        context = [] if self._tokens is None else [raw[:, : self._tokens.prefix]]
+        prefix = self._tokens.prefix if self._tokens is not None else 0
+        context = [raw[:, :prefix]] if prefix else []
         for name, value, dtype in zip(self.prepared.spec.side_inputs, side, self._side_dtypes):
             if value.ndim == 0 or len(value) != len(raw):
                 raise ModelError(
@@ -571,7 +572,7 @@ class ModelRunner:
                     "layer with --feature-layer"
                 )
             context.append(np.ascontiguousarray(value, dtype=dtype))
-        return context if side or (self._tokens is not None and self._tokens.prefix) else None
+        return context or None
 
     def _image_input(
         self, inputs: np.ndarray, span: slice, on_device: bool, uploads: DeviceInputs | None
@@ -702,10 +703,15 @@ class ModelRunner:
         return self._grad is not None
 
     def head_gradients(
-        self, activations: np.ndarray, targets: np.ndarray
+        self,
+        activations: np.ndarray,
+        targets: np.ndarray,
+        rows: np.ndarray | int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, K) and exact gradients d logit_target / dA (N, C, h, w) in NCHW, in
-        one run of the head's backward graph; ``targets`` -1 means each image's top-1."""
+        one run of the head's backward graph; ``targets`` -1 means each image's top-1.
+        ``rows``: the images of the latest :meth:`run` the maps are (see
+        :meth:`run_head`); by default that whole batch."""
         if self._grad is None:
             raise UsageError(f"no exact gradient for this head ({self.gradient_note})")
         cache = self._cache
@@ -719,7 +725,7 @@ class ModelRunner:
         if session is None:
             session = self._create(grad.model, f"head gradient of {self._name}")
             self._grad = (grad, session)
-        index = self._rows(len(activations), None)
+        index = self._rows(len(activations), rows)
         self._check_head_batch(activations, index)
         names = [grad.feature, *grad.side_inputs]
 

@@ -471,8 +471,7 @@ def _only_input(g: GraphIndex, name: str, ops: tuple[str, ...]) -> str | None:
     return data[0] if len(data) == 1 else None
 
 
-#: Ops between tokens and the attention tensors made from them (heads split off, scores,
-#: weights).
+#: Ops that keep an attention tensor an attention tensor (scores, weights, heads).
 _ATTENTION_OPS = (
     "Reshape",
     "Transpose",
@@ -486,34 +485,69 @@ _ATTENTION_OPS = (
     "Mul",
     "Div",
     "Add",
+    "Sub",
     "Where",
     "Cast",
+    "Sqrt",
+    "Identity",
+    "DequantizeLinear",
+    "QuantizeLinear",
 )
+#: The last attention analysis: (probe, its attention tensors).
+_ATTENTION_CACHE: list[tuple[GraphIndex, frozenset[str]]] = []
+
+
+def _rank(probe: GraphIndex, name: str) -> int | None:
+    shape = probe.info(name).shape
+    return None if shape is None else len(shape)
+
+
+def _attention_tensors(g: GraphIndex, probe: GraphIndex) -> frozenset[str]:
+    """The attention tensors of the graph (rank >= 4, never feature maps): the scores
+    and weights of each attention — a MatMul of two computed rank-4 tensors or a Softmax
+    over one, and what is made from them until the tokens are rank 3 again — and the
+    queries, keys and values that go into it, back to the Reshape that split the heads
+    off the tokens (a grid view of the tokens before that Reshape, as LeViT's downsampling
+    makes, is a map, not attention)."""
+    if _ATTENTION_CACHE and _ATTENTION_CACHE[0][0] is probe:
+        return _ATTENTION_CACHE[0][1]
+    core = []
+    for node in g.model.graph.node:
+        data = g.data_inputs(node)
+        ranks = [_rank(probe, i) for i in data]
+        if node.op_type in ("MatMul", "QLinearMatMul") and len(data) == 2:
+            if all(r is not None and r >= 4 for r in ranks):
+                core.append(node)
+        elif node.op_type in ("Softmax", "QLinearSoftmax") and ranks and (ranks[0] or 0) >= 4:
+            core.append(node)
+    found: set[str] = set()
+    stack = [i for n in core for i in g.data_inputs(n) if n.op_type != "Softmax"]
+    while stack:  # back to the heads split
+        name = stack.pop()
+        if name in found or (_rank(probe, name) or 0) < 4:
+            continue
+        found.add(name)
+        node = g.producer.get(name)
+        if node is None or node.op_type not in _ATTENTION_OPS:
+            continue
+        if node.op_type == "Reshape":
+            continue  # the heads were split here: its input is tokens or a map
+        stack.extend(g.data_inputs(node))
+    for n in core:
+        found.update(o for o in n.output if o)
+    for node in g.model.graph.node:  # forward, until the tokens are rank 3 again
+        if node.op_type not in _ATTENTION_OPS:
+            continue
+        if any(i in found for i in g.data_inputs(node)):
+            found.update(o for o in node.output if o and (_rank(probe, o) or 0) >= 4)
+    result = frozenset(found)
+    _ATTENTION_CACHE[:] = [(probe, result)]
+    return result
 
 
 def _attention_shaped(g: GraphIndex, probe: GraphIndex, name: str) -> bool:
-    """True for a 4-D tensor (N, heads, T, d) or (N, heads, T, T) made from tokens
-    (N, T, D) a few ops before: attention internals are never feature maps."""
-    shape = probe.info(name).shape
-    if shape is None or len(shape) != 4:
-        return False
-    frontier, seen = [name], set()
-    for _ in range(6):
-        nxt = []
-        for t in frontier:
-            node = g.producer.get(t)
-            if node is None or node.op_type not in _ATTENTION_OPS:
-                continue
-            for i in g.data_inputs(node):
-                if i in seen:
-                    continue
-                seen.add(i)
-                prev = probe.info(i).shape
-                if prev is not None and len(prev) == 3 and prev[1] in (shape[2], shape[3]):
-                    return True
-                nxt.append(i)
-        frontier = nxt
-    return False
+    """True for an attention tensor (:func:`_attention_tensors`)."""
+    return name in _attention_tensors(g, probe)
 
 
 def _node_order(g: GraphIndex) -> dict[str, int]:
