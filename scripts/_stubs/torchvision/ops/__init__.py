@@ -1,0 +1,3 @@
+"""Stand-in for ``torchvision.ops``: what timm imports (``ops.misc.FrozenBatchNorm2d``)."""
+
+from . import misc  # noqa: F401
