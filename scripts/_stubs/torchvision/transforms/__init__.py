@@ -34,3 +34,17 @@ class Normalize:
 
     def __call__(self, t):
         return (t - self.mean.view(-1, 1, 1)) / self.std.view(-1, 1, 1)
+
+
+def __getattr__(name):
+    """timm (dev scripts: scripts/make_zoo.py) subclasses and names more transforms at
+    import time; none is used: a placeholder class that refuses to be built."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    class Placeholder:
+        def __init__(self, *args, **kwargs):
+            raise NotImplementedError(f"torchvision stand-in: transforms.{name}")
+
+    Placeholder.__name__ = name
+    return Placeholder

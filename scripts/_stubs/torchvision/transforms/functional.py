@@ -1,21 +1,9 @@
-"""Stand-in for ``torchvision.transforms.functional``: ``resize`` (bilinear) for
-pytorch-grad-cam, and the ``InterpolationMode`` enum that timm imports at import time."""
+"""Stand-in for ``torchvision.transforms.functional``: ``resize`` (bilinear) and
+``InterpolationMode``; other names are placeholders."""
 
-from enum import Enum
+import enum
 
 import torch
-
-
-class InterpolationMode(Enum):
-    """Same members and values as torchvision's."""
-
-    NEAREST = "nearest"
-    NEAREST_EXACT = "nearest-exact"
-    BILINEAR = "bilinear"
-    BICUBIC = "bicubic"
-    BOX = "box"
-    HAMMING = "hamming"
-    LANCZOS = "lanczos"
 
 
 def resize(img, size, *args, **kwargs):
@@ -26,3 +14,25 @@ def resize(img, size, *args, **kwargs):
         x.float(), size=list(size), mode="bilinear", align_corners=False
     )
     return out if img.dim() == 4 else out.squeeze(0)
+
+
+class InterpolationMode(enum.Enum):
+    """The names timm reads at import time (scripts/make_zoo.py imports timm)."""
+
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    def placeholder(*args, **kwargs):
+        raise NotImplementedError(f"torchvision stand-in: transforms.functional.{name}")
+
+    return placeholder
