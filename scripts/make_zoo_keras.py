@@ -196,7 +196,7 @@ def vit_small() -> tuple[keras.Model, str]:
     x = L.LayerNormalization(epsilon=1e-6, name="norm")(x)
     x = L.Dense(K, name="head")(x)
     x = L.Activation("softmax", name="softmax")(x)
-    return keras.Model(inp, x, name="vit_small"), "block1_norm1"
+    return keras.Model(inp, x, name="vit_small"), "block1_add2"  # pooled head: last block
 
 
 # name: (family, builder, opset, preprocessing preset, token info or None)

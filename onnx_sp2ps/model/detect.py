@@ -431,7 +431,20 @@ def _find_feature_map(
             + "): choose one with --feature-layer"
         )
     feature = _behind_pooling(g, probe, found[0], layouts)
+    feature = _behind_final_norm(g, probe, feature)
     return _behind_classifier_conv(g, feature, num_classes), False
+
+
+def _behind_final_norm(g: GraphIndex, probe: GraphIndex, feature: str) -> str:
+    """The last stage's output when ``feature`` is a LayerNorm of it, same shape (Swin's
+    final norm over the channels of its NHWC map before the pooling): the map of the last
+    block, as for the tokens of a pooled transformer (README, "Detection")."""
+    before = _layer_norm_input(g, feature)
+    if before is None or before not in g.producer:
+        return feature
+    if probe.info(before).shape != probe.info(feature).shape:
+        return feature
+    return before
 
 
 #: Ops that only move values: a rank-3 tensor reached from a spatial map through them alone
@@ -580,7 +593,12 @@ def _pools_tokens(g: GraphIndex, probe: GraphIndex, tokens: str, logits: str) ->
                 if any(int(a) % 3 == 1 for a in axes):
                     return True
         if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
-            return True
+            # Over the tokens only when they were turned into (N, D, T) first; on (N, T, D)
+            # it averages the channels (tf2onnx's layer-norm moments).
+            before = g.producer.get(node.input[0])
+            if before is not None and before.op_type == "Transpose":
+                if list(_attr(before, "perm", [])) == [0, 2, 1]:
+                    return True
     return False
 
 
@@ -600,33 +618,59 @@ def _before_token_slice(g: GraphIndex, probe: GraphIndex, name: str) -> str:
     return source
 
 
+#: Ops a decomposed layer norm is written with (torch.onnx before opset 17: ReduceMean,
+#: Sub, Pow, Add, Sqrt, Div, Mul, Add; tf2onnx: GlobalAveragePool over the channels of
+#: (N, T, D) for the moments, ..., Sqrt, Reciprocal, Mul, Sub, Mul, Add).
+_NORM_OPS = (
+    "ReduceMean",
+    "GlobalAveragePool",
+    "Sub",
+    "Pow",
+    "Mul",
+    "Add",
+    "Sqrt",
+    "Reciprocal",
+    "Div",
+    "Cast",
+)
+
+
 def _layer_norm_input(g: GraphIndex, name: str) -> str | None:
-    """The input of the LayerNormalization (or its decomposition: ReduceMean, Sub, Pow,
-    Add, Sqrt, Div, Mul, Add) that makes ``name``; None when no layer norm makes it."""
+    """The input x of the LayerNormalization, or of a decomposition of one, that makes
+    ``name``: a subgraph of at most 16 :data:`_NORM_OPS` nodes that takes ReduceMean of x
+    and reads nothing computed but x.  None when no layer norm makes it."""
     node = g.producer.get(name)
     if node is None:
         return None
     if node.op_type == "LayerNormalization":
         first: str = node.input[0]
         return first
-    current = node
-    for _ in range(3):  # the affine part: Mul by gamma, Add beta (either may be absent)
-        if current.op_type not in ("Add", "Mul"):
-            break
-        data = g.data_inputs(current)
-        if len(data) != 1 or data[0] not in g.producer:
-            return None
-        current = g.producer[data[0]]
-    if current.op_type != "Div" or current.input[0] not in g.producer:
-        return None
-    sub = g.producer[current.input[0]]
-    if sub.op_type != "Sub":
-        return None
-    mean = g.producer.get(sub.input[1])
-    if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
-        return None
-    x: str = sub.input[0]
-    return x
+
+    def walk(stop: str | None) -> tuple[set[str], set[str]]:
+        """(computed tensors read from outside, inputs of ReduceMeans), not going on
+        from ``stop``."""
+        made: set[str] = set()
+        reads: set[str] = set()
+        means: set[str] = set()
+        stack = [name]
+        while stack:
+            t = stack.pop()
+            n = g.producer.get(t)
+            if t == stop or n is None or n.op_type not in _NORM_OPS or len(made) >= 16:
+                reads.add(t)
+                continue
+            if t in made:
+                continue
+            made.add(t)
+            if n.op_type in ("ReduceMean", "GlobalAveragePool"):
+                means.add(n.input[0])
+            stack.extend(g.data_inputs(n))
+        return reads - made, means
+
+    for x in sorted(walk(None)[1]):
+        if walk(x)[0] == {x}:
+            return x
+    return None
 
 
 def _last_attention_input(g: GraphIndex, probe: GraphIndex, tokens: str) -> str | None:
