@@ -1024,6 +1024,7 @@ _HTML_STYLE = (
     "th:first-child,td:first-child{text-align:left}"
     ".worst td{text-align:center}.verdict{font-size:1.4em;font-weight:bold}"
     ".PASSED{color:#1e7b34}.FAILED{color:#c0392b}img{image-rendering:pixelated}"
+    ".ranking td{white-space:nowrap}"
     "code{font-size:.85em}"
 )
 _RANKING_HEADER = [
@@ -1214,10 +1215,10 @@ def choice_svg(report: dict[str, Any], threshold: float | None, low_end: float =
     mean) with its interval as an error bar and its accuracy (or agreement) in its
     label, the gate threshold as a line, and the Pareto front (:func:`pareto_front`)
     joined and named.  Inline SVG, no script."""
-    width, height = 760, 420
-    left, right, top, bottom = 56, 230, 34, 46
+    width, height = 820, 440
+    left, right, top, bottom = 56, 24, 58, 46
     points = placed_candidates(report)
-    x_high = max([1.0] + [r for r, _, _ in points]) * 1.05
+    x_high = max([1.0] + [r for r, _, _ in points]) * 1.08
 
     def px(r: float) -> float:
         return left + (width - left - right) * r / x_high
@@ -1232,14 +1233,17 @@ def choice_svg(report: dict[str, Any], threshold: float | None, low_end: float =
         f'<rect x="{left}" y="{top}" width="{width - left - right}" '
         f'height="{height - top - bottom}" fill="#fafafa" stroke="#999"/>',
     ]
-    for k in range(6):  # x ticks: 0 .. x_high
-        r = x_high * k / 5
+    x_step = 0.25 if x_high <= 2.0 else 1.0
+    for k in range(int(x_high / x_step) + 1):  # x ticks: 0 %, 25 %, ...
+        r = k * x_step
         parts.append(
-            f'<text x="{px(r):.1f}" y="{height - bottom + 14}" text-anchor="middle">{r:.0%}</text>'
+            f'<line x1="{px(r):.1f}" y1="{top}" x2="{px(r):.1f}" y2="{height - bottom}" '
+            f'stroke="#eee"/><text x="{px(r):.1f}" y="{height - bottom + 14}" '
+            f'text-anchor="middle">{r:.0%}</text>'
         )
-    steps = 5
-    for k in range(steps + 1):
-        v = low_end + (1.0 - low_end) * k / steps
+    y_step = 0.1 if 1.0 - low_end <= 0.5 else 0.2
+    for k in range(int(round((1.0 - low_end) / y_step * 1e6)) // 1_000_000 + 1):
+        v = 1.0 - k * y_step  # y ticks down from 1 by round steps
         parts.append(
             f'<line x1="{left}" y1="{py(v):.1f}" x2="{width - right}" y2="{py(v):.1f}" '
             f'stroke="#eee"/><text x="{left - 6}" y="{py(v) + 4:.1f}" '
@@ -1267,6 +1271,14 @@ def choice_svg(report: dict[str, Any], threshold: float | None, low_end: float =
             f'<polyline points="{path}" fill="none" stroke="#1e7b34" stroke-width="2" '
             'stroke-opacity="0.6"/>'
         )
+    names = " \u2192 ".join(c["model"]["name"] for c in front) or "-"
+    parts.append(
+        f'<text x="{left}" y="16" font-weight="bold" fill="#1e7b34">Pareto front: '
+        f"{_e(names)}</text>"
+        f'<text x="{left}" y="32" fill="#555">(green: no other candidate is both smaller '
+        "and higher-scoring; bars: intervals of the mean; labels: accuracy, or agreement "
+        "without labels)</text>"
+    )
     on_front = {id(c) for c in front}
     labels: list[tuple[float, float, str, bool]] = []
     for _, _, c in points:
@@ -1291,31 +1303,23 @@ def choice_svg(report: dict[str, Any], threshold: float | None, low_end: float =
             else f"agree {_fmt(c['agreement'], 3)}"
         )
         labels.append((x, y, f"{c['model']['name']} ({figure})", id(c) in on_front))
+    # Labels right of their point (left of it in the plot's right half), pushed down
+    # past the labels already placed on the same side nearby.
+    middle = (left + width - right) / 2
     placed: list[tuple[float, float]] = []
     for x, y, text, front_point in sorted(labels, key=lambda t: t[1]):
         ly = y + 4
-        while any(abs(ly - py_) < 13 and abs(x - px_) < 170 for px_, py_ in placed):
+        while any(abs(ly - py_) < 13 and abs(x - px_) < 60 for px_, py_ in placed):
             ly += 13
         placed.append((x, ly))
         weight = ' font-weight="bold"' if front_point else ""
-        parts.append(f'<text x="{x + 8:.1f}" y="{ly:.1f}"{weight}>{_e(text)}</text>')
-    legend_x = width - right + 14
-    parts.append(
-        f'<text x="{legend_x}" y="{top + 8}" font-weight="bold" fill="#1e7b34">'
-        "Pareto front</text>"
-        f'<text x="{legend_x}" y="{top + 22}" fill="#555">(none both smaller and</text>'
-        f'<text x="{legend_x}" y="{top + 35}" fill="#555">higher-scoring):</text>'
-    )
-    for k, c in enumerate(front):
-        parts.append(
-            f'<text x="{legend_x}" y="{top + 54 + 14 * k}" fill="#1e7b34">'
-            f"{_e(c['model']['name'])}</text>"
-        )
+        anchor = f'x="{x - 8:.1f}" text-anchor="end"' if x > middle else f'x="{x + 8:.1f}"'
+        parts.append(f'<text {anchor} y="{ly:.1f}"{weight}>{_e(text)}</text>')
     missing = len(report["candidates"]) - len(points)
     if missing:
         parts.append(
-            f'<text x="{legend_x}" y="{height - bottom}" fill="#555">{missing} without a '
-            "size or score: not drawn</text>"
+            f'<text x="{width - right}" y="16" text-anchor="end" fill="#555">{missing} '
+            "without a size or score: not drawn</text>"
         )
     parts.append("</svg>")
     return "".join(parts)
