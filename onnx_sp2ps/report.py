@@ -1096,6 +1096,19 @@ def _html_settings_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _error_bar(start: tuple[float, float], end: tuple[float, float], cap: float) -> str:
+    """SVG lines of an error bar from ``start`` to ``end`` (horizontal or vertical),
+    with caps ``cap`` long on each side at both ends."""
+    (x0, y0), (x1, y1) = start, end
+    dx, dy = (0.0, cap) if y0 == y1 else (cap, 0.0)
+    line = '<line x1="{:.1f}" y1="{:.1f}" x2="{:.1f}" y2="{:.1f}" stroke="#3b528b"/>'
+    return (
+        line.format(x0, y0, x1, y1)
+        + line.format(x0 - dx, y0 - dy, x0 + dx, y0 + dy)
+        + line.format(x1 - dx, y1 - dy, x1 + dx, y1 + dy)
+    )
+
+
 def _error_bar_svg(cand: dict[str, Any], low_end: float, width: int = 160) -> str:
     """The interval of the mean as an error bar on a shared axis [low_end, 1]."""
     ci = _mean_interval(cand)
@@ -1111,12 +1124,7 @@ def _error_bar_svg(cand: dict[str, Any], low_end: float, width: int = 160) -> st
         f'<line x1="{pad}" y1="{height - 2}" x2="{width - pad}" y2="{height - 2}" stroke="#ddd"/>',
     ]
     if ci is not None:
-        a, b = x(ci[0]), x(ci[1])
-        parts.append(
-            f'<line x1="{a:.1f}" y1="7" x2="{b:.1f}" y2="7" stroke="#3b528b" stroke-width="2"/>'
-            f'<line x1="{a:.1f}" y1="3" x2="{a:.1f}" y2="11" stroke="#3b528b"/>'
-            f'<line x1="{b:.1f}" y1="3" x2="{b:.1f}" y2="11" stroke="#3b528b"/>'
-        )
+        parts.append(_error_bar((x(ci[0]), 7.0), (x(ci[1]), 7.0), 4.0))
     if mean is not None:
         parts.append(f'<circle cx="{x(mean):.1f}" cy="7" r="3" fill="#c0392b"/>')
     parts.append("</svg>")
@@ -1285,13 +1293,7 @@ def choice_svg(report: dict[str, Any], threshold: float | None, low_end: float =
         x, y = where[id(c)]
         ci = _mean_interval(c)
         if ci is not None:
-            y0, y1 = py(ci[0]), py(ci[1])
-            parts.append(
-                f'<line x1="{x:.1f}" y1="{y0:.1f}" x2="{x:.1f}" y2="{y1:.1f}" stroke="#3b528b"/>'
-                f'<line x1="{x - 4:.1f}" y1="{y0:.1f}" x2="{x + 4:.1f}" y2="{y0:.1f}" '
-                f'stroke="#3b528b"/><line x1="{x - 4:.1f}" y1="{y1:.1f}" x2="{x + 4:.1f}" '
-                f'y2="{y1:.1f}" stroke="#3b528b"/>'
-            )
+            parts.append(_error_bar((x, py(ci[0])), (x, py(ci[1])), 4.0))
         fill = "#1e7b34" if id(c) in on_front else "#3b528b"
         parts.append(
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{fill}">'
