@@ -27,6 +27,7 @@ _EXPORTS = {
     "audit": "onnx_sp2ps.pipeline",
     "compute_cams": "onnx_sp2ps.pipeline",
     "GateCriteria": "onnx_sp2ps.gate",
+    "IntervalSettings": "onnx_sp2ps.intervals",
 }
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "ModelOptions",
     "Preprocess",
     "GateCriteria",
+    "IntervalSettings",
 ]
 
 

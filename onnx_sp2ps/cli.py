@@ -25,12 +25,14 @@ from onnx_sp2ps._version import __version__
 from onnx_sp2ps.cams import METHODS
 from onnx_sp2ps.data import LAYOUTS, PRESETS
 from onnx_sp2ps.errors import InputError, Interrupted, Sp2psError, UsageError
+from onnx_sp2ps.gate import GATE_ON
 from onnx_sp2ps.providers import PROVIDERS
 from onnx_sp2ps.targets import AUDIT_TARGETS
 
 if TYPE_CHECKING:
     from onnx_sp2ps.data import Preprocess
     from onnx_sp2ps.gate import GateCheck, GateCriteria
+    from onnx_sp2ps.intervals import IntervalSettings
     from onnx_sp2ps.pipeline import AuditResult, AuditSettings, ModelOptions
     from onnx_sp2ps.report import ReportSet
 
@@ -646,6 +648,8 @@ class GateOptions(_OptionGroup):
     fail_under_p5: float | None
     min_agreement: float | None
     max_accuracy_drop: float | None
+    gate_on: str
+    max_ci_width: float | None
 
     @classmethod
     def declared(cls) -> dict[str, Decorator]:
@@ -679,6 +683,23 @@ class GateOptions(_OptionGroup):
                 help="Gate: original accuracy minus candidate accuracy must be <= X "
                 "(absolute; needs labels).",
             ),
+            "gate_on": click.option(
+                "--gate-on",
+                type=click.Choice(GATE_ON),
+                default="mean",
+                show_default=True,
+                help="What --fail-under and --fail-under-p5 compare: the figure, or the "
+                "lower end of its confidence interval (passes only when the data show it "
+                "is above the threshold).",
+            ),
+            "max_ci_width": click.option(
+                "--max-ci-width",
+                type=float,
+                metavar="W",
+                callback=_unit_interval,
+                help="Gate: the confidence interval of the Sp2PS mean must be at most W "
+                "wide (else the sample is too small to decide).",
+            ),
         }
 
     def criteria(self) -> GateCriteria:
@@ -689,7 +710,46 @@ class GateOptions(_OptionGroup):
             fail_under_p5=self.fail_under_p5,
             min_agreement=self.min_agreement,
             max_accuracy_drop=self.max_accuracy_drop,
+            gate_on=self.gate_on,
+            max_ci_width=self.max_ci_width,
         )
+
+
+@dataclass(frozen=True)
+class IntervalOptions(_OptionGroup):
+    """The confidence intervals (README, "Intervals"): --confidence, --resamples
+    (``audit`` and ``merge``)."""
+
+    confidence: float
+    resamples: int
+
+    @classmethod
+    def declared(cls) -> dict[str, Decorator]:
+        from onnx_sp2ps.intervals import MAX_RESAMPLES, MIN_RESAMPLES
+
+        return {
+            "confidence": click.option(
+                "--confidence",
+                type=click.FloatRange(0.5, 1.0, max_open=True),
+                default=0.95,
+                show_default=True,
+                metavar="C",
+                help="Level of the confidence intervals (bootstrap over images), 0.5 to below 1.",
+            ),
+            "resamples": click.option(
+                "--resamples",
+                type=click.IntRange(MIN_RESAMPLES, MAX_RESAMPLES),
+                default=2000,
+                show_default=True,
+                metavar="B",
+                help=f"Bootstrap resamples of the intervals, {MIN_RESAMPLES} to {MAX_RESAMPLES}.",
+            ),
+        }
+
+    def settings(self) -> IntervalSettings:
+        from onnx_sp2ps.intervals import IntervalSettings
+
+        return IntervalSettings(confidence=self.confidence, resamples=self.resamples)
 
 
 @dataclass(frozen=True)
@@ -1316,6 +1376,36 @@ def _provider_note(console: _Console, info) -> None:
         console.info(f"providers: {', '.join(info.providers)}")
 
 
+#: An interval of the mean wider than this (half-width) gets the note of
+#: :func:`_wide_interval_note`.
+WIDE_HALF_WIDTH = 0.01
+
+
+def _wide_interval_note(console: _Console, result: AuditResult) -> None:
+    """One line when the widest interval of a candidate's mean has a half-width over
+    0.01: about how many images would give 0.01, from the observed variance."""
+    from onnx_sp2ps.intervals import images_for_half_width
+
+    widest = max(
+        (c for c in result.candidates if c.intervals is not None),
+        key=lambda c: c.intervals.mean.half_width if c.intervals else 0.0,
+        default=None,
+    )
+    if widest is None or widest.intervals is None:
+        return
+    ci = widest.intervals
+    if not ci.mean.half_width > WIDE_HALF_WIDTH:
+        return
+    needed = images_for_half_width(widest.scores.score, WIDE_HALF_WIDTH, ci.settings.confidence)
+    if needed is None:
+        return
+    console.info(
+        f"note: the {ci.settings.confidence:.0%} interval of the Sp2PS mean is "
+        f"±{ci.mean.half_width:.3f} ({widest.model.name}, {len(widest.scores.score)} images); "
+        f"about {needed:,} images would give ±{WIDE_HALF_WIDTH}"
+    )
+
+
 def _report_skipped(console: _Console, image_set) -> None:
     if image_set.skipped:
         _err(
@@ -1330,6 +1420,7 @@ def _report_skipped(console: _Console, image_set) -> None:
 @ImageOptions.options("images")
 @AuditOutput.options("out", "fmt")
 @GateOptions.options()
+@IntervalOptions.options()
 @AuditOutput.options("junit", "summary_md", "save_maps", "worst", "overlays")
 @CamOptions.options(audit=True)
 @AuditOutput.options("force", "original_cache")
@@ -1353,6 +1444,7 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
     runtime = RuntimeOptions.from_params(params)
     cams = CamOptions.from_params(params, audit=True)
     criteria = GateOptions.from_params(params).criteria()
+    intervals = IntervalOptions.from_params(params).settings()
     preprocess = PreprocessOptions.from_params(params).preprocess()
     models = ModelOverrides.from_params(params, candidates=True)
     shard = ShardOptions.from_params(params).shard
@@ -1372,7 +1464,9 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
         check_target(output.junit, option="--junit", force=output.force)
     if output.summary_md is not None:
         check_target(output.summary_md, option="--summary-md", force=True)
-    settings = _audit_settings(cams, runtime, data, output, threshold=criteria.fail_under)
+    settings = _audit_settings(
+        cams, runtime, data, output, threshold=criteria.fail_under, intervals=intervals
+    )
     folders = _model_folders([str(original), *map(str, candidates)])
     files = None
     if output.out is not None:
@@ -1406,6 +1500,7 @@ def audit(original: Path, candidates: tuple[Path, ...], **params: Any) -> int:
         console.info(f"preprocess: {result.images.preprocess.describe()}")
         _provider_note(console, result.original)
         _report_skipped(console, result.images)
+        _wide_interval_note(console, result)
         report = audit_to_dict(result, schema_version=audit_module.SCHEMA_VERSION)
         report["setting_sources"] = setting_sources(click.get_current_context())
         # The gate is checked once; the table, the files and the exit code show it.
@@ -1564,7 +1659,7 @@ def gate(report: Path, **params: Any) -> int:
     if not criteria.any():
         raise click.UsageError(
             "give at least one criterion (--fail-under, --fail-under-p5, "
-            "--min-agreement, --max-accuracy-drop)"
+            "--min-agreement, --max-accuracy-drop, --max-ci-width)"
         )
     return _gate(check_report(load_report(report), criteria))
 
@@ -1578,6 +1673,10 @@ _GATE_PARAMS = (
     "fail_under_p5",
     "min_agreement",
     "max_accuracy_drop",
+    "gate_on",
+    "max_ci_width",
+    "confidence",
+    "resamples",
     "junit",
     "summary_md",
 )
@@ -1590,9 +1689,11 @@ def _audit_settings(
     output: AuditOutput,
     *,
     threshold: float | None,
+    intervals: IntervalSettings | None = None,
 ) -> AuditSettings:
     """The settings of an audit or a shard; a bad --original-cache folder is exit 3 here,
     before --out is touched."""
+    from onnx_sp2ps.intervals import IntervalSettings
     from onnx_sp2ps.pipeline import AuditSettings
 
     if output.original_cache is not None:
@@ -1610,6 +1711,7 @@ def _audit_settings(
         scorecam_channels=cams.scorecam_channels,
         max_memory=runtime.max_memory,
         original_cache=None if output.original_cache is None else str(output.original_cache),
+        intervals=intervals or IntervalSettings(),
     )
 
 
@@ -1725,6 +1827,7 @@ def _merged_sources(recorded: dict[str, str], ctx: click.Context) -> dict[str, s
 @click.argument("shards", nargs=-1, required=True, type=_PATH)
 @MergeOutput.options("out", "fmt")
 @GateOptions.options()
+@IntervalOptions.options()
 @MergeOutput.options("junit", "summary_md", "worst", "overlays", "force", "images", "max_memory")
 @CommonOptions.options()
 def merge(shards: tuple[Path, ...], **params: Any) -> int:
@@ -1739,6 +1842,7 @@ def merge(shards: tuple[Path, ...], **params: Any) -> int:
     console = CommonOptions.from_params(params).console
     merged = MergeOutput.from_params(params)
     criteria = GateOptions.from_params(params).criteria()
+    intervals = IntervalOptions.from_params(params).settings()
     _no_params_left(params)
     found = read_shards(shards)
     identity = found[0].identity
@@ -1777,12 +1881,17 @@ def merge(shards: tuple[Path, ...], **params: Any) -> int:
     try:
         records = merge_shards(found, max_memory=merged.max_memory, worst=worst)
         context = merged_context(
-            identity, image_set, threshold=criteria.fail_under, max_memory=merged.max_memory
+            identity,
+            image_set,
+            threshold=criteria.fail_under,
+            max_memory=merged.max_memory,
+            intervals=intervals,
         )
         result = summarise(records, context)
         console.info(f"preprocess: {result.images.preprocess.describe()}")
         _provider_note(console, result.original)
         _report_skipped(console, result.images)
+        _wide_interval_note(console, result)
         report = audit_to_dict(result, schema_version=SCHEMA_VERSION)
         report["setting_sources"] = _merged_sources(
             identity["setting_sources"], click.get_current_context()

@@ -37,6 +37,13 @@ from onnx_sp2ps.errors import (
 from onnx_sp2ps.files import human_bytes, memory_budget, show
 from onnx_sp2ps.gate import GateCriteria, apply_gate
 from onnx_sp2ps.gate import finite_or_none as _num
+from onnx_sp2ps.intervals import (
+    Comparison,
+    IntervalSettings,
+    ScoreIntervals,
+    audit_intervals,
+    seed_key,
+)
 from onnx_sp2ps.model import ModelSpec, PreparedModel, model_digest, prepare_model
 from onnx_sp2ps.records import (
     CandidateColumns,
@@ -123,6 +130,10 @@ class AuditSettings:
     #: "Commands"): every process that opens audit models with these settings (a shard,
     #: a Ray worker) reads and writes it.  Not in :meth:`to_dict`: it changes no result.
     original_cache: str | None = None
+    #: Confidence and resamples of the intervals (``--confidence``, ``--resamples``).
+    #: Not in :meth:`to_dict`: each interval in the report says them, and like the gate
+    #: threshold they belong to the summary (a merge of shards sets its own).
+    intervals: IntervalSettings = IntervalSettings()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -185,6 +196,8 @@ class CandidateResult:
     non_finite_paths: tuple[str, ...]
     maps: ModelMaps | None = None
     worst: "WorstImages | None" = None
+    #: Intervals of the mean, class-balanced mean and 5th percentile (README, "Intervals").
+    intervals: ScoreIntervals | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +232,9 @@ class AuditResult:
     provider_note: str | None
     versions: dict[str, str] = field(default_factory=dict)
     original_maps: ModelMaps | None = None
+    #: Every pair of candidates compared on the same images (README, "Intervals"):
+    #: ``a``, ``b`` are positions in :attr:`candidates`.
+    comparisons: tuple[Comparison, ...] = ()
 
     @property
     def paths(self) -> list[str]:
@@ -329,9 +345,11 @@ def audit_to_dict(
                     "flat_candidate": bool(cand.scores.flat_b[i]),
                 }
             )
-        summary = {
+        summary: dict[str, Any] = {
             k: (_num(v) if isinstance(v, float) else v) for k, v in cand.summary.to_dict().items()
         }
+        if cand.intervals is not None:
+            summary["ci"] = cand.intervals.to_dict()
         candidates.append(
             {
                 "model": _model_dict(cand.model, name),
@@ -366,11 +384,28 @@ def audit_to_dict(
             "accuracy": _num(result.original_accuracy),
         },
         "candidates": candidates,
+        "comparisons": [_comparison_dict(c, result.candidates) for c in result.comparisons],
         "passed": None,
     }
     if criteria is not None and criteria.any():
         apply_gate(report, criteria)
     return report
+
+
+def _comparison_dict(c: Comparison, candidates: Sequence[CandidateResult]) -> dict[str, Any]:
+    def path(i: int | None) -> str | None:
+        info = None if i is None else candidates[i].model
+        return None if info is None or info.path is None else show(info.path)
+
+    return {
+        "a": path(c.a),
+        "b": path(c.b),
+        "positions": [c.a, c.b],
+        "difference": _num(c.difference),
+        "ci": c.ci.to_list(),
+        "exact": c.ci.exact,
+        "better": path(c.better),
+    }
 
 
 # --------------------------------------------------------------------------- helpers
@@ -975,8 +1010,14 @@ def summarise(records: Records, context: AuditContext) -> AuditResult:
             return None
         return float(np.mean(pred[known] == labels[known]))
 
+    intervals = audit_intervals(
+        [c.scores.score for c in records.candidates],
+        o.targets,
+        settings=context.settings.intervals,
+        key=seed_key(records.positions),
+    )
     results = []
-    for info, cand in zip(context.candidates, records.candidates):
+    for info, cand, ci in zip(context.candidates, records.candidates, intervals.candidates):
         scores, c = cand.scores, cand.columns
         if not scores.finite.any():
             raise NonFiniteError(
@@ -1000,6 +1041,7 @@ def summarise(records: Records, context: AuditContext) -> AuditResult:
                 non_finite_paths=tuple(p for p, ok in zip(records.paths, scores.finite) if not ok),
                 maps=c.maps,
                 worst=_worst_rows(cand.worst, records.positions) if cand.worst.limit > 0 else None,
+                intervals=ci,
             )
         )
     return AuditResult(
@@ -1016,6 +1058,7 @@ def summarise(records: Records, context: AuditContext) -> AuditResult:
         provider_note=context.provider_note,
         versions=context.versions,
         original_maps=o.maps,
+        comparisons=intervals.comparisons,
     )
 
 

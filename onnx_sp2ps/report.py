@@ -410,6 +410,85 @@ def _ranked(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     )
 
 
+def versus_next(report: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """The ranked candidates (:func:`_ranked`), each with how it compares with the next
+    one by the paired comparison of the report (``comparisons``): ``= next`` when their
+    difference's interval holds 0 (not distinguishable), ``> next`` when it excludes 0,
+    ``""`` for the last one and for reports without comparisons."""
+    position = {id(c): i for i, c in enumerate(report["candidates"])}
+    pairs = {}
+    for comp in report.get("comparisons") or []:
+        a, b = comp.get("positions") or (None, None)
+        pairs[(a, b)] = pairs[(b, a)] = comp
+    order = _ranked(report["candidates"])
+    out = []
+    for k, cand in enumerate(order):
+        mark = ""
+        if k + 1 < len(order):
+            comp = pairs.get((position[id(cand)], position[id(order[k + 1])]))
+            low, high = (comp or {}).get("ci") or (None, None)
+            if low is not None and high is not None:
+                mark = "> next" if (low > 0 or high < 0) else "= next"
+        out.append((cand, mark))
+    return out
+
+
+def _mean_interval(cand: dict[str, Any]) -> tuple[float, float] | None:
+    pair = ((cand.get("sp2ps") or {}).get("ci") or {}).get("mean")
+    if not pair or pair[0] is None or pair[1] is None:
+        return None
+    return float(pair[0]), float(pair[1])
+
+
+def _plus_minus(cand: dict[str, Any]) -> str:
+    """``mean +-half-width`` (the interval's; BCa intervals need not be symmetric)."""
+    ci = _mean_interval(cand)
+    mean = _fmt(cand["sp2ps"]["mean"])
+    return mean if ci is None else f"{mean} ±{_fmt((ci[1] - ci[0]) / 2)}"
+
+
+def _interval_text(cand: dict[str, Any], key: str = "mean") -> str:
+    pair = ((cand.get("sp2ps") or {}).get("ci") or {}).get(key)
+    if not pair:
+        return "-"
+    return f"[{_fmt(pair[0])}, {_fmt(pair[1])}]"
+
+
+def size_ratio(cand: dict[str, Any], original: dict[str, Any]) -> float | None:
+    """A candidate's model size relative to the original's: file size, else parameters."""
+    for key in ("size_bytes", "parameters"):
+        a, b = cand["model"].get(key), original["model"].get(key)
+        if a and b:
+            return float(a) / float(b)
+    return None
+
+
+def placed_candidates(report: dict[str, Any]) -> list[tuple[float, float, dict[str, Any]]]:
+    """(size relative to the original, Sp2PS mean, candidate) of the candidates that
+    have both, ranked."""
+    out = []
+    for c in _ranked(report["candidates"]):
+        size, mean = size_ratio(c, report["original"]), c["sp2ps"]["mean"]
+        if size is not None and mean is not None:
+            out.append((size, float(mean), c))
+    return out
+
+
+def pareto_front(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The candidates that no other beats on both size (relative to the original,
+    smaller is better) and Sp2PS mean (higher is better), smallest first; candidates
+    without a size or a mean are left out."""
+    known = placed_candidates(report)
+    front = [
+        (size, mean, c)
+        for size, mean, c in known
+        if not any(s2 <= size and m2 >= mean and (s2 < size or m2 > mean) for s2, m2, _ in known)
+    ]
+    return [c for _, _, c in sorted(front, key=lambda t: (t[0], -t[1]))]
+
+
+#: The intervals of each candidate's ``sp2ps.ci`` (README, "Intervals").
+INTERVAL_KEYS = ("mean", "class_balanced_mean", "p5")
 #: report.json versions ``gate`` reads, and the largest report it reads.
 KNOWN_SCHEMAS = (1,)
 MAX_REPORT_BYTES = 256 << 20
@@ -469,6 +548,34 @@ def _schema_errors(data: object) -> str | None:
             problem = fraction(value, f"{where}.{key}")
             if problem:
                 return problem
+        problem = _ci_errors(sp2ps.get("ci"), f"{where}.sp2ps.ci", fraction)
+        if problem:
+            return problem
+    return None
+
+
+def _ci_errors(ci: object, where: str, fraction: Callable[[Any, str], str | None]) -> str | None:
+    """The first problem of a candidate's ``sp2ps.ci`` (absent in reports of earlier
+    versions: no problem), as :func:`_schema_errors` reads it."""
+    if ci is None:
+        return None
+    if not isinstance(ci, dict):
+        return f"{where} is not an object"
+    confidence = finite_or_none(ci.get("confidence"))
+    if confidence is None or not 0.0 < confidence < 1.0:
+        return (
+            f"{where}.confidence is {json.dumps(ci.get('confidence'))[:40]}, not a number in (0, 1)"
+        )
+    for key in INTERVAL_KEYS:
+        pair = ci.get(key)
+        if not isinstance(pair, list) or len(pair) != 2:
+            return f"{where}.{key} is not a [low, high] pair"
+        for value in pair:
+            problem = fraction(value, f"{where}.{key}")
+            if problem:
+                return problem
+        if None not in pair and pair[0] > pair[1]:
+            return f"{where}.{key} has its low end above its high end"
     return None
 
 
@@ -521,6 +628,7 @@ def format_table(report: dict[str, Any]) -> str:
     header = [
         "candidate",
         "sp2ps",
+        "vs next",
         "balanced",
         "median",
         "p5",
@@ -537,19 +645,19 @@ def format_table(report: dict[str, Any]) -> str:
         "gate",
     ]
     rows = []
-    order = _ranked(report["candidates"])
 
     def ratio(cand: dict[str, Any], key: str) -> str:
         a, b = cand["model"].get(key), orig["model"].get(key)
         return f"{a / b:.0%}" if a and b else "-"
 
-    for c in order:
+    for c, mark in versus_next(report):
         s = c["sp2ps"]
         gate = c.get("gate")
         rows.append(
             [
                 c["model"]["name"],
-                _fmt(s["mean"]),
+                _plus_minus(c),
+                mark or "-",
                 _fmt(s["class_balanced_mean"]),
                 _fmt(s["median"]),
                 _fmt(s["p5"]),
@@ -575,6 +683,16 @@ def format_table(report: dict[str, Any]) -> str:
     for r in rows:
         lines.append(
             "  ".join(v.ljust(widths[i]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(r))
+        )
+    level = next(
+        (c["sp2ps"]["ci"]["confidence"] for c in report["candidates"] if c["sp2ps"].get("ci")),
+        None,
+    )
+    if level is not None:
+        lines.append(
+            f"sp2ps: mean ±half-width of its {level:.0%} interval (bootstrap over images); "
+            "vs next: '= next' when the paired difference with the next one is not "
+            "distinguishable from 0"
         )
     for c in report["candidates"]:
         if c["non_finite_images"]:
@@ -763,27 +881,39 @@ def summary_markdown(report: dict[str, Any], checks: list[GateCheck]) -> str:
         f"({len(report['images']['skipped'])} skipped); method "
         f"{cell(report['settings']['method'])}.",
         "",
-        "| candidate | Sp2PS | p5 | S | F | agreement | accuracy | gate |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| candidate | Sp2PS | interval | vs next | p5 | p5 interval | S | F | agreement "
+        "| accuracy | gate |",
+        "|---|---:|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     position = {id(c): i for i, c in enumerate(report["candidates"])}
-    order = _ranked(report["candidates"])
-    for c in order:
+    for c, mark in versus_next(report):
         name = c["model"]["name"]
         mine = [k for k in checks if k.index == position[id(c)]]
         gate = "-" if not mine else ("pass" if all(k.passed for k in mine) else "**fail**")
         s = c["sp2ps"]
         lines.append(
-            f"| `{cell(name)}` | {_fmt(s['mean'])} | {_fmt(s['p5'])} | "
+            f"| `{cell(name)}` | {_fmt(s['mean'])} | {_interval_text(c)} | {mark or '-'} | "
+            f"{_fmt(s['p5'])} | {_interval_text(c, 'p5')} | "
             f"{_fmt(s['spatial_mean'])} | {_fmt(s['spectral_mean'])} | "
             f"{_fmt(c['agreement'], 3)} | {_fmt(c['accuracy'], 3)} | {gate} |"
         )
+    front = pareto_front(report)
+    if front:
+        lines += [
+            "",
+            "Pareto front (no other candidate is both smaller and higher-scoring): "
+            + ", ".join(
+                f"`{cell(c['model']['name'])}` "
+                f"({size_ratio(c, report['original']) or 0.0:.0%} size, "
+                f"{_fmt(c['sp2ps']['mean'])})"
+                for c in front
+            )
+            + ".",
+        ]
     failed = [k for k in checks if not k.passed]
     if failed:
         lines += [""] + [
-            f"- `{cell(k.candidate)}`: {k.criterion} "
-            f"{'missing' if k.value is None else f'{k.value:.6f}'} "
-            f"(must be {k.op} {k.threshold:.6f})"
+            f"- `{cell(k.candidate)}`: {k.describe()} (must be {k.op} {k.threshold:.6f})"
             for k in failed
         ]
     return "\n".join(lines) + "\n"
@@ -894,11 +1024,15 @@ _HTML_STYLE = (
     "th:first-child,td:first-child{text-align:left}"
     ".worst td{text-align:center}.verdict{font-size:1.4em;font-weight:bold}"
     ".PASSED{color:#1e7b34}.FAILED{color:#c0392b}img{image-rendering:pixelated}"
+    ".ranking td{white-space:nowrap}"
     "code{font-size:.85em}"
 )
 _RANKING_HEADER = [
     "candidate",
     "Sp2PS",
+    "interval",
+    "",
+    "vs next",
     "balanced",
     "p5",
     "S",
@@ -916,9 +1050,16 @@ def _e(x: object) -> str:
     return escape(str(x), quote=True)
 
 
+class _Markup(str):
+    """A table cell that is already HTML (an inline SVG this module drew), not text."""
+
+
 def _html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{v if isinstance(v, _Markup) else _e(v)}</td>" for v in r) + "</tr>"
+        for r in rows
+    )
     return f'<table class="{_e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -955,12 +1096,63 @@ def _html_settings_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _html_ranking_row(c: dict[str, Any]) -> list[str]:
+def _error_bar(start: tuple[float, float], end: tuple[float, float], cap: float) -> str:
+    """SVG lines of an error bar from ``start`` to ``end`` (horizontal or vertical),
+    with caps ``cap`` long on each side at both ends."""
+    (x0, y0), (x1, y1) = start, end
+    dx, dy = (0.0, cap) if y0 == y1 else (cap, 0.0)
+    line = '<line x1="{:.1f}" y1="{:.1f}" x2="{:.1f}" y2="{:.1f}" stroke="#3b528b"/>'
+    return (
+        line.format(x0, y0, x1, y1)
+        + line.format(x0 - dx, y0 - dy, x0 + dx, y0 + dy)
+        + line.format(x1 - dx, y1 - dy, x1 + dx, y1 + dy)
+    )
+
+
+def _error_bar_svg(cand: dict[str, Any], low_end: float, width: int = 160) -> str:
+    """The interval of the mean as an error bar on a shared axis [low_end, 1]."""
+    ci = _mean_interval(cand)
+    mean = cand["sp2ps"]["mean"]
+    height, pad = 14, 4
+
+    def x(v: float) -> float:
+        return pad + (width - 2 * pad) * (min(max(v, low_end), 1.0) - low_end) / (1.0 - low_end)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="interval of the mean">',
+        f'<line x1="{pad}" y1="{height - 2}" x2="{width - pad}" y2="{height - 2}" stroke="#ddd"/>',
+    ]
+    if ci is not None:
+        parts.append(_error_bar((x(ci[0]), 7.0), (x(ci[1]), 7.0), 4.0))
+    if mean is not None:
+        parts.append(f'<circle cx="{x(mean):.1f}" cy="7" r="3" fill="#c0392b"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _axis_low(report: dict[str, Any]) -> float:
+    """The lower end of the score axis shared by the ranking's bars and the chart: a
+    tenth below the lowest interval end (or mean), at least 0."""
+    ends = [
+        v
+        for c in report["candidates"]
+        for v in ((_mean_interval(c) or (c["sp2ps"]["mean"],))[0], c["sp2ps"]["mean"])
+        if v is not None
+    ]
+    low = min(ends, default=0.0)
+    return max(0.0, min(0.9, math.floor(low * 10 - 0.5) / 10))
+
+
+def _html_ranking_row(c: dict[str, Any], mark: str, low_end: float) -> list[str]:
     s = c["sp2ps"]
     gate = c.get("gate")
     return [
         c["model"]["name"],
         _fmt(s["mean"]),
+        _interval_text(c),
+        _Markup(_error_bar_svg(c, low_end)),
+        mark or "-",
         _fmt(s["class_balanced_mean"]),
         _fmt(s["p5"]),
         _fmt(s["spatial_mean"]),
@@ -1026,6 +1218,115 @@ def _html_candidate(
     )
 
 
+def choice_svg(report: dict[str, Any], threshold: float | None, low_end: float = 0.0) -> str:
+    """The choice, drawn: each candidate at (model size relative to the original, Sp2PS
+    mean) with its interval as an error bar and its accuracy (or agreement) in its
+    label, the gate threshold as a line, and the Pareto front (:func:`pareto_front`)
+    joined and named.  Inline SVG, no script."""
+    width, height = 820, 440
+    left, right, top, bottom = 56, 24, 58, 46
+    points = placed_candidates(report)
+    x_high = max([1.0] + [r for r, _, _ in points]) * 1.08
+
+    def px(r: float) -> float:
+        return left + (width - left - right) * r / x_high
+
+    def py(v: float) -> float:
+        v = min(max(v, low_end), 1.0)
+        return top + (height - top - bottom) * (1.0 - (v - low_end) / (1.0 - low_end))
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'role="img" aria-label="Sp2PS mean against model size" font-size="11">',
+        f'<rect x="{left}" y="{top}" width="{width - left - right}" '
+        f'height="{height - top - bottom}" fill="#fafafa" stroke="#999"/>',
+    ]
+    x_step = 0.25 if x_high <= 2.0 else 1.0
+    for k in range(int(x_high / x_step) + 1):  # x ticks: 0 %, 25 %, ...
+        r = k * x_step
+        parts.append(
+            f'<line x1="{px(r):.1f}" y1="{top}" x2="{px(r):.1f}" y2="{height - bottom}" '
+            f'stroke="#eee"/><text x="{px(r):.1f}" y="{height - bottom + 14}" '
+            f'text-anchor="middle">{r:.0%}</text>'
+        )
+    y_step = 0.1 if 1.0 - low_end <= 0.5 else 0.2
+    for k in range(int(round((1.0 - low_end) / y_step * 1e6)) // 1_000_000 + 1):
+        v = 1.0 - k * y_step  # y ticks down from 1 by round steps
+        parts.append(
+            f'<line x1="{left}" y1="{py(v):.1f}" x2="{width - right}" y2="{py(v):.1f}" '
+            f'stroke="#eee"/><text x="{left - 6}" y="{py(v) + 4:.1f}" '
+            f'text-anchor="end">{v:.2f}</text>'
+        )
+    parts.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 10}" text-anchor="middle">'
+        "model size relative to the original (file size)</text>"
+        f'<text x="14" y="{(top + height - bottom) / 2:.0f}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})">Sp2PS mean '
+        "(bar: interval)</text>"
+    )
+    if threshold is not None and threshold >= low_end:
+        y = py(threshold)
+        parts.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" '
+            f'stroke="#c0392b" stroke-dasharray="5 3"/><text x="{width - right - 4}" '
+            f'y="{y - 4:.1f}" text-anchor="end" fill="#c0392b">gate {threshold:.2f}</text>'
+        )
+    front = pareto_front(report)
+    where = {id(c): (px(r), py(m)) for r, m, c in points}
+    if len(front) > 1:
+        path = " ".join(f"{where[id(c)][0]:.1f},{where[id(c)][1]:.1f}" for c in front)
+        parts.append(
+            f'<polyline points="{path}" fill="none" stroke="#1e7b34" stroke-width="2" '
+            'stroke-opacity="0.6"/>'
+        )
+    names = " \u2192 ".join(c["model"]["name"] for c in front) or "-"
+    parts.append(
+        f'<text x="{left}" y="16" font-weight="bold" fill="#1e7b34">Pareto front: '
+        f"{_e(names)}</text>"
+        f'<text x="{left}" y="32" fill="#555">(green: no other candidate is both smaller '
+        "and higher-scoring; bars: intervals of the mean; labels: accuracy, or agreement "
+        "without labels)</text>"
+    )
+    on_front = {id(c) for c in front}
+    labels: list[tuple[float, float, str, bool]] = []
+    for _, _, c in points:
+        x, y = where[id(c)]
+        ci = _mean_interval(c)
+        if ci is not None:
+            parts.append(_error_bar((x, py(ci[0])), (x, py(ci[1])), 4.0))
+        fill = "#1e7b34" if id(c) in on_front else "#3b528b"
+        parts.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{fill}">'
+            f"<title>{_e(c['model']['name'])}: {_e(_plus_minus(c))}</title></circle>"
+        )
+        figure = (
+            f"acc {_fmt(c['accuracy'], 3)}"
+            if c.get("accuracy") is not None
+            else f"agree {_fmt(c['agreement'], 3)}"
+        )
+        labels.append((x, y, f"{c['model']['name']} ({figure})", id(c) in on_front))
+    # Labels right of their point (left of it in the plot's right half), pushed down
+    # past the labels already placed on the same side nearby.
+    middle = (left + width - right) / 2
+    placed: list[tuple[float, float]] = []
+    for x, y, text, front_point in sorted(labels, key=lambda t: t[1]):
+        ly = y + 4
+        while any(abs(ly - py_) < 13 and abs(x - px_) < 60 for px_, py_ in placed):
+            ly += 13
+        placed.append((x, ly))
+        weight = ' font-weight="bold"' if front_point else ""
+        anchor = f'x="{x - 8:.1f}" text-anchor="end"' if x > middle else f'x="{x + 8:.1f}"'
+        parts.append(f'<text {anchor} y="{ly:.1f}"{weight}>{_e(text)}</text>')
+    missing = len(report["candidates"]) - len(points)
+    if missing:
+        parts.append(
+            f'<text x="{width - right}" y="16" text-anchor="end" fill="#555">{missing} '
+            "without a size or score: not drawn</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def html_report(
     report: dict[str, Any],
     worst: dict[str, list[WorstImage]],
@@ -1040,6 +1341,19 @@ def html_report(
     threshold = (report.get("gate_criteria") or {}).get("fail_under")
     name_of = _class_namer(class_names)
     order = _ranked(report["candidates"])
+    low_end = _axis_low(report)
+    ranking = [_html_ranking_row(c, mark, low_end) for c, mark in versus_next(report)]
+    level = next(
+        (c["sp2ps"]["ci"]["confidence"] for c in order if c["sp2ps"].get("ci")),
+        None,
+    )
+    ranking_note = (
+        ""
+        if level is None
+        else f"<p>Intervals: {level:.0%}, bootstrap over images (README, &quot;Intervals&quot;). "
+        "<b>= next</b>: the paired difference with the next candidate is not "
+        "distinguishable from 0 at that confidence.</p>"
+    )
     sections = [
         _html_candidate(c, orig, worst.get(c["model"]["name"], []), threshold, name_of)
         for c in order
@@ -1053,7 +1367,10 @@ def html_report(
         + f"<p>Original accuracy {_e(_fmt(orig['accuracy'], 3))}; method "
         f"{_e(report['settings']['method'])}, target {_e(report['settings']['target'])}.</p>"
         "<h2>Ranking</h2>"
-        + _html_table(_RANKING_HEADER, [_html_ranking_row(c) for c in order], "ranking")
+        + _html_table(_RANKING_HEADER, ranking, "ranking")
+        + ranking_note
+        + "<h2>Size against attention</h2>"
+        + choice_svg(report, threshold, low_end)
         + "".join(sections)
         + "<h2>Settings</h2>"
         + _html_table(["setting", "value"], _html_settings_rows(report), "settings")

@@ -41,6 +41,7 @@ from onnx_sp2ps.files import (
     read_bounded,
     show,
 )
+from onnx_sp2ps.intervals import IntervalSettings
 from onnx_sp2ps.model import ModelSpec, load_model, model_digest
 from onnx_sp2ps.pipeline import AuditContext, AuditSettings, ModelInfo, shard_range
 from onnx_sp2ps.records import Records, WorstImages, merge_stream
@@ -609,9 +610,10 @@ def merged_context(
     *,
     threshold: float | None,
     max_memory: int | None = None,
+    intervals: IntervalSettings = IntervalSettings(),
 ) -> AuditContext:
     """The context one pass would have had: the shards' settings (the gate threshold
-    the merge's), models, provider note and versions."""
+    and the intervals' settings the merge's), models, provider note and versions."""
     recorded = identity["settings"]
     try:
         settings = AuditSettings(
@@ -619,7 +621,7 @@ def merged_context(
         )
     except (KeyError, TypeError) as exc:
         raise DataError(f"the shards' settings cannot be read back ({exc})") from None
-    settings = replace(settings, threshold=threshold, max_memory=max_memory)
+    settings = replace(settings, threshold=threshold, max_memory=max_memory, intervals=intervals)
     try:
         models = [_model_info(m) for m in identity["models"]]
     except (TypeError, ValueError, AttributeError) as exc:

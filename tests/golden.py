@@ -98,5 +98,26 @@ def run_case(name: str, out: Path) -> dict:
     return report
 
 
+def split_added(report: dict) -> tuple[dict, dict]:
+    """The report without the fields added after the golden files were written, and
+    those fields (the intervals of issue 14: each candidate's ``sp2ps.ci``, the
+    top-level ``comparisons``, the gate's ``gate_on`` and ``max_ci_width`` criteria and
+    each check's ``interval``), which ``<case>.added.json`` holds."""
+    report = json.loads(json.dumps(report))
+    added: dict = {"comparisons": report.pop("comparisons", None), "candidates": []}
+    criteria = report.get("gate_criteria")
+    if criteria is not None:
+        added["gate_criteria"] = {k: criteria.pop(k, None) for k in ("gate_on", "max_ci_width")}
+    for cand in report["candidates"]:
+        gate = cand.get("gate") or {}
+        added["candidates"].append(
+            {
+                "ci": cand["sp2ps"].pop("ci", None),
+                "check_intervals": [c.pop("interval", None) for c in gate.get("checks", [])],
+            }
+        )
+    return report, added
+
+
 def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()

@@ -45,7 +45,7 @@ def report(mean=0.9, p5=0.7, agreement=0.95, acc_orig=0.9, acc_cand=0.85, name="
 def test_each_criterion_passes_and_fails(criteria, passes):
     checks = check_report(report(), criteria)
     assert all(c.passed for c in checks) is passes
-    assert len(checks) == sum(v is not None for v in criteria.to_dict().values())
+    assert len(checks) == sum(v is not None for v in criteria.thresholds().values())
 
 
 @pytest.mark.parametrize("field", ["mean", "p5"])

@@ -3,7 +3,7 @@ a module of a higher layer, none imports the package root, and the root only re-
 
 Layers, lowest first (a module may import its own layer and those below):
 errors, files, _version, providers -> model, backward -> runtime -> cams -> similarity, targets,
-data, gate, records, cache -> pipeline -> ray_engine -> report, shards -> cli, __main__.
+data, gate, records, cache, intervals -> pipeline -> ray_engine -> report, shards -> cli, __main__.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ LAYERS = [
     {"model", "backward"},
     {"runtime"},
     {"cams"},
-    {"similarity", "targets", "data", "gate", "records", "cache"},
+    {"similarity", "targets", "data", "gate", "records", "cache", "intervals"},
     {"pipeline"},
     {"ray_engine"},
     {"report", "shards"},

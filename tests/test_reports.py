@@ -109,7 +109,9 @@ def test_html_report_has_its_parts(audited):
     # The original listed again as a candidate is named apart from it.
     assert "cand.onnx" in page.headings and "orig.onnx (candidate 2)" in page.headings
     assert page.headings.count("Per-image Sp2PS") == 2
-    assert page.tags.get("svg") == 2 and page.tags.get("rect", 0) >= 40
+    # a histogram per candidate, an error bar per ranking row, the size-vs-score chart
+    assert page.tags.get("svg") == 2 + 2 + 1 and page.tags.get("rect", 0) >= 40
+    assert "Size against attention" in page.headings
     # 5 worst images per candidate, each: input, original's map, candidate's map
     assert len(page.imgs) == 2 * 5 * 3
     assert all(src.startswith("data:image/png;base64,") for src in page.imgs)

@@ -332,7 +332,10 @@ def test_records_over_the_memory_budget_are_refused(capsys, work):
 # --------------------------------------------------------------------------- usage
 
 
-@pytest.mark.parametrize("gate", [("--fail-under", "0.5"), ("--junit", "x.xml")])
+@pytest.mark.parametrize(
+    "gate",
+    [("--fail-under", "0.5"), ("--junit", "x.xml"), ("--gate-on", "lower"), ("--resamples", "500")],
+)
 def test_gate_options_with_shard_are_a_usage_error(capsys, samples, tmp_path, gate):
     code, _, err = run_cli(
         capsys,
