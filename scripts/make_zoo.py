@@ -34,7 +34,7 @@ the last block's attention (timm ``blocks[-1].norm1``'s output: prefix tokens + 
 
 Usage (from the repository root)::
 
-    python scripts/make_zoo.py [--only NAME ...] [--keras] [--no-measure]
+    python scripts/make_zoo.py [--only NAME ...] [--keras] [--no-measure | --measure-only]
 """
 
 from __future__ import annotations
@@ -588,6 +588,11 @@ def main() -> None:
     parser.add_argument("--keras", action="store_true", help="also the Keras entries")
     parser.add_argument("--tf-python", default="/tmp/tfvenv/bin/python")
     parser.add_argument("--no-measure", action="store_true")
+    parser.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="re-measure the entries already in zoo.json (no export) and rewrite the README",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -600,12 +605,17 @@ def main() -> None:
         folder = image_folder(ref_paths, Path(tmp))
         x = load_inputs(folder, "NCHW", "unit")
         rows = []
-        for name in TORCH_ENTRIES:
+        if args.measure_only:
+            for name, row in entries.items():
+                if not args.only or name in args.only:
+                    row["measured"] = measure(row, folder, args.out)
+                    print(json.dumps({name: row["measured"]}), flush=True)
+        for name in [] if args.measure_only else TORCH_ENTRIES:
             if args.only and name not in args.only:
                 continue
             rows.append(build_torch(name, x, rel, args.out))
             print(json.dumps(rows[-1]), flush=True)
-        if args.keras:
+        if args.keras and not args.measure_only:
             rows += build_keras(args, folder, rel, args.out)
         for row in rows:
             if "export_error" in row:
