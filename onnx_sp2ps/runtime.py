@@ -542,7 +542,9 @@ class ModelRunner:
             feed = {self._input: self._image_input(images, span, on_device, uploads)}
             if grad is not None:
                 feed[grad.target] = np.asarray(rest[0][span], dtype=np.int64)
-            return _run(session, names, feed)
+            out = _run(session, names, feed)
+            self._check_side_rows(out[2 : len(self._outputs)], len(images[span]))
+            return out
 
         rows = [inputs, np.asarray(targets)] if fused else [inputs]
         parts = _in_batches(self.batch_limit, rows, run, len(names))
@@ -559,18 +561,23 @@ class ModelRunner:
             self._cache = (activations, parts[-1], logits, grads)
         return activations, logits
 
-    def _head_context(self, raw: np.ndarray, side: list[np.ndarray]) -> list[np.ndarray] | None:
-        """The prefix tokens and side inputs of a batch (see ``_context``), checked to
-        hold one row per image."""
-        prefix = self._tokens.prefix if self._tokens is not None else 0
-        context = [raw[:, :prefix]] if prefix else []
-        for name, value, dtype in zip(self.prepared.spec.side_inputs, side, self._side_dtypes):
-            if value.ndim == 0 or len(value) != len(raw):
+    def _check_side_rows(self, side: list[np.ndarray], rows: int) -> None:
+        """Refuse side inputs that do not hold one row per image of the run (they could
+        not be fed back with the image's maps)."""
+        for name, value in zip(self.prepared.spec.side_inputs, side):
+            if value.ndim == 0 or len(value) != rows:
                 raise ModelError(
                     f"the head of {self._name} also reads {name!r} of shape "
                     f"{list(value.shape)}, which is not one row per image: choose another "
                     "layer with --feature-layer"
                 )
+
+    def _head_context(self, raw: np.ndarray, side: list[np.ndarray]) -> list[np.ndarray] | None:
+        """The prefix tokens and side inputs of a batch (see ``_context``; the side
+        inputs' rows were checked by :meth:`_check_side_rows`)."""
+        prefix = self._tokens.prefix if self._tokens is not None else 0
+        context = [raw[:, :prefix]] if prefix else []
+        for value, dtype in zip(side, self._side_dtypes):
             context.append(np.ascontiguousarray(value, dtype=dtype))
         return context or None
 

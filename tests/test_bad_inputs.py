@@ -25,6 +25,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 from PIL import Image
+from token_builders import build_vit
 
 from conftest import ROOT, point_external_data, run_cli, save_with_external_data, sha256
 from onnx_builders import build_cnn, with_input_dtype
@@ -491,6 +492,51 @@ def non_finite_for_every_image(b, tmp):
     for k in range(3):
         _write_image(dark / f"dark{k}.png", seed=k, bright=False)
     return _audit(b, b.nan_model, images=dark)
+
+
+# -- token grids and side inputs
+
+
+@case(3, "is not 9 prefix tokens and a 3x3 grid", "check --token-grid and --prefix-tokens")
+def token_grid_that_does_not_fit(b, tmp):
+    vit = _save(build_vit(size=(SIZE, SIZE)).model, tmp / "vit.onnx")
+    return ["audit", vit, vit, "--images", b.images, "--token-grid", "3x3", "--prefix-tokens", "9"]
+
+
+def _head_reading_a_batch_of_rows(size: int) -> onnx.ModelProto:
+    """A CNN whose head, from the Relu named ``feature``, also reads ``side``: a
+    per-channel mean of the Conv's output with one row per channel of every image."""
+    rng = np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((CLASSES, 3, 3, 3), np.float32), "w"),
+        onnx.numpy_helper.from_array(np.array([-1, size * size], np.int64), "rows"),
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+        onnx.numpy_helper.from_array(np.array([-1, CLASSES], np.int64), "per_image"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["feature"]),
+        helper.make_node("GlobalAveragePool", ["feature"], ["gap"]),
+        helper.make_node("Reshape", ["gap", "flat"], ["pooled"]),
+        helper.make_node("Reshape", ["conv", "rows"], ["by_channel"]),
+        helper.make_node("ReduceMean", ["by_channel"], ["side"], axes=[1], keepdims=0),
+        helper.make_node("Add", ["pooled", "side"], ["sum"]),
+        helper.make_node("Reshape", ["sum", "per_image"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "side",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@case(3, "which is not one row per image", "choose another layer with --feature-layer")
+def head_reading_an_activation_that_is_not_per_image(b, tmp):
+    model = _save(_head_reading_a_batch_of_rows(SIZE), tmp / "side.onnx")
+    return ["audit", model, model, "--images", b.images, "--feature-layer", "feature"]
 
 
 # -- outputs
