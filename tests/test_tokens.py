@@ -275,3 +275,45 @@ def test_token_heads_get_exact_gradients_with_side_inputs_held_constant(name):
     numeric = ((up.astype(np.float64) - down) / (2 * eps)).reshape(a.shape)
     scale = np.abs(numeric).max()
     np.testing.assert_allclose(fused[1], numeric, atol=2e-2 * scale)
+
+
+def _ort_optimized(source, folder, fp16: bool):
+    """``source`` through onnxruntime's transformer optimizer (com.microsoft
+    SkipLayerNormalization and BiasGelu fused in), as edge deployments prepare ViTs,
+    optionally then converted to fp16."""
+    import logging
+
+    from onnxruntime.transformers import optimizer
+
+    logging.disable(logging.WARNING)
+    try:
+        opt = optimizer.optimize_model(
+            str(source), model_type="vit", num_heads=3, hidden_size=48, opt_level=1
+        )
+        if fp16:
+            opt.convert_float_to_float16(keep_io_types=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    path = folder / f"{source.stem}_ort{'16' if fp16 else ''}.onnx"
+    opt.save_model_to_file(str(path))
+    return path
+
+
+def test_vits_fused_by_onnxruntimes_optimizer_are_detected_and_audited(samples, tmp_path):
+    from conftest import FIXTURES
+
+    source = FIXTURES / "tokens" / "vit_cls.onnx"
+    original = prepare_model(source)
+    fused = _ort_optimized(source, tmp_path, fp16=False)
+    half = _ort_optimized(source, tmp_path, fp16=True)
+    ops = {n.op_type for n in onnx.load(fused).graph.node if n.domain == "com.microsoft"}
+    assert {"SkipLayerNormalization", "BiasGelu"} <= ops
+    for path in (fused, half):
+        spec = prepare_model(path).spec
+        # The same layer (the optimizer keeps the norm1 output's name) and grid.
+        assert spec.feature_map.name == original.spec.feature_map.name, path.name
+        assert spec.tokens == original.spec.tokens
+        assert len(spec.side_inputs) == 1  # the residual stream, SkipLayerNormalization's sum
+    result = audit(source, [fused, half], samples / "images")
+    scores = [c.summary.mean for c in result.candidates]
+    assert scores[0] > 0.999 and scores[1] > 0.95, scores

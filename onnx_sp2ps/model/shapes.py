@@ -23,19 +23,24 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that never raises: on failure the model is returned as it is.
     Inferred on a copy without the large weights' data (:func:`_weightless`), which is
     also how models over the 2 GB limit are inferred.  ONNX shape inference stops at the
-    com.microsoft QOperator ops (QLinearAdd, QLinearSoftmax, ...) that onnxruntime's
-    quantize_static writes; their shapes are filled in (:func:`_quantized_op_shape`)
-    and inference runs again, so the shapes after them are known too."""
+    com.microsoft ops onnxruntime's tools write — the QOperator ops of quantize_static
+    (QLinearAdd, QLinearSoftmax, ...) and the fused ops of its transformer optimizer
+    (SkipLayerNormalization, BiasGelu, Attention, ...); their shapes are filled in
+    (:func:`_contrib_op_shape`) and inference runs again, so the shapes after them are
+    known too."""
     try:
         light = _weightless(model)
         inferred = shape_inference.infer_shapes(
             light, check_type=False, strict_mode=False, data_prop=True
         )
         for _ in range(16):
-            filled = _fill_quantized_ops(inferred)
+            filled = _fill_contrib_ops(inferred)
             if not filled:
                 break
-            light.graph.value_info.extend(filled)
+            names = {vi.name for vi in filled}
+            kept = [vi for vi in light.graph.value_info if vi.name not in names]
+            del light.graph.value_info[:]
+            light.graph.value_info.extend(kept + filled)
             inferred = shape_inference.infer_shapes(
                 light, check_type=False, strict_mode=False, data_prop=True
             )
@@ -66,62 +71,107 @@ def _broadcast(a: list[int | str], b: list[int | str]) -> list[int | str]:
     return [y if x == 1 else x for x, y in zip(a, b)]
 
 
-def _quantized_op_shape(
+#: com.microsoft ops whose outputs (those listed) have the shape and type of input 0.
+_SAME_AS_INPUT = {
+    "SkipLayerNormalization": (0, 3),
+    "SkipSimplifiedLayerNormalization": (0, 3),
+    "SimplifiedLayerNormalization": (0,),
+    "LayerNormalization": (0,),
+    "BiasGelu": (0,),
+    "FastGelu": (0,),
+    "Gelu": (0,),
+    "QuickGelu": (0,),
+    "BiasAdd": (0,),
+    "QLinearSoftmax": (0,),
+    "QLinearSigmoid": (0,),
+    "QLinearLeakyRelu": (0,),
+}
+
+
+def _contrib_op_shape(
     node: onnx.NodeProto, shape: dict[str, list[int | str] | None]
-) -> tuple[list[int | str], str] | None:
-    """(shape, zero-point input) of the output of a com.microsoft QOperator op whose
-    input shapes are known; None for other ops or unknown inputs."""
+) -> list[tuple[int, list[int | str], str]]:
+    """(output index, shape, input whose element type it has) of the outputs of a
+    com.microsoft op whose input shapes are known; empty for other ops or unknown
+    inputs.  Quantized outputs take the type of their zero point."""
     ins = list(node.input)
     op = node.op_type
+    x = shape.get(ins[0]) if ins else None
+    if op in _SAME_AS_INPUT:
+        if x is None:
+            return []
+        # The quantized activations' outputs are typed by their output zero point.
+        source = ins[4] if op.startswith("QLinear") and len(ins) >= 5 else ins[0]
+        return [
+            (i, list(x), source)
+            for i in _SAME_AS_INPUT[op]
+            if i < len(node.output) and node.output[i]
+        ]
     if op in ("QLinearAdd", "QLinearMul") and len(ins) >= 8:
-        a, b = shape.get(ins[0]), shape.get(ins[3])
-        return None if a is None or b is None else (_broadcast(a, b), ins[7])
-    if op in ("QLinearSoftmax", "QLinearSigmoid", "QLinearLeakyRelu") and len(ins) >= 5:
-        x = shape.get(ins[0])
-        return None if x is None else (list(x), ins[4])
+        b = shape.get(ins[3])
+        return [] if x is None or b is None else [(0, _broadcast(x, b), ins[7])]
     if op == "QLinearGlobalAveragePool" and len(ins) >= 5:
-        x = shape.get(ins[0])
         if x is None or len(x) < 3:
-            return None
+            return []
+        one: list[int | str] = [1]
         if _attr(node, "channels_last", 0):
-            return [x[0]] + [1] * (len(x) - 2) + [x[-1]], ins[4]
-        return list(x[:2]) + [1] * (len(x) - 2), ins[4]
+            return [(0, [x[0]] + one * (len(x) - 2) + [x[-1]], ins[4])]
+        return [(0, list(x[:2]) + one * (len(x) - 2), ins[4])]
     if op == "QLinearConcat" and len(ins) >= 5:
         parts = [shape.get(ins[i]) for i in range(2, len(ins), 3)]
-        if any(p is None for p in parts):
-            return None
         known = [p for p in parts if p is not None]
+        if len(known) != len(parts) or not known:
+            return []
         axis = int(_attr(node, "axis", 0)) % len(known[0])
         out = list(known[0])
         sizes = [p[axis] for p in known]
-        out[axis] = sum(sizes) if all(isinstance(v, int) for v in sizes) else "?"  # type: ignore[arg-type]
-        return out, ins[1]
-    return None
+        out[axis] = sum(int(v) for v in sizes) if all(isinstance(v, int) for v in sizes) else "?"
+        return [(0, out, ins[1])]
+    if op == "Attention" and len(ins) >= 2:
+        w = shape.get(ins[1])
+        hidden = list(_attr(node, "qkv_hidden_sizes", []))
+        v = (
+            int(hidden[2])
+            if len(hidden) == 3
+            else (w[1] // 3 if w and isinstance(w[1], int) else None)
+        )
+        if x is None or len(x) != 3 or v is None:
+            return []
+        return [(0, [x[0], x[1], v], ins[0])]
+    if op == "MultiHeadAttention" and x is not None and len(x) == 3:
+        value = shape.get(ins[2]) if len(ins) > 2 and ins[2] else None
+        width = value[-1] if value is not None and len(value) == 3 else x[-1]
+        return [(0, [x[0], x[1], width], ins[0])]
+    return []
 
 
-def _fill_quantized_ops(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """Value infos for the outputs of QOperator ops that shape inference left without a
-    shape, where :func:`_quantized_op_shape` knows them."""
+def _fill_contrib_ops(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Value infos for the outputs of com.microsoft ops that shape inference left
+    without a shape, where :func:`_contrib_op_shape` knows them."""
     g = model.graph
     infos = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
     inits = {t.name: t for t in g.initializer}
     shape: dict[str, list[int | str] | None] = {n: _dims(vi) for n, vi in infos.items()}
+    elem: dict[str, int] = {n: vi.type.tensor_type.elem_type for n, vi in infos.items()}
     for t in g.initializer:
         shape[t.name] = list(t.dims)
+        elem[t.name] = t.data_type
     filled = []
     for node in g.node:
-        if node.domain != "com.microsoft" or not node.output or _dims(infos.get(node.output[0])):
+        if node.domain != "com.microsoft":
             continue
-        found = _quantized_op_shape(node, shape)
-        if found is None:
-            continue
-        dims, zero_point = found
-        elem = inits[zero_point].data_type if zero_point in inits else onnx.TensorProto.UINT8
-        vi = helper.make_tensor_value_info(
-            node.output[0], elem, [None if d == "?" else d for d in dims]
-        )
-        filled.append(vi)
-        shape[node.output[0]] = dims
+        for index, dims, source in _contrib_op_shape(node, shape):
+            out = node.output[index]
+            known = _dims(infos.get(out))
+            if known is not None and (known == dims or all(isinstance(d, int) for d in known)):
+                continue
+            kind = inits[source].data_type if source in inits else elem.get(source, 0)
+            vi = helper.make_tensor_value_info(
+                out, kind or onnx.TensorProto.FLOAT, [None if d == "?" else d for d in dims]
+            )
+            filled.append(vi)
+            shape[out] = dims
+            elem[out] = kind
     return filled
 
 
