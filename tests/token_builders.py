@@ -9,10 +9,12 @@ registers) concatenated in front, a position embedding, ``depth`` pre-norm block
 
 a final LayerNorm and a head that reads the class token (``pool="token"``), the mean of
 the patch tokens (``pool="avg"``) or the average of two heads on tokens 0 and 1
-(``pool="dist"``, DeiT distilled).  LayerNorm is the opset-17 op (``ln="op"``) or the
-decomposition older exporters write (``ln="decomposed"``: ReduceMean, Sub, Pow, Add, Sqrt,
-Div, Mul, Add; opset 13); Gelu is Erf-based, as torch.onnx writes it.  Random weights are
-seeded and drawn so that logits vary clearly across images.
+(``pool="dist"``, DeiT distilled).  With ``fused``, each attention is one com.microsoft
+``Attention`` node, as onnxruntime's transformer optimizer writes it.  LayerNorm is the
+opset-17 op (``ln="op"``) or the decomposition older exporters write (``ln="decomposed"``:
+ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul, Add; opset 13); Gelu is Erf-based, as
+torch.onnx writes it.  Random weights are seeded and drawn so that logits vary clearly
+across images.
 
 ``VitModel.norm1`` is the last block's norm1 output (the layer CAM libraries explain for
 class-token heads), ``VitModel.block_out`` the last block's output (for pooled heads).
@@ -112,6 +114,7 @@ def build_vit(
     classes: int = 4,
     ln: str = "op",
     seed: int = 0,
+    fused: bool = False,
 ) -> VitModel:
     """A ViT classifier (see the module docstring)."""
     opset = 17 if ln == "op" else 13
@@ -148,6 +151,24 @@ def build_vit(
     for b in range(depth):
         s = f"blocks.{b}"
         norm1 = g.layer_norm(x, dim, f"{s}/norm1", ln)
+        if fused:
+            w = g.param(f"{s}/attn/qkv.weight", g.rng.normal(0, 1 / np.sqrt(dim), (dim, 3 * dim)))
+            bias = g.param(f"{s}/attn/qkv.bias", g.rng.normal(0, 0.2, 3 * dim))
+            node = helper.make_node(
+                "Attention",
+                [norm1, w, bias],
+                [g.name(f"{s}/attn/Attention")],
+                domain="com.microsoft",
+                num_heads=heads,
+            )
+            g.nodes.append(node)
+            o = g.linear(node.output[0], dim, dim, f"{s}/attn/proj")
+            x = g.op("Add", [x, o], f"{s}/Add")
+            m = g.layer_norm(x, dim, f"{s}/norm2", ln)
+            m = g.gelu(g.linear(m, dim, 2 * dim, f"{s}/mlp/fc1"), f"{s}/mlp/act/Mul_1")
+            m = g.linear(m, 2 * dim, dim, f"{s}/mlp/fc2")
+            x = block_out = g.op("Add", [x, m], f"{s}/Add_1")
+            continue
         qkv = g.linear(norm1, dim, 3 * dim, f"{s}/attn/qkv")
         qkv = g.op("Reshape", [qkv, g.ints([0, tokens, 3, heads, d_head])], f"{s}/attn/Reshape")
         qkv = g.op("Transpose", [qkv], f"{s}/attn/Transpose", perm=[2, 0, 3, 1, 4])
@@ -191,9 +212,10 @@ def build_vit(
         [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", classes])],
         initializer=g.inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pytorch"
-    )
+    opsets = [helper.make_opsetid("", opset)]
+    if fused:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="pytorch")
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return VitModel(model, norm1, block_out, prefix, (h, w), size)

@@ -673,21 +673,36 @@ def _layer_norm_input(g: GraphIndex, name: str) -> str | None:
     return None
 
 
+#: Fused attention ops (onnxruntime's transformer optimizer): their first input is the
+#: tokens the queries (and, without other inputs, the keys and values) are made from.
+_FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "PackedAttention")
+
+
 def _last_attention_input(g: GraphIndex, probe: GraphIndex, tokens: str) -> str | None:
     """The input of the last attention before ``tokens``: the latest tensor shaped like
     ``tokens`` from which both the queries and the keys of the last Softmax are made (the
-    last block's norm1 output in a pre-norm ViT; the block input where there is no norm)."""
+    last block's norm1 output in a pre-norm ViT; the block input where there is no norm),
+    or the input of a fused com.microsoft Attention."""
     dims = _token_dims(probe, tokens)
     order = _node_order(g)
     ancestors = g.ancestors(tokens)
-    softmax = [
+    attention = [
         n
         for n in g.model.graph.node
-        if n.op_type in ("Softmax", "QLinearSoftmax") and n.output and n.output[0] in ancestors
+        if n.output
+        and n.output[0] in ancestors
+        and (
+            n.op_type in ("Softmax", "QLinearSoftmax")
+            or (n.domain == "com.microsoft" and n.op_type in _FUSED_ATTENTION)
+        )
     ]
-    if dims is None or not softmax:
+    if dims is None or not attention:
         return None
-    queue, seen = deque(g.data_inputs(softmax[-1])), set()
+    last = attention[-1]
+    if last.op_type in _FUSED_ATTENTION:
+        first: str = last.input[0]
+        return first if _token_dims(probe, first) == dims else None
+    queue, seen = deque(g.data_inputs(last)), set()
     while queue:
         name = queue.popleft()
         if name in seen:
