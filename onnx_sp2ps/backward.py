@@ -26,14 +26,28 @@ Shapes, sizes, comparisons and indices have no gradient (:data:`_NO_GRADIENT`): 
 ops that read them take them as constants.  QuantizeLinear/DequantizeLinear are
 straight-through, and QOperator ops are differentiated in their QDQ form
 (:func:`onnx_sp2ps.model.qdq_form`).  Weights may be initializers or Constant nodes (or
-computed from them).  For any other op or form, :class:`UnsupportedHead` says which,
-and the caller falls back to finite differences.
+computed from them).
+
+The com.microsoft ops that onnxruntime's transformer optimizer fuses vision
+transformers into (``optimize_model(..., model_type='vit')``) have rules too, the
+``_Builder._bw_ms_<op>`` methods (:data:`CONTRIB_GRADIENT_OPS`): SkipLayerNormalization,
+SkipSimplifiedLayerNormalization, BiasGelu, FastGelu, Gelu, QuickGelu and BiasAdd.  Their
+forward nodes stay as they are (the gradient model imports com.microsoft like the head);
+the backward nodes are standard ONNX.  onnx's shape inference does not know these ops:
+their outputs' shapes are filled in from their inputs' (:func:`_contrib_shapes`).  Other
+com.microsoft ops (Attention, MultiHeadAttention, ...) and other domains are refused, and
+so is SimplifiedLayerNormalization: onnxruntime registers it in the standard domain, whose
+ops onnx's checker knows (it refuses the model).
+
+For any other op or form, :class:`UnsupportedHead` says which, and the caller falls back
+to finite differences.
 No onnxruntime here.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +58,13 @@ from onnx_sp2ps.model.compressed import UnsupportedQuantizedOp, qdq_form
 from onnx_sp2ps.model.index import _attr, constant_value
 from onnx_sp2ps.model.load import check_model
 
-__all__ = ["UnsupportedHead", "HeadGradient", "build_head_gradient", "GRADIENT_OPS"]
+__all__ = [
+    "UnsupportedHead",
+    "HeadGradient",
+    "build_head_gradient",
+    "GRADIENT_OPS",
+    "CONTRIB_GRADIENT_OPS",
+]
 
 TARGET = "sp2ps_target"
 LOGITS_OUT = "sp2ps_logits"
@@ -91,6 +111,17 @@ _NO_GRADIENT = frozenset(
 #: (the rule reads the gradients of every output itself).
 _MULTI_OUTPUT = frozenset({"Split", "LayerNormalization"})
 
+#: The domains of the standard ops, and onnxruntime's contrib-op domain.
+_STANDARD_DOMAINS = ("", "ai.onnx")
+MS_DOMAIN = "com.microsoft"
+
+#: com.microsoft ops with several outputs (as :data:`_MULTI_OUTPUT`): the sum
+#: input + skip (+ bias) they also output is the residual stream of the next block.
+_CONTRIB_MULTI_OUTPUT = frozenset({"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
+
+#: The prefix of the rules of com.microsoft ops (``_bw_ms_<op>``).
+_CONTRIB_PREFIX = "_bw_ms_"
+
 
 class UnsupportedHead(Exception):
     """The head contains an op (or an op form) with no backward rule here."""
@@ -118,22 +149,81 @@ def _broadcast_dims(a: tuple, b: tuple) -> tuple:
     return tuple(y if x == 1 or (x is None and y != 1) else x for x, y in zip(a, b))
 
 
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return model
+
+
+def _contrib_output_types(
+    node: onnx.NodeProto, types: dict[str, onnx.ValueInfoProto]
+) -> list[onnx.ValueInfoProto]:
+    """The types (with shapes) of the outputs of a com.microsoft ``node`` with a rule here,
+    from its first input's: the same shape, but (1 in the last dim) for the statistics
+    outputs mean and inv_std_var of the Skip*LayerNormalization ops; [] while unknown."""
+    first = types.get(node.input[0]) if node.input else None
+    if first is None or not first.type.tensor_type.HasField("shape"):
+        return []
+    out = []
+    for k, name in enumerate(node.output):
+        if not name:
+            continue
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(first)
+        vi.name = name
+        dims = vi.type.tensor_type.shape.dim
+        if node.op_type in _CONTRIB_MULTI_OUTPUT and k in (1, 2) and len(dims):
+            dims[len(dims) - 1].Clear()
+            dims[len(dims) - 1].dim_value = 1
+        out.append(vi)
+    return out
+
+
+def _contrib_shapes(head: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's shape inference of ``head``, through its com.microsoft ops: onnx has no
+    schema for them, so their outputs get the shapes :func:`_contrib_output_types` gives
+    (as value_info) and inference runs again from there, until nothing changes."""
+    inferred = _infer(head)
+    contrib = [
+        n for n in head.graph.node if n.domain == MS_DOMAIN and n.op_type in CONTRIB_GRADIENT_OPS
+    ]
+    model = None
+    for _ in range(len(contrib)):
+        g = inferred.graph
+        types = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
+        added = []
+        for node in contrib:
+            known = all(
+                o in types and types[o].type.tensor_type.HasField("shape") for o in node.output if o
+            )
+            if not known:
+                added.extend(_contrib_output_types(node, types))
+        if not added:
+            break
+        if model is None:
+            model = onnx.ModelProto()
+            model.CopyFrom(head)
+        names = {vi.name for vi in added}
+        kept = [vi for vi in model.graph.value_info if vi.name not in names]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept + added)
+        inferred = _infer(model)
+    return inferred
+
+
 class _Builder:
     def __init__(self, head: onnx.ModelProto):
         self.head = head
-        self.opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.opset = next(
+            (o.version for o in head.opset_import if o.domain in _STANDARD_DOMAINS), 0
+        )
         if self.opset < MIN_OPSET:
             raise UnsupportedHead(f"opset {self.opset} < {MIN_OPSET}")
-        if any(
-            o.domain not in ("", "ai.onnx")
-            for o in head.opset_import
-            if any(n.domain == o.domain for n in head.graph.node)
-        ):
-            raise UnsupportedHead("ops from a custom domain")
-        try:
-            inferred = shape_inference.infer_shapes(head, strict_mode=False, data_prop=True)
-        except Exception:
-            inferred = head
+        custom = sorted({n.domain for n in head.graph.node} - set(_STANDARD_DOMAINS) - {MS_DOMAIN})
+        if custom:
+            raise UnsupportedHead(f"ops from a custom domain ({', '.join(custom)})")
+        inferred = _contrib_shapes(head)
         self.shapes: dict[str, tuple | None] = {}
         for vi in (
             list(inferred.graph.value_info)
@@ -330,11 +420,9 @@ class _Builder:
             outs = [o for o in node.output if o in self.grads]
             if not outs or not any(i in self.active for i in node.input):
                 continue
-            if node.op_type not in GRADIENT_OPS or node.domain not in ("", "ai.onnx"):
-                raise UnsupportedHead(f"no gradient rule for {node.op_type}")
-            rule = getattr(self, f"_bw_{node.op_type}")
+            rule, multi_output = self._rule(node)
             dy = self.grad(node.output[0])
-            if dy is None and node.op_type not in _MULTI_OUTPUT:
+            if dy is None and not multi_output:
                 continue
             rule(node, dy)
         grad = self.grad(self.feature)
@@ -377,6 +465,17 @@ class _Builder:
             note=STRAIGHT_THROUGH if quantized else None,
             side_inputs=tuple(i.name for i in side_in),
         )
+
+    def _rule(self, node: onnx.NodeProto) -> tuple[Callable[..., None], bool]:
+        """(the backward rule of ``node``, whether it reads several outputs' gradients)."""
+        if node.domain in _STANDARD_DOMAINS:
+            if node.op_type not in GRADIENT_OPS:
+                raise UnsupportedHead(f"no gradient rule for {node.op_type}")
+            return getattr(self, f"_bw_{node.op_type}"), node.op_type in _MULTI_OUTPUT
+        if node.domain == MS_DOMAIN and node.op_type in CONTRIB_GRADIENT_OPS:
+            rule = getattr(self, f"{_CONTRIB_PREFIX}{node.op_type}")
+            return rule, node.op_type in _CONTRIB_MULTI_OUTPUT
+        raise UnsupportedHead(f"no gradient rule for {node.domain}.{node.op_type}")
 
     def data(self, node) -> list[int]:
         return [i for i, t in enumerate(node.input) if t and t in self.active]
@@ -1018,12 +1117,16 @@ class _Builder:
         self.add_grad(x, self.op("Mul", [dy, self._erf_slope(x, 1.0)], "erf_bw"))
 
     def _bw_Gelu(self, node, dy):
-        # exact: Phi(x) + x phi(x); tanh form: the derivative of
-        # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
         x = node.input[0]
         approx = _attr(node, "approximate", b"none")
         approx = approx.decode() if isinstance(approx, bytes) else approx
-        if approx == "tanh":
+        slope = self._gelu_slope(x, tanh=approx == "tanh")
+        self.add_grad(x, self.op("Mul", [dy, slope], "gelu_bw"))
+
+    def _gelu_slope(self, x: str, tanh: bool) -> str:
+        """d gelu(x) / dx.  Exact: Phi(x) + x phi(x); tanh form: the derivative of
+        0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)."""
+        if tanh:
             k, c = float(np.sqrt(2.0 / np.pi)), 0.044715
             x2 = self.op("Mul", [x, x])
             x3 = self.op("Mul", [x2, x])
@@ -1039,7 +1142,7 @@ class _Builder:
                 ],
             )
             sech2 = self.op("Sub", [self.const(1.0), self.op("Mul", [t, t])])
-            slope = self.op(
+            return self.op(
                 "Mul",
                 [
                     self.op(
@@ -1051,22 +1154,21 @@ class _Builder:
                     ),
                     self.const(0.5),
                 ],
+                "gelu_slope",
             )
-        else:
-            r2 = float(1.0 / np.sqrt(2.0))
-            cdf = self.op(
-                "Mul",
-                [
-                    self.op(
-                        "Add",
-                        [self.op("Erf", [self.op("Mul", [x, self.const(r2)])]), self.const(1.0)],
-                    ),
-                    self.const(0.5),
-                ],
-            )
-            pdf = self.op("Mul", [self._erf_slope(x, r2), self.const(0.5)])  # phi(x)
-            slope = self.op("Add", [cdf, self.op("Mul", [x, pdf])])
-        self.add_grad(x, self.op("Mul", [dy, slope], "gelu_bw"))
+        r2 = float(1.0 / np.sqrt(2.0))
+        cdf = self.op(
+            "Mul",
+            [
+                self.op(
+                    "Add",
+                    [self.op("Erf", [self.op("Mul", [x, self.const(r2)])]), self.const(1.0)],
+                ),
+                self.const(0.5),
+            ],
+        )
+        pdf = self.op("Mul", [self._erf_slope(x, r2), self.const(0.5)])  # phi(x)
+        return self.op("Add", [cdf, self.op("Mul", [x, pdf])], "gelu_slope")
 
     def _softmax_2d(self, node, dy) -> tuple[str, str, int, bool]:
         """(dy, y, axis, coerced): opset < 13 computes softmax on the input coerced to 2-D
@@ -1105,41 +1207,71 @@ class _Builder:
         return self.op("ReduceMean", [tensor], "rmean", axes=axes, keepdims=1)
 
     def _bw_LayerNormalization(self, node, dy):
-        # y = xhat scale + bias, xhat = (x - mean) r, r = 1 / sqrt(var + eps) over the
-        # axes axis..-1 (n elements): dx = (g - mean(g) - xhat mean(g xhat)) r, g = dy
-        # scale; the optional outputs mean and r add dmean / n - dr r^3 (x - mean) / n.
         x, scale = node.input[0], node.input[1]
         bias = node.input[2] if len(node.input) > 2 else ""
         rank = len(self.static_shape(x) or ())
         if not rank:
             raise UnsupportedHead("LayerNormalization of unknown rank")
         axis = int(_attr(node, "axis", -1)) % rank
-        axes = list(range(axis, rank))
-        eps = float(_attr(node, "epsilon", 1e-5))
-        centred = self.op("Sub", [x, self.reduce_mean(x, axes)], "ln_centred")
+        dx = self._normalization_back(
+            x,
+            scale,
+            bias,
+            node.output[0],
+            dy,
+            d_mean=self._output_grad(node, 1),
+            d_r=self._output_grad(node, 2),
+            axes=list(range(axis, rank)),
+            eps=float(_attr(node, "epsilon", 1e-5)),
+            centre=True,
+        )
+        if dx is not None:
+            self.add_grad(x, dx)
+
+    def _output_grad(self, node: onnx.NodeProto, k: int) -> str | None:
+        """The gradient of the node's output k; None when it has none or is absent."""
+        return self.grad(node.output[k]) if len(node.output) > k and node.output[k] else None
+
+    def _normalization_back(
+        self,
+        x: str,
+        scale: str,
+        bias: str,
+        y: str,
+        dy: str | None,
+        *,
+        d_mean: str | None,
+        d_r: str | None,
+        axes: list[int],
+        eps: float,
+        centre: bool,
+    ) -> str | None:
+        """The gradient of ``x`` of ``y`` = xhat scale + bias over ``axes`` (n elements),
+        given the gradients of y and of the statistics outputs mean and r; the gradients
+        of a computed scale or bias are added here.
+
+        centre (LayerNormalization): xhat = (x - mean) r, r = 1 / sqrt(var + eps), and
+        dx = (g - mean(g) - xhat mean(g xhat)) r, g = dy scale; the outputs mean and r add
+        dmean / n - dr r^3 (x - mean) / n.  Not centre (RMSNorm, the Simplified forms):
+        xhat = x r, r = 1 / sqrt(mean(x^2) + eps), the same without mean(g) and dmean.
+        """
+        centred = self.op("Sub", [x, self.reduce_mean(x, axes)], "ln_centred") if centre else x
         var = self.reduce_mean(self.op("Mul", [centred, centred]), axes)
         inv_std = self.op(
             "Reciprocal", [self.op("Sqrt", [self.op("Add", [var, self.const(eps)])])], "ln_inv_std"
         )
         xhat = self.op("Mul", [centred, inv_std], "ln_xhat")
-        y = node.output[0]
         parts = []
         if dy is not None:
             g = self.op("Mul", [dy, scale], "ln_g")
-            inner = self.op(
-                "Add",
-                [
-                    self.reduce_mean(g, axes),
-                    self.op("Mul", [xhat, self.reduce_mean(self.op("Mul", [g, xhat]), axes)]),
-                ],
-            )
+            inner = self.op("Mul", [xhat, self.reduce_mean(self.op("Mul", [g, xhat]), axes)])
+            if centre:
+                inner = self.op("Add", [self.reduce_mean(g, axes), inner])
             parts.append(self.op("Mul", [self.op("Sub", [g, inner]), inv_std], "ln_bw"))
             if scale in self.active:
                 self.add_grad(scale, self.unbroadcast(self.op("Mul", [dy, xhat]), scale, y))
             if bias and bias in self.active:
                 self.add_grad(bias, self.unbroadcast(dy, bias, y))
-        d_mean = self.grad(node.output[1]) if len(node.output) > 1 and node.output[1] else None
-        d_r = self.grad(node.output[2]) if len(node.output) > 2 and node.output[2] else None
         if d_mean is not None or d_r is not None:
             terms = []
             if d_mean is not None:
@@ -1149,8 +1281,9 @@ class _Builder:
                 terms.append(self.op("Neg", [self.op("Mul", [self.op("Mul", [d_r, r3]), centred])]))
             total = terms[0] if len(terms) == 1 else self.op("Add", terms)
             parts.append(self.op("Mul", [total, self._inverse_count(var, x)], "ln_stats_bw"))
-        if parts:
-            self.add_grad(x, parts[0] if len(parts) == 1 else self.op("Add", parts))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else self.op("Add", parts)
 
     def _inverse_count(self, reduced: str, x: str) -> str:
         """1 / n, n = the number of elements of x per element of ``reduced``."""
@@ -1162,6 +1295,86 @@ class _Builder:
             ],
             "inv_count",
         )
+
+    # -- rules: onnxruntime's contrib ops (com.microsoft) -------------------------------
+
+    def _skip_norm_back(self, node, dy, centre: bool) -> None:
+        # s = input + skip (+ bias), normalized over the last axis: the normalization's
+        # rule on s, plus the gradient of the sum output (input_skip_bias_sum: the
+        # residual stream the next block adds to), to input, skip (broadcast over the
+        # batch) and bias.  SkipSimplifiedLayerNormalization's inputs have no beta (its
+        # bias is input 3) and its mean output is 0.
+        x, skip, scale = node.input[:3]
+        extra = list(node.input[3:])
+        beta, bias = (extra + ["", ""])[:2] if centre else ("", (extra + [""])[0])
+        if len(node.output) > 3 and node.output[3]:
+            s = node.output[3]
+        else:
+            s = self.op("Add", [x, skip], "skip_sum")
+            if bias:
+                s = self.op("Add", [s, bias], "skip_sum")
+        parts = []
+        dn = self._normalization_back(
+            s,
+            scale,
+            beta,
+            node.output[0],
+            dy,
+            d_mean=self._output_grad(node, 1) if centre else None,
+            d_r=self._output_grad(node, 2),
+            axes=[-1],
+            eps=float(_attr(node, "epsilon", 1e-12)),
+            centre=centre,
+        )
+        if dn is not None:
+            parts.append(dn)
+        d_sum = self._output_grad(node, 3)
+        if d_sum is not None:
+            parts.append(d_sum)
+        if not parts:
+            return
+        ds = parts[0] if len(parts) == 1 else self.op("Add", parts, "skip_bw")
+        for t in (x, skip, bias):
+            if t and t in self.active:
+                self.add_grad(t, self.unbroadcast(ds, t, x))
+
+    def _bw_ms_SkipLayerNormalization(self, node, dy):
+        self._skip_norm_back(node, dy, centre=True)
+
+    def _bw_ms_SkipSimplifiedLayerNormalization(self, node, dy):
+        self._skip_norm_back(node, dy, centre=False)
+
+    def _biased_gelu_back(self, node, dy, tanh: bool) -> None:
+        # y = gelu(x (+ bias)), erf or tanh form.
+        x = node.input[0]
+        bias = node.input[1] if len(node.input) > 1 else ""
+        z = self.op("Add", [x, bias], "gelu_in") if bias else x
+        dz = self.op("Mul", [dy, self._gelu_slope(z, tanh=tanh)], "gelu_bw")
+        for t in (x, bias):
+            if t and t in self.active:
+                self.add_grad(t, self.unbroadcast(dz, t, node.output[0]))
+
+    def _bw_ms_Gelu(self, node, dy):
+        self._biased_gelu_back(node, dy, tanh=False)
+
+    def _bw_ms_BiasGelu(self, node, dy):
+        self._biased_gelu_back(node, dy, tanh=False)
+
+    def _bw_ms_FastGelu(self, node, dy):
+        # 0.5 x (1 + tanh(0.797885 x + 0.035677 x^3)): Gelu's tanh form.
+        self._biased_gelu_back(node, dy, tanh=True)
+
+    def _bw_ms_QuickGelu(self, node, dy):
+        # y = x sigmoid(a x): dy/dx = s + a x s (1 - s), s = sigmoid(a x).
+        x = node.input[0]
+        ax = self.op("Mul", [x, self.const(float(_attr(node, "alpha", 1.702)))], "quick_ax")
+        sig = self.op("Sigmoid", [ax], "quick_sig")
+        ds = self.op("Mul", [sig, self.op("Sub", [self.const(1.0), sig])])
+        slope = self.op("Add", [sig, self.op("Mul", [ax, ds])], "quick_slope")
+        self.add_grad(x, self.op("Mul", [dy, slope], "quick_bw"))
+
+    #: Y = X + bias + skip.
+    _bw_ms_BiasAdd = _bw_Add
 
     def _bw_Gather(self, node, dy):
         # y = x[..., idx, ...] along axis: scatter-add dy back into zeros shaped like x.
@@ -1219,8 +1432,18 @@ class _Builder:
         return len(np.unique(value)) == len(value)
 
 
-#: The ops with a gradient rule: the ``_bw_<op>`` methods of :class:`_Builder`.
-GRADIENT_OPS = frozenset(name[len("_bw_") :] for name in vars(_Builder) if name.startswith("_bw_"))
+#: The standard-domain ops with a gradient rule: the ``_bw_<op>`` methods of
+#: :class:`_Builder`.
+GRADIENT_OPS = frozenset(
+    name[len("_bw_") :]
+    for name in vars(_Builder)
+    if name.startswith("_bw_") and not name.startswith(_CONTRIB_PREFIX)
+)
+
+#: The com.microsoft ops with a gradient rule: the ``_bw_ms_<op>`` methods.
+CONTRIB_GRADIENT_OPS = frozenset(
+    name[len(_CONTRIB_PREFIX) :] for name in vars(_Builder) if name.startswith(_CONTRIB_PREFIX)
+)
 
 
 def build_head_gradient(head: onnx.ModelProto) -> HeadGradient:

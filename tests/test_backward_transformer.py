@@ -111,8 +111,13 @@ class Gelu(OpRun):
         return ((0.5 * x * (1 + erf(x / np.sqrt(2)))).astype(x.dtype),)
 
 
-def float64_runner(model: onnx.ModelProto):
+def float64_runner(model: onnx.ModelProto, new_ops=()):
+    """Runs the float64 copy of ``model``; with ``new_ops`` (numpy implementations of ops
+    of other domains, e.g. com.microsoft), onnx's reference evaluator with them."""
     m = float64_copy(model)
+    if new_ops:
+        evaluator = ReferenceEvaluator(m, new_ops=[Erf, Gelu, *new_ops])
+        return lambda a: evaluator.run(None, {"A": a})[0]
     try:
         session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         return lambda a: session.run(None, {"A": a})[0]
@@ -121,9 +126,9 @@ def float64_runner(model: onnx.ModelProto):
         return lambda a: evaluator.run(None, {"A": a})[0]
 
 
-def reference_gradient(model, a, targets, eps=1e-5, batched=True):
+def reference_gradient(model, a, targets, eps=1e-5, batched=True, new_ops=()):
     """d logits[i, targets[i]] / d A[i] by float64 central differences."""
-    run = float64_runner(model)
+    run = float64_runner(model, new_ops)
     a = a.astype(np.float64)
     out = np.zeros_like(a)
     for i, t in enumerate(targets):
@@ -142,9 +147,12 @@ def reference_gradient(model, a, targets, eps=1e-5, batched=True):
     return out
 
 
-def check(model, a, targets=(0, 2, -1), batched=True, rtol=1e-4):
-    """The exact gradient of every image equals the float64 finite differences."""
+def check(model, a, targets=(0, 2, -1), batched=True, rtol=1e-4, new_ops=(), edit=None):
+    """The exact gradient of every image equals the float64 finite differences (``edit``:
+    a change to the gradient model before it runs)."""
     grad = build_head_gradient(model)
+    if edit is not None:
+        edit(grad.model)
     session = ort.InferenceSession(
         grad.model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
@@ -155,7 +163,7 @@ def check(model, a, targets=(0, 2, -1), batched=True, rtol=1e-4):
     )
     np.testing.assert_array_equal(used[targets >= 0], targets[targets >= 0])
     np.testing.assert_array_equal(used[targets < 0], np.argmax(y, axis=1)[targets < 0])
-    ref = reference_gradient(model, a, used, batched=batched)
+    ref = reference_gradient(model, a, used, batched=batched, new_ops=new_ops)
     assert g.shape == a.shape
     for i in range(len(a)):
         scale = np.abs(ref[i]).max()
