@@ -34,7 +34,8 @@ transformers into (``optimize_model(..., model_type='vit')``) have rules too, th
 SkipSimplifiedLayerNormalization, BiasGelu, FastGelu, Gelu, QuickGelu and BiasAdd.  Their
 forward nodes stay as they are (the gradient model imports com.microsoft like the head);
 the backward nodes are standard ONNX.  onnx's shape inference does not know these ops:
-their outputs' shapes are filled in from their inputs' (:func:`_contrib_shapes`).  Other
+their outputs' shapes are filled in from their inputs'
+(:func:`onnx_sp2ps.model.shapes._infer`).  Other
 com.microsoft ops (Attention, MultiHeadAttention, ...) and other domains are refused, and
 so is SimplifiedLayerNormalization: onnxruntime registers it in the standard domain, whose
 ops onnx's checker knows (it refuses the model).
@@ -52,11 +53,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
 
 from onnx_sp2ps.model.compressed import UnsupportedQuantizedOp, qdq_form
 from onnx_sp2ps.model.index import _attr, constant_value
 from onnx_sp2ps.model.load import check_model
+from onnx_sp2ps.model.shapes import _infer
 
 __all__ = [
     "UnsupportedHead",
@@ -149,69 +151,6 @@ def _broadcast_dims(a: tuple, b: tuple) -> tuple:
     return tuple(y if x == 1 or (x is None and y != 1) else x for x, y in zip(a, b))
 
 
-def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:
-        return model
-
-
-def _contrib_output_types(
-    node: onnx.NodeProto, types: dict[str, onnx.ValueInfoProto]
-) -> list[onnx.ValueInfoProto]:
-    """The types (with shapes) of the outputs of a com.microsoft ``node`` with a rule here,
-    from its first input's: the same shape, but (1 in the last dim) for the statistics
-    outputs mean and inv_std_var of the Skip*LayerNormalization ops; [] while unknown."""
-    first = types.get(node.input[0]) if node.input else None
-    if first is None or not first.type.tensor_type.HasField("shape"):
-        return []
-    out = []
-    for k, name in enumerate(node.output):
-        if not name:
-            continue
-        vi = onnx.ValueInfoProto()
-        vi.CopyFrom(first)
-        vi.name = name
-        dims = vi.type.tensor_type.shape.dim
-        if node.op_type in _CONTRIB_MULTI_OUTPUT and k in (1, 2) and len(dims):
-            dims[len(dims) - 1].Clear()
-            dims[len(dims) - 1].dim_value = 1
-        out.append(vi)
-    return out
-
-
-def _contrib_shapes(head: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx's shape inference of ``head``, through its com.microsoft ops: onnx has no
-    schema for them, so their outputs get the shapes :func:`_contrib_output_types` gives
-    (as value_info) and inference runs again from there, until nothing changes."""
-    inferred = _infer(head)
-    contrib = [
-        n for n in head.graph.node if n.domain == MS_DOMAIN and n.op_type in CONTRIB_GRADIENT_OPS
-    ]
-    model = None
-    for _ in range(len(contrib)):
-        g = inferred.graph
-        types = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
-        added = []
-        for node in contrib:
-            known = all(
-                o in types and types[o].type.tensor_type.HasField("shape") for o in node.output if o
-            )
-            if not known:
-                added.extend(_contrib_output_types(node, types))
-        if not added:
-            break
-        if model is None:
-            model = onnx.ModelProto()
-            model.CopyFrom(head)
-        names = {vi.name for vi in added}
-        kept = [vi for vi in model.graph.value_info if vi.name not in names]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept + added)
-        inferred = _infer(model)
-    return inferred
-
-
 class _Builder:
     def __init__(self, head: onnx.ModelProto):
         self.head = head
@@ -223,7 +162,7 @@ class _Builder:
         custom = sorted({n.domain for n in head.graph.node} - set(_STANDARD_DOMAINS) - {MS_DOMAIN})
         if custom:
             raise UnsupportedHead(f"ops from a custom domain ({', '.join(custom)})")
-        inferred = _contrib_shapes(head)
+        inferred = _infer(head)  # (through the com.microsoft ops too)
         self.shapes: dict[str, tuple | None] = {}
         for vi in (
             list(inferred.graph.value_info)

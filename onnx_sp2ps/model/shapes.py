@@ -102,11 +102,12 @@ def _contrib_op_shape(
             return []
         # The quantized activations' outputs are typed by their output zero point.
         source = ins[4] if op.startswith("QLinear") and len(ins) >= 5 else ins[0]
-        return [
-            (i, list(x), source)
-            for i in _SAME_AS_INPUT[op]
-            if i < len(node.output) and node.output[i]
-        ]
+        made = [i for i in range(len(node.output)) if node.output[i]]
+        found = [(i, list(x), source) for i in _SAME_AS_INPUT[op] if i in made]
+        if op.startswith("Skip") and x:  # the statistics, one per row: last dim 1
+            row: list[int | str] = list(x[:-1]) + [1]
+            found += [(i, row, ins[0]) for i in (1, 2) if i in made]
+        return found
     if op in ("QLinearAdd", "QLinearMul") and len(ins) >= 8:
         b = shape.get(ins[3])
         return [] if x is None or b is None else [(0, _broadcast(x, b), ins[7])]
