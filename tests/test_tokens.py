@@ -324,6 +324,8 @@ def test_vits_fused_by_onnxruntimes_optimizer_are_detected_and_audited(samples, 
         assert spec.feature_map.name == original.spec.feature_map.name, path.name
         assert spec.tokens == original.spec.tokens
         assert len(spec.side_inputs) == 1  # the residual stream, SkipLayerNormalization's sum
+        runner = ModelRunner(prepare_model(path), provider="cpu")
+        assert runner.gradient_path == "exact", runner.gradient_note
     result = audit(source, [fused, half], samples / "images")
     scores = [c.summary.mean for c in result.candidates]
     assert scores[0] > 0.999 and scores[1] > 0.95, scores
