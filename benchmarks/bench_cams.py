@@ -1,13 +1,15 @@
 """Cost of every CAM method relative to one plain forward pass, on CPU.
 
     python benchmarks/bench_cams.py [--images 32] [--repeat 3] [--threads T]
-                                    [--methods gradcam,eigencam] [--skip-resnet]
+                                    [--methods gradcam,eigencam] [--skip-resnet] [--vit]
                                     [--scorecam-channels 64] [--write] [--no-breakdown]
                                     [--profile eigencam,ablationcam]
 
 Models: ``sample_models/gap_original.onnx`` and ``sample_models/fc_original.onnx``
 (64x64; skipped with a message when missing) and ResNet-18 from ``benchmarks/models.py``
-(224x224, random weights).  For each model the same random images (uniform 0..1, fixed
+(224x224, random weights); with ``--vit`` also a ViT-S/16-like token model
+(tests/token_builders.py: 224x224, depth 12, width 384, 6 heads, class token).  For each
+model the same random images (uniform 0..1, fixed
 seed) go through, in batches of 16:
 
 - the *floor*: one plain onnxruntime CPU session of the unmodified model;
@@ -426,6 +428,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--skip-resnet", action="store_true")
     p.add_argument(
+        "--vit",
+        action="store_true",
+        help="also a ViT-S/16-like token model (224x224, depth 12, width 384, class token; "
+        "tests/token_builders.py, random weights)",
+    )
+    p.add_argument(
         "--scorecam-channels",
         type=int,
         default=64,
@@ -469,10 +477,20 @@ def main(argv=None) -> int:
             )
     if not args.skip_resnet:
         models.append(("ResNet-18 (benchmarks/models.py)", None, True))
+    if args.vit:
+        models.append(("ViT-S/16-like (tests/token_builders.py)", "vit", True))
 
     sections = []
     for name, source, resnet in models:
-        if resnet:
+        if source == "vit":
+            sys.path.insert(0, str(ROOT / "tests"))
+            from token_builders import build_vit
+
+            _log("building a ViT-S/16-like model ...")
+            model = build_vit(
+                depth=12, dim=384, heads=6, patch=16, size=(224, 224), classes=1000
+            ).model
+        elif resnet:
             from models import build_resnet18
 
             _log("building ResNet-18 ...")

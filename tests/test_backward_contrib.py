@@ -4,15 +4,14 @@ transformer optimizer writes them, against float64 central differences.
 onnxruntime has no float64 kernels for most of these ops: the reference runs a float64
 copy of the head with onnx's reference evaluator and the numpy implementations below
 (written from docs/ContribOperators.md of onnxruntime and its CPU kernels).  The
-end-to-end tests optimize the token fixture vit_cls with
-``onnxruntime.transformers.optimizer`` and compare with the autograd gradients of the
-original model (tests/fixtures/tokens/ref_vit_cls.npz).
+end-to-end tests take the token fixture vit_cls as ``onnxruntime.transformers.optimizer``
+writes it (tests/fixtures/tokens/vit_cls_ort.onnx, scripts/make_ort_optimized.py) and
+compare with the autograd gradients of the original model
+(tests/fixtures/tokens/ref_vit_cls.npz).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 
 import numpy as np
@@ -409,29 +408,10 @@ FEATURE = "/blocks/blocks.1/norm1/LayerNormalization_output_0"
 GRAD_RTOL = 1e-4
 
 
-@contextlib.contextmanager
-def _quiet():
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 @pytest.fixture(scope="module")
-def optimized_vit(tmp_path_factory):
-    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
-    path = tmp_path_factory.mktemp("vit_opt") / "vit_cls_opt.onnx"
-    with _quiet():
-        model = optimizer.optimize_model(
-            str(TOKENS / "vit_cls.onnx"),
-            model_type="vit",
-            num_heads=3,
-            hidden_size=48,
-            opt_level=1,
-        )
-        model.save_model_to_file(str(path))
+def optimized_vit():
+    """vit_cls through onnxruntime's transformer optimizer (scripts/make_ort_optimized.py)."""
+    path = TOKENS / "vit_cls_ort.onnx"
     graph = onnx.load(str(path)).graph
     (producer,) = [n for n in graph.node if FEATURE in n.output]
     assert (producer.domain, producer.op_type) == (MS, "SkipLayerNormalization")

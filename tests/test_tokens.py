@@ -287,35 +287,14 @@ def test_token_heads_get_exact_gradients_with_side_inputs_held_constant(name):
     np.testing.assert_allclose(fused[1], numeric, atol=2e-2 * scale)
 
 
-def _ort_optimized(source, folder, fp16: bool):
-    """``source`` through onnxruntime's transformer optimizer (com.microsoft
-    SkipLayerNormalization and BiasGelu fused in), as edge deployments prepare ViTs,
-    optionally then converted to fp16."""
-    import logging
-
-    from onnxruntime.transformers import optimizer
-
-    logging.disable(logging.WARNING)
-    try:
-        opt = optimizer.optimize_model(
-            str(source), model_type="vit", num_heads=3, hidden_size=48, opt_level=1
-        )
-        if fp16:
-            opt.convert_float_to_float16(keep_io_types=True)
-    finally:
-        logging.disable(logging.NOTSET)
-    path = folder / f"{source.stem}_ort{'16' if fp16 else ''}.onnx"
-    opt.save_model_to_file(str(path))
-    return path
-
-
-def test_vits_fused_by_onnxruntimes_optimizer_are_detected_and_audited(samples, tmp_path):
+def test_vits_fused_by_onnxruntimes_optimizer_are_detected_and_audited(samples):
     from conftest import FIXTURES
 
+    # scripts/make_ort_optimized.py: onnxruntime.transformers.optimizer, then fp16.
     source = FIXTURES / "tokens" / "vit_cls.onnx"
     original = prepare_model(source)
-    fused = _ort_optimized(source, tmp_path, fp16=False)
-    half = _ort_optimized(source, tmp_path, fp16=True)
+    fused = FIXTURES / "tokens" / "vit_cls_ort.onnx"
+    half = FIXTURES / "tokens" / "vit_cls_ort16.onnx"
     ops = {n.op_type for n in onnx.load(fused).graph.node if n.domain == "com.microsoft"}
     assert {"SkipLayerNormalization", "BiasGelu"} <= ops
     for path in (fused, half):
