@@ -1,6 +1,7 @@
 """The ONNX model, read and edited in memory: loading and checking (:mod:`.load`), the
 graph index (:mod:`.index`), shape inference (:mod:`.shapes`), detection of the input,
-feature map and logits (:mod:`.detect`), compressed forms (:mod:`.compressed`) and the
+feature map and logits (:mod:`.detect`; token grids of transformers: :mod:`.tokens`),
+compressed forms (:mod:`.compressed`) and the
 edits that make a model ready to run (:mod:`.edit`).  The user's file is only ever read,
 and nothing here imports onnxruntime (running models is :mod:`onnx_sp2ps.runtime`'s job).
 """
@@ -29,10 +30,12 @@ from onnx_sp2ps.model.load import (
     model_digest,
     split_large_weights,
 )
+from onnx_sp2ps.model.tokens import TokenGrid
 
 __all__ = [
     "TensorInfo",
     "ModelSpec",
+    "TokenGrid",
     "PreparedModel",
     "load_model",
     "model_digest",

@@ -278,3 +278,18 @@ def _outer_names(graph: onnx.GraphProto) -> list[str]:
         local.update(node.output)
         names.extend(i for i in node.input if i and i not in local)
     return names
+
+
+def _only_input(g: GraphIndex, name: str, ops: tuple[str, ...]) -> str | None:
+    """The one data input of the node making ``name`` when its op is one of ``ops``;
+    None otherwise (a graph input, another op, several data inputs)."""
+    node = g.producer.get(name)
+    if node is None or node.op_type not in ops:
+        return None
+    data = g.data_inputs(node)
+    return data[0] if len(data) == 1 else None
+
+
+def _node_order(g: GraphIndex) -> dict[str, int]:
+    """Position in the graph of the node making each tensor."""
+    return {o: i for i, n in enumerate(g.model.graph.node) for o in n.output}
