@@ -287,3 +287,39 @@ def test_a_broadcast_after_a_computed_reshape_is_summed_at_run_time():
     per_channel = c[0].sum(axis=0)[:, None] * fc_w  # d logit / d gap, (6, 5)
     want = np.broadcast_to(per_channel.T[targets][:, :, None, None] / 64, acts.shape)
     np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-8)
+
+
+def test_of_several_maps_feeding_the_head_the_one_the_others_come_from_is_taken():
+    """A head that reads the last map and a 1x1 projection of it (LeViT's downsampling
+    attention at small inputs): the map everything after depends on, not a refusal."""
+    rng = np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3), np.float32), "w1"),
+        onnx.numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1), np.float32), "w2"),
+        onnx.numpy_helper.from_array(rng.standard_normal((8, 4), np.float32), "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["map"]),
+        helper.make_node("Conv", ["map", "w2"], ["projected"]),
+        helper.make_node("GlobalAveragePool", ["map"], ["a"]),
+        helper.make_node("GlobalAveragePool", ["projected"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_maps",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    assert analyse_model(model).feature_map.name == "map"
+    # Two maps neither of which comes from the other stay a refusal that names both.
+    nodes[2] = helper.make_node("Conv", ["conv", "w2"], ["projected"])
+    graph = helper.make_graph(nodes, "two_maps", graph.input, graph.output, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    with pytest.raises(DetectionError, match="several tensors feed the head"):
+        analyse_model(model)

@@ -32,6 +32,10 @@ VARIANTS = {
     "avg-no-prefix": dict(prefix=0, pool="avg", ln="decomposed"),
     "distilled": dict(prefix=2, pool="dist"),
     "registers": dict(prefix=5, pool="token"),
+    # Attention pooling (timm's global_pool="map"): a pooling head.
+    "attention-pool": dict(prefix=1, pool="map"),
+    # The head reads a size of the residual stream (Shape -> Gather -> Reshape).
+    "computed-shapes": dict(prefix=1, pool="token", computed_shapes=True),
     # One com.microsoft Attention per block, as onnxruntime's transformer optimizer
     # fuses it (no gradient rule: finite differences).
     "fused-attention": dict(prefix=1, pool="token", fused=True),
@@ -48,7 +52,7 @@ def test_the_token_grid_and_the_layer_follow_the_cam_libraries_rule(name):
     kw = VARIANTS[name]
     vit = build_vit(**kw)
     spec = analyse_model(vit.model)
-    pooled = kw["pool"] == "avg"
+    pooled = kw["pool"] in ("avg", "map")
     # Class-token heads: the input of the last block's attention (its norm1 output);
     # pooling heads: the last block's output.
     assert spec.feature_map.name == (vit.block_out if pooled else vit.norm1)
@@ -65,6 +69,20 @@ def test_the_token_grid_and_the_layer_follow_the_cam_libraries_rule(name):
     assert ("pooled" in spec.tokens.rule) == pooled
     dumped = spec.to_dict()["feature_map"]["tokens"]
     assert dumped["prefix"] == kw["prefix"] and dumped["grid"] == [4, 4]
+
+
+def test_a_size_read_off_the_residual_stream_is_read_in_the_head():
+    """PiT's export reads the token count off the block's input: the Shape stays in the
+    head, on the side input, so it follows the head's own batch."""
+    vit = build_vit(computed_shapes=True)
+    prepared = prepare_model(vit.model)
+    ops = [n.op_type for n in prepared.head_model.graph.node]
+    assert "Shape" in ops
+    assert len(prepared.spec.side_inputs) == 1  # the residual stream, no int64 sizes
+    runner = ModelRunner(prepared, provider="cpu")
+    acts, logits = runner.run(_images(3))
+    many = np.repeat(acts[1:2], 5, axis=0)
+    np.testing.assert_allclose(runner.run_head(many, 1), np.repeat(logits[1:2], 5, 0), atol=1e-5)
 
 
 def test_the_residual_stream_around_the_last_block_is_a_side_input():

@@ -9,12 +9,14 @@ registers) concatenated in front, a position embedding, ``depth`` pre-norm block
 
 a final LayerNorm and a head that reads the class token (``pool="token"``), the mean of
 the patch tokens (``pool="avg"``) or the average of two heads on tokens 0 and 1
-(``pool="dist"``, DeiT distilled).  With ``fused``, each attention is one com.microsoft
-``Attention`` node, as onnxruntime's transformer optimizer writes it.  LayerNorm is the
-opset-17 op (``ln="op"``) or the decomposition older exporters write (``ln="decomposed"``:
-ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul, Add; opset 13); Gelu is Erf-based, as
-torch.onnx writes it.  Random weights are seeded and drawn so that logits vary clearly
-across images.
+(``pool="dist"``, DeiT distilled), or a learned query attending over the patch tokens
+(``pool="map"``, timm's attention pooling).  With ``computed_shapes``, each block reads
+its token count off its input (``Shape``) for a Reshape, as PiT's export does.  With
+``fused``, each attention is one com.microsoft ``Attention`` node, as onnxruntime's
+transformer optimizer writes it.  LayerNorm is the opset-17 op (``ln="op"``) or the
+decomposition older exporters write (``ln="decomposed"``: ReduceMean, Sub, Pow, Add,
+Sqrt, Div, Mul, Add; opset 13); Gelu is Erf-based, as torch.onnx writes it.  Random
+weights are seeded and drawn so that logits vary clearly across images.
 
 ``VitModel.norm1`` is the last block's norm1 output (the layer CAM libraries explain for
 class-token heads), ``VitModel.block_out`` the last block's output (for pooled heads).
@@ -115,6 +117,7 @@ def build_vit(
     ln: str = "op",
     seed: int = 0,
     fused: bool = False,
+    computed_shapes: bool = False,
 ) -> VitModel:
     """A ViT classifier (see the module docstring)."""
     opset = 17 if ln == "op" else 13
@@ -183,14 +186,37 @@ def build_vit(
         att = g.op("Softmax", [att], f"{s}/attn/Softmax", axis=-1)
         o = g.op("MatMul", [att, v], f"{s}/attn/MatMul_1")
         o = g.op("Transpose", [o], f"{s}/attn/Transpose_2", perm=[0, 2, 1, 3])
-        o = g.op("Reshape", [o, g.ints([0, tokens, dim])], f"{s}/attn/Reshape_1")
+        target = g.ints([0, tokens, dim])
+        if computed_shapes:  # the token count read off the residual stream (as PiT does)
+            count = g.op("Gather", [g.op("Shape", [x]), g.ints([1])], f"{s}/Gather", axis=0)
+            target = g.op("Concat", [g.ints([0]), count, g.ints([dim])], f"{s}/Concat", axis=0)
+        o = g.op("Reshape", [o, target], f"{s}/attn/Reshape_1")
         o = g.linear(o, dim, dim, f"{s}/attn/proj")
         x = g.op("Add", [x, o], f"{s}/Add")
         m = g.layer_norm(x, dim, f"{s}/norm2", ln)
         m = g.gelu(g.linear(m, dim, 2 * dim, f"{s}/mlp/fc1"), f"{s}/mlp/act/Mul_1")
         m = g.linear(m, 2 * dim, dim, f"{s}/mlp/fc2")
         x = block_out = g.op("Add", [x, m], f"{s}/Add_1")
-    if pool == "avg":
+    if pool == "map":  # attention pooling: a learned query attends over the tokens
+        x = g.layer_norm(x, dim, "norm", ln)
+        patches = g.op("Slice", [x, g.ints([prefix]), g.ints([tokens]), g.ints([1])], "Slice")
+        k = g.linear(patches, dim, dim, "attn_pool/k")
+        v = g.linear(patches, dim, dim, "attn_pool/v")
+        batch = g.op("Gather", [g.op("Shape", [image]), g.ints(0)], "attn_pool/Gather", axis=0)
+        shape = g.op(
+            "Concat",
+            [g.op("Unsqueeze", [batch, g.ints([0])]), g.ints([1, dim])],
+            "attn_pool/Concat",
+            axis=0,
+        )
+        latent = g.param("attn_pool.latent", g.rng.normal(0, 1.0, (1, 1, dim)))
+        q = g.op("Expand", [latent, shape], "attn_pool/Expand")
+        kt = g.op("Transpose", [k], "attn_pool/Transpose", perm=[0, 2, 1])
+        att = g.op("Softmax", [g.op("MatMul", [q, kt], "attn_pool/MatMul")], axis=-1)
+        pooled = g.op("MatMul", [att, v], "attn_pool/MatMul_1")
+        first = g.op("Gather", [pooled, g.ints(0)], "attn_pool/Gather_1", axis=1)
+        logits = g.linear(first, dim, classes, "head")
+    elif pool == "avg":
         patches = g.op("Slice", [x, g.ints([prefix]), g.ints([tokens]), g.ints([1])], "Slice")
         pooled = g.op("ReduceMean", [patches], "ReduceMean", axes=[1], keepdims=0)
         pooled = g.layer_norm(pooled, dim, "fc_norm", ln)

@@ -27,10 +27,11 @@ from onnx_sp2ps.model.index import (
     _shape_of,
     constant_value,
 )
-from onnx_sp2ps.model.shapes import _infer, _with_static_input
+from onnx_sp2ps.model.shapes import _SHAPE_OPS, _infer, _with_static_input
 from onnx_sp2ps.model.tokens import (
     TokenGrid,
     _attention_shaped,
+    _block_output,
     _is_token_tensor,
     _layer_norm_input,
     _token_dims,
@@ -383,8 +384,12 @@ def _find_feature_map(
                 tokens.append(name)
                 continue
         queue.extend(g.data_inputs(node))
-    if tokens and not found and len(set(tokens)) == 1:
-        return tokens[0], True
+    if tokens and not found:
+        # Several token tensors (an attention pool's keys and values) made from the same
+        # block output by per-token ops: that output.
+        blocks = {_block_output(g, probe, t) for t in tokens}
+        if len(set(tokens)) == 1 or len(blocks) == 1:
+            return (tokens[0] if len(set(tokens)) == 1 else blocks.pop()), True
     found += tokens
     if not found:
         custom = _custom_op(g, visited)
@@ -400,6 +405,12 @@ def _find_feature_map(
             f"logits {logits!r} (no tensor with spatial extent > 1 is computed between the "
             "input and the logits); name one with --feature-layer"
         )
+    if len(set(found)) > 1:
+        # One the others are all computed from (LeViT's downsampling attention reads the
+        # last map and a projection of it): the map everything after depends on.
+        first = [c for c in set(found) if all(c in g.ancestors(o) for o in set(found))]
+        if len(first) == 1:
+            found = first
     if len(set(found)) > 1:
         raise DetectionError(
             "several tensors feed the head ("
@@ -521,11 +532,16 @@ def _head_nodes(
                 "(--feature-layer)"
             )
         outside = not g.is_constant(name) and feature not in g.ancestors(name, feature)
-        if outside and not _batch_size_only(g, name):
+        batch = outside and _batch_size_only(g, name)
+        if outside and not batch and not _shape_only(g, name):
             side.append(name)
             continue
         needed.add(index[id(node)])
-        if outside and node.op_type == "Shape":
+        if outside and node.op_type in ("Shape", "Size"):
+            if not batch:
+                # A size other than the batch's (a token count): the head reads it off
+                # the activation, a side input that holds one row per image.
+                stack.append(node.input[0])
             continue  # the batch size: read from the feature map in the head (_extract_head)
         stack.extend(i for i in node.input if i)
         for attr in node.attribute:  # names used inside subgraphs (If/Loop)
@@ -534,6 +550,22 @@ def _head_nodes(
     order = _node_order(g)
     side.sort(key=lambda t: order.get(t, -1))
     return [g.model.graph.node[i] for i in sorted(needed)], side
+
+
+def _shape_only(g: GraphIndex, name: str, depth: int = 0) -> bool:
+    """True when ``name`` is computed from constants and the Shape or Size of activations
+    (not of a graph input) only, through shape arithmetic
+    (:data:`onnx_sp2ps.model.shapes._SHAPE_OPS`)."""
+    if g.is_constant(name):
+        return True
+    node = g.producer.get(name)
+    if node is None or depth > 32:
+        return False
+    if node.op_type in ("Shape", "Size"):
+        return node.input[0] in g.producer
+    if node.op_type not in _SHAPE_OPS:
+        return False
+    return all(_shape_only(g, i, depth + 1) for i in node.input if i)
 
 
 def _batch_size_only(g: GraphIndex, name: str) -> bool:
@@ -559,6 +591,19 @@ def _batch_size_only(g: GraphIndex, name: str) -> bool:
             )
             for u in users
         )
+    if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
+        # Gather(Shape(x), 0): the batch size, whatever else reads that Shape.
+        index = constant_value(g.model.graph, node.input[1], g.producer)
+        shape = g.producer.get(node.input[0])
+        if (
+            shape is not None
+            and shape.op_type == "Shape"
+            and _attr(shape, "start", 0) == 0
+            and index is not None
+            and index.size == 1
+            and int(index.reshape(-1)[0]) == 0
+        ):
+            return True
     return all(_batch_size_only(g, i) for i in node.input if i)
 
 

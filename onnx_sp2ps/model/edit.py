@@ -102,7 +102,7 @@ def _extract_head(
 ) -> onnx.ModelProto:
     found, side = _head_nodes(g, feature, logits)
     nodes = [copy.deepcopy(n) for n in found]
-    made = {feature} | {o for n in nodes for o in n.output}
+    made = {feature, *side} | {o for n in nodes for o in n.output}
     for n in nodes:  # the batch size of another activation (_batch_size_only)
         if n.op_type == "Shape" and n.input[0] not in made:
             n.input[0] = feature

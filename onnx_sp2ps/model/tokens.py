@@ -69,6 +69,10 @@ def _is_token_tensor(g: GraphIndex, probe: GraphIndex, name: str) -> bool:
         return False
     current: str | None = name
     for _ in range(8):
+        node = g.producer.get(current) if current else None
+        if node is not None and node.op_type == "Transpose":
+            if list(_attr(node, "perm", [])) == [0, 2, 1]:
+                return False  # tokens turned (N, D, T): keys of an attention, a CNN's view
         current = _only_input(g, current, _VIEW_OPS) if current else None
         if current is None:
             return True
@@ -145,8 +149,8 @@ def _attention_tensors(g: GraphIndex, probe: GraphIndex) -> frozenset[str]:
     for n in core:
         found.update(o for o in n.output if o)
     for node in g.model.graph.node:  # forward, until the tokens are rank 3 again
-        if node.op_type not in _ATTENTION_OPS:
-            continue
+        if node.op_type not in _ATTENTION_OPS or node.op_type == "Reshape":
+            continue  # (a Reshape folds the heads back: tokens, or a map as LeViT's convs)
         if any(i in found for i in g.data_inputs(node)):
             found.update(o for o in node.output if o and (_rank(probe, o) or 0) >= 4)
     result = frozenset(found)
@@ -168,12 +172,17 @@ def _token_dims(probe: GraphIndex, name: str) -> tuple[int, int] | None:
 
 
 def _pools_tokens(g: GraphIndex, probe: GraphIndex, tokens: str, logits: str) -> bool:
-    """True when the head reduces over the token axis (mean pooling), False when it reads
-    single tokens (the class token)."""
+    """True when the head reduces over the token axis (mean pooling) or attends over the
+    tokens (attention pooling, timm's ``global_pool="map"``), False when it reads single
+    tokens (the class token)."""
     between = g.descendants(tokens) & (g.ancestors(logits) | {logits})
     for node in g.model.graph.node:
         if not node.output or node.output[0] not in between:
             continue
+        if node.op_type in ("Softmax", "QLinearSoftmax") or (
+            node.domain == "com.microsoft" and node.op_type in _FUSED_ATTENTION
+        ):
+            return True
         if node.op_type in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2"):
             shape = probe.info(node.input[0]).shape
             axes = _attr(node, "axes", None)
@@ -311,17 +320,43 @@ def _last_attention_input(g: GraphIndex, probe: GraphIndex, tokens: str) -> str 
     return None
 
 
+#: Per-token ops a pooling head applies before it pools: the linear projections of an
+#: attention pool (its keys and values), a norm, an activation.
+_PER_TOKEN_OPS = ("MatMul", "Add", "Mul", "Sub", "Div", "Identity", "Cast")
+
+
+def _block_output(g: GraphIndex, probe: GraphIndex, tokens: str) -> str:
+    """The last block's output that a pooling head's ``tokens`` are made from: behind the
+    ``x[:, P:]`` slice, a final layer norm, and the per-token projections of an attention
+    pool, as long as the token count stays (a residual Add of two computed tensors is
+    the block's output and ends the walk)."""
+    current = tokens
+    count = (_token_dims(probe, current) or (None, None))[0]
+    for _ in range(8):
+        whole = _before_token_slice(g, probe, current)
+        if whole != current:  # all the tokens, the prefix ones too
+            current = whole
+            count = (_token_dims(probe, current) or (None, None))[0]
+            continue
+        before = _layer_norm_input(g, current)
+        if before is None:
+            node = g.producer.get(current)
+            data = g.data_inputs(node) if node is not None else []
+            if node is None or node.op_type not in _PER_TOKEN_OPS or len(data) != 1:
+                break
+            before = data[0]
+        dims = _token_dims(probe, before)
+        if dims is None or dims[0] != count:
+            break
+        current = before
+    return current
+
+
 def _token_feature(g: GraphIndex, probe: GraphIndex, tokens: str, logits: str) -> tuple[str, str]:
     """The default layer of a token model whose head reads ``tokens`` (the README's rule,
     "Detection"), and the rule's name."""
     if _pools_tokens(g, probe, tokens, logits):
-        tokens = _before_token_slice(g, probe, tokens)
-        before_norm = _layer_norm_input(g, tokens)
-        if before_norm is not None and _token_dims(probe, before_norm) == _token_dims(
-            probe, tokens
-        ):
-            return before_norm, "pooled head: the last block's output"
-        return tokens, "pooled head: the last block's output"
+        return _block_output(g, probe, tokens), "pooled head: the last block's output"
     layer = _last_attention_input(g, probe, tokens)
     if layer is None:
         raise DetectionError(
