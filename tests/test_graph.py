@@ -323,3 +323,36 @@ def test_of_several_maps_feeding_the_head_the_one_the_others_come_from_is_taken(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     with pytest.raises(DetectionError, match="several tensors feed the head"):
         analyse_model(model)
+
+
+def test_a_final_channel_norm_before_the_pooling_is_stepped_behind():
+    """ConvNeXt's ``norm_pre`` (Transpose -> LayerNorm -> Transpose back) and Swin's
+    NHWC final norm: the map is the last stage's output, before the norm."""
+    rng = np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3), np.float32), "w"),
+        onnx.numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+        onnx.numpy_helper.from_array(np.zeros(8, np.float32), "beta"),
+        onnx.numpy_helper.from_array(rng.standard_normal((8, 4), np.float32), "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["stage"]),
+        helper.make_node("Transpose", ["stage"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("LayerNormalization", ["nhwc", "gamma", "beta"], ["normed"], axis=-1),
+        helper.make_node("Transpose", ["normed"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("GlobalAveragePool", ["nchw"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "norm_pre",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert analyse_model(model).feature_map.name == "stage"
+    runner = ModelRunner(prepare_model(model), provider="cpu")
+    assert runner.gradient_path == "exact", runner.gradient_note

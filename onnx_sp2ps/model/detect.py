@@ -423,12 +423,28 @@ def _find_feature_map(
 
 
 def _behind_final_norm(g: GraphIndex, probe: GraphIndex, feature: str) -> str:
-    """The last stage's output when ``feature`` is a LayerNorm of it, same shape (Swin's
-    final norm over the channels of its NHWC map before the pooling): the map of the last
+    """The last stage's output when ``feature`` is a LayerNorm of it over the channels,
+    same shape: Swin's final norm of its NHWC map, or ConvNeXt's ``norm_pre`` written as
+    Transpose -> LayerNorm -> Transpose back, before the pooling.  The map of the last
     block, as for the tokens of a pooled transformer (README, "Detection")."""
-    before = _layer_norm_input(g, feature)
+
+    def transposed(name: str) -> tuple[str, list[int]] | None:
+        node = g.producer.get(name)
+        if node is None or node.op_type != "Transpose":
+            return None
+        return node.input[0], [int(p) for p in _attr(node, "perm", [])]
+
+    inner, outer = feature, transposed(feature)
+    if outer is not None:
+        inner = outer[0]
+    before = _layer_norm_input(g, inner)
     if before is None or before not in g.producer:
         return feature
+    if outer is not None:  # the Transpose into the norm must be undone by the one after
+        into = transposed(before)
+        if into is None or [into[1][i] for i in outer[1]] != list(range(len(outer[1]))):
+            return feature
+        before = into[0]
     if probe.info(before).shape != probe.info(feature).shape:
         return feature
     return before
