@@ -14,7 +14,7 @@ gives the exact per-position gradients that Grad-CAM's relatives need.
 The backward pass is written op by op (reverse-mode differentiation): one
 ``_Builder._bw_<op>`` rule per op that classifier heads use, and :data:`GRADIENT_OPS`
 is the list those rules make.  Some rules take only some forms of their op (pools that
-reduce to 1x1 or tile without overlap, Conv with 1x1 kernels, Pow of a constant
+reduce to 1x1 or tile without overlap, Conv without auto_pad SAME, Pow of a constant
 exponent, Gather of repeated or computed indices from opset 16 (a scalar index or
 constant distinct ones from opset 11), Slice with constant axes); the ops of a
 vision-transformer block (MatMul of two computed tensors with batch broadcasting,
@@ -496,6 +496,21 @@ class _Builder:
         parts = [self.grad(o) or self.zeros_like(o) for o in node.output]
         self.add_grad(node.input[0], self.op("Concat", parts, "unsplit", axis=axis))
 
+    def _bw_Pad(self, node, dy):
+        # Constant mode (pads as an input: opset >= 11, as MIN_OPSET is): the gradient is
+        # dy padded by the negated pads (what Pad added is cut off, what it cropped comes
+        # back as zeros), axes as the op's.
+        mode = _attr(node, "mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode != "constant":
+            raise UnsupportedHead(f"Pad in {mode} mode")
+        if any(i in self.active for i in list(node.input)[1:]):
+            raise UnsupportedHead("Pad with computed pads or value from the feature map")
+        inputs = [dy, self.op("Neg", [node.input[1]], "pads_neg")]
+        if len(node.input) > 3 and node.input[3]:
+            inputs += ["", node.input[3]]
+        self.add_grad(node.input[0], self.op("Pad", inputs, "pad_bw", mode="constant"))
+
     def _bw_Slice(self, node, dy):
         # Undone one axis at a time: the positions a Slice of the same starts, ends and
         # steps picks out of Range(0, size) (the op's own clamping, negative steps
@@ -866,26 +881,43 @@ class _Builder:
         self.add_grad(x, self.op("Mul", [dy, factor], "bn_bw"))
 
     def _bw_Conv(self, node, dy):
+        # dL/dx = ConvTranspose(dy, W) with the Conv's strides, pads, dilations and groups
+        # (W is (M, C/group, k...) as ConvTranspose takes it); the output padding that
+        # gives x's size back is 0 at stride 1, and needs static sizes above it.
         x, w = node.input[0], node.input[1]
         if w in self.active or (len(node.input) > 2 and node.input[2] in self.active):
             raise UnsupportedHead("Conv with computed weights")
         ws = self.static_shape(w)
-        if ws is None:
-            value = self.constant_value(w)
-            ws = None if value is None else value.shape
-        strides = list(_attr(node, "strides", [1, 1]))
-        pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-        if (
-            ws is None
-            or len(ws) != 4
-            or tuple(ws[2:]) != (1, 1)
-            or int(_attr(node, "group", 1)) != 1
-            or any(s != 1 for s in strides)
-            or any(pads)
-        ):
-            raise UnsupportedHead("Conv other than 1x1, stride 1, group 1")
-        wt = self.op("Transpose", [w], "conv_wT", perm=[1, 0, 2, 3])
-        self.add_grad(x, self.op("Conv", [dy, wt], "conv_bw"))
+        auto_pad = _attr(node, "auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        if ws is None or len(ws) < 3 or auto_pad not in ("NOTSET", "VALID"):
+            raise UnsupportedHead("Conv of unknown kernel size or with auto_pad SAME")
+        n = len(ws) - 2
+        kernel = [int(k) for k in ws[2:]]
+        strides = [int(v) for v in _attr(node, "strides", [1] * n)]
+        dilations = [int(v) for v in _attr(node, "dilations", [1] * n)]
+        pads = [int(v) for v in _attr(node, "pads", [0] * (2 * n))]
+        extra = [0] * n
+        if any(v != 1 for v in strides):
+            xs, ys = self.static_shape(x), self.static_shape(node.output[0])
+            if xs is None or ys is None or None in xs[2:] or None in ys[2:]:
+                raise UnsupportedHead("strided Conv with sizes known only at run time")
+            for i in range(n):
+                made = (ys[2 + i] - 1) * strides[i] - pads[i] - pads[n + i]
+                extra[i] = xs[2 + i] - (made + (kernel[i] - 1) * dilations[i] + 1)
+            if any(e < 0 or e >= s for e, s in zip(extra, strides)):
+                raise UnsupportedHead("strided Conv whose input size cannot be recovered")
+        grad = self.op(
+            "ConvTranspose",
+            [dy, w],
+            "conv_bw",
+            group=int(_attr(node, "group", 1)),
+            strides=strides,
+            dilations=dilations,
+            pads=pads,
+            output_padding=extra,
+        )
+        self.add_grad(x, grad)
 
     # -- rules: activations ---------------------------------------------------------
 

@@ -87,6 +87,14 @@ CFGS = {
         "flexivit_small",
         dict(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=3),
     ),
+    "mixer": ("mixer_s16_224", dict(img_size=64, embed_dim=48, num_blocks=2)),
+    "resmlp": ("resmlp_12_224", dict(img_size=64, embed_dim=48, depth=2)),
+    "gmlp": ("gmlp_ti16_224", dict(img_size=64, embed_dim=48, num_blocks=2)),
+    "edgenext": ("edgenext_xx_small", dict(depths=(1, 1, 1, 1))),
+    "mobilevitv2": ("mobilevitv2_050", dict()),
+    "efficientformerv2": ("efficientformerv2_s0", dict(img_size=64)),
+    "repvit": ("repvit_m0_9", dict()),
+    "coat_lite": ("coat_lite_tiny", dict(img_size=64)),
 }
 
 
@@ -105,6 +113,10 @@ def main() -> None:
         out = args.out / f"{name}.onnx"
         try:
             m = timm.create_model(arch, pretrained=False, num_classes=4, **kw).eval()
+        except Exception as exc:  # noqa: BLE001 - a configuration timm refuses, reported
+            print(f"{name}: timm refused the configuration ({type(exc).__name__}: {exc})")
+            continue
+        try:
             torch.onnx.export(
                 m,
                 torch.rand(2, 3, 64, 64),

@@ -259,13 +259,13 @@ def test_unsupported_ops_are_named_and_fall_back():
     head = make_head(middle)
     with pytest.raises(UnsupportedHead, match="Softsign"):
         build_head_gradient(head)
-    conv3 = dict(
-        nodes=[node("Conv", ["A", "w3"], pads=[1, 1, 1, 1])],
+    same = dict(  # (any Conv has a rule; its auto_pad SAME form has none)
+        nodes=[node("Conv", ["A", "w3"], auto_pad="SAME_UPPER")],
         out="m",
         inits=[arr("w3", RNG.normal(size=(C, C, 3, 3)))],
     )
-    with pytest.raises(UnsupportedHead, match="1x1"):
-        build_head_gradient(make_head(conv3))
+    with pytest.raises(UnsupportedHead, match="auto_pad SAME"):
+        build_head_gradient(make_head(same))
 
 
 def test_runner_reports_the_finite_difference_path_when_needed():

@@ -194,6 +194,34 @@ def weights(name, *shape):
 
 #: name: (nodes, initializers, feature shape, opset)
 CASES = {
+    "conv_3x3_depthwise_strided_dilated": (
+        [
+            node("Conv", ["A", "w1"], "c1", pads=[1, 1, 1, 1]),  # 3x3, same size
+            node("Tanh", ["c1"], "t1"),
+            node("Conv", ["t1", "w2"], "c2", pads=[1, 1, 1, 1], group=4),  # depthwise
+            node("Conv", ["c2", "w3"], "c3", pads=[0, 1, 1, 0], strides=[2, 2]),  # strided
+            node("Conv", ["c3", "w4"], dilations=[2, 2], pads=[2, 2, 2, 2]),  # dilated
+        ],
+        [weights("w1", 4, 3, 3, 3), weights("w2", 4, 1, 3, 3), weights("w3", 5, 4, 3, 2)]
+        + [weights("w4", 2, 5, 3, 3)],
+        ["N", 3, 7, 6],
+        13,
+    ),
+    "pad_constant": (
+        [
+            node("Tanh", ["A"], "t"),
+            node("Pad", ["t", "pads", "half"], "p"),  # H grows by 1 + 2, W by 3 on the right
+            node("Pad", ["p", "pads2", "", "axes"], mode="constant"),  # axes input (18)
+        ],
+        [
+            i64("pads", [0, 0, 1, 0, 0, 0, 2, 3]),
+            f32("half", np.array(0.5, np.float32)),
+            i64("pads2", [1, 1]),
+            i64("axes", [1]),
+        ],
+        ["N", 2, 3, 4],
+        18,
+    ),
     "matmul_both_computed": (
         [
             node("Tanh", ["A"], "t"),
