@@ -16,6 +16,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -87,9 +88,10 @@ CFGS = {
         "flexivit_small",
         dict(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=3),
     ),
-    "mixer": ("mixer_s16_224", dict(img_size=64, embed_dim=48, num_blocks=2)),
-    "resmlp": ("resmlp_12_224", dict(img_size=64, embed_dim=48, depth=2)),
-    "gmlp": ("gmlp_ti16_224", dict(img_size=64, embed_dim=48, num_blocks=2)),
+    "mixer": (
+        "timm.models.mlp_mixer:MlpMixer",
+        dict(img_size=64, patch_size=8, embed_dim=48, num_blocks=2),
+    ),
     "edgenext": ("edgenext_xx_small", dict(depths=(1, 1, 1, 1))),
     "mobilevitv2": ("mobilevitv2_050", dict()),
     "efficientformerv2": ("efficientformerv2_s0", dict(img_size=64)),
@@ -112,7 +114,11 @@ def main() -> None:
         arch, kw = CFGS[name]
         out = args.out / f"{name}.onnx"
         try:
-            m = timm.create_model(arch, pretrained=False, num_classes=4, **kw).eval()
+            if ":" in arch:  # a class, for configurations no named model allows
+                module, cls = arch.split(":")
+                m = getattr(importlib.import_module(module), cls)(num_classes=4, **kw).eval()
+            else:
+                m = timm.create_model(arch, pretrained=False, num_classes=4, **kw).eval()
         except Exception as exc:  # noqa: BLE001 - a configuration timm refuses, reported
             print(f"{name}: timm refused the configuration ({type(exc).__name__}: {exc})")
             continue
