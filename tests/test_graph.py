@@ -289,6 +289,18 @@ def test_a_broadcast_after_a_computed_reshape_is_summed_at_run_time():
     np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-8)
 
 
+def _image_model(name: str, nodes, inits, opset: int, size: int = 16) -> onnx.ModelProto:
+    """A model from ``image`` (N, 3, size, size) to ``logits`` (N, 4)."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
 def test_of_several_maps_feeding_the_head_the_one_the_others_come_from_is_taken():
     """A head that reads the last map and a 1x1 projection of it (LeViT's downsampling
     attention at small inputs): the map everything after depends on, not a refusal."""
@@ -308,21 +320,11 @@ def test_of_several_maps_feeding_the_head_the_one_the_others_come_from_is_taken(
         helper.make_node("Flatten", ["pooled"], ["flat"]),
         helper.make_node("MatMul", ["flat", "fc"], ["logits"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "two_maps",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    assert analyse_model(model).feature_map.name == "map"
+    assert analyse_model(_image_model("two_maps", nodes, inits, 13)).feature_map.name == "map"
     # Two maps neither of which comes from the other stay a refusal that names both.
     nodes[2] = helper.make_node("Conv", ["conv", "w2"], ["projected"])
-    graph = helper.make_graph(nodes, "two_maps", graph.input, graph.output, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     with pytest.raises(DetectionError, match="several tensors feed the head"):
-        analyse_model(model)
+        analyse_model(_image_model("two_maps", nodes, inits, 13))
 
 
 def test_a_final_channel_norm_before_the_pooling_is_stepped_behind():
@@ -345,14 +347,7 @@ def test_a_final_channel_norm_before_the_pooling_is_stepped_behind():
         helper.make_node("Flatten", ["gap"], ["flat"]),
         helper.make_node("MatMul", ["flat", "fc"], ["logits"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "norm_pre",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _image_model("norm_pre", nodes, inits, 17)
     assert analyse_model(model).feature_map.name == "stage"
     runner = ModelRunner(prepare_model(model), provider="cpu")
     assert runner.gradient_path == "exact", runner.gradient_note
