@@ -58,7 +58,7 @@ from onnx import helper, numpy_helper
 from onnx_sp2ps.model.compressed import UnsupportedQuantizedOp, qdq_form
 from onnx_sp2ps.model.index import _attr, constant_value
 from onnx_sp2ps.model.load import check_model
-from onnx_sp2ps.model.shapes import _infer
+from onnx_sp2ps.model.shapes import _infer, broadcast_dims
 
 __all__ = [
     "UnsupportedHead",
@@ -142,13 +142,6 @@ class HeadGradient:
     note: str | None = None
     #: Inputs besides the feature map, held constant (the head's side inputs).
     side_inputs: tuple[str, ...] = ()
-
-
-def _broadcast_dims(a: tuple, b: tuple) -> tuple:
-    """numpy broadcasting of two static shapes (None: a size known only at run time)."""
-    n = max(len(a), len(b))
-    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
-    return tuple(y if x == 1 or (x is None and y != 1) else x for x, y in zip(a, b))
 
 
 class _Builder:
@@ -790,7 +783,7 @@ class _Builder:
             sa = (1,) + sa
             ap = self.with_shape(self.unsqueeze(a, [0]), sa)
             dyp = self.unsqueeze(dyp, [-2])
-        batch = _broadcast_dims(sa[:-2], sb[:-2])
+        batch = broadcast_dims(sa[:-2], sb[:-2])
         if a in self.active:
             da = self.op("MatMul", [dyp, self._swap_last(bp, len(sb))], "matmul_bw")
             if len(sb) > 2:

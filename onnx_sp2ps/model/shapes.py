@@ -6,14 +6,16 @@ shapes are known.  The model that runs is never changed here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from onnx_sp2ps.model.index import GraphIndex, _attr, _numel, constant_value
+from onnx_sp2ps.model.index import Dim, GraphIndex, _attr, _numel, _shape_of, constant_value
 from onnx_sp2ps.model.load import _weightless
 
-__all__ = ["PROBE_SIZE"]
+__all__ = ["PROBE_SIZE", "broadcast_dims"]
 
 #: Size used for symbolic height and width while shapes are inferred for detection.
 PROBE_SIZE = 224
@@ -55,20 +57,17 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _dims(vi: onnx.ValueInfoProto | None) -> list[int | str] | None:
-    if vi is None or not vi.type.tensor_type.HasField("shape"):
-        return None
-    return [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-        for d in vi.type.tensor_type.shape.dim
-    ]
+def _shape(vi: onnx.ValueInfoProto | None) -> list[Dim] | None:
+    """The dims of ``vi`` (None where unknown), or None without a shape."""
+    dims = None if vi is None else _shape_of(vi.type)
+    return None if dims is None else list(dims)
 
 
-def _broadcast(a: list[int | str], b: list[int | str]) -> list[int | str]:
-    rank = max(len(a), len(b))
-    one: list[int | str] = [1]
-    a, b = one * (rank - len(a)) + a, one * (rank - len(b)) + b
-    return [y if x == 1 else x for x, y in zip(a, b)]
+def broadcast_dims(a: Sequence[Dim], b: Sequence[Dim]) -> tuple[Dim, ...]:
+    """numpy broadcasting of two shapes (None: a size known only at run time)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return tuple(y if x == 1 or (x is None and y != 1) else x for x, y in zip(a, b))
 
 
 #: com.microsoft ops whose outputs (those listed) have the shape and type of input 0.
@@ -89,8 +88,8 @@ _SAME_AS_INPUT = {
 
 
 def _contrib_op_shape(
-    node: onnx.NodeProto, shape: dict[str, list[int | str] | None]
-) -> list[tuple[int, list[int | str], str]]:
+    node: onnx.NodeProto, shape: dict[str, list[Dim] | None]
+) -> list[tuple[int, list[Dim], str]]:
     """(output index, shape, input whose element type it has) of the outputs of a
     com.microsoft op whose input shapes are known; empty for other ops or unknown
     inputs.  Quantized outputs take the type of their zero point."""
@@ -105,16 +104,16 @@ def _contrib_op_shape(
         made = [i for i in range(len(node.output)) if node.output[i]]
         found = [(i, list(x), source) for i in _SAME_AS_INPUT[op] if i in made]
         if op.startswith("Skip") and x:  # the statistics, one per row: last dim 1
-            row: list[int | str] = list(x[:-1]) + [1]
+            row: list[Dim] = list(x[:-1]) + [1]
             found += [(i, row, ins[0]) for i in (1, 2) if i in made]
         return found
     if op in ("QLinearAdd", "QLinearMul") and len(ins) >= 8:
         b = shape.get(ins[3])
-        return [] if x is None or b is None else [(0, _broadcast(x, b), ins[7])]
+        return [] if x is None or b is None else [(0, list(broadcast_dims(x, b)), ins[7])]
     if op == "QLinearGlobalAveragePool" and len(ins) >= 5:
         if x is None or len(x) < 3:
             return []
-        one: list[int | str] = [1]
+        one: list[Dim] = [1]
         if _attr(node, "channels_last", 0):
             return [(0, [x[0]] + one * (len(x) - 2) + [x[-1]], ins[4])]
         return [(0, list(x[:2]) + one * (len(x) - 2), ins[4])]
@@ -125,8 +124,8 @@ def _contrib_op_shape(
             return []
         axis = int(_attr(node, "axis", 0)) % len(known[0])
         out = list(known[0])
-        sizes = [p[axis] for p in known]
-        out[axis] = sum(int(v) for v in sizes) if all(isinstance(v, int) for v in sizes) else "?"
+        sizes = [d for d in (p[axis] for p in known) if isinstance(d, int)]
+        out[axis] = sum(sizes) if len(sizes) == len(known) else None
         return [(0, out, ins[1])]
     if op == "Attention" and len(ins) >= 2:
         w = shape.get(ins[1])
@@ -152,10 +151,10 @@ def _fill_contrib_ops(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     g = model.graph
     infos = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
     inits = {t.name: t for t in g.initializer}
-    shape: dict[str, list[int | str] | None] = {n: _dims(vi) for n, vi in infos.items()}
+    shape: dict[str, list[Dim] | None] = {n: _shape(vi) for n, vi in infos.items()}
     elem: dict[str, int] = {n: vi.type.tensor_type.elem_type for n, vi in infos.items()}
     for t in g.initializer:
-        shape[t.name] = list(t.dims)
+        shape[t.name] = [int(d) for d in t.dims]
         elem[t.name] = t.data_type
     filled = []
     for node in g.node:
@@ -163,13 +162,11 @@ def _fill_contrib_ops(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
             continue
         for index, dims, source in _contrib_op_shape(node, shape):
             out = node.output[index]
-            known = _dims(infos.get(out))
+            known = _shape(infos.get(out))
             if known is not None and (known == dims or all(isinstance(d, int) for d in known)):
                 continue
             kind = inits[source].data_type if source in inits else elem.get(source, 0)
-            vi = helper.make_tensor_value_info(
-                out, kind or onnx.TensorProto.FLOAT, [None if d == "?" else d for d in dims]
-            )
+            vi = helper.make_tensor_value_info(out, kind or onnx.TensorProto.FLOAT, dims)
             filled.append(vi)
             shape[out] = dims
             elem[out] = kind
