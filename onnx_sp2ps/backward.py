@@ -389,7 +389,11 @@ class _Builder:
             ir_version=self.head.ir_version,
             producer_name="onnx-sp2ps",
         )
-        check_model(model)
+        try:
+            check_model(model)
+        except onnx.checker.ValidationError as exc:  # a gradient graph no rule should make
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UnsupportedHead(f"the gradient graph is not valid ONNX ({first[:200]})") from None
         quantized = any(n.op_type == "QuantizeLinear" and n.input[0] in self.active for n in g.node)
         return HeadGradient(
             model=model,
