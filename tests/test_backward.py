@@ -458,3 +458,20 @@ def test_maxpool_routes_the_gradient_to_the_first_maximum_of_each_window(kernel)
                     want[i, k, y * kh + dy, x * kw + dx] = w[c, k] / (oh * ow)
     assert (a == 0).mean() > 0.3  # the case that matters: many tied zeros
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_gradient_graph_the_checker_refuses_falls_back_to_finite_differences(monkeypatch):
+    """The builder's one way to fail is UnsupportedHead: a gradient graph the ONNX checker
+    refuses (a shape it cannot take) is the finite-difference path, not a crash."""
+    import onnx_sp2ps.backward as backward
+
+    def refuse(model):
+        raise onnx.checker.ValidationError("Field 'shape' of 'type' is required but missing")
+
+    monkeypatch.setattr(backward, "check_model", refuse)
+    prepared = prepare_model(build_cnn(head="gap_gemm").model)
+    with pytest.raises(UnsupportedHead, match="not valid ONNX.*shape"):
+        build_head_gradient(prepared.head_model)
+    runner = ModelRunner(prepared, provider="cpu")
+    assert runner.gradient_path == "finite-difference"
+    assert "not valid ONNX" in runner.gradient_note
