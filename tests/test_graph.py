@@ -13,6 +13,28 @@ from onnx_sp2ps.runtime import ModelRunner
 
 from onnx_builders import all_variants, build_cnn, run_model
 
+
+def _image_model(
+    name: str,
+    nodes,
+    inits,
+    opset: int,
+    *,
+    size: int = 16,
+    output: str = "logits",
+    classes: int = 4,
+) -> onnx.ModelProto:
+    """A model from ``image`` (N, 3, size, size) to ``output`` (N, classes)."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["N", classes])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
 VARIANTS = [(vid, kw) for vid, kw in all_variants() if not kw.get("extra_input")]
 
 
@@ -142,14 +164,7 @@ def test_an_mlp_on_flattened_pixels_has_no_feature_map():
         helper.make_node("Reshape", ["image", "shape"], ["flat"]),
         helper.make_node("MatMul", ["flat", "W"], ["logits"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [weights, shape],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _image_model("mlp", nodes, [weights, shape], 17, size=32, classes=10)
     with pytest.raises(DetectionError, match="no convolutional feature map or token grid"):
         analyse_model(model)
     spec = analyse_model(model, feature_layer="image")  # named by hand, it is taken
@@ -174,14 +189,7 @@ def test_the_map_is_taken_before_local_pooling_that_ends_the_trunk():
         helper.make_node("MatMul", ["flat", "fw"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "ppocr_like",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 5])],
-        [conv_w, fc_w, shape],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _image_model("ppocr_like", nodes, [conv_w, fc_w, shape], 17, output="prob", classes=5)
     spec = analyse_model(model)
     assert spec.feature_map.name == "act" and list(spec.feature_map.shape[2:]) == [8, 8]
     assert spec.head_ops[0] == "MaxPool"
@@ -227,14 +235,7 @@ def test_a_reshape_to_a_computed_target_keeps_exact_gradients():
         helper.make_node("Add", ["mm", "fb"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["prob"], axis=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "paddle_like",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 5])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    model = _image_model("paddle_like", nodes, inits, 13, output="prob", classes=5)
     runner = ModelRunner(prepare_model(model), provider="cpu")
     assert runner.gradient_path == "exact", runner.gradient_note
     acts, logits = runner.run(rng.random((3, 3, 16, 16), np.float32))
@@ -271,14 +272,7 @@ def test_a_broadcast_after_a_computed_reshape_is_summed_at_run_time():
         helper.make_node("ReduceSum", ["b", "ax"], ["s"], keepdims=0),
         helper.make_node("MatMul", ["s", "fw"], ["logits"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "computed_broadcast",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    model = _image_model("computed_broadcast", nodes, inits, 13, classes=5)
     runner = ModelRunner(prepare_model(model), provider="cpu")
     assert runner.gradient_path == "exact", runner.gradient_note
     acts, _ = runner.run(rng.random((3, 3, 16, 16), np.float32))
@@ -287,18 +281,6 @@ def test_a_broadcast_after_a_computed_reshape_is_summed_at_run_time():
     per_channel = c[0].sum(axis=0)[:, None] * fc_w  # d logit / d gap, (6, 5)
     want = np.broadcast_to(per_channel.T[targets][:, :, None, None] / 64, acts.shape)
     np.testing.assert_allclose(grads, want, rtol=1e-5, atol=1e-8)
-
-
-def _image_model(name: str, nodes, inits, opset: int, size: int = 16) -> onnx.ModelProto:
-    """A model from ``image`` (N, 3, size, size) to ``logits`` (N, 4)."""
-    graph = helper.make_graph(
-        nodes,
-        name,
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
 def test_of_several_maps_feeding_the_head_the_one_the_others_come_from_is_taken():
