@@ -387,6 +387,17 @@ class DeviceInputs:
         return self._values[key]
 
 
+@dataclass(frozen=True)
+class _HeadContext:
+    """What a head reads per image besides the map, for the ``images`` of one run: the
+    prefix tokens (N, P, D) of a token model (None without), and the side inputs in the
+    head's input order and dtypes."""
+
+    images: int
+    prefix: np.ndarray | None
+    side: list[np.ndarray]
+
+
 class ModelRunner:
     """Runs a :class:`PreparedModel`: the full model with its feature map and logits,
     and the head on (perturbed) feature maps.
@@ -424,10 +435,9 @@ class ModelRunner:
             np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
             for i in prepared.head_model.graph.input[1:]
         ]
-        #: What the head needs per image besides the map, from the latest run(): the
-        #: prefix tokens (N, P, D) of token models and the side inputs (see
+        #: What the head needs per image besides the map, from the latest run() (see
         #: :meth:`run_head`); None when the head needs nothing else.
-        self._context: list[np.ndarray] | None = None
+        self._context: _HeadContext | None = None
         self._head_dtype = np.dtype(np.float32)  # model.float32_head: all head maths in fp32
         self.batch_limit = spec.fixed_batch
         self.head_batch_limit: int | None = None
@@ -572,14 +582,17 @@ class ModelRunner:
                     "layer with --feature-layer"
                 )
 
-    def _head_context(self, raw: np.ndarray, side: list[np.ndarray]) -> list[np.ndarray] | None:
-        """The prefix tokens and side inputs of a batch (see ``_context``; the side
-        inputs' rows were checked by :meth:`_check_side_rows`)."""
+    def _head_context(self, raw: np.ndarray, side: list[np.ndarray]) -> _HeadContext | None:
+        """The prefix tokens and side inputs of a batch (the side inputs' rows were
+        checked by :meth:`_check_side_rows`); None when the head needs neither."""
         prefix = self._tokens.prefix if self._tokens is not None else 0
-        context = [raw[:, :prefix]] if prefix else []
-        for value, dtype in zip(side, self._side_dtypes):
-            context.append(np.ascontiguousarray(value, dtype=dtype))
-        return context or None
+        if not prefix and not side:
+            return None
+        return _HeadContext(
+            images=len(raw),
+            prefix=raw[:, :prefix] if prefix else None,
+            side=[np.ascontiguousarray(v, dtype=t) for v, t in zip(side, self._side_dtypes)],
+        )
 
     def _image_input(
         self, inputs: np.ndarray, span: slice, on_device: bool, uploads: DeviceInputs | None
@@ -624,12 +637,12 @@ class ModelRunner:
         elif self._nhwc:
             a = a.transpose(0, 2, 3, 1)
         a = np.ascontiguousarray(a, dtype=self._head_dtype)
-        if self._context is None or rows is None:
+        context = self._context
+        if context is None or rows is None:
             return [a]
-        context = [c[rows] for c in self._context]
-        if self._tokens is not None and self._tokens.prefix:
-            a = np.concatenate([context.pop(0).astype(self._head_dtype), a], axis=1)
-        return [a, *context]
+        if context.prefix is not None:
+            a = np.concatenate([context.prefix[rows].astype(self._head_dtype), a], axis=1)
+        return [a, *(v[rows] for v in context.side)]
 
     def _rows(self, count: int, rows: np.ndarray | int | None) -> np.ndarray | None:
         """The images of the latest run that ``count`` maps belong to (None when the head
@@ -638,7 +651,7 @@ class ModelRunner:
         if self._context is None:
             return None
         if rows is None:
-            if len(self._context[0]) != count:
+            if self._context.images != count:
                 raise UsageError(
                     f"the head of {self._name} reads per-image activations besides the map: "
                     "say which images the maps belong to (rows=)"
