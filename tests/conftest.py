@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import settings
 
@@ -25,6 +26,49 @@ if str(TESTS) not in sys.path:
 settings.register_profile("repeatable", derandomize=True, deadline=None)
 settings.register_profile("explore", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's r of two maps (NaN when either is constant)."""
+    a = a.ravel().astype(np.float64)
+    b = b.ravel().astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def check_maps(
+    ours: np.ndarray,
+    ref: np.ndarray,
+    paths,
+    what: str,
+    *,
+    min_pearson: float = 0.99,
+    value_rtol: float | None = None,
+    zero_tol: float = 1e-5,
+) -> None:
+    """Each image's map against its reference: Pearson >= ``min_pearson`` (and, with
+    ``value_rtol``, |ours - ref| <= value_rtol * max|ref|: Pearson is blind to a
+    per-image factor); where the reference is all zero (no correlation is defined), ours
+    may not exceed ``zero_tol`` times the largest reference value."""
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    assert np.isfinite(ours).all(), what
+    scale = float(np.abs(ref).max())
+    bad = []
+    for i in range(len(ref)):
+        if not (ref[i] != 0).any():
+            if np.abs(ours[i]).max() > zero_tol * scale:
+                bad.append(f"{paths[i]}: reference all zero, ours max {np.abs(ours[i]).max():.3g}")
+            continue
+        r = pearson(ours[i], ref[i])
+        if value_rtol is None:
+            if not r >= min_pearson:
+                bad.append(f"{paths[i]}: Pearson {r:.4f}")
+            continue
+        err = np.abs(ours[i] - ref[i]).max() / np.abs(ref[i]).max()
+        if not (r >= min_pearson and err <= value_rtol):
+            bad.append(f"{paths[i]}: Pearson {r:.4f}, max relative difference {err:.2e}")
+    assert not bad, f"{what}: {len(bad)} image(s) differ: " + "; ".join(bad[:8])
 
 
 def sha256(path: Path) -> str:

@@ -15,16 +15,9 @@ from onnx_sp2ps.data import InputSpec, Preprocess, open_images
 from onnx_sp2ps.model import prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 
-from conftest import FIXTURES
+from conftest import FIXTURES, pearson
 
 STEMS = ["gap_original", "gap_l1_60", "fc_original", "fc_l1_60"]
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.ravel().astype(np.float64) - a.mean()
-    b = b.ravel().astype(np.float64) - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
 
 
 @pytest.fixture(scope="module", params=STEMS)
@@ -72,7 +65,7 @@ def test_gradcam_maps_correlate_with_autograd_per_image(computed):
             # A map that ReLU zeroes entirely: ours must be (near) zero too.
             assert raw[i].max() <= 1e-3 * np.abs(raw).max(), f"{stem} image {i}"
             continue
-        r = _pearson(raw[i], ref["raw"][i])
+        r = pearson(raw[i], ref["raw"][i])
         worst = min(worst, r)
         assert r >= 0.99, f"{stem} image {i} ({ref['paths'][i]}): Pearson {r:.4f}"
     assert worst >= 0.99

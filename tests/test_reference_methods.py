@@ -18,6 +18,8 @@ Linear -> ReLU -> Linear) tell them apart.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -26,7 +28,7 @@ from onnx_sp2ps.data import InputSpec, Preprocess, open_images
 from onnx_sp2ps.model import prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 
-from conftest import FIXTURES
+from conftest import FIXTURES, check_maps, pearson
 
 STEMS = ["gap_original", "gap_l1_60", "fc_original", "fc_l1_60"]
 #: onnx-sp2ps method name -> fixture key suffix (``raw_<suffix>``).
@@ -47,32 +49,9 @@ VALUE_RTOL = 1e-4
 #: value of the same method and model.
 ZERO_TOL = 1e-5
 GRAD_RTOL = 1e-4
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.ravel().astype(np.float64)
-    b = b.ravel().astype(np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
-
-
-def _check_maps(ours: np.ndarray, ref: np.ndarray, paths, what: str) -> None:
-    assert ours.shape == ref.shape, what
-    assert np.isfinite(ours).all(), what
-    scale = float(np.abs(ref).max())
-    bad = []
-    for i in range(len(ref)):
-        if not (ref[i] != 0).any():
-            # Reference all zero: no correlation is defined; ours must be ~0 as well.
-            if np.abs(ours[i]).max() > ZERO_TOL * scale:
-                bad.append(f"{paths[i]}: reference all zero, ours max {np.abs(ours[i]).max():.3g}")
-            continue
-        r = _pearson(ours[i], ref[i])
-        err = np.abs(ours[i] - ref[i]).max() / np.abs(ref[i]).max()
-        if not (r >= MIN_PEARSON and err <= VALUE_RTOL):
-            bad.append(f"{paths[i]}: Pearson {r:.4f}, max relative difference {err:.2e}")
-    assert not bad, f"{what}: {len(bad)} image(s) differ: " + "; ".join(bad[:8])
+_check_maps = functools.partial(
+    check_maps, min_pearson=MIN_PEARSON, value_rtol=VALUE_RTOL, zero_tol=ZERO_TOL
+)
 
 
 @pytest.fixture(scope="module", params=STEMS)
@@ -131,7 +110,7 @@ def test_eigencam_matches_pytorch_grad_cam_up_to_documented_sign(model):
     cam = make_cam("eigencam", model["runner"])
     ours_signed = cam.compute_raw(acts, model["targets"])
     for i in range(len(acts)):
-        r = _pearson(ours_signed[i], proj_ref[i])
+        r = pearson(ours_signed[i], proj_ref[i])
         assert abs(r) >= MIN_PEARSON, f"{model['paths'][i]}: |Pearson| {abs(r):.4f}"
     mean_map = acts.astype(np.float64).mean(axis=1)
     mean_map -= mean_map.mean(axis=(1, 2), keepdims=True)

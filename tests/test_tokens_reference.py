@@ -24,6 +24,7 @@ What a token model must give (the library's token support):
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -34,7 +35,7 @@ from onnx_sp2ps.data import InputSpec, Preprocess, open_images
 from onnx_sp2ps.model import prepare_model
 from onnx_sp2ps.runtime import ModelRunner
 
-from conftest import FIXTURES, run_cli
+from conftest import FIXTURES, check_maps, pearson, run_cli
 
 TOKENS = FIXTURES / "tokens"
 ORIGINALS = ["vit_cls", "vit_avg", "deit_dist", "vit_reg", "levit"]
@@ -52,30 +53,7 @@ GRAD_RTOL = 1e-4
 #: An all-zero reference map (ReLU removed everything): ours may not exceed this fraction
 #: of the largest reference value of the same model.
 ZERO_TOL = 1e-5
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.ravel().astype(np.float64)
-    b = b.ravel().astype(np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
-
-
-def _check_maps(ours: np.ndarray, ref: np.ndarray, paths, what: str) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
-    assert np.isfinite(ours).all(), what
-    scale = float(np.abs(ref).max())
-    bad = []
-    for i in range(len(ref)):
-        if not (ref[i] != 0).any():
-            if np.abs(ours[i]).max() > ZERO_TOL * scale:
-                bad.append(f"{paths[i]}: reference all zero, ours max {np.abs(ours[i]).max():.3g}")
-            continue
-        r = _pearson(ours[i], ref[i])
-        if not r >= MIN_PEARSON:
-            bad.append(f"{paths[i]}: Pearson {r:.4f}")
-    assert not bad, f"{what}: {len(bad)} image(s) differ: " + "; ".join(bad[:8])
+_check_maps = functools.partial(check_maps, min_pearson=MIN_PEARSON, zero_tol=ZERO_TOL)
 
 
 def _tokens_to_grid(tokens: np.ndarray, prefix: int, grid) -> np.ndarray:
@@ -214,7 +192,7 @@ def test_eigencam_matches_pytorch_grad_cam_up_to_documented_sign(case, which):
     cam = EigenCAM(runner)
     signed = cam.compute_raw(acts, case["targets"])
     for i in range(len(acts)):
-        r = _pearson(signed[i], proj_ref[i])
+        r = pearson(signed[i], proj_ref[i])
         assert abs(r) >= MIN_PEARSON, f"{case['stem']} {case['paths'][i]}: |Pearson| {abs(r):.4f}"
     mean_map = acts.astype(np.float64).mean(axis=1)
     mean_map -= mean_map.mean(axis=(1, 2), keepdims=True)

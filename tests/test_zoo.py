@@ -22,7 +22,7 @@ from onnx_sp2ps.model import prepare_model
 from onnx_sp2ps.pipeline import AuditSettings
 from onnx_sp2ps.runtime import ModelRunner
 
-from conftest import FIXTURES, SAMPLES
+from conftest import FIXTURES, SAMPLES, pearson
 
 ZOO = FIXTURES / "zoo"
 MANIFEST = json.loads((ZOO / "zoo.json").read_text())
@@ -31,13 +31,6 @@ NAMES = sorted(ENTRIES)
 TOKEN_NAMES = [n for n in NAMES if ENTRIES[n]["tokens"]]
 MAX_MODEL_BYTES = 2 * 1024 * 1024
 MAX_ZOO_BYTES = 20 * 1024 * 1024
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.ravel().astype(np.float64) - a.mean()
-    b = b.ravel().astype(np.float64) - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
 
 
 _PREPARED: dict = {}
@@ -142,7 +135,7 @@ def test_gradcam_matches_the_framework_reference(name, reference_images):
         if ref["raw"][i].max() <= 1e-6 * max(1.0, np.abs(ref["raw"]).max()):
             assert raw[i].max() <= 1e-3 * np.abs(raw).max(), f"{name} image {i}"
             continue
-        r = _pearson(raw[i], ref["raw"][i])
+        r = pearson(raw[i], ref["raw"][i])
         assert r >= 0.99, f"{name} image {i} ({ref['paths'][i]}): Pearson {r:.4f}"
 
 
