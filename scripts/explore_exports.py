@@ -326,23 +326,26 @@ def shufflenet():
 # -- VGG -------------------------------------------------------------------------------------
 
 
-def vgg():
+def vgg(plan=(16, "M", 32, "M", 64, 64, "M", 64, 64, "M"), pool=7, hidden=128):
+    """conv-ReLU stages (``plan``: widths, "M" a MaxPool 2x2), the last MaxPool right
+    before the classifier (AdaptiveAvgPool ``pool`` -> Flatten -> Linear-ReLU-Dropout-
+    Linear)."""
     layers, c = [], 3
-    for v in (16, "M", 32, "M", 64, 64, "M", 64, 64, "M"):
+    for v in plan:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
             layers += [nn.Conv2d(c, v, 3, 1, 1), nn.ReLU()]
             c = v
     head = nn.Sequential(
-        nn.AdaptiveAvgPool2d(7),
+        nn.AdaptiveAvgPool2d(pool),
         nn.Flatten(),
-        nn.Linear(c * 49, 128),
+        nn.Linear(c * pool * pool, hidden),
         nn.ReLU(),
         nn.Dropout(),
-        nn.Linear(128, K),
+        nn.Linear(hidden, K),
     )
-    return Net(nn.Sequential(*layers), head)  # 112x112 -> 7x7
+    return Net(nn.Sequential(*layers), head)  # 112x112 -> 7x7 with the defaults
 
 
 # -- GoogLeNet -------------------------------------------------------------------------------

@@ -103,24 +103,8 @@ def load_inputs(folder: Path, layout: str, preset: str) -> np.ndarray:
 
 
 def vgg64() -> nn.Module:
-    """VGG at 64x64: conv-ReLU stages with MaxPool, the last MaxPool right before the
-    classifier (AdaptiveAvgPool -> Flatten -> Linear-ReLU-Dropout-Linear)."""
-    layers, c = [], 3
-    for v in (16, "M", 32, "M", 48, 48, "M", 64, 64, "M"):
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(c, v, 3, 1, 1), nn.ReLU()]
-            c = v
-    head = nn.Sequential(
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(c * 4, 64),
-        nn.ReLU(),
-        nn.Dropout(),
-        nn.Linear(64, K),
-    )
-    return ex.Net(nn.Sequential(*layers), head)  # 64 -> 4x4 after the last MaxPool
+    """VGG at 64x64 (explore_exports' VGG, narrower): 4x4 after the last MaxPool."""
+    return ex.vgg(plan=(16, "M", 32, "M", 48, 48, "M", 64, 64, "M"), pool=2, hidden=64)
 
 
 def convnext_timm() -> nn.Module:
