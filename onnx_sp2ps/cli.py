@@ -360,16 +360,6 @@ class PreprocessOptions(_OptionGroup):
         )
 
 
-def _token_grid(text: str | None) -> tuple[int, int] | None:
-    """--token-grid HxW as (h, w)."""
-    if text is None:
-        return None
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise UsageError(f"--token-grid {text!r}: give the patch grid as HxW, e.g. 14x14")
-    return int(parts[0]), int(parts[1])
-
-
 @dataclass(frozen=True)
 class ModelOverrides(_OptionGroup):
     """--input-name/--feature-layer/--logits, for the model (or the original) and, in
@@ -415,6 +405,7 @@ class ModelOverrides(_OptionGroup):
             ),
             "token_grid": click.option(
                 "--token-grid",
+                callback=_parse_size_option,
                 metavar="HxW",
                 help="Token models: the patch-token grid, e.g. 14x14, overriding detection.",
             ),
@@ -432,7 +423,7 @@ class ModelOverrides(_OptionGroup):
         from onnx_sp2ps.pipeline import ModelOptions
 
         prefix_tokens = params.pop("prefix_tokens")
-        token_grid = _token_grid(params.pop("token_grid"))
+        token_grid = params.pop("token_grid")
         model = ModelOptions(
             input_name=params.pop("input_name"),
             feature_layer=params.pop("feature_layer"),
